@@ -1,0 +1,237 @@
+"""The preprocess job: layout rows -> prepared pairs -> dedupe + case split -> Parquet shards.
+
+OUTPUT gets train/ val/ test/ shards, errors.parquet and, last, manifest.json. The manifest lists
+the shards it vouches for, so a reader never takes a half-written output, or stray files from an
+earlier run, for the dataset.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import io
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import imaging, layouts, split, storage
+from .imaging import DecodeError, PrepConfig
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.parquet"
+FILES_PER_TASK = 32  # one Ray task reads and prepares this many pairs: never a task per file
+READ_THREADS = 8  # object-store reads are latency-bound; overlap them within a task
+
+GEOMETRY_TYPE = pa.struct([(name, pa.int32()) for name in
+                           ("height", "width", "x", "y", "w", "h", "size")])
+PREPARED_SCHEMA = pa.schema([
+    ("key", pa.string()), ("case_id", pa.string()), ("fixed_split", pa.string()),
+    ("source_uri", pa.string()), ("sha256", pa.string()),
+    ("image", pa.binary()), ("mask", pa.binary()), ("geometry", GEOMETRY_TYPE),
+    ("nodule_pixels", pa.int64()), ("nodule_kept", pa.float32()),
+    ("error_stage", pa.string()), ("error_reason", pa.string()),
+])
+SHARD_COLUMNS = ["key", "case_id", "split", "image", "mask", "geometry", "source_uri", "sha256"]
+ERROR_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()),
+                          ("stage", pa.string()), ("reason", pa.string())])
+
+
+class StageError(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage, self.reason = stage, reason
+
+
+def _fetch(uri: str, stage: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except Exception as exc:
+        raise StageError(stage, f"cannot read: {storage.describe_error(exc)}") from None
+
+
+def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
+    """One layout row -> one prepared row, or raise StageError with the reason."""
+    data = _fetch(row["image_uri"], "read")
+    try:
+        frame = imaging.decode(data, max_pixels)
+    except DecodeError as exc:
+        raise StageError("decode", str(exc)) from None
+    height, width = frame.shape[:2]
+    if row.get("mask_polygons") is not None:
+        mask = imaging.fill_polygons(json.loads(row["mask_polygons"]), height, width)
+    else:
+        try:
+            mask = imaging.decode_mask(_fetch(row["mask_uri"], "mask"), max_pixels)
+        except DecodeError as exc:
+            raise StageError("mask", str(exc)) from None
+        if mask.shape != (height, width):
+            raise StageError("mask", f"mask is {mask.shape[1]}x{mask.shape[0]}, "
+                                     f"image is {width}x{height}")
+    image, geometry = imaging.prepare(frame, config)
+    nodule_pixels = int(mask.sum())
+    kept = mask[geometry.y:geometry.y + geometry.h, geometry.x:geometry.x + geometry.w].sum()
+    return {
+        "sha256": split.content_hash(data),
+        "image": imaging.encode_png(image),
+        "mask": imaging.encode_png(geometry.to_model(mask)),
+        "geometry": geometry.to_dict(),
+        "nodule_pixels": nodule_pixels,
+        "nodule_kept": float(kept / nodule_pixels) if nodule_pixels else 1.0,
+    }
+
+
+def _prepare_row(row: dict, config: PrepConfig, max_pixels: int) -> dict:
+    out = {"key": row["key"], "case_id": row["case_id"], "fixed_split": row.get("split"),
+           "source_uri": row["image_uri"]}
+    try:
+        out.update(prepare_pair(row, config, max_pixels))
+    except StageError as exc:
+        out.update(error_stage=exc.stage, error_reason=exc.reason)
+    except Exception as exc:  # a bug or an exotic file must not take the block down
+        out.update(error_stage="prepare", error_reason=storage.describe_error(exc))
+    return out
+
+
+def prepare_block(batch: pa.Table, config: dict, max_pixels: int) -> pa.Table:
+    """Ray Data UDF over a block of layout rows; failures become rows, never a failed task."""
+    prep = PrepConfig.from_dict(config)
+    rows = batch.to_pylist()
+    # Threads overlap the object-store reads; OpenCV releases the GIL while decoding.
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
+        results = list(pool.map(lambda row: _prepare_row(row, prep, max_pixels), rows))
+    return pa.Table.from_pylist(results, schema=PREPARED_SCHEMA)
+
+
+def _select_split(batch: pa.Table, keys: set[str], name: str) -> pa.Table:
+    mask = np.fromiter((k in keys for k in batch.column("key").to_pylist()), bool, batch.num_rows)
+    chosen = batch.filter(pa.array(mask))
+    chosen = chosen.append_column("split", pa.array([name] * chosen.num_rows, pa.string()))
+    return chosen.select(SHARD_COLUMNS)
+
+
+def _package_versions() -> dict:
+    versions = {}
+    for name in ("raythyroid", "ray", "numpy", "opencv-python-headless", "pyarrow", "pillow"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def clear_output(output: str) -> None:
+    """A rerun replaces the previous output; the manifest goes first so nothing half-replaced
+    is ever vouched for."""
+    storage.delete(storage.join(output, MANIFEST))
+    storage.delete(storage.join(output, ERRORS))
+    for name in split.SPLITS:
+        storage.delete_tree(storage.join(output, name))
+
+
+def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = PrepConfig(),
+        fractions=(0.7, 0.2, 0.1), seed: int = 0,
+        max_pixels: int = imaging.DEFAULT_MAX_PIXELS, log=print,
+        scanned: tuple | None = None) -> dict:
+    """Run the job on the connected Ray cluster; returns the manifest.
+
+    `scanned` is `layouts.scan`'s result when the caller listed the input already (the CLI does,
+    to report layout mistakes before starting Ray).
+    """
+    import ray
+
+    started = time.time()
+    input_uri, output = storage.normalize(input_uri), storage.normalize(output)
+    layout, pairs, problems = scanned or layouts.scan(input_uri, layout)
+    log(f"preprocess: {len(pairs)} pairs found ({layout} layout), {len(problems)} unpaired files")
+
+    n_blocks = max(1, math.ceil(len(pairs) / FILES_PER_TASK))
+    prepared = (ray.data.from_items([p.to_dict() for p in pairs], override_num_blocks=n_blocks)
+                .map_batches(prepare_block, fn_args=(config.to_dict(), max_pixels),
+                             batch_size=FILES_PER_TASK, batch_format="pyarrow")
+                .materialize())
+    summary = prepared.select_columns(
+        ["key", "case_id", "fixed_split", "source_uri", "sha256", "nodule_kept",
+         "error_stage", "error_reason"]).take_all()
+
+    errors = [p.to_dict() for p in problems]
+    good = []
+    for row in summary:
+        if row["error_stage"]:
+            errors.append({"key": row["key"], "source_uri": row["source_uri"],
+                           "stage": row["error_stage"], "reason": row["error_reason"]})
+        else:
+            good.append(row)
+    duplicates = split.find_duplicates((r["key"], r["sha256"]) for r in good)
+    for row in good:
+        if row["key"] in duplicates:
+            errors.append({"key": row["key"], "source_uri": row["source_uri"], "stage": "dedupe",
+                           "reason": f"duplicate of {duplicates[row['key']]}"})
+    kept = [r for r in good if r["key"] not in duplicates]
+    assignment = split.assign(((r["key"], r["case_id"], r["fixed_split"]) for r in kept),
+                              fractions, seed)
+
+    clear_output(output)
+    fs, _ = storage.filesystem(output)
+    shards, counts, cases = {}, {}, {}
+    for name in split.SPLITS:
+        keys = {k for k, s in assignment.items() if s == name}
+        counts[name] = len(keys)
+        cases[name] = len({r["case_id"] for r in kept if r["key"] in keys})
+        shards[name] = []
+        if not keys:
+            continue
+        target = storage.join(output, name)
+        storage.make_dirs(target)
+        (prepared.map_batches(_select_split, fn_args=(keys, name), batch_format="pyarrow",
+                              batch_size=None)
+         .write_parquet(storage.filesystem(target)[1], filesystem=fs, min_rows_per_file=1000))
+        shards[name] = sorted(storage.relative(u, output)
+                              for u in storage.list_files(target, (".parquet",)))
+
+    errors.sort(key=lambda e: split.natural_key(e["key"]))
+    write_table(storage.join(output, ERRORS), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
+    manifest = {
+        "format": "raythyroid-preprocess/1",
+        "input": input_uri,
+        "layout": layout,
+        "prep": config.to_dict(),
+        "split": {"fractions": list(fractions), "seed": seed, "by": "case"},
+        "counts": counts,
+        "cases": cases,
+        "rows": len(kept),
+        "errors": len(errors),
+        "duplicates": len(duplicates),
+        "nodule_kept_min": min((r["nodule_kept"] for r in kept), default=1.0),
+        "shards": shards,
+        "packages": _package_versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+    }
+    storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=2))
+    log(f"preprocess: wrote {len(kept)} rows (train {counts['train']}, val {counts['val']}, "
+        f"test {counts['test']}) and {len(errors)} error rows to {output} "
+        f"in {manifest['seconds']} s")
+    return manifest
+
+
+def read_manifest(data: str) -> dict:
+    """The manifest of a finished preprocess output; its absence means the output is not done."""
+    from .errors import UserError
+
+    uri = storage.join(storage.normalize(data), MANIFEST)
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise UserError(f"{data} is not a finished preprocess output (no {MANIFEST})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {uri}: {storage.describe_error(exc)}") from None

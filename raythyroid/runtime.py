@@ -1,0 +1,39 @@
+"""Joining or starting Ray, the same way for every job."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+
+def init(address: str | None = None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one.
+
+    Returns True when this call started Ray, so the caller knows to shut it down. Inside a Ray
+    job (submitted with `ray job submit`) Ray is already up and nothing is started.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = True
+    # Our own per-stage progress lines say more than Ray Data's per-operator chatter.
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
+
+
+@contextlib.contextmanager
+def session(address: str | None = None) -> Iterator[None]:
+    import ray
+
+    started = init(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,313 @@
+"""URIs for every job: local paths, file:// and s3:// (any S3-compatible endpoint).
+
+The S3 endpoint comes from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, as boto3 reads it, so one
+environment serves pyarrow (reads, writes, Ray Data) and boto3 (paginated listing) alike. Retries
+with backoff for both clients are configured here and nowhere else.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import urllib.parse
+from typing import Iterable, Iterator
+
+import pyarrow.fs as pafs
+
+# One retry policy for every S3 call the project makes (pyarrow and boto3): transient 503
+# SlowDown and dropped connections are retried with exponential backoff before a read fails.
+S3_MAX_ATTEMPTS = int(os.environ.get("RAYTHYROID_S3_MAX_ATTEMPTS", "10"))
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0
+LIST_PAGE_SIZE = 1000
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        uri = urllib.parse.unquote(urllib.parse.urlparse(uri).path)
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    return bucket, key.strip("/")
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs = {}
+    if endpoint:
+        parsed = urllib.parse.urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(
+        region=region,
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        request_timeout=S3_REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        **kwargs,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _boto3_client(endpoint: str | None, region: str):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_REQUEST_TIMEOUT_S,
+    )
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def s3_client():
+    return _boto3_client(s3_endpoint(), _region())
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for a URI and the path to pass to it (bucket/key for S3)."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return _s3_filesystem(s3_endpoint(), _region()), f"{bucket}/{key}".rstrip("/")
+    return pafs.LocalFileSystem(), _local_path(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def normalize(uri: str) -> str:
+    """Canonical form: s3://bucket/key without trailing slash, or an absolute local path."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return _local_path(uri)
+
+
+def relative(uri: str, root: str) -> str:
+    uri, root = normalize(uri), normalize(root)
+    if uri == root:
+        return ""
+    if not uri.startswith(root + "/"):
+        raise ValueError(f"{uri} is not under {root}")
+    return uri[len(root) + 1:]
+
+
+def basename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        with open(_local_path(uri), "rb") as f:
+            return f.read()
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write all or nothing: a reader never sees a half-written object.
+
+    Local files go to a hidden temporary name in the same folder and are renamed into place;
+    an S3 object only appears once its upload completes.
+    """
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    path = _local_path(uri)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def delete_tree(uri: str) -> None:
+    if not is_s3(uri):
+        shutil.rmtree(_local_path(uri), ignore_errors=True)
+        return
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def make_dirs(uri: str) -> None:
+    """Local folders only: S3 has no folders, and marker objects would only confuse listings."""
+    if not is_s3(uri):
+        os.makedirs(_local_path(uri), exist_ok=True)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("_")
+
+
+def list_pages(uri: str, suffixes: Iterable[str] | None = None,
+               page_size: int = LIST_PAGE_SIZE) -> Iterator[list[str]]:
+    """Every file under a folder or prefix, recursively, as pages of URIs.
+
+    Pages keep memory flat on archives of millions of objects. Names starting with '.' or '_'
+    (temporary files, _SUCCESS markers) are skipped. `suffixes` filters case-insensitively;
+    an empty string in it admits files without an extension.
+    """
+    wanted = None if suffixes is None else tuple(s.lower() for s in suffixes)
+
+    def keep(name: str) -> bool:
+        if _hidden(name):
+            return False
+        if wanted is None:
+            return True
+        lower = name.lower()
+        if "" in wanted and "." not in lower:
+            return True
+        return lower.endswith(tuple(w for w in wanted if w))
+
+    if is_s3(uri):
+        yield from _list_s3_pages(uri, keep, page_size)
+        return
+    root = _local_path(uri)
+    if os.path.isfile(root):
+        yield [root] if keep(os.path.basename(root)) else []
+        return
+    page: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(files):
+            if keep(name):
+                page.append(os.path.join(folder, name))
+                if len(page) >= page_size:
+                    yield page
+                    page = []
+    if page:
+        yield page
+
+
+def _list_s3_pages(uri: str, keep, page_size: int) -> Iterator[list[str]]:
+    bucket, key = _split_s3(uri)
+    prefix = key + "/" if key else ""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    for response in paginator.paginate(Bucket=bucket, Prefix=prefix,
+                                       PaginationConfig={"PageSize": page_size}):
+        page = []
+        for obj in response.get("Contents", []):
+            name = obj["Key"]
+            if name.endswith("/"):
+                continue
+            parts = name[len(prefix):].split("/")
+            if any(_hidden(p) for p in parts[:-1]) or not keep(parts[-1]):
+                continue
+            page.append(f"s3://{bucket}/{name}")
+        if page:
+            yield page
+
+
+def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
+    return [u for page in list_pages(uri, suffixes) for u in page]
+
+
+def check_readable_root(uri: str) -> None:
+    """Fail early, with a message a user can act on, when an input location is not there."""
+    from .errors import UserError
+
+    if is_s3(uri):
+        bucket, _ = _split_s3(uri)
+        if not bucket:
+            raise UserError(f"not an S3 URI with a bucket: {uri}")
+        try:
+            next(iter(_list_s3_pages(uri, lambda name: True, 1)))
+        except StopIteration:
+            raise UserError(f"input not found: {uri} (no objects under this prefix)") from None
+        except Exception as exc:  # botocore's NoSuchBucket, credential and endpoint errors
+            raise UserError(f"cannot list {uri}: {describe_error(exc)}") from None
+        return
+    if not os.path.exists(_local_path(uri)):
+        raise UserError(f"input not found: {uri}")
+
+
+def check_writable_root(uri: str) -> None:
+    from .errors import UserError
+
+    if is_s3(uri):
+        bucket, _ = _split_s3(uri)
+        if not bucket:
+            raise UserError(f"not an S3 URI with a bucket: {uri}")
+        try:
+            s3_client().head_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise UserError(f"cannot write to {uri}: {describe_error(exc)}") from None
+        return
+    path = _local_path(uri)
+    if os.path.isfile(path):
+        raise UserError(f"output is a file, expected a folder: {uri}")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write to {uri}: permission denied")
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error table or a message: the exception's own first line, no traceback."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, FileNotFoundError) or "NoSuchKey" in text or "Path does not exist" in text:
+        return "not found"
+    if isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text \
+            or "403" in text:
+        return "permission denied"
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -1,0 +1,36 @@
+"""User mistakes end in one line on stderr and exit code 2, never a traceback."""
+import pytest
+
+from conftest import run_cli
+
+
+def assert_one_line_error(result, words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("raythyroid: error:") and words in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["preprocess", "/definitely/not/here", "out"], "input not found"),
+    (["preprocess", ".", "out", "--size", "100"], "multiple of 16"),
+    (["preprocess", ".", "out", "--split", "0.9,0.9,0.1"], "sum to 1"),
+    (["preprocess", ".", "out", "--layout", "coco"], "invalid choice"),
+    (["preprocess", ".", "out", "--bogus"], "unrecognized arguments"),
+    (["preprocess"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, words):
+    assert_one_line_error(run_cli(*args), words)
+
+
+def test_missing_bucket_is_a_user_error(s3, tmp_path):
+    assert_one_line_error(run_cli("preprocess", "s3://no-such-bucket/data", str(tmp_path)),
+                          "cannot list")
+
+
+def test_folder_without_a_known_layout(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_one_line_error(run_cli("preprocess", str(tmp_path), str(tmp_path / "out")),
+                          "cannot tell the layout")
