@@ -25,6 +25,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
 def _image_size(text: str) -> int:
     value = _positive_int(text)
     if value < 32 or value % 16:
@@ -39,7 +59,8 @@ def _add_cluster_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, imaging, layouts
+    from . import __version__, imaging, layouts, losses, train
+    from .train import TrainConfig
 
     parser = _Parser(prog="raythyroid",
                      description="Thyroid nodule segmentation in ultrasound, as Ray jobs.")
@@ -60,6 +81,59 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reject larger images (checked from the header before decoding)")
     _add_cluster_flag(pre)
     pre.set_defaults(handler=_preprocess)
+
+    tr = commands.add_parser("train", help="DDP U-Net on Ray Train from preprocess shards")
+    tr.add_argument("data", help="preprocess OUTPUT (local or s3://)")
+    tr.add_argument("run", help="run folder for checkpoints, model/, metrics (local or s3://)")
+    tr.add_argument("--workers", type=_positive_int, default=2)
+    tr.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    tr.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
+    tr.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
+                    help="images per worker per step")
+    tr.add_argument("--time-limit", type=_positive_float, default=None, metavar="MINUTES",
+                    help="stop cleanly before this much wall time; the best model is kept")
+    tr.add_argument("--loss", choices=losses.LOSSES, default=TrainConfig.loss)
+    tr.add_argument("--optimizer", choices=train.OPTIMIZERS, default=TrainConfig.optimizer)
+    tr.add_argument("--schedule", choices=train.SCHEDULES, default=TrainConfig.schedule)
+    tr.add_argument("--lr", type=_positive_float, default=None,
+                    help="peak learning rate (default 1e-3 AdamW, 1e-2 SGD)")
+    tr.add_argument("--base", type=_positive_int, default=TrainConfig.base,
+                    help="U-Net width: channels of the first level")
+    tr.add_argument("--precision", choices=train.PRECISIONS, default="auto",
+                    help="auto: bf16 on GPUs and on CPUs with bf16 units, else fp32")
+    tr.add_argument("--no-augment", action="store_true")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--cpus-per-worker", type=_positive_float, default=None)
+    _add_cluster_flag(tr)
+    tr.set_defaults(handler=_train)
+
+    inf = commands.add_parser("infer", help="segment an archive: masks + results (+ metrics)")
+    inf.add_argument("model", help="a train RUN's model/ folder (local or s3://)")
+    inf.add_argument("input", help="folder or s3:// prefix (searched recursively), or a .txt / "
+                                   ".parquet manifest of URIs")
+    inf.add_argument("output", help="output folder or s3:// prefix; rerun to resume")
+    inf.add_argument("--labels", default=None, help="ground-truth masks with matching stems")
+    inf.add_argument("--workers", type=_positive_int, default=1, help="Predictor actors")
+    inf.add_argument("--gpu", action="store_true", help="one GPU per Predictor actor")
+    inf.add_argument("--batch-size", type=_positive_int, default=16)
+    inf.add_argument("--tta", action="store_true", help="average with a mirrored prediction")
+    inf.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    inf.add_argument("--dicom-seg", action="store_true",
+                     help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
+    inf.add_argument("--max-pixels", type=_positive_int, default=imaging.DEFAULT_MAX_PIXELS)
+    inf.add_argument("--max-error-rate", type=_fraction, default=None,
+                     help="exit with status 3 when more than this fraction of inputs fail")
+    inf.add_argument("--cpus-per-worker", type=_positive_float, default=None)
+    inf.add_argument("--block-size", type=_positive_int, default=64,
+                     help="inputs per read task and per results file")
+    _add_cluster_flag(inf)
+    inf.set_defaults(handler=_infer)
+
+    ev = commands.add_parser("evaluate", help="metrics of a mask folder against labels")
+    ev.add_argument("pred", help="predicted masks (e.g. an infer OUTPUT/masks)")
+    ev.add_argument("labels", help="ground-truth masks with matching stems")
+    ev.add_argument("--out", default=None, help="write metrics.json here")
+    ev.set_defaults(handler=_evaluate)
 
     gen = commands.add_parser("phantoms", help="write synthetic frames + masks (folders layout)")
     gen.add_argument("output", help="folder or s3:// prefix")
@@ -88,6 +162,63 @@ def _preprocess(args: argparse.Namespace) -> int:
     with runtime.session(args.address):
         preprocess.run(args.input, args.output, config=config, fractions=fractions,
                        seed=args.seed, max_pixels=args.max_pixels, scanned=scanned)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import preprocess, runtime, storage, train
+
+    storage.check_writable_root(args.run)
+    if not storage.exists(storage.join(args.run, "metrics.json")):
+        preprocess.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
+    config = train.TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        schedule=args.schedule, loss=args.loss, base=args.base, augment=not args.no_augment,
+        precision=args.precision, seed=args.seed, time_limit_min=args.time_limit)
+    with runtime.session(args.address):
+        train.run(args.data, args.run, config, workers=args.workers, gpu=args.gpu,
+                  cpus_per_worker=args.cpus_per_worker)
+    return 0
+
+
+EXIT_TOO_MANY_ERRORS = 3
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from . import infer, model, runtime, storage
+
+    storage.check_readable_root(args.input)
+    if args.labels:
+        storage.check_readable_root(args.labels)
+    storage.check_writable_root(args.output)
+    model.load(args.model)  # a wrong MODEL is reported before Ray starts
+    options = infer.InferOptions(
+        batch_size=args.batch_size, workers=args.workers, gpu=args.gpu, tta=args.tta,
+        precision=args.precision, max_pixels=args.max_pixels, dicom_seg=args.dicom_seg,
+        max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
+        block_size=args.block_size)
+    with runtime.session(args.address):
+        summary = infer.run(args.model, args.input, args.output, labels=args.labels,
+                            options=options)
+    print(f"infer: {summary['errors']} error(s) in {summary['rows']} results")
+    if summary.get("too_many_errors"):
+        print(f"raythyroid: error: error rate {summary['error_rate']:.2%} is above "
+              f"--max-error-rate {args.max_error_rate:.2%}", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import infer, metrics, storage
+
+    storage.check_readable_root(args.pred)
+    storage.check_readable_root(args.labels)
+    result, _ = infer.evaluate_folders(args.pred, args.labels)
+    print(metrics.table(result, f"{args.pred} against {args.labels}"))
+    if args.out:
+        storage.write_text(args.out, json.dumps(result, indent=2))
     return 0
 
 

@@ -53,15 +53,19 @@ def image_iou(tp: int, fp: int, fn: int) -> float:
 def summarize(tp, fp, fn, tn, errors: int = 0) -> dict:
     """Per-image count arrays -> every metrics.json key (pooled, plus per-image mean IoU)."""
     tp, fp, fn, tn = (np.asarray(a, dtype=np.int64).ravel() for a in (tp, fp, fn, tn))
-    hist = np.array([[tn.sum(), fp.sum()], [fn.sum(), tp.sum()]], dtype=np.int64)
-    out = scores(hist)
     with_nodule = (tp + fn) > 0
-    if with_nodule.any():
-        per_image = tp[with_nodule] / (tp + fp + fn)[with_nodule]
-        out["n_iou_per_image"] = float(per_image.mean())
-    else:
-        out["n_iou_per_image"] = None
-    out["images"] = int(tp.size)
+    iou_sum = float((tp[with_nodule] / (tp + fp + fn)[with_nodule]).sum())
+    return from_totals(int(tn.sum()), int(fp.sum()), int(fn.sum()), int(tp.sum()), iou_sum,
+                       int(with_nodule.sum()), int(tp.size), errors)
+
+
+def from_totals(tn: int, fp: int, fn: int, tp: int, iou_sum: float, with_nodule: int,
+                images: int, errors: int = 0) -> dict:
+    """Metrics from sums that workers can all-reduce: the pooled histogram, the sum of per-image
+    IoU over images whose label has a nodule, and the count of such images."""
+    out = scores(np.array([[tn, fp], [fn, tp]], dtype=np.int64))
+    out["n_iou_per_image"] = iou_sum / with_nodule if with_nodule else None
+    out["images"] = int(images)
     out["errors"] = int(errors)
     return out
 

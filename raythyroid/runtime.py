@@ -18,13 +18,25 @@ def init(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env={"env_vars": storage_environment()} if storage_environment() else None)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = True
     # Our own per-stage progress lines say more than Ray Data's per-operator chatter.
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True
+
+
+# Where object storage is, but never who we are: credentials stay with the cluster (a Secret,
+# a service account), they are not shipped in a job's runtime environment.
+STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                     "RAYTHYROID_S3_MAX_ATTEMPTS")
+
+
+def storage_environment() -> dict:
+    """The driver's object-storage location, for workers on nodes started without it."""
+    return {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
 
 
 @contextlib.contextmanager

@@ -88,8 +88,9 @@ def s3(tmp_path_factory) -> S3Endpoint:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray runtime for the in-process pipeline tests."""
+def ray_local(s3):
+    """One local Ray runtime for the in-process pipeline tests. Started after the S3 endpoint so
+    its worker processes inherit the endpoint and credentials."""
     import ray
 
     from raythyroid import runtime
@@ -107,3 +108,91 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "raythyroid.cli", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory, ray_local):
+    """120 phantom frames preprocessed at 128 px with the real pipeline: (raw root, output)."""
+    from raythyroid import phantom, preprocess
+    from raythyroid.imaging import PrepConfig
+
+    root = tmp_path_factory.mktemp("phantoms")
+    raw, prepared = str(root / "raw"), str(root / "prepared")
+    phantom.write_folders(raw, 120, seed=1, height=180, width=280)
+    preprocess.run(raw, prepared, config=PrepConfig(size=128), log=lambda *_: None)
+    return raw, prepared
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_dataset, tmp_path_factory):
+    """A U-Net trained on the phantoms by 2 Ray Train workers: (run uri, test metrics)."""
+    from raythyroid import train
+
+    _, prepared = phantom_dataset
+    run_uri = str(tmp_path_factory.mktemp("run") / "run")
+    result = train.run(prepared, run_uri, train.TrainConfig(epochs=14, batch_size=8),
+                       workers=2, log=lambda *_: None)
+    return run_uri, result
+
+
+def ray_processes(name: str) -> list:
+    """Live processes whose title Ray set to `ray::<name>...` (workers, actors)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if cmdline.startswith(f"ray::{name}"):
+            found.append(proc)
+    return found
+
+
+PATIENT_NAME = "Doe^Jane^Private"
+PATIENT_ID = "PID-7731-SECRET"
+INSTITUTION = "St Example Thyroid Clinic"
+
+
+def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_data=True) -> bytes:
+    """An ultrasound DICOM (single- or multi-frame, 8-bit gray) carrying patient identifiers
+    that must never reach an output."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    frames = [np.asarray(f, np.uint8) for f in frames]
+    multi = len(frames) > 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ("1.2.840.10008.5.1.4.1.1.3.1" if multi
+                                    else "1.2.840.10008.5.1.4.1.1.6.1")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "F"
+    ds.InstitutionName = INSTITUTION
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "S1", "ACC-99", "20260101", "101010"
+    ds.ReferringPhysicianName = "Ref^Doc"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "US", 1, 1
+    ds.Manufacturer = "Phantom"
+    ds.Rows, ds.Columns = frames[0].shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if multi:
+        ds.NumberOfFrames = len(frames)
+    if ultrasound_region:
+        region = Dataset()
+        region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+        region.PhysicalDeltaX, region.PhysicalDeltaY = spacing_mm[1] / 10, spacing_mm[0] / 10
+        ds.SequenceOfUltrasoundRegions = [region]
+    elif spacing_mm:
+        ds.PixelSpacing = list(spacing_mm)
+    if pixel_data:
+        ds.PixelData = np.stack(frames).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -1,0 +1,122 @@
+"""Train throughput: Ray Train (DDP over workers) against a bare single-process torch loop.
+
+Both read the same preprocess shards, decode them once, compute the same boundary weight maps,
+augment the same way and train the same U-Net with the same global batch, precision and cores.
+Steady-state images/s (median over epochs after the first) go to BENCHMARKS.md.
+
+    python bench/train_bench.py [--data PREPROCESS_OUTPUT] [--frames 200 --size 256] [--epochs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
+import numpy as np  # noqa: E402
+
+from common import median, phantom_shards, record  # noqa: E402
+
+
+def load_training_arrays(data: str):
+    import pyarrow.parquet as pq
+
+    from raythyroid import imaging, losses, storage
+    from raythyroid.preprocess import read_manifest
+
+    manifest = read_manifest(data)
+    images, masks = [], []
+    for shard in manifest["shards"]["train"]:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(data, shard))))
+        images += [imaging.decode_png(b) for b in table.column("image").to_pylist()]
+        masks += [imaging.decode_png(b) for b in table.column("mask").to_pylist()]
+    images, masks = np.stack(images), np.stack(masks)
+    weights = np.stack([losses.boundary_weight_map(m) for m in masks]).astype(np.float16)
+    return images, masks, weights
+
+
+def bare_loop(data: str, epochs: int, batch: int, threads: int, config) -> list[float]:
+    """What a user would write without Ray: one process, all cores, arrays in memory."""
+    import torch
+
+    from raythyroid import augment, losses, model, train
+
+    torch.set_num_threads(threads)
+    images, masks, weights = load_training_arrays(data)
+    device = torch.device("cpu")
+    bf16 = train._resolve_bf16(config.precision, device)
+    torch.manual_seed(0)
+    net = model.build(model.UNetConfig(base=config.base))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)
+    rng = np.random.default_rng(0)
+    rates = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(images))
+        seen, t0 = 0, time.time()
+        for b in range(len(order) // batch):
+            idx = order[b * batch:(b + 1) * batch]
+            x, y, w = augment.augment_batch(images[idx], masks[idx], weights[idx],
+                                            augment.batch_rng(0, epoch, 0, b))
+            with model.autocast(device, bf16):
+                logits = net(model.as_input(torch.from_numpy(x), device))
+            loss = losses.loss(config.loss, logits, torch.from_numpy(y).long(),
+                               torch.from_numpy(w).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(idx)
+        rates.append(seen / (time.time() - t0))
+    return rates
+
+
+def ray_train(data: str, epochs: int, workers: int, batch_per_worker: int, config) -> list[float]:
+    import dataclasses
+    import json
+
+    from raythyroid import runtime, storage, train
+
+    run_uri = tempfile.mkdtemp(prefix="raythyroid-bench-run-")
+    cfg = dataclasses.replace(config, epochs=epochs, batch_size=batch_per_worker)
+    with runtime.session():
+        train.run(data, run_uri, cfg, workers=workers, log=lambda *_: None)
+    rows = [json.loads(line) for line in
+            storage.read_text(storage.join(run_uri, "history.jsonl")).splitlines()]
+    return [r["images_per_s"] for r in rows]
+
+
+def main() -> None:
+    from raythyroid import train
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", help="preprocess OUTPUT (default: phantoms, preprocessed)")
+    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16, help="global batch")
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args()
+    data = args.data or phantom_shards(args.frames, args.size)
+    cores = os.cpu_count()
+    config = train.TrainConfig(precision=args.precision)
+    bare = median(bare_loop(data, args.epochs, args.batch, cores, config)[1:])
+    one = median(ray_train(data, args.epochs, 1, args.batch, config)[1:])
+    two = median(ray_train(data, args.epochs, 2, args.batch // 2, config)[1:])
+    best = max(one, two)
+    record(f"train throughput, {args.size}px, global batch {args.batch}, "
+           f"precision {args.precision}",
+           ["| loop | images/s (median of epochs 2..N) | vs bare loop |",
+            "| --- | ---: | ---: |",
+            f"| bare torch loop, 1 process, {cores} threads | {bare:.1f} | 1.00 |",
+            f"| Ray Train, 1 worker | {one:.1f} | {one / bare:.2f} |",
+            f"| Ray Train, 2 workers (DDP, gloo) | {two:.1f} | {two / bare:.2f} |"],
+           [f"target >= 0.85x the bare loop: best Ray Train configuration is "
+            f"{best / bare:.2f}x ({'met' if best / bare >= 0.85 else 'not met'})"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Online augmentation on the CPU, seeded: the same (seed, epoch, rank, batch) gives the same batch.
+
+Geometry (rotation, scaling, translation, left-right mirror) warps image, mask and loss weight
+together; intensity changes (gamma, contrast, brightness, speckle noise) touch the image only.
+No vertical flips: ultrasound depth has a direction (near field on top, shadows below).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    probability: float = 0.8  # chance that a sample is warped at all
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate: float = 0.08  # fraction of the side
+    mirror: float = 0.5
+    gamma: tuple[float, float] = (0.7, 1.5)
+    contrast: tuple[float, float] = (0.75, 1.25)
+    brightness: float = 20.0  # +- gray levels
+    speckle: float = 0.15  # std of multiplicative noise
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _warp_matrix(rng: np.random.Generator, side: int, cfg: AugmentConfig) -> np.ndarray:
+    angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)
+    scale = rng.uniform(*cfg.scale)
+    matrix = cv2.getRotationMatrix2D((side / 2 - 0.5, side / 2 - 0.5), angle, scale)
+    matrix[:, 2] += rng.uniform(-cfg.translate, cfg.translate, 2) * side
+    if rng.random() < cfg.mirror:
+        matrix = np.array([[-1, 0, side - 1], [0, 1, 0]], np.float64) @ np.vstack(
+            [matrix, [0, 0, 1]])
+    return matrix
+
+
+def _intensity(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    x = image.astype(np.float32) / 255.0
+    x = np.power(x, rng.uniform(*cfg.gamma))
+    x = (x - 0.5) * rng.uniform(*cfg.contrast) + 0.5 + rng.uniform(-1, 1) * cfg.brightness / 255
+    if cfg.speckle > 0:
+        x = x * (1.0 + rng.normal(0.0, cfg.speckle * rng.random(), x.shape).astype(np.float32))
+    return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def augment_batch(images: np.ndarray, masks: np.ndarray, weights: np.ndarray | None,
+                  rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()):
+    """(N, S, S) uint8 images and masks (+ float weights) -> augmented copies."""
+    images, masks = images.copy(), masks.copy()
+    weights = None if weights is None else weights.astype(np.float32, copy=True)
+    side = images.shape[-1]
+    for i in range(images.shape[0]):
+        if rng.random() < cfg.probability:
+            matrix = _warp_matrix(rng, side, cfg)
+            images[i] = cv2.warpAffine(images[i], matrix, (side, side), flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            masks[i] = cv2.warpAffine(masks[i], matrix, (side, side), flags=cv2.INTER_NEAREST,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            if weights is not None:
+                weights[i] = cv2.warpAffine(weights[i], matrix, (side, side),
+                                            flags=cv2.INTER_LINEAR,
+                                            borderMode=cv2.BORDER_REPLICATE)
+        images[i] = _intensity(rng, images[i], cfg)
+    return images, masks, weights
+
+
+def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, rank, batch])
+

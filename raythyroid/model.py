@@ -1,0 +1,134 @@
+"""The U-Net: four poolings down, four up, skip connections, BatchNorm, two-class softmax output.
+
+Readable top to bottom; the architecture is a dataclass stored in model.json, so a model folder
+rebuilds itself with nothing but this file. Input is the prepared uint8 image as float (0..255);
+the scaling to unit range happens inside, so no caller can get it wrong.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_FORMAT = "raythyroid-model/1"
+WEIGHTS = "weights.pt"
+MODEL_JSON = "model.json"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1
+    classes: int = 2  # background, nodule: softmax over both, as in the paper
+    base: int = 16  # channels of the first level; doubles at every pooling
+    depth: int = 4  # poolings; the input side must be a multiple of 2**depth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UNetConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        widths = [config.base * 2 ** i for i in range(config.depth + 1)]
+        self.down = nn.ModuleList([DoubleConv(config.in_channels, widths[0])] + [
+            DoubleConv(widths[i], widths[i + 1]) for i in range(config.depth)])
+        self.up = nn.ModuleList([
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+            for i in reversed(range(config.depth))])
+        self.merge = nn.ModuleList([DoubleConv(widths[i] * 2, widths[i])
+                                    for i in reversed(range(config.depth))])
+        self.head = nn.Conv2d(widths[0], config.classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) image in 0..255 -> (N, classes, H, W) logits."""
+        x = (x - 127.5) / 64.0  # CLAHE output is roughly uniform over 0..255
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.head(x)
+
+
+def build(config: UNetConfig = UNetConfig()) -> UNet:
+    return UNet(config).to(memory_format=torch.channels_last)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast where asked; bf16 keeps fp32's range, so no loss scaling is needed."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N, H, W) uint8 batch -> (N, 1, H, W) float, channels_last, on the device."""
+    x = images.to(device, non_blocking=True).unsqueeze(1).float()
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def nodule_probability(model: nn.Module, images: torch.Tensor, device: torch.device,
+                       bf16: bool = False, flip_tta: bool = False) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, H, W) float32 softmax probability of the nodule class."""
+    x = as_input(images, device)
+    with autocast(device, bf16):
+        prob = torch.softmax(model(x).float(), dim=1)[:, 1]
+        if flip_tta:  # mirror left-right, predict, mirror back, average
+            flipped = torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]
+            prob = (prob + torch.flip(flipped, dims=[2])) / 2
+    return prob.float()
+
+
+def save(model: nn.Module, folder: str, metadata: dict) -> None:
+    """model/ = weights.pt (state dict) + model.json (architecture, preparation, provenance)."""
+    from . import storage
+
+    module = model.module if hasattr(model, "module") else model
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
+    storage.write_bytes(storage.join(folder, WEIGHTS), buffer.getvalue())
+    meta = dict(metadata, format=MODEL_FORMAT, weights=WEIGHTS,
+                architecture=module.config.to_dict())
+    storage.write_text(storage.join(folder, MODEL_JSON), json.dumps(meta, indent=2))
+
+
+def load(folder: str, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """A model folder (local or s3://) -> (model in eval mode on `device`, model.json)."""
+    from . import storage
+    from .errors import UserError
+
+    try:
+        meta = json.loads(storage.read_text(storage.join(folder, MODEL_JSON)))
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not a model folder (no {MODEL_JSON})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the model at {folder}: "
+                        f"{storage.describe_error(exc)}") from None
+    model = build(UNetConfig.from_dict(meta["architecture"]))
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, meta["weights"]))),
+                       map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

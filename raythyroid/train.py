@@ -1,0 +1,424 @@
+"""The train job: DDP U-Net on Ray Train, checkpointed under RUN, resumable.
+
+Data: the preprocess shards are decoded once (and the loss weight map computed once per mask) into
+a materialized Ray dataset; workers read their train shard with iter_torch_batches. Validation and
+test sets are given whole to every worker, and each worker scores the rows whose key hashes to its
+rank, so every row is scored exactly once; the per-worker confusion counts are all-reduced.
+
+Every checkpoint holds the latest state (to resume) and the best weights so far (by val n_iou),
+plus the epoch history, so the latest checkpoint alone is enough to resume or to finish. RUN gets:
+  checkpoints/  Ray Train's storage (resume by rerunning the same command)
+  model/        best weights + model.json
+  history.jsonl one line per epoch
+  metrics.json  test-split metrics; written last, so its presence means the run is finished
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from . import imaging, losses, metrics, storage
+from .errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.pt"
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("poly", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 8  # per worker
+    lr: float | None = None  # default: 1e-3 for AdamW, 1e-2 for SGD
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "poly"
+    loss: str = "weighted-ce"
+    base: int = 16
+    augment: bool = True
+    precision: str = "auto"
+    seed: int = 0
+    time_limit_min: float | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.optimizer == "adamw" else 1e-2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- data (driver side)
+
+def _decode_block(batch: pa.Table, with_weights: bool) -> dict:
+    """Parquet rows -> numpy columns the workers consume (no strings: iter_torch_batches)."""
+    keys = batch.column("key").to_pylist()
+    images = np.stack([imaging.decode_png(b) for b in batch.column("image").to_pylist()])
+    masks = np.stack([imaging.decode_png(b) for b in batch.column("mask").to_pylist()])
+    out = {"image": images, "mask": masks,
+           # which worker scores this row during validation: stable, and independent of order
+           "part": np.array([zlib.crc32(k.encode()) for k in keys], np.int64)}
+    if with_weights:
+        out["weight"] = np.stack([losses.boundary_weight_map(m) for m in masks]
+                                 ).astype(np.float16)
+    return out
+
+
+def load_split(data: str, manifest: dict, name: str, with_weights: bool = False):
+    """One split of a preprocess output as a materialized Ray dataset, or None if empty."""
+    import ray
+
+    shards = manifest["shards"].get(name) or []
+    if not shards:
+        return None
+    fs, _ = storage.filesystem(data)
+    paths = [storage.filesystem(storage.join(data, s))[1] for s in shards]
+    return (ray.data.read_parquet(paths, filesystem=fs).select_columns(["key", "image", "mask"])
+            .map_batches(_decode_block, fn_kwargs={"with_weights": with_weights},
+                         batch_format="pyarrow", batch_size=64)
+            .materialize())
+
+
+# ---------------------------------------------------------------- the worker loop
+
+def _resolve_bf16(precision: str, device) -> bool:
+    import torch
+
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matrix units (AMX or AVX512-BF16) make CPU autocast 2-3x faster than fp32; without
+    them bf16 is emulated and slower, so fp32 stays the default there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _lr_factor(schedule: str, progress: float) -> float:
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return (1 - progress) ** 0.9
+
+
+def evaluate(net, dataset, rank: int, world: int, device, bf16: bool, batch_size: int) -> dict:
+    """This worker's share of a split -> all-reduced metrics over the whole split."""
+    import torch
+    import torch.distributed as dist
+
+    from . import model as model_lib
+
+    module = net.module if hasattr(net, "module") else net
+    module.eval()
+    totals = torch.zeros(7, dtype=torch.float64)  # tn fp fn tp iou_sum with_nodule images
+    for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes=None,
+                                            drop_last=False):
+        mine = (batch["part"] % world) == rank
+        if not bool(mine.any()):
+            continue
+        images, labels = batch["image"][mine], batch["mask"][mine].to(device).bool()
+        pred = model_lib.nodule_probability(module, images, device, bf16) >= 0.5
+        tp = (pred & labels).sum(dim=(1, 2)).double()
+        fp = (pred & ~labels).sum(dim=(1, 2)).double()
+        fn = (~pred & labels).sum(dim=(1, 2)).double()
+        tn = (~pred & ~labels).sum(dim=(1, 2)).double()
+        has = (tp + fn) > 0
+        iou = torch.where(has, tp / (tp + fp + fn).clamp_min(1), torch.zeros_like(tp))
+        totals += torch.stack([tn.sum(), fp.sum(), fn.sum(), tp.sum(), iou.sum(),
+                               has.double().sum(), torch.tensor(float(tp.numel()),
+                                                                dtype=torch.float64)]).cpu()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    tn, fp, fn, tp, iou_sum, with_nodule, images = totals.tolist()
+    return metrics.from_totals(int(tn), int(fp), int(fn), int(tp), iou_sum, int(with_nodule),
+                               int(images))
+
+
+def _broadcast(values: list[float]) -> list[float]:
+    """Rank 0's decision (stop? schedule progress?) for every rank, so DDP stays in step."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def _mean_over_workers(value: float, count: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value * count, count], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return float(tensor[0] / max(tensor[1], 1.0))
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from . import augment, model as model_lib
+
+    config = TrainConfig(**cfg["train"])
+    # one line per epoch from rank 0 says what matters; Ray's per-report INFO lines drown it
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    device = ray.train.torch.get_device()
+    bf16 = _resolve_bf16(config.precision, device)
+    torch.manual_seed(config.seed)
+
+    net = model_lib.build(model_lib.UNetConfig(base=config.base)).to(device)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=0.99,
+                                    nesterov=True, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+    state = {"epoch": 0, "history": [], "best": None, "finished": False, "test": None}
+    restored_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                               weights_only=False)
+        net.load_state_dict(state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        restored_from = state["epoch"]
+    net = ray.train.torch.prepare_model(net)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_set = ray.train.get_dataset_shard("val")
+    test_set = ray.train.get_dataset_shard("test") if cfg["has_test"] else None
+    deadline = cfg["deadline"]
+    started = cfg["started"]
+    weighted = config.loss == "weighted-ce"
+    epoch_seconds = None
+
+    def report(metrics_row: dict, finished: bool = False) -> None:
+        module = net.module if hasattr(net, "module") else net
+        if rank != 0:
+            ray.train.report(metrics_row, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(dict(state, model=module.state_dict(), optimizer=optimizer.state_dict()),
+                       os.path.join(folder, STATE_FILE))
+            ray.train.report(metrics_row,
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    while not state["finished"] and state["epoch"] < config.epochs:
+        now = time.time()
+        # rank 0 decides for all: stop before an epoch that would overrun the time limit
+        progress = state["epoch"] / config.epochs
+        stop = 0.0
+        if deadline:
+            progress = max(progress, (now - started) / (deadline - started))
+            if epoch_seconds and state["epoch"] > 0 and now + 1.5 * epoch_seconds > deadline:
+                stop = 1.0
+        progress, stop = _broadcast([progress, stop])
+        if stop:
+            break
+        lr = config.learning_rate * _lr_factor(config.schedule, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        net.train()
+        epoch = state["epoch"] + 1
+        loss_sum, steps, seen = 0.0, 0, 0
+        t0 = time.time()
+        columns = ["image", "mask"] + (["weight"] if weighted else [])
+        for b, batch in enumerate(train_shard.iter_torch_batches(
+                batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size,
+                local_shuffle_seed=config.seed * 1000 + epoch, drop_last=True, dtypes=None)):
+            images = batch["image"].numpy()
+            masks = batch["mask"].numpy()
+            weights = batch["weight"].numpy() if weighted else None
+            if config.augment:
+                images, masks, weights = augment.augment_batch(
+                    images, masks, weights, augment.batch_rng(config.seed, epoch, rank, b))
+            x = model_lib.as_input(torch.from_numpy(images), device)
+            target = torch.from_numpy(masks).long().to(device)
+            weight = torch.from_numpy(weights).float().to(device) if weighted else None
+            with model_lib.autocast(device, bf16):
+                logits = net(x)
+            loss = losses.loss(config.loss, logits, target, weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            steps += 1
+            seen += images.shape[0]
+        train_seconds = time.time() - t0
+        train_loss = _mean_over_workers(loss_sum / max(steps, 1), steps)
+        images_per_s = _mean_over_workers(seen / max(train_seconds, 1e-9), 1) * world
+        val = evaluate(net, val_set, rank, world, device, bf16, config.batch_size * 2)
+        epoch_seconds = time.time() - now
+
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
+               "images_per_s": images_per_s, "epoch_seconds": epoch_seconds,
+               "elapsed_seconds": time.time() - started, "workers": world,
+               "precision": "bf16" if bf16 else "fp32"}
+        row.update({f"val_{k}": v for k, v in val.items() if k != "hist"})
+        if restored_from is not None:
+            row["resumed_from_epoch"] = restored_from
+            restored_from = None
+        if math.isnan(train_loss):
+            row["diverged"] = True
+        module = net.module if hasattr(net, "module") else net
+        if state["best"] is None or val["n_iou"] > state["best"]["val"]["n_iou"]:
+            state["best"] = {"epoch": epoch, "val": val,
+                             "model": {k: v.detach().cpu().clone()
+                                       for k, v in module.state_dict().items()}}
+        state["epoch"] = epoch
+        state["history"].append(row)
+        if rank == 0:
+            best = state["best"]["val"]["n_iou"]
+            print(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val n_IoU "
+                  f"{val['n_iou']:.4f} (best {best:.4f})  {images_per_s:.1f} img/s  "
+                  f"lr {lr:.2e}", flush=True)
+        report(row)
+
+    if not state["finished"]:
+        # the best weights, scored on the test split by all workers with the same counting code
+        module = net.module if hasattr(net, "module") else net
+        if state["best"] is not None:
+            module.load_state_dict(state["best"]["model"])
+        state["test"] = evaluate(net, test_set, rank, world, device, bf16,
+                                 config.batch_size * 2) if test_set is not None else None
+        state["finished"] = True
+        report({"epoch": state["epoch"], "finished": True,
+                **{f"test_{k}": v for k, v in (state["test"] or {}).items() if k != "hist"}})
+
+
+# ---------------------------------------------------------------- the driver
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: int = 2,
+        gpu: bool = False, cpus_per_worker: float | None = None, log=print) -> dict:
+    """Train (or resume, or report a finished run) and return the test metrics."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from . import model as model_lib
+    from .preprocess import read_manifest
+
+    data, run_uri = storage.normalize(data), storage.normalize(run_uri)
+    finished = storage.join(run_uri, "metrics.json")
+    if storage.exists(finished):
+        result = json.loads(storage.read_text(finished))
+        log(f"train: {run_uri} is already finished; nothing to do")
+        log(metrics.table(result, "test split (from metrics.json)"))
+        return result
+    manifest = read_manifest(data)
+    if not manifest["counts"].get("train"):
+        raise UserError(f"{data} has no training rows")
+    if not manifest["counts"].get("val"):
+        raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
+
+    started = time.time()
+    deadline = started + 60 * config.time_limit_min if config.time_limit_min else None
+    weighted = config.loss == "weighted-ce"
+    log(f"train: decoding {manifest['counts']['train']} training pairs"
+        + (" and computing boundary weight maps" if weighted else ""))
+    datasets = {"train": load_split(data, manifest, "train", with_weights=weighted),
+                "val": load_split(data, manifest, "val")}
+    test = load_split(data, manifest, "test")
+    if test is not None:
+        datasets["test"] = test
+
+    total_cpus = _cluster_cpus()
+    if cpus_per_worker is None:
+        # leave a core for Ray Data and the driver where there is one to spare; fractional CPUs
+        # keep a 2-core machine from deadlocking with every core held by a train worker
+        cpus_per_worker = max(0.5, (total_cpus - 1) / workers) if not gpu else 1.0
+    threads = max(1, int(round(min(cpus_per_worker + 0.5, total_cpus / workers))))
+    resources = {"CPU": cpus_per_worker}
+    if gpu:
+        resources["GPU"] = 1
+    fs, path = storage.filesystem(run_uri)
+    storage.make_dirs(run_uri)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": config.to_dict(), "threads": threads,
+                           "deadline": deadline, "started": started,
+                           "has_test": test is not None},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINT_DIR, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    log(f"train: {workers} worker(s), {'GPU' if gpu else 'CPU'}, {threads} thread(s) each; "
+        f"checkpoints under {storage.join(run_uri, CHECKPOINT_DIR)}")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    import torch
+
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                           weights_only=False)
+
+    best = state["best"]
+    net = model_lib.build(model_lib.UNetConfig(base=config.base))
+    net.load_state_dict(best["model"])
+    model_lib.save(net, storage.join(run_uri, "model"), {
+        "prep": manifest["prep"],
+        "classes": ["background", "nodule"],
+        "threshold": 0.5,
+        "training": {"config": config.to_dict(), "workers": workers, "gpu": gpu,
+                     "epochs_run": state["epoch"], "best_epoch": best["epoch"],
+                     "best_val": {k: v for k, v in best["val"].items() if k != "hist"}},
+        "data": {"uri": data, "counts": manifest["counts"], "created": manifest["created"]},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    storage.write_text(storage.join(run_uri, "history.jsonl"),
+                       "".join(json.dumps(row) + "\n" for row in state["history"]))
+    test_metrics = state["test"] or {}
+    storage.write_text(finished, json.dumps(test_metrics, indent=2))
+    log(f"train: best epoch {best['epoch']} of {state['epoch']} (val n_IoU "
+        f"{best['val']['n_iou']:.4f}); model in {storage.join(run_uri, 'model')}")
+    log(metrics.table(test_metrics, "test split, best model"))
+    return test_metrics
+

@@ -1,0 +1,233 @@
+"""The infer job: real S3, DICOM, broken files, labels, resume, a killed Predictor, evaluate."""
+import io
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raythyroid import imaging, infer, metrics, phantom, storage
+
+from conftest import PATIENT_ID, PATIENT_NAME, make_dicom, ray_processes, run_cli
+
+
+def results_rows(output):
+    return infer.read_results(output).to_pylist()
+
+
+def all_output_bytes(output):
+    for uri in storage.list_files(output):
+        yield uri, storage.read_bytes(uri)
+
+
+def upload_case(s3, ddti):
+    """40 DDTI frames, a 3-frame DICOM with patient identifiers, and broken files, with labels."""
+    bucket = s3.bucket("archive")
+    archive, labels = storage.join(bucket, "archive"), storage.join(bucket, "labels")
+    names = sorted(p.stem for p in (ddti / "images").glob("*.jpg"))[:42]
+    for name in names:
+        storage.write_bytes(storage.join(archive, "ddti", f"{name}.jpg"),
+                            (ddti / "images" / f"{name}.jpg").read_bytes())
+        storage.write_bytes(storage.join(labels, "ddti", f"{name}.png"),
+                            (ddti / "masks" / f"{name}.png").read_bytes())
+    frames = list(phantom.generate(3, seed=21, height=200, width=300))
+    gray = [cv2.cvtColor(f.image, cv2.COLOR_BGR2GRAY) for f in frames]
+    storage.write_bytes(storage.join(archive, "dicom", "cine.dcm"), make_dicom(gray))
+    for i, f in enumerate(frames, 1):
+        storage.write_bytes(storage.join(labels, "dicom", f"cine#{i}.png"),
+                            imaging.encode_png(f.mask))
+    broken = {"broken/empty.png": b"", "broken/notes.jpg": b"plain text, not a JPEG",
+              "broken/half.jpg": (ddti / "images" / f"{names[0]}.jpg").read_bytes()[:5000],
+              "broken/nopixels.dcm": make_dicom(gray[:1], pixel_data=False)}
+    for name, data in broken.items():
+        storage.write_bytes(storage.join(archive, name), data)
+    # a label of another size than its image
+    storage.write_bytes(storage.join(archive, "broken", "wrongsize.png"),
+                        imaging.encode_png(gray[0]))
+    storage.write_bytes(storage.join(labels, "broken", "wrongsize.png"),
+                        imaging.encode_png(np.zeros((50, 60), np.uint8)))
+    return archive, labels, names
+
+
+@pytest.mark.timeout(900)
+def test_infer_archive_on_s3_with_dicom_broken_files_and_labels(s3, ddti, trained_run):
+    run_uri, _ = trained_run
+    archive, labels, names = upload_case(s3, ddti)
+    output = storage.join(storage.normalize(archive).rsplit("/", 1)[0], "out")
+    result = run_cli("infer", storage.join(run_uri, "model"), archive, output,
+                     "--labels", labels, "--batch-size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "5 error(s)" in result.stdout  # exit 0 and the error count printed
+
+    rows = results_rows(output)
+    keys = [r["key"] for r in rows]
+    expected = {f"ddti/{n}" for n in names} | {"dicom/cine#1", "dicom/cine#2", "dicom/cine#3"} \
+        | {"broken/empty", "broken/notes", "broken/half", "broken/nopixels", "broken/wrongsize"}
+    assert sorted(keys) == sorted(expected)  # one row per input key
+    errors = {r["key"]: r["error"] for r in rows if r["status"] == "error"}
+    assert errors["broken/empty"].startswith("empty file")
+    assert errors["broken/notes"].startswith("not an image")
+    assert errors["broken/half"].startswith("truncated JPEG")
+    assert errors["broken/nopixels"] == "DICOM without pixel data"
+    assert errors["broken/wrongsize"].startswith("label is 60x50")
+    assert len(errors) == 5
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row in ok:  # masks in each input's original size
+        mask = imaging.decode_png(storage.read_bytes(storage.join(output, "masks",
+                                                                  row["key"] + ".png")))
+        assert mask.shape == (row["height"], row["width"])
+        assert set(np.unique(mask)) <= {0, 255}
+    dicom_rows = [r for r in ok if r["key"].startswith("dicom/")]
+    assert [r["frame"] for r in sorted(dicom_rows, key=lambda r: r["key"])] == [1, 2, 3]
+    assert all(r["height"] == 200 and r["width"] == 300 for r in dicom_rows)
+    assert all(r["area_mm2"] is None or r["area_mm2"] == pytest.approx(r["area_px"] * 0.01)
+               for r in dicom_rows)
+
+    # pooled metrics = numpy over the written mask PNGs and the labels
+    hist = np.zeros((2, 2), np.int64)
+    for row in ok:
+        pred = imaging.decode_png(storage.read_bytes(
+            storage.join(output, "masks", row["key"] + ".png"))) > 0
+        label = imaging.decode_png(storage.read_bytes(
+            storage.join(labels, row["key"] + ".png"))) > 0
+        hist += np.array([[np.sum(~label & ~pred), np.sum(~label & pred)],
+                          [np.sum(label & ~pred), np.sum(label & pred)]])
+    saved = json.loads(storage.read_text(storage.join(output, "metrics.json")))
+    assert saved["hist"] == hist.tolist()
+    assert saved["images"] == len(ok) and saved["errors"] == 5
+    assert saved["n_iou"] == pytest.approx(hist[1, 1] / (hist[1, 1] + hist[0, 1] + hist[1, 0]))
+    assert storage.exists(storage.join(output, "_SUCCESS"))
+
+    # no patient identifier in any output file
+    for uri, data in all_output_bytes(output):
+        for secret in (PATIENT_NAME, PATIENT_ID, "Doe^Jane"):
+            assert secret.encode() not in data, uri
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_run_resumes_exactly_once_with_identical_metrics(phantom_dataset,
+                                                                      trained_run, tmp_path):
+    raw, _ = phantom_dataset
+    run_uri, _ = trained_run
+    model = storage.join(run_uri, "model")
+    clean, resumed = str(tmp_path / "clean"), str(tmp_path / "resumed")
+    args = ["infer", model, f"{raw}/images", None, "--labels", f"{raw}/masks",
+            "--batch-size", "8", "--block-size", "8"]
+    first = run_cli(*[a if a else resumed for a in args],
+                    env={"RAYTHYROID_FAULT_STOP_AFTER_BLOCKS": "3"})
+    assert first.returncode != 0 and "stopping after 3 block(s)" in first.stdout + first.stderr
+    partial = results_rows(resumed)
+    assert 0 < len(partial) < 120
+    assert not storage.exists(storage.join(resumed, "_SUCCESS"))
+    done_before = {r["source_uri"] for r in partial}
+
+    second = run_cli(*[a if a else resumed for a in args])
+    assert second.returncode == 0, second.stderr[-3000:]
+    # blocks still in flight when the driver died may commit just after it: never fewer
+    already = int(re.search(r"(\d+) already done", second.stdout).group(1))
+    assert len(done_before) <= already < 120
+    third = run_cli(*[a if a else clean for a in args])
+    assert third.returncode == 0, third.stderr[-3000:]
+
+    rows = results_rows(resumed)
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in results_rows(clean))
+    assert len({r["key"] for r in rows}) == len(rows) == 120  # every key exactly once
+    resumed_metrics = json.loads(storage.read_text(f"{resumed}/metrics.json"))
+    clean_metrics = json.loads(storage.read_text(f"{clean}/metrics.json"))
+    assert resumed_metrics == clean_metrics
+
+
+@pytest.mark.timeout(900)
+def test_killed_predictor_actor_loses_nothing(phantom_dataset, trained_run, tmp_path):
+    raw, _ = phantom_dataset
+    run_uri, _ = trained_run
+    output = str(tmp_path / "out")
+    killed = []
+
+    def kill_a_predictor_once_work_started():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if storage.list_files(f"{output}/results", (".parquet",)):
+                actors = [p for p in ray_processes("MapWorker") if "Predictor" in
+                          " ".join(p.cmdline())]
+                if actors:
+                    os.kill(actors[0].pid, signal.SIGKILL)
+                    killed.append(actors[0].pid)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_a_predictor_once_work_started, daemon=True)
+    watcher.start()
+    summary = infer.run(storage.join(run_uri, "model"), f"{raw}/images", output,
+                        labels=f"{raw}/masks",
+                        options=infer.InferOptions(batch_size=4, workers=2),
+                        log=lambda *_: None)
+    watcher.join(timeout=5)
+    assert killed, "no Predictor actor was killed"
+    rows = results_rows(output)
+    assert len(rows) == len({r["key"] for r in rows}) == 120
+    assert summary["metrics"]["images"] == 120
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_matches_infer_metrics(phantom_dataset, trained_run, tmp_path):
+    raw, _ = phantom_dataset
+    run_uri, _ = trained_run
+    output = str(tmp_path / "out")
+    infer.run(storage.join(run_uri, "model"), f"{raw}/images", output, labels=f"{raw}/masks",
+              log=lambda *_: None)
+    result = run_cli("evaluate", f"{output}/masks", f"{raw}/masks", "--out",
+                     str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr
+    assert "n_IoU" in result.stdout
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated == json.loads(storage.read_text(f"{output}/metrics.json"))
+
+
+def test_safe_keys_never_leave_the_output():
+    hostile = ["../../etc/passwd", "/abs/path", "a/../../b", "nul\x00byte", "x" * 500,
+               "..", "./.hidden/../up", "weird name (1)"]
+    for name in hostile:
+        key = infer.safe_key(name)
+        parts = key.split("/")
+        assert ".." not in parts and "" not in parts and not key.startswith("/")
+        assert "\x00" not in key and len(key) <= infer.MAX_KEY_LENGTH
+        resolved = os.path.normpath(os.path.join("/out/masks", key + ".png"))
+        assert resolved.startswith("/out/masks/")
+    assert infer.safe_key("x" * 500) != infer.safe_key("x" * 499 + "y")
+
+
+@pytest.mark.timeout(600)
+def test_max_error_rate_turns_errors_into_exit_3(trained_run, tmp_path):
+    run_uri, _ = trained_run
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    frame = next(phantom.generate(1, seed=4, height=180, width=280))
+    (archive / "good.png").write_bytes(imaging.encode_png(frame.image))
+    (archive / "bad.png").write_bytes(b"")
+    result = run_cli("infer", storage.join(run_uri, "model"), str(archive),
+                     str(tmp_path / "out"), "--max-error-rate", "0.2")
+    assert result.returncode == 3
+    assert "above --max-error-rate" in result.stderr
+    assert storage.exists(str(tmp_path / "out" / "_SUCCESS"))
+
+
+def test_compaction_keeps_each_key_once(tmp_path):
+    output = str(tmp_path)
+    row = {n: None for n in infer.RESULT_SCHEMA.names}
+    infer.write_results(output, [dict(row, key="a", source_uri="s/a", status="ok"),
+                                 dict(row, key="b", source_uri="s/b", status="ok")])
+    infer.write_results(output, [dict(row, key="b", source_uri="s/b", status="ok"),
+                                 dict(row, key="c", source_uri="s/c", status="ok")])
+    infer.write_results(output, [dict(row, key="a", source_uri="s/a", status="ok")])
+    assert infer.compact_results(output) == 2
+    keys = infer.read_results(output, ["key"]).column("key").to_pylist()
+    assert sorted(keys) == ["a", "b", "c"]
+    assert len(storage.list_files(f"{output}/results")) == 2

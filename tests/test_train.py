@@ -1,0 +1,129 @@
+"""The train job on real Ray Train workers: accuracy, resume after a killed worker, rerun, S3."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from raythyroid import metrics, model, phantom, preprocess, storage, train
+from raythyroid.imaging import PrepConfig
+
+from conftest import ray_processes, run_cli
+
+
+def history(run_uri):
+    return [json.loads(line) for line in storage.read_text(
+        storage.join(run_uri, "history.jsonl")).splitlines()]
+
+
+@pytest.mark.timeout(900)
+def test_two_cpu_workers_learn_phantoms(trained_run):
+    run_uri, result = trained_run
+    rows = history(run_uri)
+    assert [r["epoch"] for r in rows] == list(range(1, 15))
+    assert all(r["workers"] == 2 for r in rows)
+    assert max(r["val_n_iou"] for r in rows) > 0.7
+    saved = json.loads(storage.read_text(storage.join(run_uri, "metrics.json")))
+    assert set(saved) == set(metrics.METRIC_KEYS)
+    assert saved == json.loads(json.dumps(result))
+    assert saved["images"] > 0 and saved["n_iou"] > 0.6
+    meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
+    assert meta["prep"]["size"] == 128 and meta["architecture"]["classes"] == 2
+    assert meta["training"]["best_val"]["n_iou"] == max(r["val_n_iou"] for r in rows)
+
+
+PREDICT_IN_FRESH_PROCESS = """
+import sys, numpy as np, torch
+from raythyroid import imaging, model, phantom
+net, meta = model.load(sys.argv[1])
+frame = next(phantom.generate(1, seed=12345, height=180, width=280))
+image, geometry = imaging.prepare(frame.image, imaging.PrepConfig.from_dict(meta["prep"]))
+prob = model.nodule_probability(net, torch.from_numpy(image[None]), torch.device("cpu"))[0]
+mask = geometry.restore(prob.numpy()) >= 0.5
+truth = frame.mask > 0
+print(mask.shape == truth.shape, (mask & truth).sum() / (mask | truth).sum())
+"""
+
+
+@pytest.mark.timeout(300)
+def test_model_folder_loads_in_a_fresh_process_and_predicts(trained_run):
+    run_uri, _ = trained_run
+    out = subprocess.run([sys.executable, "-c", PREDICT_IN_FRESH_PROCESS,
+                          storage.join(run_uri, "model")], capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr
+    same_shape, iou = out.stdout.split()
+    assert same_shape == "True" and float(iou) > 0.5
+
+
+@pytest.mark.timeout(300)
+def test_rerunning_a_finished_run_does_not_retrain(trained_run, phantom_dataset):
+    run_uri, _ = trained_run
+    _, prepared = phantom_dataset
+    weights = storage.join(run_uri, "model", "weights.pt")
+    before = (storage.read_bytes(weights), os.path.getmtime(weights),
+              sorted(os.listdir(storage.join(run_uri, "checkpoints"))))
+    result = run_cli("train", prepared, run_uri, "--epochs", "14")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished" in result.stdout and "n_IoU" in result.stdout
+    after = (storage.read_bytes(weights), os.path.getmtime(weights),
+             sorted(os.listdir(storage.join(run_uri, "checkpoints"))))
+    assert after == before
+
+
+@pytest.mark.timeout(900)
+def test_killed_worker_resumes_from_last_checkpoint(phantom_dataset, tmp_path):
+    _, prepared = phantom_dataset
+    run_uri = str(tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    killed = []
+
+    def kill_a_worker_after_two_checkpoints():
+        # the third checkpoint folder appearing means the second is complete and registered
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if checkpoints.is_dir() and len([p for p in checkpoints.iterdir()
+                                             if p.name.startswith("checkpoint_2")]) >= 3:
+                workers = ray_processes("RayTrainWorker")
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
+    watcher.start()
+    train.run(prepared, run_uri, train.TrainConfig(epochs=7, batch_size=8), workers=2,
+              log=lambda *_: None)
+    watcher.join(timeout=5)
+    assert killed, "no training worker was killed"
+    rows = history(run_uri)
+    assert [r["epoch"] for r in rows] == list(range(1, 8))  # each epoch once, none from 0 again
+    resumed = [r for r in rows if "resumed_from_epoch" in r]
+    assert len(resumed) == 1 and resumed[0]["resumed_from_epoch"] >= 1
+    assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+    assert storage.exists(storage.join(run_uri, "metrics.json"))
+
+
+@pytest.mark.timeout(900)
+def test_data_and_run_on_s3_with_time_limit(s3, ray_local, phantom_dataset):
+    raw, _ = phantom_dataset
+    bucket = s3.bucket("train")
+    data, run_uri = storage.join(bucket, "prepared"), storage.join(bucket, "runs", "r1")
+    preprocess.run(raw, data, config=PrepConfig(size=64), log=lambda *_: None)
+    started = time.time()
+    result = train.run(data, run_uri, train.TrainConfig(epochs=500, batch_size=8,
+                                                        time_limit_min=0.75),
+                       workers=2, log=lambda *_: None)
+    assert time.time() - started < 0.75 * 60 + 30  # stopped cleanly near the limit
+    rows = history(run_uri)
+    assert 1 <= len(rows) < 500
+    assert set(result) == set(metrics.METRIC_KEYS)
+    names = storage.list_files(run_uri)
+    assert any("/checkpoints/checkpoint_" in n for n in names)
+    net, meta = model.load(storage.join(run_uri, "model"))
+    assert meta["data"]["uri"] == data and meta["prep"]["size"] == 64
