@@ -9,9 +9,18 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+PROMETHEUS_DIR := .cache/prometheus
+PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
+
+.PHONY: install test demo prometheus clean
 
 install: $(STAMP)
+
+# Debian's prometheus + promtool unpacked under .cache (the monitoring tests run them)
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS):
+	cluster/fetch-prometheus.sh $(PROMETHEUS_DIR)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) $(PROMETHEUS)
+	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/raythyroid demo $(DEMO_DIR)

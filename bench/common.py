@@ -56,13 +56,14 @@ def record(title: str, table_lines: list[str], notes: list[str] = ()) -> None:
 
 def phantom_shards(count: int, size: int, workdir: str | None = None, seed: int = 0) -> str:
     """Phantom frames preprocessed by the real pipeline; returns the preprocess OUTPUT."""
-    from raythyroid import phantom, preprocess
+    from raythyroid import phantom, preprocess, runtime
     from raythyroid.imaging import PrepConfig
 
     root = Path(workdir or tempfile.mkdtemp(prefix="raythyroid-bench-"))
     raw, prepared = root / "raw", root / "prepared"
     if not (prepared / "manifest.json").exists():
         phantom.write_folders(str(raw), count, seed=seed)
-        preprocess.run(str(raw), str(prepared), config=PrepConfig(size=size),
-                       log=lambda *_: None)
+        with runtime.session():
+            preprocess.run(str(raw), str(prepared), config=PrepConfig(size=size),
+                           log=lambda *_: None)
     return str(prepared)

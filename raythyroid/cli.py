@@ -25,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -53,9 +60,14 @@ def _image_size(text: str) -> int:
     return value
 
 
-def _add_cluster_flag(parser: argparse.ArgumentParser) -> None:
+def _add_cluster_flag(parser: argparse.ArgumentParser, metrics: bool = True) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    if metrics:
+        default = os.environ.get("RAYTHYROID_METRICS_PORT")
+        parser.add_argument("--metrics-port", type=_port, default=int(default) if default else None,
+                            help="serve job progress for Prometheus on this port "
+                                 "(default: RAYTHYROID_METRICS_PORT, else off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole pipeline on phantoms, locally")
     demo.add_argument("workdir", nargs="?", default="demo-run")
-    _add_cluster_flag(demo)
+    _add_cluster_flag(demo, metrics=False)
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -161,7 +173,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     config = PrepConfig(size=args.size, desensitize=not args.no_crop)
     with runtime.session(args.address):
         preprocess.run(args.input, args.output, config=config, fractions=fractions,
-                       seed=args.seed, max_pixels=args.max_pixels, scanned=scanned)
+                       seed=args.seed, max_pixels=args.max_pixels, scanned=scanned,
+                       metrics_port=args.metrics_port)
     return 0
 
 
@@ -177,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         precision=args.precision, seed=args.seed, time_limit_min=args.time_limit)
     with runtime.session(args.address):
         train.run(args.data, args.run, config, workers=args.workers, gpu=args.gpu,
-                  cpus_per_worker=args.cpus_per_worker)
+                  cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
     return 0
 
 
@@ -196,7 +209,7 @@ def _infer(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu, tta=args.tta,
         precision=args.precision, max_pixels=args.max_pixels, dicom_seg=args.dicom_seg,
         max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
-        block_size=args.block_size)
+        block_size=args.block_size, metrics_port=args.metrics_port)
     with runtime.session(args.address):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)

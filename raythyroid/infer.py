@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import imaging, metrics, postprocess, storage
+from . import imaging, metrics, postprocess, storage, telemetry
 from .errors import UserError
 from .imaging import DecodeError, Geometry, PrepConfig
 
@@ -70,6 +70,7 @@ class InferOptions:
     dicom_seg: bool = False
     max_error_rate: float | None = None
     cpus_per_worker: float | None = None
+    metrics_port: int | None = None  # serve job progress for Prometheus on this port
     block_size: int = URIS_PER_BLOCK  # inputs per read task and, at most, per results file
 
 
@@ -226,8 +227,12 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
 
     metas, images = [], []
     blank = np.zeros((config.size, config.size), np.uint8)
+    timer = telemetry.timed("read").__enter__()
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
         for row, data, read_error in pool.map(fetch, rows):
+            if data is not None:
+                telemetry.count("read")
+                telemetry.count("bytes", len(data))
             produced = []
             try:
                 if read_error:
@@ -240,6 +245,11 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
                 produced.append((_error_meta(row["key"], row["source_uri"],
                                              storage.describe_error(exc)), None))
             for meta, image in produced:
+                if meta["status"] == "ok":
+                    telemetry.count("prepared")
+                else:
+                    telemetry.failed("read" if meta["error"].startswith("cannot read")
+                                     else "decode", meta["error"])
                 meta["label_uri"] = _label_for(row, meta)
                 metas.append(json.dumps(meta))
                 images.append(blank if image is None else image)
@@ -248,6 +258,7 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
                     metas, images = [], []
     if metas:
         yield _chunk(metas, images)
+    timer.__exit__(None, None, None)
 
 
 def _label_for(row: dict, meta: dict) -> str | None:
@@ -290,9 +301,11 @@ class Predictor:
         ok = batch["ok"].astype(bool)
         prob = np.zeros(images.shape, np.float16)
         if ok.any():
-            out = model_lib.nodule_probability(self.net, torch.from_numpy(images[ok]),
-                                               self.device, self.bf16, self.tta)
-            prob[ok] = out.cpu().numpy().astype(np.float16)
+            with telemetry.timed("predict"):
+                out = model_lib.nodule_probability(self.net, torch.from_numpy(images[ok]),
+                                                   self.device, self.bf16, self.tta)
+                prob[ok] = out.cpu().numpy().astype(np.float16)
+            telemetry.count("predicted", int(ok.sum()))
         return {"meta": batch["meta"], "prob": prob,
                 "node_id": np.array([self.node_id] * len(ok), dtype=object)}
 
@@ -315,6 +328,7 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
     """Post-process, write masks, then this block's results file (the commit record)."""
     config = postprocess.PostConfig(**post)
     rows = []
+    timer = telemetry.timed("postprocess").__enter__()
     for meta_json, prob, node_id in zip(batch["meta"], batch["prob"], batch["node_id"]):
         meta = json.loads(meta_json)
         row = {name: None for name in RESULT_SCHEMA.names}
@@ -339,9 +353,11 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
                 row.update(key=meta["key"], source_uri=meta["source_uri"],
                            frame=meta.get("frame"), status="error", error=reason,
                            node_id=node_id)
+                telemetry.failed("postprocess", reason)
         rows.append(row)
     if _current_run(output) == run_id:
         write_results(output, rows)
+    timer.__exit__(None, None, None)
     # else a newer run owns OUTPUT (this task outlived its driver): it redoes these sources,
     # and committing them here too would count them twice
     # progress counts sources: a multi-frame DICOM is one input however many frames it has
@@ -401,48 +417,6 @@ def write_dicom_segmentations(output: str, log=print) -> int:
 
 # ---------------------------------------------------------------- driver
 
-class Progress:
-    """One line every few seconds (a bar on a terminal): done/total, rate, ETA, errors."""
-
-    def __init__(self, total: int, log, interval: float = 5.0):
-        self.total, self.log, self.interval = total, log, interval
-        self.done = self.errors = 0
-        self.started = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    @property
-    def rate(self) -> float:
-        return self.done / max(time.time() - self.started, 1e-9)
-
-    @property
-    def eta_seconds(self) -> float | None:
-        if self.rate <= 0 or not self.total:
-            return None
-        return max(0.0, self.total - self.done) / self.rate
-
-    def update(self, done: int, errors: int) -> None:
-        self.done += done
-        self.errors += errors
-        now = time.time()
-        if now - self.last >= self.interval or self.done >= self.total:
-            self.last = now
-            self.show()
-
-    def show(self) -> None:
-        frac = min(1.0, self.done / self.total) if self.total else 1.0
-        eta = self.eta_seconds
-        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
-        text = (f"{self.done}/{self.total} inputs ({frac:.0%})  {self.rate:.1f}/s  "
-                f"ETA {eta_text}  errors {self.errors}")
-        if self.tty:
-            bar = "#" * int(frac * 30)
-            print(f"\rinfer [{bar:<30}] {text}", end="", file=sys.stderr, flush=True)
-            if self.done >= self.total:
-                print(file=sys.stderr)
-        else:
-            self.log(f"infer: {text}")
-
-
 def _attach_labels(table: pa.Table, labels_uri: str | None) -> pa.Table:
     if not labels_uri:
         return table.append_column("labels", pa.nulls(table.num_rows, pa.string()))
@@ -458,10 +432,7 @@ def _attach_labels(table: pa.Table, labels_uri: str | None) -> pa.Table:
 def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         options: InferOptions = InferOptions(), log=print) -> dict:
     """Segment INPUT into OUTPUT; returns a summary (and metrics with labels)."""
-    import ray
-
     from . import model as model_lib
-    from .train import _cluster_cpus
 
     started = time.time()
     model_uri, input_uri, output = (storage.normalize(u) for u in (model_uri, input_uri, output))
@@ -482,9 +453,31 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     problems = [p for p in problems if p["source_uri"] not in done]
     log(f"infer: {table.num_rows + len(problems)} inputs, {len(done)} already done, "
         f"{pending.num_rows + len(problems)} to process")
+    progress = telemetry.JobProgress("infer", run_id, options.metrics_port)
+    progress.set_total(pending.num_rows + len(problems))
+    try:
+        _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,
+                 progress, log)
+        summary = _finish(output, table, problems, labels, options, started, log)
+        progress.set_state("succeeded")
+        return summary
+    except BaseException:
+        progress.set_state("failed")
+        raise
+    finally:
+        progress.close()
+
+
+def _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,
+             progress, log) -> None:
+    import ray
+
+    from .train import _cluster_cpus
+
     if problems:
         write_results(output, [dict({n: None for n in RESULT_SCHEMA.names}, status="error",
                                     **p) for p in problems])
+        progress.advance(len(problems), len(problems))
 
     if pending.num_rows:
         pending = _attach_labels(pending, labels)
@@ -514,20 +507,23 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
                                                     "max_pixels": options.max_pixels,
                                                     "run_id": run_id},
                            batch_size=None, batch_format="numpy"))
-        progress = Progress(pending.num_rows, log)
+        printer = telemetry.ProgressPrinter(progress, log)
         # Fault injection for the resume tests: the driver dies, without any cleanup, once
         # this many blocks are committed.
         crash_after = int(os.environ.get("RAYTHYROID_FAULT_STOP_AFTER_BLOCKS", "0"))
         blocks_done = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            progress.update(int(np.sum(batch["first_frame"])),
-                            int(np.sum(batch["status"] == "error")))
+            progress.advance(int(np.sum(batch["first_frame"])),
+                             int(np.sum(batch["status"] == "error")))
+            printer.update()
             blocks_done += 1
             if crash_after and blocks_done >= crash_after:
                 log(f"infer: stopping after {blocks_done} block(s) (fault injection)")
                 sys.stdout.flush()
                 os._exit(75)
 
+
+def _finish(output, table, problems, labels, options, started, log) -> dict:
     summary = summarize(output, table, problems, labels is not None)
     if options.dicom_seg:
         summary["dicom_seg"] = write_dicom_segmentations(output, log)
@@ -601,11 +597,9 @@ def compact_results(output: str) -> int:
 def _reason_classes(errors: list[dict]) -> dict[str, int]:
     classes: dict[str, int] = {}
     for row in errors:
-        reason = (row["error"] or "unknown").split(":")[0].split("(")[0].strip()
-        classes[reason] = classes.get(reason, 0) + 1
+        name = telemetry.reason_class(row["error"])
+        classes[name] = classes.get(name, 0) + 1
     return classes
-
-
 
 def evaluate_folders(pred_uri: str, labels_uri: str, max_pixels: int = imaging.DEFAULT_MAX_PIXELS
                      ) -> tuple[dict, list[dict]]:

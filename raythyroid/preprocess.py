@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import imaging, layouts, split, storage
+from . import imaging, layouts, split, storage, telemetry
 from .imaging import DecodeError, PrepConfig
 
 MANIFEST = "manifest.json"
@@ -48,9 +48,11 @@ class StageError(Exception):
 
 def _fetch(uri: str, stage: str) -> bytes:
     try:
-        return storage.read_bytes(uri)
+        data = storage.read_bytes(uri)
     except Exception as exc:
         raise StageError(stage, f"cannot read: {storage.describe_error(exc)}") from None
+    telemetry.count("bytes", len(data), pipeline="preprocess")
+    return data
 
 
 def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
@@ -89,10 +91,13 @@ def _prepare_row(row: dict, config: PrepConfig, max_pixels: int) -> dict:
            "source_uri": row["image_uri"]}
     try:
         out.update(prepare_pair(row, config, max_pixels))
+        telemetry.count("prepared", pipeline="preprocess")
     except StageError as exc:
         out.update(error_stage=exc.stage, error_reason=exc.reason)
     except Exception as exc:  # a bug or an exotic file must not take the block down
         out.update(error_stage="prepare", error_reason=storage.describe_error(exc))
+    if out.get("error_stage"):
+        telemetry.failed(out["error_stage"], out["error_reason"], pipeline="preprocess")
     return out
 
 
@@ -100,8 +105,10 @@ def prepare_block(batch: pa.Table, config: dict, max_pixels: int) -> pa.Table:
     """Ray Data UDF over a block of layout rows; failures become rows, never a failed task."""
     prep = PrepConfig.from_dict(config)
     rows = batch.to_pylist()
+    telemetry.count("read", len(rows), pipeline="preprocess")
     # Threads overlap the object-store reads; OpenCV releases the GIL while decoding.
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
+    with telemetry.timed("prepare", pipeline="preprocess"), \
+            ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
         results = list(pool.map(lambda row: _prepare_row(row, prep, max_pixels), rows))
     return pa.Table.from_pylist(results, schema=PREPARED_SCHEMA)
 
@@ -141,18 +148,33 @@ def clear_output(output: str) -> None:
 def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = PrepConfig(),
         fractions=(0.7, 0.2, 0.1), seed: int = 0,
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS, log=print,
-        scanned: tuple | None = None) -> dict:
+        scanned: tuple | None = None, metrics_port: int | None = None) -> dict:
     """Run the job on the connected Ray cluster; returns the manifest.
 
     `scanned` is `layouts.scan`'s result when the caller listed the input already (the CLI does,
     to report layout mistakes before starting Ray).
     """
-    import ray
-
     started = time.time()
     input_uri, output = storage.normalize(input_uri), storage.normalize(output)
     layout, pairs, problems = scanned or layouts.scan(input_uri, layout)
     log(f"preprocess: {len(pairs)} pairs found ({layout} layout), {len(problems)} unpaired files")
+    progress = telemetry.JobProgress("preprocess", f"{int(started)}", metrics_port)
+    progress.set_total(len(pairs) + len(problems))
+    try:
+        manifest = _run(input_uri, output, layout, pairs, problems, config, fractions, seed,
+                        max_pixels, started, progress, log)
+        progress.set_state("succeeded")
+        return manifest
+    except BaseException:
+        progress.set_state("failed")
+        raise
+    finally:
+        progress.close()
+
+
+def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, max_pixels,
+         started, progress, log) -> dict:
+    import ray
 
     n_blocks = max(1, math.ceil(len(pairs) / FILES_PER_TASK))
     prepared = (ray.data.from_items([p.to_dict() for p in pairs], override_num_blocks=n_blocks)
@@ -177,6 +199,7 @@ def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = 
             errors.append({"key": row["key"], "source_uri": row["source_uri"], "stage": "dedupe",
                            "reason": f"duplicate of {duplicates[row['key']]}"})
     kept = [r for r in good if r["key"] not in duplicates]
+    progress.advance(len(summary) + len(problems), len(summary) + len(problems) - len(kept))
     assignment = split.assign(((r["key"], r["case_id"], r["fixed_split"]) for r in kept),
                               fractions, seed)
 

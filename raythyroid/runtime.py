@@ -18,8 +18,13 @@ def init(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    options = {}
+    if address == "local" and os.environ.get("RAYTHYROID_RAY_METRICS_PORT"):
+        # a fixed port for Ray's metrics agent, so a local Prometheus can scrape worker metrics
+        options["_metrics_export_port"] = int(os.environ["RAYTHYROID_RAY_METRICS_PORT"])
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             runtime_env={"env_vars": storage_environment()} if storage_environment() else None)
+             runtime_env={"env_vars": storage_environment()} if storage_environment() else None,
+             **options)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = True
     # Our own per-stage progress lines say more than Ray Data's per-operator chatter.

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import imaging, losses, metrics, storage
+from . import imaging, losses, metrics, storage, telemetry
 from .errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -303,6 +303,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         state["epoch"] = epoch
         state["history"].append(row)
         if rank == 0:
+            telemetry.train_epoch(cfg["run_name"], steps * world, train_loss, images_per_s,
+                                  val["n_iou"], epoch)
             best = state["best"]["val"]["n_iou"]
             print(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val n_IoU "
                   f"{val['n_iou']:.4f} (best {best:.4f})  {images_per_s:.1f} img/s  "
@@ -330,8 +332,23 @@ def _cluster_cpus() -> float:
 
 
 def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: int = 2,
-        gpu: bool = False, cpus_per_worker: float | None = None, log=print) -> dict:
+        gpu: bool = False, cpus_per_worker: float | None = None, log=print,
+        metrics_port: int | None = None) -> dict:
     """Train (or resume, or report a finished run) and return the test metrics."""
+    progress = telemetry.JobProgress("train", storage.basename(run_uri), metrics_port)
+    progress.set_total(config.epochs)
+    try:
+        result = _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress)
+        progress.set_state("succeeded")
+        return result
+    except BaseException:
+        progress.set_state("failed")
+        raise
+    finally:
+        progress.close()
+
+
+def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -377,6 +394,7 @@ def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: i
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.to_dict(), "threads": threads,
+                           "run_name": storage.basename(run_uri),
                            "deadline": deadline, "started": started,
                            "has_test": test is not None},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
@@ -401,6 +419,7 @@ def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: i
                            weights_only=False)
 
     best = state["best"]
+    progress.advance(state["epoch"])
     net = model_lib.build(model_lib.UNetConfig(base=config.base))
     net.load_state_dict(best["model"])
     model_lib.save(net, storage.join(run_uri, "model"), {

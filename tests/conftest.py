@@ -17,6 +17,9 @@ DDTI = Path(os.environ.get("RAYTHYROID_DDTI", ROOT.parent / "shared" / "data" / 
 # Never attach to a cluster that happens to run on the machine; every Ray test starts its own.
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
+# Workers push their metrics to the node's agent every second (default 10), so a short job
+# shows up in a 1 s Prometheus scrape.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +98,15 @@ def ray_local(s3):
 
     from raythyroid import runtime
 
-    started = runtime.init("local")
+    # a known port for this runtime's metrics agent (the monitoring test scrapes it); set only
+    # around init so CLI subprocesses, each with its own Ray, do not all try to take it
+    port = free_port()
+    os.environ["RAYTHYROID_RAY_METRICS_PORT"] = str(port)
+    try:
+        started = runtime.init("local")
+    finally:
+        os.environ.pop("RAYTHYROID_RAY_METRICS_PORT", None)
+    ray.metrics_port = port
     yield ray
     if started:
         ray.shutdown()

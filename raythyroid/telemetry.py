@@ -1,0 +1,237 @@
+"""Every metric the jobs export, named in one place.
+
+Workers (read/prepare tasks, Predictor actors, train workers) record through `ray.util.metrics`,
+so Ray's metrics agent on each node serves them on the node's metrics-export port, as on
+KubeRay; Ray prefixes their names with `ray_`. The driver serves job progress (total, done,
+errors, rate, ETA, state) with prometheus_client on `--metrics-port`, so a plain local run can be
+scraped too. The dashboard and alert rules under k8s/monitoring/ query exactly these names.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+PREFIX = "raythyroid"
+# Ray exports worker metrics with this prefix; the dashboard and rules use the full names.
+RAY_PREFIX = "ray_"
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+STATES = ("running", "succeeded", "failed")
+
+# reason text (the start of an error row's reason) -> a low-cardinality label value
+_REASON_CLASSES = (
+    ("empty", "empty"), ("truncated", "truncated"), ("not an image", "not_image"),
+    ("mask is not an image", "not_image"), ("image too large", "too_large"),
+    ("mask too large", "too_large"), ("image too small", "too_small"),
+    ("corrupt dicom frame", "dicom_frame"), ("dicom", "dicom"), ("unreadable dicom", "dicom"),
+    ("cannot read: not found", "missing"), ("cannot read: permission denied", "forbidden"),
+    ("cannot read", "read"), ("label", "label"), ("mask", "mask"), ("no mask", "unpaired"),
+    ("duplicate", "duplicate"), ("corrupt", "corrupt"), ("undecodable", "corrupt"),
+)
+
+
+def reason_class(reason: str | None) -> str:
+    text = (reason or "").lower()
+    for prefix, name in _REASON_CLASSES:
+        if text.startswith(prefix):
+            return name
+    return "other"
+
+
+# ---------------------------------------------------------------- worker side (Ray)
+
+@functools.lru_cache(maxsize=None)
+def _worker_metrics() -> dict:
+    from ray.util import metrics as m
+
+    return {
+        "read": m.Counter(f"{PREFIX}_images_read", "Images (files or frames) read",
+                          tag_keys=("pipeline",)),
+        "prepared": m.Counter(f"{PREFIX}_images_prepared", "Images prepared for the model",
+                              tag_keys=("pipeline",)),
+        "predicted": m.Counter(f"{PREFIX}_images_predicted", "Images segmented by the model",
+                               tag_keys=("pipeline",)),
+        "failed": m.Counter(f"{PREFIX}_images_failed", "Inputs that ended as error rows",
+                            tag_keys=("pipeline", "stage", "reason")),
+        "bytes": m.Counter(f"{PREFIX}_bytes_read", "Bytes read from storage",
+                           tag_keys=("pipeline",)),
+        "latency": m.Histogram(f"{PREFIX}_batch_latency_seconds", "Seconds per batch and stage",
+                               boundaries=LATENCY_BUCKETS_S, tag_keys=("pipeline", "stage")),
+        "steps": m.Counter(f"{PREFIX}_train_steps", "Optimizer steps", tag_keys=("run",)),
+        "loss": m.Gauge(f"{PREFIX}_train_loss", "Mean training loss of the last epoch",
+                        tag_keys=("run",)),
+        "train_rate": m.Gauge(f"{PREFIX}_train_images_per_second",
+                              "Training images per second, all workers", tag_keys=("run",)),
+        "val_n_iou": m.Gauge(f"{PREFIX}_val_n_iou", "Validation nodule IoU of the last epoch",
+                             tag_keys=("run",)),
+        "epoch": m.Gauge(f"{PREFIX}_train_epoch", "Epochs completed", tag_keys=("run",)),
+    }
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except Exception:
+        return False
+
+
+def count(what: str, n: int = 1, pipeline: str = "infer") -> None:
+    """Add to an images or bytes counter: what in read | prepared | predicted | bytes."""
+    if n and _ray_ready():
+        _worker_metrics()[what].inc(n, tags={"pipeline": pipeline})
+
+
+def failed(stage: str, reason: str | None, pipeline: str = "infer", n: int = 1) -> None:
+    if n and _ray_ready():
+        _worker_metrics()["failed"].inc(n, tags={"pipeline": pipeline, "stage": stage,
+                                                 "reason": reason_class(reason)})
+
+
+class timed:
+    """Context manager: observe a batch's wall time in the latency histogram."""
+
+    def __init__(self, stage: str, pipeline: str = "infer"):
+        self.stage, self.pipeline = stage, pipeline
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if _ray_ready():
+            _worker_metrics()["latency"].observe(time.perf_counter() - self.started,
+                                                 tags={"pipeline": self.pipeline,
+                                                       "stage": self.stage})
+        return False
+
+
+def train_epoch(run: str, steps: int, loss: float, images_per_s: float, val_n_iou: float,
+                epoch: int) -> None:
+    if not _ray_ready():
+        return
+    metrics = _worker_metrics()
+    tags = {"run": run}
+    if steps:
+        metrics["steps"].inc(steps, tags=tags)
+    metrics["loss"].set(loss, tags=tags)
+    metrics["train_rate"].set(images_per_s, tags=tags)
+    metrics["val_n_iou"].set(val_n_iou, tags=tags)
+    metrics["epoch"].set(epoch, tags=tags)
+
+
+# ---------------------------------------------------------------- driver side (prometheus_client)
+
+class JobProgress:
+    """Progress of one job run on the driver, served over HTTP when a port is given.
+
+    `raythyroid_job_last_progress_timestamp_seconds` moves whenever work completes, which is
+    what the stalled-job alert watches.
+    """
+
+    def __init__(self, pipeline: str, run: str, port: int | None = None):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        self.pipeline, self.run = pipeline, run
+        self.registry = CollectorRegistry()
+        labels = ("pipeline", "run")
+
+        def gauge(name, doc, extra=()):
+            return Gauge(f"{PREFIX}_job_{name}", doc, labels + extra, registry=self.registry)
+
+        self._total = gauge("total_inputs", "Inputs this run has to process")
+        self._done = gauge("done_inputs", "Inputs processed so far (including errors)")
+        self._errors = gauge("errors", "Inputs that ended as error rows")
+        self._rate = gauge("rate", "Inputs per second since the run started")
+        self._eta = gauge("eta_seconds", "Estimated seconds to completion")
+        self._state = gauge("state", "1 for the run's current state", ("state",))
+        self._last = gauge("last_progress_timestamp_seconds",
+                           "Unix time of the last completed work")
+        self._start = gauge("start_timestamp_seconds", "Unix time the run started")
+        self.started = time.time()
+        self.done = self.errors = 0
+        self.total = 0
+        self._start.labels(pipeline, run).set(self.started)
+        self._last.labels(pipeline, run).set(self.started)
+        self.set_state("running")
+        self.server = None
+        if port is not None:
+            self.server, _ = start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self._total.labels(self.pipeline, self.run).set(total)
+        self._publish()
+
+    def advance(self, done: int, errors: int = 0) -> None:
+        self.done += done
+        self.errors += errors
+        if done:
+            self._last.labels(self.pipeline, self.run).set(time.time())
+        self._publish()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.time() - self.started, 1e-9)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if self.rate <= 0 or not self.total:
+            return None
+        return max(0.0, self.total - self.done) / self.rate
+
+    def _publish(self) -> None:
+        labels = (self.pipeline, self.run)
+        self._done.labels(*labels).set(self.done)
+        self._errors.labels(*labels).set(self.errors)
+        self._rate.labels(*labels).set(self.rate)
+        eta = self.eta_seconds
+        self._eta.labels(*labels).set(eta if eta is not None else float("nan"))
+
+    def line(self) -> str:
+        frac = min(1.0, self.done / self.total) if self.total else 1.0
+        eta = self.eta_seconds
+        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
+        return (f"{self.done}/{self.total} ({frac:.0%})  {self.rate:.1f}/s  ETA {eta_text}  "
+                f"errors {self.errors}")
+
+    def set_state(self, state: str) -> None:
+        for name in STATES:
+            self._state.labels(self.pipeline, self.run, name).set(1.0 if name == state else 0.0)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class ProgressPrinter:
+    """A bar on a terminal, else a line every `interval` seconds, for a JobProgress."""
+
+    def __init__(self, progress: JobProgress, log, interval: float = 5.0):
+        self.progress, self.log, self.interval = progress, log, interval
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, force: bool = False) -> None:
+        now = time.time()
+        finished = self.progress.done >= self.progress.total
+        if not force and not finished and now - self.last < self.interval:
+            return
+        self.last = now
+        name = self.progress.pipeline
+        if self.tty:
+            frac = min(1.0, self.progress.done / self.progress.total) if self.progress.total \
+                else 1.0
+            bar = "#" * int(frac * 30)
+            print(f"\r{name} [{bar:<30}] {self.progress.line()}", end="\n" if finished else "",
+                  file=sys.stderr, flush=True)
+        else:
+            self.log(f"{name}: {self.progress.line()}")

@@ -1,0 +1,190 @@
+"""Monitoring against a real Prometheus: every dashboard panel query returns data after real
+jobs ran, the alert rules check and behave, and both expositions lint clean."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raythyroid import imaging, infer, phantom, preprocess, storage, telemetry, train
+from raythyroid.imaging import PrepConfig
+
+from conftest import ROOT, free_port
+
+MONITORING = ROOT / "k8s" / "monitoring"
+
+
+@pytest.fixture(scope="session")
+def promtools() -> Path:
+    folder = Path(os.environ.get("PROMETHEUS_DIR", ROOT / ".cache" / "prometheus"))
+    if not folder.is_absolute():
+        folder = ROOT / folder
+    binaries = folder / "usr" / "bin"
+    if not (binaries / "prometheus").exists():
+        pytest.skip(f"no Prometheus under {folder}: `make test` fetches it (make prometheus)")
+    return binaries
+
+
+def rules_file(tmp: Path) -> Path:
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule"
+    path = tmp / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+    return path
+
+
+def test_alert_rules_check_and_fire_only_when_they_should(promtools, tmp_path):
+    rules = rules_file(tmp_path)
+    check = subprocess.run([promtools / "promtool", "check", "rules", str(rules)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "3 rules found" in check.stdout
+    shutil.copy(ROOT / "tests" / "prometheus_alerts_test.yml", tmp_path / "alerts_test.yml")
+    unit = subprocess.run([promtools / "promtool", "test", "rules", "alerts_test.yml"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    assert "SUCCESS" in unit.stdout
+
+
+def test_dashboard_is_portable():
+    board = json.loads((MONITORING / "dashboard.json").read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+        assert panel["fieldConfig"]["defaults"].get("unit"), panel["title"]
+        assert re.search(r"\[jobs: [a-z, ]+\]", panel["description"])
+    regenerated = subprocess.run(["python", str(MONITORING / "make_dashboard.py")],
+                                 capture_output=True, text=True)
+    assert regenerated.returncode == 0
+    assert json.loads((MONITORING / "dashboard.json").read_text()) == board
+
+
+class Prometheus:
+    def __init__(self, binaries: Path, folder: Path, targets: dict[str, str]):
+        self.port = free_port()
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "scrape_configs": [{"job_name": name, "static_configs": [{"targets": [t]}]}
+                                     for name, t in targets.items()]}
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.process = subprocess.Popen(
+            [binaries / "prometheus", f"--config.file={folder / 'prometheus.yml'}",
+             f"--storage.tsdb.path={folder / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=open(folder / "prometheus.log", "w"))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("Prometheus did not become ready")
+
+    def query_range(self, expr: str, start: float, end: float) -> list:
+        params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "1"})
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/query_range?{params}",
+                                    timeout=30) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def panel_needs(panel) -> tuple[set, set]:
+    jobs = set(re.search(r"\[jobs: ([a-z, ]+)\]", panel["description"]).group(1).split(", "))
+    needs = set(re.findall(r"\[needs: ([a-z]+)\]", panel["description"]))
+    return jobs, needs
+
+
+@pytest.mark.timeout(900)
+def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, trained_run,
+                                                         tmp_path):
+    run_uri, _ = trained_run
+    driver_port = free_port()
+    prometheus = Prometheus(promtools, tmp_path, {
+        "ray": f"127.0.0.1:{ray_local.metrics_port}",
+        "raythyroid-driver": f"127.0.0.1:{driver_port}"})
+    try:
+        started = time.time()
+        raw = tmp_path / "raw"
+        phantom.write_folders(str(raw), 60, seed=31, height=180, width=280)
+        (raw / "images" / "broken_1.jpg").write_bytes(b"not a jpeg")
+        (raw / "masks" / "broken_1.png").write_bytes(
+            (raw / "masks" / "1_1.png").read_bytes())
+        preprocess.run(str(raw), str(tmp_path / "prepared"), config=PrepConfig(size=64),
+                       log=lambda *_: None, metrics_port=driver_port)
+        infer.run(storage.join(run_uri, "model"), str(raw / "images"), str(tmp_path / "out"),
+                  labels=str(raw / "masks"),
+                  options=infer.InferOptions(batch_size=4, metrics_port=driver_port,
+                                             block_size=8),
+                  log=lambda *_: None)
+        train.run(str(tmp_path / "prepared"), str(tmp_path / "run"),
+                  train.TrainConfig(epochs=3, batch_size=4), workers=2, log=lambda *_: None,
+                  metrics_port=driver_port)
+        time.sleep(4)  # the last pushes from the workers and the last scrapes
+        ended = time.time()
+
+        board = json.loads((MONITORING / "dashboard.json").read_text())
+        ran = {"preprocess", "infer", "train"}
+        empty = []
+        checked = 0
+        for panel in board["panels"]:
+            jobs, needs = panel_needs(panel)
+            if needs or not jobs & ran:  # GPU panels need a GPU node
+                continue
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "5s")
+                checked += 1
+                if not prometheus.query_range(expr, started, ended):
+                    empty.append(f"{panel['title']}: {expr}")
+        assert checked >= 15
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.timeout(600)
+def test_expositions_lint_clean(promtools, ray_local, trained_run, tmp_path):
+    run_uri, _ = trained_run
+    progress = telemetry.JobProgress("infer", "lint")
+    progress.set_total(10)
+    progress.advance(3, 1)
+    driver = subprocess.run([promtools / "promtool", "check", "metrics"],
+                            input=progress.exposition(), capture_output=True)
+    assert driver.returncode == 0, driver.stdout + driver.stderr
+
+    frame = next(phantom.generate(1, seed=2, height=180, width=280))
+    storage.write_bytes(str(tmp_path / "in" / "a.png"), imaging.encode_png(frame.image))
+    infer.run(storage.join(run_uri, "model"), str(tmp_path / "in"), str(tmp_path / "out"),
+              log=lambda *_: None)
+    text = b""
+    deadline = time.time() + 30
+    while b"ray_raythyroid_images_predicted_total" not in text and time.time() < deadline:
+        time.sleep(1)
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{ray_local.metrics_port}/metrics").read()
+    whole = subprocess.run([promtools / "promtool", "check", "metrics"], input=text,
+                           capture_output=True)
+    assert whole.returncode in (0, 3), whole.stderr  # 1 would be a parse error; 3 is lint
+    # Ray stamps every series it exports with its own camelCase labels (Component, NodeAddress,
+    # SessionName, Version, WorkerId), which promtool's lint flags on Ray's metrics and ours
+    # alike; everything raythyroid names itself must lint clean
+    ray_labels = re.compile(r'(Component|NodeAddress|SessionName|Version|WorkerId)="[^"]*",?')
+    ours = [ray_labels.sub("", line).replace(",}", "}")
+            for line in text.decode().splitlines() if "raythyroid" in line]
+    assert any(line.startswith("ray_raythyroid_images_predicted_total") for line in ours)
+    node = subprocess.run([promtools / "promtool", "check", "metrics"],
+                          input=("\n".join(ours) + "\n").encode(), capture_output=True)
+    assert node.returncode == 0, node.stdout + node.stderr
