@@ -207,3 +207,87 @@ def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_dat
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+class LocalCluster:
+    """cluster/local-cluster.sh: a head and two worker nodes of one Ray cluster, on loopback."""
+
+    def __init__(self, state: Path, env: dict):
+        self.state, self.env = state, env
+        self.dashboard = f"http://127.0.0.1:{env['DASHBOARD_PORT']}"
+        self.token = None
+
+    def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "cluster" / "local-cluster.sh"), *args,
+                               str(self.state)], capture_output=True, text=True,
+                              env=self.env, timeout=timeout)
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard,
+                                   headers={"Authorization": f"Bearer {self.token}"})
+
+    def run_job(self, entrypoint: str, timeout: float = 600) -> tuple[str, str]:
+        """Submit through the Jobs API with the project as working_dir; wait for the end."""
+        import time
+
+        from ray.job_submission import JobStatus
+
+        client = self.client()
+        job_id = client.submit_job(entrypoint=entrypoint,
+                                   runtime_env={"working_dir": str(ROOT)})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = client.get_job_status(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return status, client.get_job_logs(job_id)
+            time.sleep(1)
+        client.stop_job(job_id)
+        return "TIMEOUT", client.get_job_logs(job_id)
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free ports."""
+    import random
+
+    for _ in range(100):
+        # below Linux's ephemeral range, so ports the OS hands out elsewhere never land inside
+        start = random.randint(20000, 32000 - size)
+        try:
+            sockets = []
+            for port in range(start, start + size):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture(scope="session")
+def local_cluster(s3, tmp_path_factory):
+    """Started once for the multi-node tests, with the S3 endpoint in its nodes' environment."""
+    import tempfile
+
+    # Ray's socket paths live under the state folder: keep it short
+    state = Path(tempfile.mkdtemp(prefix="rtc", dir="/tmp"))
+    base = free_port_block(3003)  # three nodes' port ranges, then their metrics ports
+    metrics = base + 3000
+    env = dict(os.environ, GCS_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
+               METRICS_PORT=str(metrics), PORT_BASE=str(base),
+               RAY_BIN=str(Path(sys.executable).with_name("ray")))
+    cluster = LocalCluster(state, env)
+    started = cluster.script("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    cluster.token = (state / "auth_token").read_text().strip()
+    cluster.metrics_ports = [metrics, metrics + 1, metrics + 2]
+    yield cluster
+    cluster.script("stop")
+    import shutil
+
+    shutil.rmtree(state, ignore_errors=True)

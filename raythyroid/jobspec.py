@@ -1,0 +1,79 @@
+"""YAML job configs -> the CLI, for Ray job entrypoints (jobs/*.py) and KubeRay RayJobs.
+
+A config is the command's arguments as data: positional ones by name, flags by their long name
+(underscores or dashes). `--set key=value` overrides a key from the entrypoint line, which is how
+one config serves many runs. Everything then goes through the CLI's own parser, so a config
+can hold nothing the command line could not, and mistakes end the same way: one line, exit 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+from .errors import UserError
+
+POSITIONAL = {"preprocess": ("input", "output"), "train": ("data", "run"),
+              "infer": ("model", "input", "output")}
+
+
+def load(path: str) -> dict:
+    from . import storage
+
+    try:
+        config = yaml.safe_load(storage.read_text(path)) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read job config {path}: {storage.describe_error(exc)}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"job config {path} is not a mapping of keys to values")
+    return config
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    config = dict(config)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes key=value, got {item!r}")
+        config[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return config
+
+
+def to_argv(command: str, config: dict) -> list[str]:
+    """A config mapping -> argv for `raythyroid COMMAND ...`."""
+    config = {k.replace("-", "_"): v for k, v in config.items()}
+    missing = [name for name in POSITIONAL[command] if config.get(name) in (None, "")]
+    if missing:
+        raise UserError(f"{command} config lacks {', '.join(missing)}")
+    argv = [command] + [str(config.pop(name)) for name in POSITIONAL[command]]
+    for key, value in sorted(config.items()):
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def main(command: str, args: list[str]) -> int:
+    """`python jobs/<command>.py CONFIG [--set key=value ...]`."""
+    from . import cli
+
+    try:
+        if not args or args[0].startswith("-"):
+            raise UserError(f"usage: python jobs/{command}.py CONFIG.yaml [--set key=value ...]")
+        config, overrides = args[0], []
+        rest = args[1:]
+        while rest:
+            if rest[0] != "--set" or len(rest) < 2:
+                raise UserError(f"unexpected argument {rest[0]!r}: only --set key=value")
+            overrides.append(rest[1])
+            rest = rest[2:]
+        argv = to_argv(command, apply_overrides(load(config), overrides))
+    except UserError as exc:
+        print(f"raythyroid: error: {exc}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    print("raythyroid " + " ".join(argv), flush=True)
+    return cli.main(argv)
