@@ -134,6 +134,10 @@ def check_cluster_spec(spec: dict, where: str) -> list[str]:
             problems.append(f"{where}/{group['groupName']}: replicas outside min..max")
         if group.get("suspend") and spec.get("enableInTreeAutoscaling"):
             problems.append(f"{where}/{group['groupName']}: suspended with autoscaling on")
+    if spec.get("authOptions", {}).get("mode") == "token":
+        version = tuple(int(x) for x in spec.get("rayVersion", "0").split("."))
+        if version < (2, 52, 0):
+            problems.append(f"{where}: token auth needs rayVersion >= 2.52.0")
     options = spec.get("autoscalerOptions", {})
     if options.get("idleTimeoutSeconds", 0) < 0:
         problems.append(f"{where}: negative autoscaler idleTimeoutSeconds")
@@ -213,6 +217,7 @@ def test_versions_images_and_ports_match_the_project():
         assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"][
             "nvidia.com/gpu"] == "1"
         assert spec["enableInTreeAutoscaling"] is True
+        assert spec["authOptions"]["mode"] == "token"
     for spec in (s for d in render("k8s/overlays/cpu-dev") for s in cluster_specs(d)):
         assert [g["groupName"] for g in spec["workerGroupSpecs"]] == ["cpu"]
     dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
