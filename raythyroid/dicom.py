@@ -15,6 +15,9 @@ import numpy as np
 from .imaging import DecodeError, check_size, normalize_pixels
 
 
+ULTRASOUND_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
 @dataclass
 class DicomFrames:
     count: int
@@ -83,15 +86,25 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
     """A DICOM SEG (binary, one segment "thyroid nodule") for the given source frames.
 
     `masks` maps a 0-based frame index to a bool mask in that frame's geometry. The SEG
-    references the source instance and copies its patient and study modules, which is what
-    lets PACS file it in the same study and overlay it.
+    references the source instance (and frame) and copies its patient and study modules, which
+    is what lets PACS file it in the same study and overlay it.
     """
+    import copy
+
     import highdicom as hd
+    import pydicom
     from pydicom.sr.codedict import codes
 
     source = _open(source_data)
     frames = sorted(masks)
-    pixel = np.stack([masks[i].astype(np.uint8) for i in frames])
+    multi = int(source.get("NumberOfFrames", 1) or 1) > 1
+    # highdicom builds multi-frame SEGs only for sources with a patient coordinate system,
+    # which ultrasound cine loops lack: build it for the first frame, then add the others
+    first = copy.deepcopy(source)
+    if multi:  # the first frame, presented as a single-frame ultrasound image
+        del first.NumberOfFrames
+        first.SOPClassUID = ULTRASOUND_IMAGE_STORAGE
+        first.PixelData = source.PixelData[: len(source.PixelData) // int(source.NumberOfFrames)]
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label="thyroid nodule",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -100,22 +113,45 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name="raythyroid U-Net", version=_version(),
             family=codes.cid7162.ArtificialIntelligence))
-    count = int(source.get("NumberOfFrames", 1) or 1)
-    if count > 1:
-        seg_pixels = np.zeros((count,) + pixel.shape[1:], np.uint8)
-        seg_pixels[frames] = pixel
-    else:
-        seg_pixels = pixel[0]
     seg = hd.seg.Segmentation(
-        source_images=[source], pixel_array=seg_pixels,
+        source_images=[first], pixel_array=masks[frames[0]].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer="raythyroid", manufacturer_model_name="raythyroid",
-        software_versions=_version(), device_serial_number="0")
+        software_versions=_version(), device_serial_number="0", omit_empty_frames=False)
+    if multi:
+        _add_source_frames(seg, source, masks, frames)
     buffer = io.BytesIO()
-    seg.save_as(buffer)
+    pydicom.dcmwrite(buffer, seg, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _add_source_frames(seg, source, masks: dict[int, np.ndarray], frames: list[int]) -> None:
+    """One SEG frame per segmented source frame, each naming its source frame number."""
+    import copy
+
+    from pydicom.pixels import pack_bits
+
+    template = seg.PerFrameFunctionalGroupsSequence[0]
+    items = []
+    for position, index in enumerate(frames, 1):
+        item = copy.deepcopy(template)
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedFrameNumber = index + 1
+        item.FrameContentSequence[0].DimensionIndexValues = [1, position]
+        items.append(item)
+    seg.PerFrameFunctionalGroupsSequence = items
+    for reference in seg.get("SourceImageSequence", []):
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedFrameNumber = [i + 1 for i in frames]
+    for series in seg.ReferencedSeriesSequence:
+        for reference in series.ReferencedInstanceSequence:
+            reference.ReferencedSOPClassUID = source.SOPClassUID
+    seg.NumberOfFrames = len(frames)
+    seg.PixelData = pack_bits(np.concatenate([masks[i].astype(np.uint8).ravel()
+                                              for i in frames]))
 
 
 def _version() -> str:

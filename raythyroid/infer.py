@@ -278,7 +278,8 @@ def _chunk(metas: list[str], images: list[np.ndarray]) -> dict:
 class Predictor:
     """Loads the model once per actor; predicts nodule probabilities for the ok rows."""
 
-    def __init__(self, model_uri: str, gpu: bool, tta: bool, threads: int, precision: str):
+    def __init__(self, model_uri: str, gpu: bool, tta: bool, threads: int, precision: str,
+                 batch_size: int):
         import ray
         import torch
 
@@ -290,6 +291,7 @@ class Predictor:
         self.net, _ = model_lib.load(model_uri, self.device)
         self.bf16 = _resolve_bf16(precision, self.device)
         self.tta = tta
+        self.batch_size = batch_size
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
@@ -301,10 +303,16 @@ class Predictor:
         ok = batch["ok"].astype(bool)
         prob = np.zeros(images.shape, np.float16)
         if ok.any():
+            todo = images[ok]
+            # Every forward pass gets the same batch shape (short batches are padded), so the
+            # kernels chosen, and hence every pixel, do not depend on which images a retried or
+            # re-batched block happens to share a batch with: reruns give identical masks.
+            padded = np.zeros((max(self.batch_size, len(todo)),) + todo.shape[1:], todo.dtype)
+            padded[:len(todo)] = todo
             with telemetry.timed("predict"):
-                out = model_lib.nodule_probability(self.net, torch.from_numpy(images[ok]),
+                out = model_lib.nodule_probability(self.net, torch.from_numpy(padded),
                                                    self.device, self.bf16, self.tta)
-                prob[ok] = out.cpu().numpy().astype(np.float16)
+                prob[ok] = out[:len(todo)].cpu().numpy().astype(np.float16)
             telemetry.count("predicted", int(ok.sum()))
         return {"meta": batch["meta"], "prob": prob,
                 "node_id": np.array([self.node_id] * len(ok), dtype=object)}
@@ -499,7 +507,8 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
               .map_batches(Predictor,
                            fn_constructor_kwargs={"model_uri": model_uri, "gpu": options.gpu,
                                                   "tta": options.tta, "threads": threads,
-                                                  "precision": options.precision},
+                                                  "precision": options.precision,
+                                                  "batch_size": options.batch_size},
                            compute=ray.data.ActorPoolStrategy(size=options.workers),
                            batch_size=options.batch_size, batch_format="numpy",
                            num_cpus=cpus, num_gpus=1 if options.gpu else 0)
