@@ -43,7 +43,8 @@ def make_model(size: int, workdir: str) -> str:
     return model_dir
 
 
-def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: int) -> float:
+def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: int,
+              gpu: bool = False) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -51,9 +52,9 @@ def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: i
     from raythyroid import imaging, model, postprocess, storage, train
 
     torch.set_num_threads(threads)
-    net, meta = model.load(model_dir)
+    device = torch.device("cuda" if gpu else "cpu")
+    net, meta = model.load(model_dir, device)
     prep = imaging.PrepConfig.from_dict(meta["prep"])
-    device = torch.device("cpu")
     bf16 = train._resolve_bf16("auto", device)
     post = postprocess.PostConfig()
     rows = []
@@ -62,7 +63,7 @@ def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: i
         chunk = files[i:i + batch]
         prepared = [imaging.prepare(imaging.decode(storage.read_bytes(f)), prep) for f in chunk]
         images = torch.from_numpy(np.stack([p[0] for p in prepared]))
-        prob = model.nodule_probability(net, images, device, bf16).numpy()
+        prob = model.nodule_probability(net, images, device, bf16).cpu().numpy()
         for f, (_, geometry), p in zip(chunk, prepared, prob):
             full = geometry.restore(p)
             mask = postprocess.clean_mask(full, post)
@@ -76,29 +77,39 @@ def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: i
     return len(files) / (time.time() - started)
 
 
-def model_only(model_dir: str, size: int, batch: int, threads: int, n: int = 192) -> float:
+def model_only(model_dir: str, size: int, batch: int, threads: int, n: int = 192,
+               gpu: bool = False, compile_model: bool = False) -> float:
     import torch
 
     from raythyroid import model, train
 
     torch.set_num_threads(threads)
-    net, _ = model.load(model_dir)
-    device = torch.device("cpu")
+    device = torch.device("cuda" if gpu else "cpu")
+    net, _ = model.load(model_dir, device)
+    if compile_model:
+        net = torch.compile(net)
     bf16 = train._resolve_bf16("auto", device)
     images = torch.randint(0, 255, (batch, size, size), dtype=torch.uint8)
-    model.nodule_probability(net, images, device, bf16)  # warm-up
+    for _ in range(3):  # warm-up (and compilation)
+        model.nodule_probability(net, images, device, bf16)
+    if gpu:
+        torch.cuda.synchronize()
     started = time.time()
     for _ in range(n // batch):
         model.nodule_probability(net, images, device, bf16)
+    if gpu:
+        torch.cuda.synchronize()
     return (n // batch) * batch / (time.time() - started)
 
 
-def ray_job(model_dir: str, folder: str, out: str, batch: int, workers: int) -> float:
+def ray_job(model_dir: str, folder: str, out: str, batch: int, workers: int,
+            gpu: bool = False, compile_model: bool = False) -> float:
     from raythyroid import infer
 
     started = time.time()
     summary = infer.run(model_dir, folder, out,
-                        options=infer.InferOptions(batch_size=batch, workers=workers),
+                        options=infer.InferOptions(batch_size=batch, workers=workers, gpu=gpu,
+                                                   compile=compile_model),
                         log=lambda *_: None)
     return summary["rows"] / (time.time() - started)
 
@@ -111,6 +122,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="model on the GPU (one actor per GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                           "raythyroid-infer-bench"))
     args = parser.parse_args()
@@ -122,22 +135,28 @@ def main() -> None:
     model_dir = make_model(args.size, args.workdir)
     cores = os.cpu_count()
 
-    ceiling = median(model_only(model_dir, args.size, args.batch, cores)
-                     for _ in range(args.repeats))
+    gpus = 0
+    if args.gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    ceiling = median(model_only(model_dir, args.size, args.batch, cores, gpu=args.gpu,
+                                compile_model=args.compile) for _ in range(args.repeats))
     bare = []
     for r in range(args.repeats):
         out = os.path.join(args.workdir, f"bare-{r}")
         shutil.rmtree(out, ignore_errors=True)
-        bare.append(bare_loop(model_dir, files, out, args.batch, cores))
-    ray_rates = {1: [], 2: []}
+        bare.append(bare_loop(model_dir, files, out, args.batch, cores, gpu=args.gpu))
+    ray_rates = {n: [] for n in ((1, 2) if not args.gpu else sorted({1, max(1, gpus)}))}
     with runtime.session():
-        ray_job(model_dir, f"{folder}/images", os.path.join(args.workdir, "warm"), args.batch, 1)
+        ray_job(model_dir, f"{folder}/images", os.path.join(args.workdir, "warm"), args.batch, 1,
+                args.gpu, args.compile)
         for r in range(args.repeats):
             for workers in ray_rates:
                 out = os.path.join(args.workdir, f"ray-{workers}-{r}")
                 shutil.rmtree(out, ignore_errors=True)
                 ray_rates[workers].append(ray_job(model_dir, f"{folder}/images", out,
-                                                  args.batch, workers))
+                                                  args.batch, workers, args.gpu, args.compile))
     bare_m = median(bare)
     best = max(median(v) for v in ray_rates.values())
     lines = ["| loop | images/s (median) | vs bare loop |", "| --- | ---: | ---: |",
@@ -149,7 +168,8 @@ def main() -> None:
         lines.append(f"| Ray infer job, {workers} Predictor actor(s) | {median(rates):.1f} | "
                      f"{median(rates) / bare_m:.2f} |")
     record(f"infer throughput, {args.frames} frames 560x360 -> {args.size}px, batch "
-           f"{args.batch}", lines,
+           f"{args.batch}{', GPU' if args.gpu else ''}{', torch.compile' if args.compile else ''}",
+           lines,
            [f"each Ray run includes listing, scheduling and the results/metrics pass; "
             f"{args.repeats} runs each after one warm-up run",
             f"target >= 0.9x the bare loop: {best / bare_m:.2f}x "

@@ -40,7 +40,8 @@ def load_training_arrays(data: str):
     return images, masks, weights
 
 
-def bare_loop(data: str, epochs: int, batch: int, threads: int, config) -> list[float]:
+def bare_loop(data: str, epochs: int, batch: int, threads: int, config,
+              gpu: bool = False) -> list[float]:
     """What a user would write without Ray: one process, all cores, arrays in memory."""
     import torch
 
@@ -48,10 +49,10 @@ def bare_loop(data: str, epochs: int, batch: int, threads: int, config) -> list[
 
     torch.set_num_threads(threads)
     images, masks, weights = load_training_arrays(data)
-    device = torch.device("cpu")
+    device = torch.device("cuda" if gpu else "cpu")
     bf16 = train._resolve_bf16(config.precision, device)
     torch.manual_seed(0)
-    net = model.build(model.UNetConfig(base=config.base))
+    net = model.build(model.UNetConfig(base=config.base)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)
     rng = np.random.default_rng(0)
     rates = []
@@ -64,17 +65,20 @@ def bare_loop(data: str, epochs: int, batch: int, threads: int, config) -> list[
                                             augment.batch_rng(0, epoch, 0, b))
             with model.autocast(device, bf16):
                 logits = net(model.as_input(torch.from_numpy(x), device))
-            loss = losses.loss(config.loss, logits, torch.from_numpy(y).long(),
-                               torch.from_numpy(w).float())
+            loss = losses.loss(config.loss, logits, torch.from_numpy(y).long().to(device),
+                               torch.from_numpy(w).float().to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += len(idx)
+        if gpu:
+            torch.cuda.synchronize()
         rates.append(seen / (time.time() - t0))
     return rates
 
 
-def ray_train(data: str, epochs: int, workers: int, batch_per_worker: int, config) -> list[float]:
+def ray_train(data: str, epochs: int, workers: int, batch_per_worker: int, config,
+              gpu: bool = False) -> list[float]:
     import dataclasses
     import json
 
@@ -83,7 +87,7 @@ def ray_train(data: str, epochs: int, workers: int, batch_per_worker: int, confi
     run_uri = tempfile.mkdtemp(prefix="raythyroid-bench-run-")
     cfg = dataclasses.replace(config, epochs=epochs, batch_size=batch_per_worker)
     with runtime.session():
-        train.run(data, run_uri, cfg, workers=workers, log=lambda *_: None)
+        train.run(data, run_uri, cfg, workers=workers, gpu=gpu, log=lambda *_: None)
     rows = [json.loads(line) for line in
             storage.read_text(storage.join(run_uri, "history.jsonl")).splitlines()]
     return [r["images_per_s"] for r in rows]
@@ -99,12 +103,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="global batch")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--gpu", action="store_true", help="one GPU: bare loop vs 1 DDP worker")
     args = parser.parse_args()
     data = args.data or phantom_shards(args.frames, args.size)
     cores = os.cpu_count()
     config = train.TrainConfig(precision=args.precision)
-    bare = median(bare_loop(data, args.epochs, args.batch, cores, config)[1:])
-    one = median(ray_train(data, args.epochs, 1, args.batch, config)[1:])
+    bare = median(bare_loop(data, args.epochs, args.batch, cores, config, args.gpu)[1:])
+    one = median(ray_train(data, args.epochs, 1, args.batch, config, args.gpu)[1:])
+    if args.gpu:
+        record(f"train throughput on one GPU, {args.size}px, batch {args.batch}, "
+               f"precision {args.precision}",
+               ["| loop | images/s | vs bare loop |", "| --- | ---: | ---: |",
+                f"| bare torch loop | {bare:.1f} | 1.00 |",
+                f"| Ray Train, 1 worker (DDP, NCCL) | {one:.1f} | {one / bare:.2f} |"])
+        return
     two = median(ray_train(data, args.epochs, 2, args.batch // 2, config)[1:])
     best = max(one, two)
     record(f"train throughput, {args.size}px, global batch {args.batch}, "

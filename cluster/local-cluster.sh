@@ -6,6 +6,7 @@
 #   cluster/local-cluster.sh start [STATE_DIR]   # prints the env to use it (also in STATE_DIR/env)
 #   cluster/local-cluster.sh stop [STATE_DIR]    # stops every node by its process group id
 #   cluster/local-cluster.sh kill-node N [STATE_DIR]  # SIGKILL worker node N (fault tests)
+#   cluster/local-cluster.sh add-node N [STATE_DIR]   # start worker node N (again)
 #
 # Ports: GCS $GCS_PORT (6390), dashboard + Jobs API $DASHBOARD_PORT (8265), Ray metrics
 # $METRICS_PORT (8080) on the head and the next ones on the workers. Override with those
@@ -15,7 +16,7 @@ set -euo pipefail
 
 cmd="${1:-}"
 shift || true
-if [ "$cmd" = "kill-node" ]; then node="${1:?kill-node needs a worker number}"; shift; fi
+case "$cmd" in kill-node|add-node) node="${1:?$cmd needs a worker number}"; shift ;; esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 state="${1:-$root/.cache/local-cluster}"
 ray_bin="${RAY_BIN:-$(command -v ray || echo "$root/.venv/bin/ray")}"
@@ -82,6 +83,20 @@ stop_group() {
   rm -f "$pidfile"
 }
 
+start_worker() {
+  # shellcheck disable=SC2046
+  start_node "worker$1" --address="127.0.0.1:$GCS_PORT" --num-cpus="$WORKER_CPUS" \
+    --resources="{\"worker_node_$1\": 1}" $(node_ports "$1")
+}
+
+alive_nodes() {
+  local count=0
+  for pidfile in "$state"/*.pid; do
+    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && count=$((count + 1))
+  done
+  echo $count
+}
+
 case "$cmd" in
   start)
     mkdir -p "$state"
@@ -99,10 +114,7 @@ case "$cmd" in
       --resources='{"head_node": 1}' $(node_ports 0)
     wait_for_nodes 1
     for i in $(seq 1 "$WORKERS"); do
-      # one at a time: nodes on one host pick their socket file names in turn
-      # shellcheck disable=SC2046
-      start_node "worker$i" --address="127.0.0.1:$GCS_PORT" --num-cpus="$WORKER_CPUS" \
-        --resources="{\"worker_node_$i\": 1}" $(node_ports "$i")
+      start_worker "$i"  # one at a time: nodes on one host pick socket file names in turn
       wait_for_nodes $((i + 1))
     done
     cat > "$state/env" <<EOF
@@ -124,8 +136,15 @@ EOF
     stop_group "$state/worker$node.pid" KILL
     echo "worker node $node killed"
     ;;
+  add-node)
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/auth_token" RAY_ENABLE_AUTO_CONNECT=0
+    want=$(($(alive_nodes) + 1))
+    start_worker "$node"
+    wait_for_nodes "$want"
+    echo "worker node $node started"
+    ;;
   *)
-    echo "usage: $0 start|stop [STATE_DIR] | kill-node N [STATE_DIR]" >&2
+    echo "usage: $0 start|stop [STATE_DIR] | kill-node|add-node N [STATE_DIR]" >&2
     exit 2
     ;;
 esac

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--gpu", action="store_true", help="one GPU per Predictor actor")
     inf.add_argument("--batch-size", type=_positive_int, default=16)
     inf.add_argument("--tta", action="store_true", help="average with a mirrored prediction")
+    inf.add_argument("--compile", action="store_true",
+                     help="torch.compile the model in each Predictor (pays off on GPUs)")
     inf.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     inf.add_argument("--dicom-seg", action="store_true",
                      help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
@@ -209,7 +211,7 @@ def _infer(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu, tta=args.tta,
         precision=args.precision, max_pixels=args.max_pixels, dicom_seg=args.dicom_seg,
         max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
-        block_size=args.block_size, metrics_port=args.metrics_port)
+        block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile)
     with runtime.session(args.address):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)

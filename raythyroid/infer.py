@@ -72,6 +72,7 @@ class InferOptions:
     cpus_per_worker: float | None = None
     metrics_port: int | None = None  # serve job progress for Prometheus on this port
     block_size: int = URIS_PER_BLOCK  # inputs per read task and, at most, per results file
+    compile: bool = False  # torch.compile the model in each Predictor (worth it on GPUs)
 
 
 # ---------------------------------------------------------------- keys
@@ -279,7 +280,7 @@ class Predictor:
     """Loads the model once per actor; predicts nodule probabilities for the ok rows."""
 
     def __init__(self, model_uri: str, gpu: bool, tta: bool, threads: int, precision: str,
-                 batch_size: int):
+                 batch_size: int, compile_model: bool = False):
         import ray
         import torch
 
@@ -289,6 +290,8 @@ class Predictor:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
         self.net, _ = model_lib.load(model_uri, self.device)
+        if compile_model:  # one fixed batch shape (see __call__), so one compilation
+            self.net = torch.compile(self.net)
         self.bf16 = _resolve_bf16(precision, self.device)
         self.tta = tta
         self.batch_size = batch_size
@@ -508,7 +511,8 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
                            fn_constructor_kwargs={"model_uri": model_uri, "gpu": options.gpu,
                                                   "tta": options.tta, "threads": threads,
                                                   "precision": options.precision,
-                                                  "batch_size": options.batch_size},
+                                                  "batch_size": options.batch_size,
+                                                  "compile_model": options.compile},
                            compute=ray.data.ActorPoolStrategy(size=options.workers),
                            batch_size=options.batch_size, batch_format="numpy",
                            num_cpus=cpus, num_gpus=1 if options.gpu else 0)

@@ -39,6 +39,12 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+def _split_s3_exact(uri: str) -> tuple[str, str]:
+    """bucket, key with the key exactly as given (no stripping of slashes)."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
@@ -130,9 +136,10 @@ def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         with open(_local_path(uri), "rb") as f:
             return f.read()
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    # boto3 rather than pyarrow: it takes any key S3 can hold, including ones with empty or
+    # '..' components that pyarrow's path handling rejects or rewrites
+    bucket, key = _split_s3_exact(uri)
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def read_text(uri: str) -> str:
@@ -195,7 +202,9 @@ def make_dirs(uri: str) -> None:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("_")
+    """Temporary files, markers and dot-files; `.` and `..` are not hidden: an S3 key may hold
+    them literally, and such an object is still an input (its key is sanitised later)."""
+    return (name.startswith(".") or name.startswith("_")) and name not in (".", "..")
 
 
 def list_pages(uri: str, suffixes: Iterable[str] | None = None,
@@ -270,6 +279,8 @@ def check_readable_root(uri: str) -> None:
         if not bucket:
             raise UserError(f"not an S3 URI with a bucket: {uri}")
         try:
+            if exists(uri):  # an object (a manifest) or a prefix with objects
+                return
             next(iter(_list_s3_pages(uri, lambda name: True, 1)))
         except StopIteration:
             raise UserError(f"input not found: {uri} (no objects under this prefix)") from None

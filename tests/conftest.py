@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -79,8 +80,10 @@ def s3(tmp_path_factory) -> S3Endpoint:
     url = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing-secret", AWS_DEFAULT_REGION="us-east-1")
+    # a secret distinctive enough that finding it anywhere in a log or output means a leak
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="AKIARAYTHYROIDTEST",
+                      AWS_SECRET_ACCESS_KEY="rt-secret-" + secrets.token_hex(12),
+                      AWS_DEFAULT_REGION="us-east-1")
     yield S3Endpoint(url)
     server.stop()
     for key, value in saved.items():
@@ -291,3 +294,27 @@ def local_cluster(s3, tmp_path_factory):
     import shutil
 
     shutil.rmtree(state, ignore_errors=True)
+
+
+def make_dicom_with_corrupt_frame(frames, corrupt_index: int) -> bytes:
+    """A multi-frame RLE Lossless DICOM whose frame `corrupt_index` is cut off."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.encoders import RLELosslessEncoder
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(frames)))
+    rows, cols = frames[0].shape
+    encoded = [RLELosslessEncoder.encode(
+        f, rows=rows, columns=cols, samples_per_pixel=1, bits_allocated=8, bits_stored=8,
+        pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1)
+        for f in frames]
+    encoded[corrupt_index] = encoded[corrupt_index][:20]
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
