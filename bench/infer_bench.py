@@ -56,7 +56,7 @@ def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: i
     net, meta = model.load(model_dir, device)
     prep = imaging.PrepConfig.from_dict(meta["prep"])
     bf16 = train._resolve_bf16("auto", device)
-    post = postprocess.PostConfig()
+    post = postprocess.PostConfig.from_model(meta)  # as the job does
     rows = []
     started = time.time()
     for i in range(0, len(files), batch):
@@ -109,7 +109,7 @@ def ray_job(model_dir: str, folder: str, out: str, batch: int, workers: int,
     started = time.time()
     summary = infer.run(model_dir, folder, out,
                         options=infer.InferOptions(batch_size=batch, workers=workers, gpu=gpu,
-                                                   compile=compile_model),
+                                                   compile=compile_model, tta=False),
                         log=lambda *_: None)
     return summary["rows"] / (time.time() - started)
 

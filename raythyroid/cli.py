@@ -70,9 +70,47 @@ def _add_cluster_flag(parser: argparse.ArgumentParser, metrics: bool = True) -> 
                                  "(default: RAYTHYROID_METRICS_PORT, else off)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, imaging, layouts, losses, train
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    from . import augment, losses, train
     from .train import TrainConfig
+
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    parser.add_argument("--epochs", type=_positive_int, default=None,
+                        help=f"default {TrainConfig.epochs}; with --time-limit, as many as fit")
+    parser.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
+                        help="images per worker per step")
+    parser.add_argument("--time-limit", type=_positive_float, default=None, metavar="MINUTES",
+                        help="stop cleanly before this much wall time; the best model is kept")
+    parser.add_argument("--loss", choices=losses.LOSSES, default=TrainConfig.loss)
+    parser.add_argument("--optimizer", choices=train.OPTIMIZERS, default=TrainConfig.optimizer)
+    parser.add_argument("--schedule", choices=train.SCHEDULES, default=TrainConfig.schedule)
+    parser.add_argument("--lr", type=_positive_float, default=None,
+                        help="peak learning rate (default 1e-3 AdamW, 1e-2 SGD)")
+    parser.add_argument("--base", type=_positive_int, default=TrainConfig.base,
+                        help="U-Net width: channels of the first level")
+    parser.add_argument("--precision", choices=train.PRECISIONS, default="auto",
+                        help="auto: bf16 on GPUs and on CPUs with bf16 units, else fp32")
+    parser.add_argument("--augment", choices=augment.PRESETS, default=TrainConfig.augment,
+                        help="strong: affine, mirror, grid distortion, gamma, contrast, blur, "
+                             "speckle; basic: without distortion and blur")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpus-per-worker", type=_positive_float, default=None)
+
+
+def _train_config(args: argparse.Namespace):
+    from . import train
+    from .train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs or (TrainConfig.epochs if args.time_limit is None
+                               else train.TIME_LIMITED_EPOCHS),
+        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        schedule=args.schedule, loss=args.loss, base=args.base, augment=args.augment,
+        precision=args.precision, seed=args.seed, time_limit_min=args.time_limit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, imaging, layouts
 
     parser = _Parser(prog="raythyroid",
                      description="Thyroid nodule segmentation in ultrasound, as Ray jobs.")
@@ -98,26 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", help="preprocess OUTPUT (local or s3://)")
     tr.add_argument("run", help="run folder for checkpoints, model/, metrics (local or s3://)")
     tr.add_argument("--workers", type=_positive_int, default=2)
-    tr.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
-    tr.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
-    tr.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
-                    help="images per worker per step")
-    tr.add_argument("--time-limit", type=_positive_float, default=None, metavar="MINUTES",
-                    help="stop cleanly before this much wall time; the best model is kept")
-    tr.add_argument("--loss", choices=losses.LOSSES, default=TrainConfig.loss)
-    tr.add_argument("--optimizer", choices=train.OPTIMIZERS, default=TrainConfig.optimizer)
-    tr.add_argument("--schedule", choices=train.SCHEDULES, default=TrainConfig.schedule)
-    tr.add_argument("--lr", type=_positive_float, default=None,
-                    help="peak learning rate (default 1e-3 AdamW, 1e-2 SGD)")
-    tr.add_argument("--base", type=_positive_int, default=TrainConfig.base,
-                    help="U-Net width: channels of the first level")
-    tr.add_argument("--precision", choices=train.PRECISIONS, default="auto",
-                    help="auto: bf16 on GPUs and on CPUs with bf16 units, else fp32")
-    tr.add_argument("--no-augment", action="store_true")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--cpus-per-worker", type=_positive_float, default=None)
+    _add_training_flags(tr)
     _add_cluster_flag(tr)
     tr.set_defaults(handler=_train)
+
+    cv = commands.add_parser("cv", help="case-disjoint k-fold cross-validation (train + val)")
+    cv.add_argument("data", help="preprocess OUTPUT (local or s3://)")
+    cv.add_argument("run", help="folder for the folds' runs and cv.json (local or s3://)")
+    cv.add_argument("--folds", type=_positive_int, default=5)
+    cv.add_argument("--workers", type=_positive_int, default=1, help="train workers per fold")
+    _add_training_flags(cv)
+    _add_cluster_flag(cv, metrics=False)
+    cv.set_defaults(handler=_cv)
 
     inf = commands.add_parser("infer", help="segment an archive: masks + results (+ metrics)")
     inf.add_argument("model", help="a train RUN's model/ folder (local or s3://)")
@@ -128,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--workers", type=_positive_int, default=1, help="Predictor actors")
     inf.add_argument("--gpu", action="store_true", help="one GPU per Predictor actor")
     inf.add_argument("--batch-size", type=_positive_int, default=16)
-    inf.add_argument("--tta", action="store_true", help="average with a mirrored prediction")
+    inf.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                     help="average with a mirrored prediction (default: as chosen on "
+                          "validation when the model was trained)")
     inf.add_argument("--compile", action="store_true",
                      help="torch.compile the model in each Predictor (pays off on GPUs)")
     inf.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
@@ -186,13 +218,22 @@ def _train(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.run)
     if not storage.exists(storage.join(args.run, "metrics.json")):
         preprocess.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
-    config = train.TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        schedule=args.schedule, loss=args.loss, base=args.base, augment=not args.no_augment,
-        precision=args.precision, seed=args.seed, time_limit_min=args.time_limit)
     with runtime.session(args.address):
-        train.run(args.data, args.run, config, workers=args.workers, gpu=args.gpu,
+        train.run(args.data, args.run, _train_config(args), workers=args.workers, gpu=args.gpu,
                   cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
+    return 0
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from . import cv, preprocess, runtime, storage
+
+    storage.check_writable_root(args.run)
+    preprocess.read_manifest(args.data)
+    if args.folds < 2:
+        raise UserError("--folds must be at least 2")
+    with runtime.session(args.address):
+        cv.run(args.data, args.run, _train_config(args), folds=args.folds,
+               workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
     return 0
 
 

@@ -12,6 +12,7 @@ together, so an interrupted-then-resumed run ends with exactly the metrics of a 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -64,7 +65,7 @@ class InferOptions:
     batch_size: int = 16
     workers: int = 1
     gpu: bool = False
-    tta: bool = False
+    tta: bool | None = None  # None: what model.json says (chosen on validation by train)
     precision: str = "auto"
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     dicom_seg: bool = False
@@ -449,8 +450,9 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     model_uri, input_uri, output = (storage.normalize(u) for u in (model_uri, input_uri, output))
     _, meta = model_lib.load(model_uri)  # fail fast, before listing millions of files
     prep = PrepConfig.from_dict(meta["prep"])
-    post = postprocess.PostConfig(threshold=float(meta.get("threshold", 0.5)),
-                                  **meta.get("postprocess", {}))
+    post = postprocess.PostConfig.from_model(meta)
+    if options.tta is None:
+        options = dataclasses.replace(options, tta=bool(meta.get("tta", False)))
     storage.delete(storage.join(output, SUCCESS))
     run_id = uuid.uuid4().hex
     storage.write_text(storage.join(output, RUN_LEASE), run_id)  # before reading what is done

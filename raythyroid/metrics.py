@@ -9,6 +9,8 @@ A ratio whose denominator is 0 is 1.0 when the class is absent from both label a
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 METRIC_KEYS = ("b_iou", "n_iou", "miou", "pa", "precision", "recall", "f1", "f1_macro", "dice",
@@ -54,7 +56,9 @@ def summarize(tp, fp, fn, tn, errors: int = 0) -> dict:
     """Per-image count arrays -> every metrics.json key (pooled, plus per-image mean IoU)."""
     tp, fp, fn, tn = (np.asarray(a, dtype=np.int64).ravel() for a in (tp, fp, fn, tn))
     with_nodule = (tp + fn) > 0
-    iou_sum = float((tp[with_nodule] / (tp + fp + fn)[with_nodule]).sum())
+    # an exactly rounded sum: the result cannot depend on the order of the rows, so a resumed
+    # run, a re-batched run and `evaluate` all give the same bits
+    iou_sum = math.fsum((tp[with_nodule] / (tp + fp + fn)[with_nodule]).tolist())
     return from_totals(int(tn.sum()), int(fp.sum()), int(fn.sum()), int(tp.sum()), iou_sum,
                        int(with_nodule.sum()), int(tp.size), errors)
 

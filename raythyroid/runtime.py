@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Iterator
 
 
@@ -26,7 +27,8 @@ def init(address: str | None = None) -> bool:
              runtime_env={"env_vars": storage_environment()} if storage_environment() else None,
              **options)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = True
+    # bars on a terminal; in job logs and CI they are only noise
+    context.enable_progress_bars = sys.stderr.isatty()
     # Our own per-stage progress lines say more than Ray Data's per-operator chatter.
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

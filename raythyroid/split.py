@@ -100,3 +100,10 @@ def assign(rows: Iterable[tuple[str, str, str | None]], fractions: Sequence[floa
             case_split[case] = name
         start += count
     return {key: case_split[case_id] for key, case_id, _ in rows}
+
+
+def folds(case_ids: Iterable[str], k: int, seed: int = 0) -> dict[str, int]:
+    """Case -> fold in 0..k-1: cases ranked by the same hash as the splits, dealt round-robin,
+    so fold sizes differ by at most one case and a case is never in two folds."""
+    ranked = sorted(set(case_ids), key=lambda c: _case_rank(c, seed))
+    return {case: i % k for i, case in enumerate(ranked)}

@@ -37,6 +37,10 @@ SCHEDULES = ("poly", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+# with only --time-limit the clock ends training (and drives the learning-rate schedule)
+TIME_LIMITED_EPOCHS = 10_000
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 40
@@ -45,9 +49,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "poly"
-    loss: str = "weighted-ce"
+    loss: str = "dice-ce"  # losses.LOSSES; weighted-ce is the paper's
     base: int = 16
-    augment: bool = True
+    augment: str = "strong"  # augment.PRESETS
     precision: str = "auto"
     seed: int = 0
     time_limit_min: float | None = None
@@ -64,7 +68,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- data (driver side)
 
-def _decode_block(batch: pa.Table, with_weights: bool) -> dict:
+def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None) -> dict:
     """Parquet rows -> numpy columns the workers consume (no strings: iter_torch_batches)."""
     keys = batch.column("key").to_pylist()
     images = np.stack([imaging.decode_png(b) for b in batch.column("image").to_pylist()])
@@ -75,20 +79,29 @@ def _decode_block(batch: pa.Table, with_weights: bool) -> dict:
     if with_weights:
         out["weight"] = np.stack([losses.boundary_weight_map(m) for m in masks]
                                  ).astype(np.float16)
+    if folds is not None:  # cross-validation: which fold each row's case belongs to
+        out["fold"] = np.array([folds[k] for k in keys], np.int64)
     return out
 
 
-def load_split(data: str, manifest: dict, name: str, with_weights: bool = False):
-    """One split of a preprocess output as a materialized Ray dataset, or None if empty."""
+def shard_paths(data: str, manifest: dict, names) -> tuple:
+    fs, _ = storage.filesystem(data)
+    return fs, [storage.filesystem(storage.join(data, s))[1]
+                for name in names for s in manifest["shards"].get(name) or []]
+
+
+def load_split(data: str, manifest: dict, name, with_weights: bool = False,
+               folds: dict | None = None):
+    """One split (or a list of splits) of a preprocess output as a materialized Ray dataset,
+    or None if empty. `folds` (key -> fold) adds a fold column for cross-validation."""
     import ray
 
-    shards = manifest["shards"].get(name) or []
-    if not shards:
+    fs, paths = shard_paths(data, manifest, [name] if isinstance(name, str) else name)
+    if not paths:
         return None
-    fs, _ = storage.filesystem(data)
-    paths = [storage.filesystem(storage.join(data, s))[1] for s in shards]
     return (ray.data.read_parquet(paths, filesystem=fs).select_columns(["key", "image", "mask"])
-            .map_batches(_decode_block, fn_kwargs={"with_weights": with_weights},
+            .map_batches(_decode_block, fn_kwargs={"with_weights": with_weights,
+                                                   "folds": folds},
                          batch_format="pyarrow", batch_size=64)
             .materialize())
 
@@ -125,37 +138,75 @@ def _lr_factor(schedule: str, progress: float) -> float:
     return (1 - progress) ** 0.9
 
 
-def evaluate(net, dataset, rank: int, world: int, device, bf16: bool, batch_size: int) -> dict:
-    """This worker's share of a split -> all-reduced metrics over the whole split."""
+def evaluate(net, dataset, rank: int, world: int, device, bf16: bool, batch_size: int,
+             tta: bool = False, post: dict | None = None) -> dict:
+    """This worker's share of a split -> all-reduced metrics over the whole split.
+
+    Without `post` a pixel is nodule where its probability is >= 0.5 (fast, every epoch);
+    with it, masks go through infer's post-processing (postprocess.clean_mask) first.
+    """
+    return evaluate_variants(net, dataset, rank, world, device, bf16, batch_size, tta,
+                             [post])[0]
+
+
+def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
+                      batch_size: int, tta: bool, posts: list) -> list[dict]:
+    """Like evaluate, for several post-processing settings at the price of one model pass."""
     import torch
     import torch.distributed as dist
 
-    from . import model as model_lib
+    from . import model as model_lib, postprocess
 
     module = net.module if hasattr(net, "module") else net
     module.eval()
-    totals = torch.zeros(7, dtype=torch.float64)  # tn fp fn tp iou_sum with_nodule images
+    configs = [postprocess.PostConfig(**p) if p is not None else None for p in posts]
+    # per variant: tn fp fn tp iou_sum with_nodule images
+    totals = np.zeros((len(configs), 7), dtype=np.float64)
     for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes=None,
                                             drop_last=False):
         mine = (batch["part"] % world) == rank
         if not bool(mine.any()):
             continue
-        images, labels = batch["image"][mine], batch["mask"][mine].to(device).bool()
-        pred = model_lib.nodule_probability(module, images, device, bf16) >= 0.5
-        tp = (pred & labels).sum(dim=(1, 2)).double()
-        fp = (pred & ~labels).sum(dim=(1, 2)).double()
-        fn = (~pred & labels).sum(dim=(1, 2)).double()
-        tn = (~pred & ~labels).sum(dim=(1, 2)).double()
-        has = (tp + fn) > 0
-        iou = torch.where(has, tp / (tp + fp + fn).clamp_min(1), torch.zeros_like(tp))
-        totals += torch.stack([tn.sum(), fp.sum(), fn.sum(), tp.sum(), iou.sum(),
-                               has.double().sum(), torch.tensor(float(tp.numel()),
-                                                                dtype=torch.float64)]).cpu()
+        images, labels = batch["image"][mine], batch["mask"][mine].numpy().astype(bool)
+        prob = model_lib.nodule_probability(module, images, device, bf16, tta).cpu().numpy()
+        for label, p in zip(labels, prob):
+            for v, config in enumerate(configs):
+                pred = postprocess.clean_mask(p, config) if config else p >= 0.5
+                c = metrics.counts(label, pred)
+                has = c["tp"] + c["fn"] > 0
+                totals[v] += [c["tn"], c["fp"], c["fn"], c["tp"],
+                              metrics.image_iou(c["tp"], c["fp"], c["fn"]) if has else 0.0,
+                              float(has), 1.0]
+    reduced = torch.from_numpy(totals)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    tn, fp, fn, tp, iou_sum, with_nodule, images = totals.tolist()
-    return metrics.from_totals(int(tn), int(fp), int(fn), int(tp), iou_sum, int(with_nodule),
-                               int(images))
+        dist.all_reduce(reduced)
+    return [metrics.from_totals(int(tn), int(fp), int(fn), int(tp), iou_sum, int(with_nodule),
+                                int(images))
+            for tn, fp, fn, tp, iou_sum, with_nodule, images in reduced.tolist()]
+
+
+# Inference variants tried on the validation split once training ends: mirrored test-time
+# augmentation, a higher threshold (class-weighted losses over-segment) and keeping only the
+# largest components are kept only where they help. The plain setting is listed first so that
+# it wins ties.
+INFERENCE_THRESHOLDS = (0.5, 0.6, 0.7, 0.4)
+INFERENCE_KEEP_LARGEST = (0, 2, 1)
+
+
+def choose_inference(net, val_set, rank, world, device, bf16, batch_size) -> dict:
+    posts = [{"threshold": t, "keep_largest": k}
+             for t in INFERENCE_THRESHOLDS for k in INFERENCE_KEEP_LARGEST]
+    scored = []
+    for tta in (False, True):
+        results = evaluate_variants(net, val_set, rank, world, device, bf16, batch_size, tta,
+                                    posts)
+        scored += [{"tta": tta, **post, "val_n_iou": r["n_iou"],
+                    "val_n_iou_per_image": r["n_iou_per_image"]}
+                   for post, r in zip(posts, results)]
+    best = max(scored, key=lambda v: v["val_n_iou"])  # the first of equals
+    return {"tta": best["tta"],
+            "postprocess": {"threshold": best["threshold"], "keep_largest": best["keep_largest"]},
+            "val_variants": scored}
 
 
 def _broadcast(values: list[float]) -> list[float]:
@@ -224,6 +275,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     deadline = cfg["deadline"]
     started = cfg["started"]
     weighted = config.loss == "weighted-ce"
+    augmentation = augment.preset(config.augment)
     epoch_seconds = None
 
     def report(metrics_row: dict, finished: bool = False) -> None:
@@ -264,9 +316,10 @@ def train_loop_per_worker(cfg: dict) -> None:
             images = batch["image"].numpy()
             masks = batch["mask"].numpy()
             weights = batch["weight"].numpy() if weighted else None
-            if config.augment:
+            if augmentation is not None:
                 images, masks, weights = augment.augment_batch(
-                    images, masks, weights, augment.batch_rng(config.seed, epoch, rank, b))
+                    images, masks, weights, augment.batch_rng(config.seed, epoch, rank, b),
+                    augmentation)
             x = model_lib.as_input(torch.from_numpy(images), device)
             target = torch.from_numpy(masks).long().to(device)
             weight = torch.from_numpy(weights).float().to(device) if weighted else None
@@ -306,18 +359,24 @@ def train_loop_per_worker(cfg: dict) -> None:
             telemetry.train_epoch(cfg["run_name"], steps * world, train_loss, images_per_s,
                                   val["n_iou"], epoch)
             best = state["best"]["val"]["n_iou"]
-            print(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val n_IoU "
+            of_total = "" if config.epochs >= TIME_LIMITED_EPOCHS else f"/{config.epochs}"
+            print(f"epoch {epoch}{of_total}  loss {train_loss:.4f}  val n_IoU "
                   f"{val['n_iou']:.4f} (best {best:.4f})  {images_per_s:.1f} img/s  "
                   f"lr {lr:.2e}", flush=True)
         report(row)
 
     if not state["finished"]:
-        # the best weights, scored on the test split by all workers with the same counting code
+        # the best weights; the inference variant that validates best; then the test split,
+        # scored by all workers with the same counting code infer uses
         module = net.module if hasattr(net, "module") else net
         if state["best"] is not None:
             module.load_state_dict(state["best"]["model"])
+        state["inference"] = choose_inference(net, val_set, rank, world, device, bf16,
+                                              config.batch_size * 2)
+        chosen = state["inference"]
         state["test"] = evaluate(net, test_set, rank, world, device, bf16,
-                                 config.batch_size * 2) if test_set is not None else None
+                                 config.batch_size * 2, tta=chosen["tta"],
+                                 post=chosen["postprocess"]) if test_set is not None else None
         state["finished"] = True
         report({"epoch": state["epoch"], "finished": True,
                 **{f"test_{k}": v for k, v in (state["test"] or {}).items() if k != "hist"}})
@@ -349,11 +408,6 @@ def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: i
 
 
 def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) -> dict:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from . import model as model_lib
     from .preprocess import read_manifest
 
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
@@ -370,7 +424,6 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
 
     started = time.time()
-    deadline = started + 60 * config.time_limit_min if config.time_limit_min else None
     weighted = config.loss == "weighted-ce"
     log(f"train: decoding {manifest['counts']['train']} training pairs"
         + (" and computing boundary weight maps" if weighted else ""))
@@ -379,13 +432,38 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     test = load_split(data, manifest, "test")
     if test is not None:
         datasets["test"] = test
+    state = fit(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log)
+    progress.advance(state["epoch"])
+    save_model(run_uri, state, config, workers, gpu, manifest, data)
+    test_metrics = state["test"] or {}
+    storage.write_text(finished, json.dumps(test_metrics, indent=2))
+    best, chosen = state["best"], state["inference"]
+    log(f"train: best epoch {best['epoch']} of {state['epoch']} (val n_IoU "
+        f"{best['val']['n_iou']:.4f}); inference: tta={chosen['tta']}, threshold="
+        f"{chosen['postprocess']['threshold']}, keep_largest="
+        f"{chosen['postprocess']['keep_largest']} (chosen on validation); model in "
+        f"{storage.join(run_uri, 'model')}")
+    log(metrics.table(test_metrics, "test split, best model"))
+    return test_metrics
 
+
+def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bool,
+        cpus_per_worker: float | None, started: float, log=print,
+        threads: int | None = None) -> dict:
+    """Ray Train over `datasets` (train, val, optional test) with checkpoints under run_uri;
+    returns the final state (history, best weights and val metrics, test metrics)."""
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    deadline = started + 60 * config.time_limit_min if config.time_limit_min else None
     total_cpus = _cluster_cpus()
     if cpus_per_worker is None:
         # leave a core for Ray Data and the driver where there is one to spare; fractional CPUs
         # keep a 2-core machine from deadlocking with every core held by a train worker
         cpus_per_worker = max(0.5, (total_cpus - 1) / workers) if not gpu else 1.0
-    threads = max(1, int(round(min(cpus_per_worker + 0.5, total_cpus / workers))))
+    if threads is None:
+        threads = max(1, int(round(min(cpus_per_worker + 0.5, total_cpus / workers))))
     resources = {"CPU": cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
@@ -396,7 +474,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         train_loop_config={"train": config.to_dict(), "threads": threads,
                            "run_name": storage.basename(run_uri),
                            "deadline": deadline, "started": started,
-                           "has_test": test is not None},
+                           "has_test": "test" in datasets},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -412,32 +490,33 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     result = trainer.fit()
     if result.error:
         raise result.error
-    import torch
-
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                           weights_only=False)
+        return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                          weights_only=False)
+
+
+def save_model(run_uri: str, state: dict, config: TrainConfig, workers: int, gpu: bool,
+               manifest: dict, data: str) -> None:
+    """RUN/model (best weights + model.json) and RUN/history.jsonl from a final state."""
+    from . import model as model_lib
 
     best = state["best"]
-    progress.advance(state["epoch"])
     net = model_lib.build(model_lib.UNetConfig(base=config.base))
     net.load_state_dict(best["model"])
     model_lib.save(net, storage.join(run_uri, "model"), {
         "prep": manifest["prep"],
         "classes": ["background", "nodule"],
-        "threshold": 0.5,
+        # chosen on the validation split (train.choose_inference); infer applies them
+        "threshold": state["inference"]["postprocess"]["threshold"],
+        "tta": state["inference"]["tta"],
+        "postprocess": {k: v for k, v in state["inference"]["postprocess"].items()
+                        if k != "threshold"},
         "training": {"config": config.to_dict(), "workers": workers, "gpu": gpu,
                      "epochs_run": state["epoch"], "best_epoch": best["epoch"],
-                     "best_val": {k: v for k, v in best["val"].items() if k != "hist"}},
+                     "best_val": {k: v for k, v in best["val"].items() if k != "hist"},
+                     "inference_variants": state["inference"]["val_variants"]},
         "data": {"uri": data, "counts": manifest["counts"], "created": manifest["created"]},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     storage.write_text(storage.join(run_uri, "history.jsonl"),
                        "".join(json.dumps(row) + "\n" for row in state["history"]))
-    test_metrics = state["test"] or {}
-    storage.write_text(finished, json.dumps(test_metrics, indent=2))
-    log(f"train: best epoch {best['epoch']} of {state['epoch']} (val n_IoU "
-        f"{best['val']['n_iou']:.4f}); model in {storage.join(run_uri, 'model')}")
-    log(metrics.table(test_metrics, "test split, best model"))
-    return test_metrics
-

@@ -1,0 +1,35 @@
+"""Case-disjoint k-fold cross-validation as one Ray job."""
+import json
+
+import pytest
+
+from raythyroid import cv, split, storage, train
+
+
+def test_folds_are_case_disjoint_balanced_and_seeded():
+    cases = [str(i) for i in range(23)]
+    folds = split.folds(cases + cases[:5], 5, seed=1)  # repeated frames of one case
+    assert set(folds) == set(cases)
+    sizes = sorted(list(folds.values()).count(k) for k in range(5))
+    assert sizes == [4, 4, 5, 5, 5]
+    assert folds == split.folds(reversed(cases), 5, seed=1)
+    assert folds != split.folds(cases, 5, seed=2)
+
+
+@pytest.mark.timeout(1200)
+def test_five_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
+    _, prepared = phantom_dataset
+    run_uri = str(tmp_path / "cv")
+    summary = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=5,
+                     workers=1, cpus_per_worker=0.5, log=lambda *_: None)
+    assert [r["fold"] for r in summary["folds"]] == list(range(5))
+    assert sum(r["val_images"] for r in summary["folds"]) == 85 + 21  # train + val, each once
+    for key in ("n_iou", "n_iou_per_image"):
+        values = [r["last"][key] for r in summary["folds"]]
+        assert summary[f"last_{key}_mean"] == pytest.approx(sum(values) / 5)
+        assert summary[f"last_{key}_std"] >= 0
+    saved = json.loads(storage.read_text(f"{run_uri}/cv.json"))
+    assert saved["k"] == 5
+    for k in range(5):
+        assert storage.exists(f"{run_uri}/fold-{k}/model/model.json")
+    assert "n_IoU" in cv.table(summary)
