@@ -149,6 +149,7 @@ def main() -> None:
         bare.append(bare_loop(model_dir, files, out, args.batch, cores, gpu=args.gpu))
     ray_rates = {n: [] for n in ((1, 2) if not args.gpu else sorted({1, max(1, gpus)}))}
     with runtime.session():
+        shutil.rmtree(os.path.join(args.workdir, "warm"), ignore_errors=True)
         ray_job(model_dir, f"{folder}/images", os.path.join(args.workdir, "warm"), args.batch, 1,
                 args.gpu, args.compile)
         for r in range(args.repeats):

@@ -39,6 +39,7 @@ DICOM_SEG = "dicom-seg"
 SUCCESS = "_SUCCESS"
 METRICS = "metrics.json"
 RUN_LEASE = "_RUN"  # id of the run that owns OUTPUT; only its tasks may commit results
+JOB_FILE = "_JOB.json"  # the INPUT, MODEL and LABELS whose results OUTPUT holds
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", "")
 LABEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 URIS_PER_BLOCK = 64
@@ -453,6 +454,8 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     post = postprocess.PostConfig.from_model(meta)
     if options.tta is None:
         options = dataclasses.replace(options, tta=bool(meta.get("tta", False)))
+    _claim_output(output, {"input": input_uri, "model": model_uri,
+                           "labels": storage.normalize(labels) if labels else None})
     storage.delete(storage.join(output, SUCCESS))
     run_id = uuid.uuid4().hex
     storage.write_text(storage.join(output, RUN_LEASE), run_id)  # before reading what is done
@@ -479,6 +482,21 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         raise
     finally:
         progress.close()
+
+
+def _claim_output(output: str, job: dict) -> None:
+    """A rerun resumes only the job that OUTPUT holds: keys of another input could collide
+    with committed ones and mix two archives in one results table."""
+    uri = storage.join(output, JOB_FILE)
+    if storage.exists(uri):
+        held = json.loads(storage.read_text(uri))
+        changed = [name for name in job if held.get(name) != job[name]]
+        if changed:
+            raise UserError(f"{output} holds the results of another job ({changed[0]} "
+                            f"{held.get(changed[0])}); to resume, give the same INPUT, MODEL "
+                            f"and --labels, else use a new OUTPUT")
+    else:
+        storage.write_text(uri, json.dumps(job, indent=2))
 
 
 def _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,

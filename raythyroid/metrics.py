@@ -23,7 +23,11 @@ def confusion(label: np.ndarray, pred: np.ndarray) -> np.ndarray:
     pred = np.asarray(pred).astype(bool).ravel()
     if label.shape != pred.shape:
         raise ValueError(f"label has {label.size} pixels, prediction {pred.size}")
-    return np.bincount(label.astype(np.int64) * 2 + pred, minlength=4).reshape(2, 2)
+    # three counts over bool arrays: several times faster than a bincount of label*2+pred
+    tp = int(np.count_nonzero(label & pred))
+    fn = int(np.count_nonzero(label)) - tp
+    fp = int(np.count_nonzero(pred)) - tp
+    return np.array([[label.size - tp - fn - fp, fp], [fn, tp]], dtype=np.int64)
 
 
 def counts(label: np.ndarray, pred: np.ndarray) -> dict[str, int]:

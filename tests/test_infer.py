@@ -217,6 +217,13 @@ def test_max_error_rate_turns_errors_into_exit_3(trained_run, tmp_path):
     assert result.returncode == 3
     assert "above --max-error-rate" in result.stderr
     assert storage.exists(str(tmp_path / "out" / "_SUCCESS"))
+    # the same OUTPUT for another archive is a user mistake, not a resume
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "good.png").write_bytes(imaging.encode_png(frame.image))
+    again = run_cli("infer", storage.join(run_uri, "model"), str(other), str(tmp_path / "out"))
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "holds the results of another job (input" in again.stderr
 
 
 def test_compaction_keeps_each_key_once(tmp_path):
