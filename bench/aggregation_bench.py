@@ -19,12 +19,12 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-from common import median, record  # noqa: E402
+from common import median, phantom_archive, record  # noqa: E402
 from infer_bench import make_model  # noqa: E402
 
 
 def main() -> None:
-    from raythyroid import imaging, infer, metrics, phantom, runtime, storage
+    from raythyroid import imaging, infer, metrics, runtime, storage
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=1000)
@@ -33,10 +33,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                           "raythyroid-aggregation-bench"))
     args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    archive = os.path.join(args.workdir, f"archive-{args.frames}")
-    if not os.path.isdir(archive):
-        phantom.write_folders(archive, args.frames, seed=17)
+    archive = phantom_archive(args.workdir, args.frames, seed=17)
     model_dir = make_model(args.size, args.workdir)
     out = os.path.join(args.workdir, "out")
     shutil.rmtree(out, ignore_errors=True)

@@ -67,3 +67,15 @@ def phantom_shards(count: int, size: int, workdir: str | None = None, seed: int 
             preprocess.run(str(raw), str(prepared), config=PrepConfig(size=size),
                            log=lambda *_: None)
     return str(prepared)
+
+
+def phantom_archive(workdir: str, frames: int, seed: int) -> str:
+    """A folders-layout archive of phantom frames (images/ + masks/) under workdir, kept
+    between runs; returns its root."""
+    from raythyroid import phantom
+
+    os.makedirs(workdir, exist_ok=True)
+    archive = os.path.join(workdir, f"archive-{frames}")
+    if not os.path.isdir(archive):
+        phantom.write_folders(archive, frames, seed=seed)
+    return archive

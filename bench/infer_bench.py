@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 import numpy as np  # noqa: E402
 
-from common import median, record  # noqa: E402
+from common import median, phantom_archive, record  # noqa: E402
 
 
 def make_model(size: int, workdir: str) -> str:
@@ -115,7 +115,7 @@ def ray_job(model_dir: str, folder: str, out: str, batch: int, workers: int,
 
 
 def main() -> None:
-    from raythyroid import phantom, runtime
+    from raythyroid import runtime
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=400)
@@ -127,10 +127,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                           "raythyroid-infer-bench"))
     args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    folder = os.path.join(args.workdir, f"archive-{args.frames}")
-    if not os.path.isdir(folder):
-        phantom.write_folders(folder, args.frames, seed=9)
+    folder = phantom_archive(args.workdir, args.frames, seed=9)
     files = sorted(os.path.join(folder, "images", f) for f in os.listdir(f"{folder}/images"))
     model_dir = make_model(args.size, args.workdir)
     cores = os.cpu_count()

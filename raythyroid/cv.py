@@ -50,7 +50,7 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
     pooled = train.load_split(data, manifest, ["train", "val"], with_weights=weighted,
                               folds=key_fold)
 
-    total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    total_cpus = train._cluster_cpus()
     total_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     if cpus_per_worker is None:
         cpus_per_worker = 1.0
