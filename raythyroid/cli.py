@@ -52,6 +52,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = _fraction(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a decay below 1, got {text}")
+    return value
+
+
 def _image_size(text: str) -> int:
     value = _positive_int(text)
     if value < 32 or value % 16:
@@ -93,6 +100,14 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", choices=augment.PRESETS, default=TrainConfig.augment,
                         help="strong: affine, mirror, grid distortion, gamma, contrast, blur, "
                              "speckle; basic: without distortion and blur")
+    parser.add_argument("--ema", type=_decay, default=TrainConfig.ema, metavar="DECAY",
+                        help="validate and keep an exponential moving average of the weights "
+                             f"with this decay per step; 0 keeps the trained weights "
+                             f"(default {TrainConfig.ema})")
+    parser.add_argument("--deep-supervision", type=int, choices=range(4),
+                        default=TrainConfig.deep_supervision, metavar="LEVELS",
+                        help="also supervise the decoder at 1/2, 1/4, ... resolution "
+                             f"(default {TrainConfig.deep_supervision})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus-per-worker", type=_positive_float, default=None)
 
@@ -106,7 +121,8 @@ def _train_config(args: argparse.Namespace):
                                else train.TIME_LIMITED_EPOCHS),
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         schedule=args.schedule, loss=args.loss, base=args.base, augment=args.augment,
-        precision=args.precision, seed=args.seed, time_limit_min=args.time_limit)
+        precision=args.precision, seed=args.seed, time_limit_min=args.time_limit, ema=args.ema,
+        deep_supervision=args.deep_supervision)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,6 +72,23 @@ def dice_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smooth: float
     return ce + (1 - dice)
 
 
+def supervised(name: str, outputs, target: torch.Tensor,
+               weight: torch.Tensor | None) -> torch.Tensor:
+    """The loss of a network's output: one logits tensor, or a deep-supervision list (full
+    resolution first, then 1/2, 1/4, ...) scored against nearest-downsampled targets with
+    weights halving per level (nnU-Net's), normalised to sum to one."""
+    if isinstance(outputs, torch.Tensor):
+        return loss(name, outputs, target, weight)
+    total, norm = 0.0, 0.0
+    for level, logits in enumerate(outputs):
+        step = 2 ** level
+        share = 0.5 ** level
+        total = total + share * loss(name, logits, target[:, ::step, ::step],
+                                     None if weight is None else weight[:, ::step, ::step])
+        norm += share
+    return total / norm
+
+
 def loss(name: str, logits: torch.Tensor, target: torch.Tensor,
          weight: torch.Tensor | None) -> torch.Tensor:
     if name == "weighted-ce":

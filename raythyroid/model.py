@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,13 @@ class UNetConfig:
     classes: int = 2  # background, nodule: softmax over both, as in the paper
     base: int = 16  # channels of the first level; doubles at every pooling
     depth: int = 4  # poolings; the input side must be a multiple of 2**depth
+    # extra outputs at 1/2, 1/4, ... resolution for deep supervision; only training sees them
+    deep_supervision: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.deep_supervision < self.depth:
+            raise ValueError(f"deep_supervision must be 0..{self.depth - 1}, "
+                             f"got {self.deep_supervision}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,18 +65,37 @@ class UNet(nn.Module):
         self.merge = nn.ModuleList([DoubleConv(widths[i] * 2, widths[i])
                                     for i in reversed(range(config.depth))])
         self.head = nn.Conv2d(widths[0], config.classes, 1)
+        # aux[0] reads the decoder at 1/2 resolution, aux[1] at 1/4, ...
+        self.aux = nn.ModuleList([nn.Conv2d(widths[i], config.classes, 1)
+                                  for i in range(1, config.deep_supervision + 1)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) image in 0..255 -> (N, classes, H, W) logits."""
+    def forward(self, x: torch.Tensor):
+        """(N, 1, H, W) image in 0..255 -> (N, classes, H, W) logits; in training mode with deep
+        supervision, a list: those logits, then the coarser ones (losses.supervised)."""
         x = (x - 127.5) / 64.0  # CLAHE output is roughly uniform over 0..255
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         x = skips.pop()
+        supervised = self.training and len(self.aux) > 0
+        coarse = []
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([skips.pop(), up(x)], dim=1))
-        return self.head(x)
+            if supervised:
+                coarse.append(x)
+        logits = self.head(x)
+        if not supervised:
+            return logits
+        # coarse[-1] is full resolution; coarse[-2] half, ...
+        return [logits] + [head(coarse[-2 - i]) for i, head in enumerate(self.aux)]
+
+    def without_deep_supervision(self) -> "UNet":
+        """The same network minus the training-only outputs: what a model folder ships."""
+        plain = build(replace(self.config, deep_supervision=0))
+        plain.load_state_dict({k: v for k, v in self.state_dict().items()
+                               if not k.startswith("aux.")})
+        return plain
 
 
 def build(config: UNetConfig = UNetConfig()) -> UNet:

@@ -55,6 +55,16 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 0
     time_limit_min: float | None = None
+    # weights validated, kept and shipped are an exponential moving average of the trained ones
+    # (0 = the trained weights themselves); it smooths the noise of small batches
+    ema: float = 0.0
+    deep_supervision: int = 0  # extra losses at 1/2, 1/4, ... resolution (model.UNetConfig)
+
+    @property
+    def architecture(self):
+        from . import model
+
+        return model.UNetConfig(base=self.base, deep_supervision=self.deep_supervision)
 
     @property
     def learning_rate(self) -> float:
@@ -209,6 +219,44 @@ def choose_inference(net, val_set, rank, world, device, bf16, batch_size) -> dic
             "val_variants": scored}
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights (BatchNorm statistics included).
+
+    The decay warms up as (1 + n) / (10 + n) over the first steps, so that the average is not
+    dominated by the random initial weights in short runs.
+    """
+
+    def __init__(self, module, decay: float, state: dict | None = None):
+        import copy
+
+        self.decay = decay
+        self.steps = 0
+        self.model = copy.deepcopy(module).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if state is not None:
+            self.model.load_state_dict(state["weights"])
+            self.steps = state["steps"]
+
+    def update(self, module) -> None:
+        import torch
+
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for mine, live in zip(self.model.state_dict().values(),
+                                  module.state_dict().values()):
+                if mine.dtype.is_floating_point:
+                    mine.lerp_(live, 1 - decay)
+                else:
+                    mine.copy_(live)
+
+    def state(self) -> dict:
+        return {"weights": {k: v.detach().cpu().clone()
+                            for k, v in self.model.state_dict().items()},
+                "steps": self.steps}
+
+
 def _broadcast(values: list[float]) -> list[float]:
     """Rank 0's decision (stop? schedule progress?) for every rank, so DDP stays in step."""
     import torch
@@ -250,7 +298,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     bf16 = _resolve_bf16(config.precision, device)
     torch.manual_seed(config.seed)
 
-    net = model_lib.build(model_lib.UNetConfig(base=config.base)).to(device)
+    net = model_lib.build(config.architecture).to(device)
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=0.99,
                                     nesterov=True, weight_decay=config.weight_decay)
@@ -267,6 +315,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         net.load_state_dict(state.pop("model"))
         optimizer.load_state_dict(state.pop("optimizer"))
         restored_from = state["epoch"]
+    # an average from a run resumed without --ema is dropped, not carried along
+    averaged = state.pop("ema", None)
+    average = WeightAverage(net, config.ema, averaged) if config.ema > 0 else None
     net = ray.train.torch.prepare_model(net)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -284,8 +335,10 @@ def train_loop_per_worker(cfg: dict) -> None:
             ray.train.report(metrics_row, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(dict(state, model=module.state_dict(), optimizer=optimizer.state_dict()),
-                       os.path.join(folder, STATE_FILE))
+            saved = dict(state, model=module.state_dict(), optimizer=optimizer.state_dict())
+            if average is not None:
+                saved["ema"] = average.state()
+            torch.save(saved, os.path.join(folder, STATE_FILE))
             ray.train.report(metrics_row,
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -324,18 +377,22 @@ def train_loop_per_worker(cfg: dict) -> None:
             target = torch.from_numpy(masks).long().to(device)
             weight = torch.from_numpy(weights).float().to(device) if weighted else None
             with model_lib.autocast(device, bf16):
-                logits = net(x)
-            loss = losses.loss(config.loss, logits, target, weight)
+                outputs = net(x)
+            loss = losses.supervised(config.loss, outputs, target, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update(net.module if hasattr(net, "module") else net)
             loss_sum += float(loss.detach())
             steps += 1
             seen += images.shape[0]
         train_seconds = time.time() - t0
         train_loss = _mean_over_workers(loss_sum / max(steps, 1), steps)
         images_per_s = _mean_over_workers(seen / max(train_seconds, 1e-9), 1) * world
-        val = evaluate(net, val_set, rank, world, device, bf16, config.batch_size * 2)
+        # the weights that would be shipped are the ones validated
+        scored = average.model if average is not None else net
+        val = evaluate(scored, val_set, rank, world, device, bf16, config.batch_size * 2)
         epoch_seconds = time.time() - now
 
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
@@ -348,7 +405,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             restored_from = None
         if math.isnan(train_loss):
             row["diverged"] = True
-        module = net.module if hasattr(net, "module") else net
+        module = scored.module if hasattr(scored, "module") else scored
         if state["best"] is None or val["n_iou"] > state["best"]["val"]["n_iou"]:
             state["best"] = {"epoch": epoch, "val": val,
                              "model": {k: v.detach().cpu().clone()
@@ -368,13 +425,14 @@ def train_loop_per_worker(cfg: dict) -> None:
     if not state["finished"]:
         # the best weights; the inference variant that validates best; then the test split,
         # scored by all workers with the same counting code infer uses
-        module = net.module if hasattr(net, "module") else net
+        scored = average.model if average is not None else net
+        module = scored.module if hasattr(scored, "module") else scored
         if state["best"] is not None:
             module.load_state_dict(state["best"]["model"])
-        state["inference"] = choose_inference(net, val_set, rank, world, device, bf16,
+        state["inference"] = choose_inference(scored, val_set, rank, world, device, bf16,
                                               config.batch_size * 2)
         chosen = state["inference"]
-        state["test"] = evaluate(net, test_set, rank, world, device, bf16,
+        state["test"] = evaluate(scored, test_set, rank, world, device, bf16,
                                  config.batch_size * 2, tta=chosen["tta"],
                                  post=chosen["postprocess"]) if test_set is not None else None
         state["finished"] = True
@@ -501,9 +559,9 @@ def save_model(run_uri: str, state: dict, config: TrainConfig, workers: int, gpu
     from . import model as model_lib
 
     best = state["best"]
-    net = model_lib.build(model_lib.UNetConfig(base=config.base))
+    net = model_lib.build(config.architecture)
     net.load_state_dict(best["model"])
-    model_lib.save(net, storage.join(run_uri, "model"), {
+    model_lib.save(net.without_deep_supervision(), storage.join(run_uri, "model"), {
         "prep": manifest["prep"],
         "classes": ["background", "nodule"],
         # chosen on the validation split (train.choose_inference); infer applies them

@@ -127,3 +127,70 @@ def test_data_and_run_on_s3_with_time_limit(s3, ray_local, phantom_dataset):
     assert any("/checkpoints/checkpoint_" in n for n in names)
     net, meta = model.load(storage.join(run_uri, "model"))
     assert meta["data"]["uri"] == data and meta["prep"]["size"] == 64
+
+
+def test_deep_supervision_trains_coarse_outputs_and_ships_without_them():
+    import torch
+
+    from raythyroid import losses
+
+    torch.manual_seed(0)
+    net = model.build(model.UNetConfig(base=8, deep_supervision=2)).train()
+    images = torch.rand(2, 1, 64, 64) * 255
+    outputs = net(images)
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(64, 64), (32, 32), (16, 16)]
+    target = torch.zeros(2, 64, 64, dtype=torch.long)
+    target[:, 16:48, 16:48] = 1
+    loss = losses.supervised("dice-ce", outputs, target, None)
+    loss.backward()
+    assert net.aux[1].weight.grad.abs().sum() > 0  # the 1/4-resolution head is trained
+    net.eval()
+    shipped = net.without_deep_supervision().eval()
+    assert shipped.config.deep_supervision == 0
+    assert not any(k.startswith("aux.") for k in shipped.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(shipped(images), net(images), atol=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_averaged_weights_are_validated_checkpointed_and_shipped(phantom_dataset, tmp_path):
+    import io
+
+    import torch
+
+    _, prepared = phantom_dataset
+    run_uri = str(tmp_path / "run")
+    train.run(prepared, run_uri, train.TrainConfig(epochs=2, batch_size=8, ema=0.9,
+                                                   deep_supervision=2),
+              workers=1, log=lambda *_: None)
+    last = sorted(p for p in (tmp_path / "run" / "checkpoints").glob("checkpoint_*")
+                  if p.is_dir())[-1]
+    state = torch.load(last / train.STATE_FILE, map_location="cpu", weights_only=False)
+    # one update per optimizer step: one worker, full batches only, two epochs
+    manifest = preprocess.read_manifest(prepared)
+    assert state["ema"]["steps"] == 2 * (manifest["counts"]["train"] // 8)
+
+    shipped_net, meta = model.load(storage.join(run_uri, "model"))
+    assert meta["architecture"]["deep_supervision"] == 0
+    assert meta["training"]["config"]["ema"] == 0.9
+    shipped = shipped_net.state_dict()
+    assert not any(k.startswith("aux.") for k in shipped)
+    trained = state["model"]
+    assert any(not torch.equal(shipped[k], trained[k]) for k in shipped
+               if shipped[k].dtype.is_floating_point)
+    if meta["training"]["best_epoch"] == 2:
+        averaged = state["ema"]["weights"]
+        assert all(torch.equal(shipped[k], averaged[k]) for k in shipped)
+
+    # the validation score kept with the model is the shipped (averaged) weights' own
+    val = train.load_split(prepared, manifest, "val")
+    bf16 = history(run_uri)[0]["precision"] == "bf16"
+    rescored = train.evaluate(shipped_net, val, 0, 1, torch.device("cpu"), bf16, 16)
+    assert rescored["n_iou"] == pytest.approx(meta["training"]["best_val"]["n_iou"], abs=2e-3)
+
+    # a resumed run continues the average from the checkpoint
+    resumed = train.WeightAverage(model.build(model.UNetConfig(deep_supervision=2)), 0.9,
+                                  state["ema"])
+    assert resumed.steps == state["ema"]["steps"]
+    assert all(torch.equal(v, state["ema"]["weights"][k])
+               for k, v in resumed.model.state_dict().items())
