@@ -102,6 +102,11 @@ def build(config: UNetConfig = UNetConfig()) -> UNet:
     return UNet(config).to(memory_format=torch.channels_last)
 
 
+def unwrapped(net: nn.Module) -> nn.Module:
+    """The network itself, whether or not DDP wraps it."""
+    return net.module if hasattr(net, "module") else net
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast where asked; bf16 keeps fp32's range, so no loss scaling is needed."""
     if not enabled:
@@ -132,7 +137,7 @@ def save(model: nn.Module, folder: str, metadata: dict) -> None:
     """model/ = weights.pt (state dict) + model.json (architecture, preparation, provenance)."""
     from . import storage
 
-    module = model.module if hasattr(model, "module") else model
+    module = unwrapped(model)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
     storage.write_bytes(storage.join(folder, WEIGHTS), buffer.getvalue())

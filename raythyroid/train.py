@@ -167,7 +167,7 @@ def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
 
     from . import model as model_lib, postprocess
 
-    module = net.module if hasattr(net, "module") else net
+    module = model_lib.unwrapped(net)
     module.eval()
     configs = [postprocess.PostConfig(**p) if p is not None else None for p in posts]
     # per variant: tn fp fn tp iou_sum with_nodule images
@@ -330,7 +330,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     epoch_seconds = None
 
     def report(metrics_row: dict, finished: bool = False) -> None:
-        module = net.module if hasattr(net, "module") else net
+        module = model_lib.unwrapped(net)
         if rank != 0:
             ray.train.report(metrics_row, checkpoint=None)
             return
@@ -383,7 +383,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             loss.backward()
             optimizer.step()
             if average is not None:
-                average.update(net.module if hasattr(net, "module") else net)
+                average.update(model_lib.unwrapped(net))
             loss_sum += float(loss.detach())
             steps += 1
             seen += images.shape[0]
@@ -405,7 +405,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             restored_from = None
         if math.isnan(train_loss):
             row["diverged"] = True
-        module = scored.module if hasattr(scored, "module") else scored
+        module = model_lib.unwrapped(scored)
         if state["best"] is None or val["n_iou"] > state["best"]["val"]["n_iou"]:
             state["best"] = {"epoch": epoch, "val": val,
                              "model": {k: v.detach().cpu().clone()
@@ -426,7 +426,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         # the best weights; the inference variant that validates best; then the test split,
         # scored by all workers with the same counting code infer uses
         scored = average.model if average is not None else net
-        module = scored.module if hasattr(scored, "module") else scored
+        module = model_lib.unwrapped(scored)
         if state["best"] is not None:
             module.load_state_dict(state["best"]["model"])
         state["inference"] = choose_inference(scored, val_set, rank, world, device, bf16,
