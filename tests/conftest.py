@@ -231,7 +231,8 @@ class LocalCluster:
         return JobSubmissionClient(self.dashboard,
                                    headers={"Authorization": f"Bearer {self.token}"})
 
-    def run_job(self, entrypoint: str, timeout: float = 600) -> tuple[str, str]:
+    def run_job(self, entrypoint: str, timeout: float = 600,
+                env_vars: dict | None = None) -> tuple[str, str]:
         """Submit through the Jobs API with the project as working_dir; wait for the end."""
         import time
 
@@ -239,7 +240,8 @@ class LocalCluster:
 
         client = self.client()
         job_id = client.submit_job(entrypoint=entrypoint,
-                                   runtime_env={"working_dir": str(ROOT)})
+                                   runtime_env={"working_dir": str(ROOT),
+                                                "env_vars": env_vars or {}})
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = client.get_job_status(job_id)
