@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: $(STAMP) $(PROMETHEUS)
-	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/raythyroid demo $(DEMO_DIR)

@@ -30,7 +30,7 @@ def _test_rows(prepared: str, manifest: dict) -> list[dict]:
 
 
 def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,
-        train_minutes: float = TRAIN_MINUTES, log=print) -> dict:
+        train_minutes: float | None = TRAIN_MINUTES, epochs: int = 60, log=print) -> dict:
     started = time.time()
     workdir = os.path.abspath(workdir)
     data, prepared = f"{workdir}/phantoms", f"{workdir}/prepared"
@@ -42,8 +42,9 @@ def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,
     log("demo 2/4: preprocess (desensitize, CLAHE, resize, split by case)")
     manifest = preprocess.run(data, prepared, config=PrepConfig(size=DEMO_SIZE), log=log)
 
-    log(f"demo 3/4: train a U-Net on 2 Ray Train workers for up to {train_minutes} minutes")
-    train.run(prepared, run_dir, train.TrainConfig(epochs=60, time_limit_min=train_minutes),
+    limit = f"{train_minutes} minutes or " if train_minutes else ""
+    log(f"demo 3/4: train a U-Net on 2 Ray Train workers for up to {limit}{epochs} epochs")
+    train.run(prepared, run_dir, train.TrainConfig(epochs=epochs, time_limit_min=train_minutes),
               workers=2, log=log)
 
     log("demo 4/4: infer on the test split's original frames, with their labels")

@@ -119,7 +119,9 @@ def test_data_and_run_on_s3_with_time_limit(s3, ray_local, phantom_dataset):
     result = train.run(data, run_uri, train.TrainConfig(epochs=500, batch_size=8,
                                                         time_limit_min=0.75),
                        workers=2, log=lambda *_: None)
-    assert time.time() - started < 0.75 * 60 + 30  # stopped cleanly near the limit
+    # stopped near the limit (500 epochs would take far longer); the slack covers starting
+    # the workers and the final test pass on a slow machine
+    assert time.time() - started < 0.75 * 60 + 90
     rows = history(run_uri)
     assert 1 <= len(rows) < 500
     assert set(result) == set(metrics.METRIC_KEYS)
