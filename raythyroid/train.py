@@ -319,6 +319,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     averaged = state.pop("ema", None)
     average = WeightAverage(net, config.ema, averaged) if config.ema > 0 else None
     net = ray.train.torch.prepare_model(net)
+    # the weights that are validated, kept as best, tested and shipped
+    scored = average.model if average is not None else net
 
     train_shard = ray.train.get_dataset_shard("train")
     val_set = ray.train.get_dataset_shard("val")
@@ -390,8 +392,6 @@ def train_loop_per_worker(cfg: dict) -> None:
         train_seconds = time.time() - t0
         train_loss = _mean_over_workers(loss_sum / max(steps, 1), steps)
         images_per_s = _mean_over_workers(seen / max(train_seconds, 1e-9), 1) * world
-        # the weights that would be shipped are the ones validated
-        scored = average.model if average is not None else net
         val = evaluate(scored, val_set, rank, world, device, bf16, config.batch_size * 2)
         epoch_seconds = time.time() - now
 
@@ -425,7 +425,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     if not state["finished"]:
         # the best weights; the inference variant that validates best; then the test split,
         # scored by all workers with the same counting code infer uses
-        scored = average.model if average is not None else net
         module = model_lib.unwrapped(scored)
         if state["best"] is not None:
             module.load_state_dict(state["best"]["model"])
