@@ -97,8 +97,8 @@ def test_killed_worker_resumes_from_last_checkpoint(phantom_dataset, tmp_path):
 
     watcher = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
     watcher.start()
-    train.run(prepared, run_uri, train.TrainConfig(epochs=7, batch_size=8), workers=2,
-              log=lambda *_: None)
+    train.run(prepared, run_uri, train.TrainConfig(epochs=7, batch_size=8, ema=0.9),
+              workers=2, log=lambda *_: None)
     watcher.join(timeout=5)
     assert killed, "no training worker was killed"
     rows = history(run_uri)
@@ -107,6 +107,15 @@ def test_killed_worker_resumes_from_last_checkpoint(phantom_dataset, tmp_path):
     assert len(resumed) == 1 and resumed[0]["resumed_from_epoch"] >= 1
     assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
     assert storage.exists(storage.join(run_uri, "metrics.json"))
+    # the weight average went on from the checkpoint: every epoch adds the same number of
+    # optimizer steps (equal shards, full batches), so a restarted average would fall short
+    import torch
+
+    saved = [torch.load(p / train.STATE_FILE, map_location="cpu", weights_only=False)
+             for p in checkpoints.iterdir() if (p / train.STATE_FILE).exists()]
+    per_epoch = {s["ema"]["steps"] / s["epoch"] for s in saved if s["epoch"]}
+    assert len(per_epoch) == 1 and per_epoch.pop() >= 1
+    assert max(s["epoch"] for s in saved) == 7
 
 
 @pytest.mark.timeout(900)
