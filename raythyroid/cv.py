@@ -68,6 +68,7 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
         datasets = {"train": pooled.filter(expr=col("fold") != k).materialize(),
                     "val": pooled.filter(expr=col("fold") == k).materialize()}
         fold_config = dataclasses.replace(config, seed=config.seed + k)
+        train.check_resume(fold_uri, fold_config)
         state = train.fit(datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker,
                           time.time(), log=lambda *_: None, threads=threads)
         train.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)

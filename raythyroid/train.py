@@ -76,6 +76,40 @@ class TrainConfig:
         return asdict(self)
 
 
+# ---------------------------------------------------------------- resuming (driver side)
+
+RUN_SETTINGS = "run.json"
+# Flags a checkpoint cannot be resumed under: they change the shape of the weights or of the
+# optimizer state, and loading would fail inside every worker, once per Ray Train retry.
+RESUME_FIXED = ("base", "deep_supervision", "optimizer")
+
+
+def has_checkpoint(run_uri: str) -> bool:
+    try:
+        return any(u.endswith("/" + STATE_FILE)
+                   for u in storage.list_files(storage.join(run_uri, CHECKPOINT_DIR)))
+    except FileNotFoundError:
+        return False
+
+
+def check_resume(run_uri: str, config: TrainConfig) -> None:
+    """Refuse, with the flags to use, a rerun of a checkpointed RUN under other fixed flags;
+    record the flags when the run starts."""
+    settings_uri = storage.join(run_uri, RUN_SETTINGS)
+    fixed = {name: getattr(config, name) for name in RESUME_FIXED}
+    if has_checkpoint(run_uri) and storage.exists(settings_uri):
+        saved = json.loads(storage.read_text(settings_uri))
+        changed = [f"--{name.replace('_', '-')} {saved[name]} (now {fixed[name]})"
+                   for name in RESUME_FIXED if name in saved and saved[name] != fixed[name]]
+        if changed:
+            raise UserError(f"{run_uri} has checkpoints from a run with "
+                            f"{', '.join(changed)}: rerun with the same flags to resume, or "
+                            f"train into a new RUN")
+        return
+    storage.make_dirs(run_uri)
+    storage.write_text(settings_uri, json.dumps(fixed, indent=2))
+
+
 # ---------------------------------------------------------------- data (driver side)
 
 def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None) -> dict:
@@ -479,6 +513,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         raise UserError(f"{data} has no training rows")
     if not manifest["counts"].get("val"):
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
+    check_resume(run_uri, config)
 
     started = time.time()
     weighted = config.loss == "weighted-ce"

@@ -34,3 +34,22 @@ def test_folder_without_a_known_layout(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     assert_one_line_error(run_cli("preprocess", str(tmp_path), str(tmp_path / "out")),
                           "cannot tell the layout")
+
+
+def test_resuming_a_run_under_another_architecture_is_a_user_error(trained_run,
+                                                                   phantom_dataset, tmp_path):
+    """Without the check, loading the checkpoint fails inside every worker, once per retry."""
+    import json
+    import shutil
+
+    from raythyroid import train
+
+    run_uri, _ = trained_run
+    _, prepared = phantom_dataset
+    unfinished = tmp_path / "run"
+    shutil.copytree(run_uri, unfinished)
+    (unfinished / "metrics.json").unlink()  # as if the first run had died mid-training
+    assert json.loads((unfinished / train.RUN_SETTINGS).read_text())["base"] == 16
+    result = run_cli("train", prepared, str(unfinished), "--base", "8", "--optimizer", "sgd")
+    assert_one_line_error(result, "--base 16 (now 8), --optimizer adamw (now sgd)")
+    assert not (unfinished / "metrics.json").exists()
