@@ -85,11 +85,9 @@ RESUME_FIXED = ("base", "deep_supervision", "optimizer")
 
 
 def has_checkpoint(run_uri: str) -> bool:
-    try:
-        return any(u.endswith("/" + STATE_FILE)
-                   for u in storage.list_files(storage.join(run_uri, CHECKPOINT_DIR)))
-    except FileNotFoundError:
-        return False
+    # a missing folder or prefix lists as empty
+    return any(u.endswith("/" + STATE_FILE)
+               for u in storage.list_files(storage.join(run_uri, CHECKPOINT_DIR)))
 
 
 def check_resume(run_uri: str, config: TrainConfig) -> None:
