@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
     inf.add_argument("--max-pixels", type=_positive_int, default=imaging.DEFAULT_MAX_PIXELS)
     inf.add_argument("--max-error-rate", type=_fraction, default=None,
-                     help="exit with status 3 when more than this fraction of inputs fail")
+                     help="exit with status 3 when more than this fraction of inputs fail "
+                          "(skipped non-image DICOM objects count in neither part)")
     inf.add_argument("--cpus-per-worker", type=_positive_float, default=None)
     inf.add_argument("--block-size", type=_positive_int, default=64,
                      help="inputs per read task and per results file")
@@ -272,7 +273,8 @@ def _infer(args: argparse.Namespace) -> int:
     with runtime.session(args.address):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)
-    print(f"infer: {summary['errors']} error(s) in {summary['rows']} results")
+    print(f"infer: {summary['errors']} error(s) and {summary['skipped']} skipped (not images) "
+          f"in {summary['rows']} results")
     if summary.get("too_many_errors"):
         print(f"raythyroid: error: error rate {summary['error_rate']:.2%} is above "
               f"--max-error-rate {args.max_error_rate:.2%}", file=sys.stderr)

@@ -1,85 +1,415 @@
-"""DICOM frames for the pipeline: pixels and pixel spacing, nothing else.
+"""DICOM as archives hold it: recognised by content, every transfer syntax ultrasound uses,
+colour converted once, non-image objects skipped, and a conformant DICOM SEG writer.
 
-Only the pixel data and the geometry tags are read out of a DICOM object. No patient, study,
-institution or device identifier is ever copied into a row, a key, a log line or an error
-message; the only output allowed to carry the source's patient and study modules is the opt-in
-DICOM SEG (`write_segmentation`), which must, to be filed in the source's study.
+Only pixel data, geometry tags and a one-way hash of the patient (for case-level splits) are
+read out of a DICOM object. No patient, study, institution or device identifier is copied into
+a row, a key, a log line or an error message; the only output allowed to carry the source's
+patient and study modules is the opt-in DICOM SEG (`write_segmentation`), which must, to be
+filed in the source's study.
+
+Decoding is pydicom's pixel pipeline (pydicom >= 3) with permissive plugins only: Pillow (JPEG
+baseline, JPEG 2000), pyjpegls (JPEG-LS), pydicom itself (native, deflate, RLE) and, added
+here, imagecodecs for what those lack: JPEG lossless (process 14) and 12-bit JPEG extended.
+pylibjpeg-libjpeg would cover both too, but it is GPL-3.0.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .imaging import DecodeError, check_size, normalize_pixels
-
+from .imaging import DecodeError, SkipInput, check_size, normalize_pixels
 
 ULTRASOUND_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+NODULE_CODE = "27925004"  # SNOMED CT "Nodule", the segmented property type our SEGs carry
+
+# SOP classes that hold no image to segment, by UID prefix (longest first wins). RT Dose and
+# SEG carry pixel data, so the SOP class decides, never the presence of pixels.
+_NON_IMAGE_CLASSES = (
+    ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),
+    ("1.2.840.10008.5.1.4.1.1.88.", "SR"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "PR"),
+    ("1.2.840.10008.5.1.4.1.1.481.", "RT"),
+    ("1.2.840.10008.5.1.4.34.", "RT"),
+    ("1.2.840.10008.5.1.4.1.1.9.", "waveform"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.66.4", "SEG"),
+    ("1.2.840.10008.5.1.4.1.1.66.5", "surface segmentation"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data or registration"),
+    ("1.2.840.10008.5.1.4.1.1.67", "real world value mapping"),
+    ("1.2.840.10008.5.1.4.1.1.68.", "surface"),
+    ("1.2.840.10008.5.1.4.1.1.4.2", "MR spectroscopy"),
+    ("1.2.840.10008.5.1.4.1.1.78.", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.79.", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.80.", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.81.", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.82.", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.90.", "assessment"),
+    ("1.2.840.10008.5.1.4.1.1.91.", "annotation"),
+    ("1.2.840.10008.5.1.4.1.1.200.", "protocol"),
+    ("1.2.840.10008.1.3.10", "DICOMDIR"),
+)
+
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+_JPEG_LOSSLESS = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")
+_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                            "1.2.840.10008.1.2.2")
+_NATIVE = (_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE, "1.2.840.10008.1.2.1.99")
+
+# The first element of a dataset written without preamble and file meta: a group that
+# every object starts with (file meta, DICOMDIR, identifying), in either byte order.
+_FIRST_GROUPS = (0x0002, 0x0004, 0x0008)
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
+        b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST",
+        b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
 
 
-@dataclass
-class DicomFrames:
-    count: int
-    height: int
-    width: int
-    spacing_mm: tuple[float, float] | None  # (row, column) pixel size
+def is_dicom(data: bytes) -> bool:
+    """DICOM by content: `DICM` after the 128-byte preamble (whatever the preamble holds, a TIFF
+    header included), or a bare dataset whose first element is a DICOM tag."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    if len(data) < 12:
+        return False
+    if data.startswith(b"DICM"):  # file meta without preamble
+        return True
+    for order in ("little", "big"):
+        group = int.from_bytes(data[0:2], order)
+        if group not in _FIRST_GROUPS:
+            continue
+        if data[4:6] in _VRS:  # explicit VR
+            return True
+        length = int.from_bytes(data[4:8], order)  # implicit VR: a plausible value length
+        if length < len(data) or length == 0xFFFFFFFF:
+            return True
+    return False
 
 
-def _open(data: bytes):
+def non_image_reason(sop_class: str | None) -> str | None:
+    """`not an image (SR)` for SOP classes that hold no image to segment; None otherwise."""
+    if not sop_class:
+        return None
+    sop_class = str(sop_class)
+    for prefix, name in _NON_IMAGE_CLASSES:
+        if sop_class == prefix.rstrip(".") or sop_class.startswith(prefix):
+            return f"not an image ({name})"
+    return None
+
+
+def case_hash(value: str) -> str:
+    """A one-way id for a patient (or study): equal inputs give equal ids, the id gives
+    nothing back."""
+    return "p-" + hashlib.sha256(b"raythyroid-case\0" + value.encode()).hexdigest()[:20]
+
+
+def read_dataset(data: bytes, stop_before_pixels: bool = False):
+    """Bytes -> pydicom Dataset, with a transfer syntax in file meta even when the file had
+    none (bare datasets: the syntax pydicom inferred while reading is the one the pixels use)."""
     import pydicom
+    from pydicom.dataset import FileMetaDataset
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True,
+                                 stop_before_pixels=stop_before_pixels)
     except Exception as exc:
         raise DecodeError(f"unreadable DICOM ({type(exc).__name__})") from None
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta or not _valid_uid(ds.file_meta.TransferSyntaxUID):
+        implicit, little = ds.original_encoding
+        if implicit is not None:
+            ds.file_meta.TransferSyntaxUID = (
+                _IMPLICIT_LE if implicit else _EXPLICIT_LE if little else _EXPLICIT_BE)
+    return ds
+
+
+def _valid_uid(uid) -> bool:
+    text = str(uid or "")
+    return bool(text) and all(part.isdigit() for part in text.split("."))
+
+
+def sop_class_of(ds) -> str | None:
+    value = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    return str(value) if value else None
 
 
 def spacing_mm(ds) -> tuple[float, float] | None:
     """PixelSpacing (mm), else the first ultrasound region's PhysicalDeltaY/X when its units
     are centimetres (code 3), as ultrasound scanners record calibration."""
-    spacing = ds.get("PixelSpacing")
-    if spacing is not None and len(spacing) == 2 and float(spacing[0]) > 0:
-        return float(spacing[0]), float(spacing[1])
-    for region in ds.get("SequenceOfUltrasoundRegions", []) or []:
-        units_x, units_y = region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection")
-        dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
-        if units_x == 3 and units_y == 3 and dx and dy and float(dx) > 0 and float(dy) > 0:
-            return abs(float(dy)) * 10.0, abs(float(dx)) * 10.0
+    try:
+        spacing = ds.get("PixelSpacing")
+        if spacing is not None and len(spacing) == 2 and float(spacing[0]) > 0:
+            return float(spacing[0]), float(spacing[1])
+        for region in ds.get("SequenceOfUltrasoundRegions", []) or []:
+            units_x = region.get("PhysicalUnitsXDirection")
+            units_y = region.get("PhysicalUnitsYDirection")
+            dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
+            if units_x == 3 and units_y == 3 and dx and dy and float(dx) > 0 and float(dy) > 0:
+                return abs(float(dy)) * 10.0, abs(float(dx)) * 10.0
+    except (TypeError, ValueError):
+        pass  # malformed calibration: areas stay in pixels
     return None
 
 
-def inspect(data: bytes, max_pixels: int) -> tuple[object, DicomFrames]:
-    """Parse the header, check sizes before any pixel is decoded."""
-    ds = _open(data)
+@dataclass
+class DicomFrames:
+    """One DICOM image object, header parsed; frames decode one at a time on demand."""
+
+    ds: object
+    count: int
+    height: int
+    width: int
+    spacing_mm: tuple[float, float] | None
+    case_id: str | None  # hash of PatientID (StudyInstanceUID when absent)
+    available: int  # whole frames the pixel data holds (may disagree with `count`)
+    cut_short: bool = False  # the data ends inside frame `available` + 1
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame `index` (0-based) as uint8 gray or BGR; DecodeError names what is wrong with
+        that frame only."""
+        if index == self.available and self.cut_short:
+            raise DecodeError(f"DICOM pixel data cut short inside frame {index + 1} of "
+                              f"{self.count}")
+        if index >= self.available:
+            raise DecodeError(f"DICOM frame {index + 1} of {self.count} missing: "
+                              f"NumberOfFrames is {self.count} but the pixel data holds "
+                              f"{self.available}")
+        if self.available < self.count and str(self.ds.file_meta.TransferSyntaxUID) in _NATIVE:
+            # pydicom checks the length of all frames: decode this one from its own bytes
+            return _decode_frame(_native_frame(self.ds, index, self.height, self.width), 0, 1)
+        return _decode_frame(self.ds, index, self.count)
+
+
+def open_frames(data: bytes, max_pixels: int) -> DicomFrames:
+    """Parse the header and check what can be checked before any pixel is decoded.
+
+    Raises SkipInput for objects that are not images and DecodeError for broken ones.
+    """
+    ds = read_dataset(data)
+    skip = non_image_reason(sop_class_of(ds))
+    if skip:
+        raise SkipInput(skip)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DecodeError("DICOM without pixel data")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception:
         raise DecodeError("DICOM without Rows/Columns") from None
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise DecodeError(f"DICOM with an invalid NumberOfFrames "
+                          f"({str(ds['NumberOfFrames'].value)[:20]!r})") from None
+    if count < 1:
+        raise DecodeError(f"DICOM with NumberOfFrames {count}")
     check_size(cols, rows, max_pixels)
-    return ds, DicomFrames(count, rows, cols, spacing_mm(ds))
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    _check_syntax(syntax)
+    patient = str(ds.get("PatientID", "") or "").strip()
+    study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    case_id = case_hash(patient) if patient else case_hash(study) if study else None
+    available, cut_short = _frames_present(ds, count, rows, cols)
+    return DicomFrames(ds, count, rows, cols, spacing_mm(ds), case_id, available, cut_short)
 
 
-def frame(ds, info: DicomFrames, index: int) -> np.ndarray:
-    """One frame as uint8 gray or BGR; a corrupt frame raises DecodeError for that frame only."""
-    from pydicom.pixels import convert_color_space, pixel_array
+def _check_syntax(syntax) -> None:
+    from pydicom.pixels import get_decoder
+
+    if not syntax:
+        raise DecodeError("DICOM without a transfer syntax")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise DecodeError(f"unsupported transfer syntax {syntax}") from None
+    if not decoder.is_available:
+        raise DecodeError(f"no decoder installed for transfer syntax {syntax} "
+                          f"({getattr(syntax, 'name', '')})")
+
+
+def _frames_present(ds, count: int, rows: int, cols: int) -> tuple[int, bool]:
+    """(whole frames the pixel data holds, whether it ends inside the next one): native data
+    by its length, encapsulated data by its offset table or fragments, so a short file still
+    yields the frames it has and names what it lacks."""
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    if "PixelData" not in ds:
+        return count, False
+    if syntax in _NATIVE:
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frame_bits = rows * cols * samples * bits
+        have_bits = len(ds.PixelData) * 8
+        if frame_bits <= 0:
+            return 0, False
+        # subsampled YBR_FULL_422 holds 2 samples per pixel, not 3
+        if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+            frame_bits = frame_bits * 2 // 3
+        whole = have_bits // frame_bits
+        return min(count, whole), whole < count and have_bits % frame_bits >= 8
+    if syntax == "1.2.840.10008.1.2.1.99":  # deflated: inflated while reading, as native
+        return count, False
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
 
     try:
-        arr = pixel_array(ds, index=index if info.count > 1 else None)
+        buffer = io.BytesIO(ds.PixelData)
+        offsets = parse_basic_offsets(buffer)
+        fragments, _ = parse_fragments(buffer)
+    except Exception:
+        return 0, True
+    if offsets:
+        return min(count, len(offsets)), False
+    if "ExtendedOffsetTable" in ds:
+        return min(count, len(ds.ExtendedOffsetTable) // 8), False
+    # without an offset table one frame per fragment is the only reading that is safe
+    return (count if count == 1 and fragments else min(count, fragments)), False
+
+
+_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
+                 "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                 "PlanarConfiguration", "RedPaletteColorLookupTableDescriptor",
+                 "GreenPaletteColorLookupTableDescriptor", "BluePaletteColorLookupTableDescriptor",
+                 "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableData",
+                 "BluePaletteColorLookupTableData")
+
+
+def _native_frame(ds, index: int, rows: int, cols: int):
+    import copy
+
+    from pydicom.dataset import Dataset
+
+    frame_bytes = rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * \
+        int(ds.BitsAllocated) // 8
+    single = Dataset()  # the Image Pixel module only: a copy of a large object is not needed
+    single.file_meta = copy.deepcopy(ds.file_meta)
+    for name in _PIXEL_MODULE:
+        if name in ds:
+            setattr(single, name, ds[name].value)
+    single.PixelData = ds.PixelData[index * frame_bytes:(index + 1) * frame_bytes]
+    return single
+
+
+def _decode_frame(ds, index: int, count: int) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, get_decoder
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # as_rgb: the decoder reports the colour space it produced, and pydicom converts
+            # YBR to RGB only if the codec did not already: the conversion happens once
+            arr, meta = get_decoder(syntax).as_array(ds, index=index if count > 1 else None,
+                                                     as_rgb=True)
     except Exception as exc:
-        raise DecodeError(f"corrupt DICOM frame {index + 1} of {info.count} "
-                          f"({type(exc).__name__})") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        raise DecodeError(_frame_error(exc, index, count)) from None
+    photometric = str(meta.get("photometric_interpretation")
+                      or ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as exc:
+            raise DecodeError(f"DICOM palette unreadable ({type(exc).__name__})") from None
+        if arr.dtype != np.uint8:  # 16-bit palette entries: keep the top 8 bits
+            arr = (arr >> 8).astype(np.uint8)
+        photometric = "RGB"
     if arr.ndim == 3 and arr.shape[-1] == 3:
-        if photometric.startswith("YBR"):
-            arr = convert_color_space(arr, photometric, "RGB")
+        if photometric != "RGB":
+            raise DecodeError(f"unsupported DICOM colour space {photometric}")
         arr = arr[:, :, ::-1]  # RGB -> BGR, the order imaging works in
-    elif photometric == "MONOCHROME1":  # inverted gray
-        arr = arr.max() - arr
+    elif photometric == "MONOCHROME1":
+        arr = _invert(arr, ds)
     return normalize_pixels(np.ascontiguousarray(arr))
+
+
+def _invert(arr: np.ndarray, ds) -> np.ndarray:
+    """MONOCHROME1 (white is 0) -> MONOCHROME2 across the full range of the stored bit depth,
+    so the same pixel value maps to the same gray in every frame."""
+    bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 8)
+    if int(ds.get("PixelRepresentation", 0) or 0):  # signed: -2^(b-1) .. 2^(b-1)-1
+        return (-1 - arr.astype(np.int64)).astype(np.int32)
+    return ((1 << bits) - 1 - arr.astype(np.int64)).clip(0).astype(np.uint32 if bits > 16
+                                                                    else np.uint16)
+
+
+def _frame_error(exc: Exception, index: int, count: int) -> str:
+    text = str(exc)
+    if "less than expected" in text or "truncated" in text.lower() or "too short" in text:
+        return f"DICOM pixel data cut short (frame {index + 1} of {count})"
+    return f"corrupt DICOM frame {index + 1} of {count} ({type(exc).__name__})"
+
+
+# ---------------------------------------------------------------- imagecodecs decoder plugin
+# pydicom loads plugins by module path: `is_available`, DECODER_DEPENDENCIES and the decode
+# function live at module level here.
+
+DECODER_DEPENDENCIES = {uid: ("numpy", "imagecodecs") for uid in (_JPEG_EXTENDED,) + _JPEG_LOSSLESS}
+
+
+def is_available(uid: str) -> bool:
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    if uid in _JPEG_LOSSLESS:
+        return bool(imagecodecs.LJPEG.available or imagecodecs.JPEG8.available)
+    return uid == _JPEG_EXTENDED and bool(imagecodecs.JPEG8.available)
+
+
+def decode_jpeg_frame(src: bytes, runner) -> bytes:
+    """One JPEG frame (lossless or 12-bit extended) -> pixel bytes in the stored colour space.
+
+    The codec never converts colour: it returns samples as stored, so pydicom's single YBR ->
+    RGB step (driven by the DICOM photometric interpretation) is the only one.
+    """
+    import imagecodecs
+
+    if runner.transfer_syntax in _JPEG_LOSSLESS:
+        try:
+            arr = imagecodecs.ljpeg_decode(src)
+        except Exception:  # liblj92 takes SV1 and most predictors; libjpeg-turbo takes the rest
+            arr = _jpeg8(src, runner)
+    else:
+        arr = _jpeg8(src, runner)
+    dtype = np.uint8 if runner.bits_allocated <= 8 else np.uint16
+    return np.ascontiguousarray(arr.astype(dtype, copy=False)).tobytes()
+
+
+def _jpeg8(src: bytes, runner):
+    import imagecodecs
+
+    if runner.samples_per_pixel == 1:
+        return imagecodecs.jpeg8_decode(src)
+    return imagecodecs.jpeg8_decode(src, colorspace="RGB", outcolorspace="RGB")
+
+
+def _register_plugins() -> None:
+    from pydicom.pixels.decoders import base
+
+    for decoder in (base.JPEGExtended12BitDecoder, base.JPEGLosslessDecoder,
+                    base.JPEGLosslessSV1Decoder):
+        if "imagecodecs" not in decoder._available and "imagecodecs" not in decoder._unavailable:
+            decoder.add_plugin("imagecodecs", (__name__, "decode_jpeg_frame"))
+
+
+try:
+    _register_plugins()
+except Exception:  # pragma: no cover - an older pydicom: the syntax check reports it per file
+    pass
+_SINGLE_FRAME_CLASSES = {  # IODs without Number of Frames: no frame numbers in references
+    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.1.3",
+    "1.2.840.10008.5.1.4.1.1.1.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.128"}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# Type 2 attributes of the patient and study modules that highdicom copies from the source:
+# absent in some exports, present and empty is what the standard allows in their place
+_TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID",
+                 "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
 
 
 def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> bytes:
@@ -87,24 +417,89 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
 
     `masks` maps a 0-based frame index to a bool mask in that frame's geometry. The SEG
     references the source instance (and frame) and copies its patient and study modules, which
-    is what lets PACS file it in the same study and overlay it.
+    is what lets PACS file it in the same study and overlay it. Its UIDs derive from the
+    source instance, so writing it again gives the same object.
     """
-    import copy
-
     import highdicom as hd
     import pydicom
-    from pydicom.sr.codedict import codes
 
-    source = _open(source_data)
+    source = read_dataset(source_data)
     frames = sorted(masks)
     multi = int(source.get("NumberOfFrames", 1) or 1) > 1
-    # highdicom builds multi-frame SEGs only for sources with a patient coordinate system,
-    # which ultrasound cine loops lack: build it for the first frame, then add the others
+    first = _first_frame_source(source, multi)
+    try:
+        seg = _build_segmentation(first, masks[frames[0]], source)
+    except ValueError as exc:
+        if "Frame Of Reference" not in str(exc):
+            raise
+        # highdicom wants a Frame of Reference for CT/MR-like classes; a source that lacks one
+        # is segmented as the 2D picture it is, referenced under its real class below
+        first.SOPClassUID = _SECONDARY_CAPTURE
+        seg = _build_segmentation(first, masks[frames[0]], source)
+    if multi:
+        _add_source_frames(seg, source, masks, frames)
+    _reference_real_class(seg, source, frames if multi else None)
+    if "PatientOrientation" not in seg:
+        # General Image, Type 2C: needed unless the planes are oriented in patient space
+        # (ultrasound and secondary capture never are); "may be present otherwise"
+        seg.PatientOrientation = source.get("PatientOrientation", "")
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    measures = shared.get("PixelMeasuresSequence")
+    if measures and "SliceThickness" not in measures[0]:
+        # without a slice thickness (2D sources) the macro is incomplete: leave it out
+        del shared.PixelMeasuresSequence
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, seg, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _first_frame_source(source, multi: bool):
+    """A copy of the source as highdicom accepts it: single-frame, Type 2 attributes present."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
     first = copy.deepcopy(source)
-    if multi:  # the first frame, presented as a single-frame ultrasound image
+    if multi:  # highdicom builds multi-frame SEGs only for sources in patient space
         del first.NumberOfFrames
         first.SOPClassUID = ULTRASOUND_IMAGE_STORAGE
-        first.PixelData = source.PixelData[: len(source.PixelData) // int(source.NumberOfFrames)]
+        first.PixelData = b""
+    for name in _TYPE2_COPIED:
+        if name not in first:
+            setattr(first, name, "")
+    for name, parse in (("StudyDate", "DA"), ("StudyTime", "TM"), ("PatientBirthDate", "DA")):
+        if not _parses(first.get(name), parse):
+            setattr(first, name, "")  # a malformed value is copied as "unknown", not refused
+    if first.get("PatientIdentityRemoved") == "YES" and "DeidentificationMethod" not in first \
+            and "DeidentificationMethodCodeSequence" not in first:
+        first.DeidentificationMethod = "not recorded in the source"
+    instance = str(source.get("SOPInstanceUID", "") or "")
+    if "StudyInstanceUID" not in first:
+        first.StudyInstanceUID = generate_uid(entropy_srcs=["study", instance])
+    if "SeriesInstanceUID" not in first:
+        first.SeriesInstanceUID = generate_uid(entropy_srcs=["series", instance])
+    if "Modality" not in first:
+        first.Modality = "OT"
+    return first
+
+
+_DA = re.compile(r"\d{8}")
+_TM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+
+
+def _parses(value, vr: str) -> bool:
+    """A DA/TM value in the standard's form (older exporters write `1997.04.24`, `14:04:38`)."""
+    if value in (None, ""):
+        return True
+    return bool((_DA if vr == "DA" else _TM).fullmatch(str(value).strip()))
+
+
+def _build_segmentation(first, mask: np.ndarray, source):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    instance = str(source.get("SOPInstanceUID", "") or "")
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label="thyroid nodule",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -113,42 +508,68 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name="raythyroid U-Net", version=_version(),
             family=codes.cid7162.ArtificialIntelligence))
-    seg = hd.seg.Segmentation(
-        source_images=[first], pixel_array=masks[frames[0]].astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="raythyroid", manufacturer_model_name="raythyroid",
-        software_versions=_version(), device_serial_number="0", omit_empty_frames=False)
-    if multi:
-        _add_source_frames(seg, source, masks, frames)
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, seg, enforce_file_format=True)
-    return buffer.getvalue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # highdicom's remarks on the source's name formats
+        return hd.seg.Segmentation(
+            source_images=[first], pixel_array=mask.astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=generate_uid(entropy_srcs=["raythyroid seg series", instance]),
+            series_number=900,
+            sop_instance_uid=generate_uid(entropy_srcs=["raythyroid seg", instance]),
+            instance_number=1, manufacturer="raythyroid", manufacturer_model_name="raythyroid",
+            software_versions=_version(), device_serial_number="0", omit_empty_frames=False)
+
+
+def _reference_real_class(seg, source, frames: list[int] | None) -> None:
+    """Every reference names the source's own SOP class, and frame numbers only where that
+    class has frames."""
+    sop_class = str(source.SOPClassUID)
+    numbered = frames is not None and sop_class not in _SINGLE_FRAME_CLASSES
+    references = list(seg.get("SourceImageSequence", []))
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            references.extend(derivation.get("SourceImageSequence", []))
+    for reference in references:
+        reference.ReferencedSOPClassUID = sop_class
+        if not numbered and "ReferencedFrameNumber" in reference:
+            del reference.ReferencedFrameNumber
+    for series in seg.ReferencedSeriesSequence:
+        for reference in series.ReferencedInstanceSequence:
+            reference.ReferencedSOPClassUID = sop_class
 
 
 def _add_source_frames(seg, source, masks: dict[int, np.ndarray], frames: list[int]) -> None:
-    """One SEG frame per segmented source frame, each naming its source frame number."""
+    """One SEG frame per segmented source frame, each naming its source frame number.
+
+    A cine loop's frames are a time series: besides the segment number, each SEG frame is
+    indexed by its temporal position (the source frame's order), so the dimension index
+    has one value per dimension, as the Multi-frame Dimension module requires.
+    """
     import copy
 
+    from pydicom.dataset import Dataset
     from pydicom.pixels import pack_bits
 
+    temporal = Dataset()
+    temporal.DimensionIndexPointer = 0x00209128  # Temporal Position Index
+    temporal.FunctionalGroupPointer = 0x00209111  # Frame Content Sequence
+    temporal.DimensionOrganizationUID = seg.DimensionIndexSequence[0].DimensionOrganizationUID
+    temporal.DimensionDescriptionLabel = "Source frame"
+    seg.DimensionIndexSequence.append(temporal)
     template = seg.PerFrameFunctionalGroupsSequence[0]
     items = []
     for position, index in enumerate(frames, 1):
         item = copy.deepcopy(template)
         reference = item.DerivationImageSequence[0].SourceImageSequence[0]
-        reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedFrameNumber = index + 1
-        item.FrameContentSequence[0].DimensionIndexValues = [1, position]
+        content = item.FrameContentSequence[0]
+        content.DimensionIndexValues = [1, position]
+        content.TemporalPositionIndex = position
         items.append(item)
     seg.PerFrameFunctionalGroupsSequence = items
     for reference in seg.get("SourceImageSequence", []):
-        reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedFrameNumber = [i + 1 for i in frames]
-    for series in seg.ReferencedSeriesSequence:
-        for reference in series.ReferencedInstanceSequence:
-            reference.ReferencedSOPClassUID = source.SOPClassUID
     seg.NumberOfFrames = len(frames)
     seg.PixelData = pack_bits(np.concatenate([masks[i].astype(np.uint8).ravel()
                                               for i in frames]))
@@ -158,3 +579,75 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+# ---------------------------------------------------------------- SEG as annotation (preprocess)
+
+@dataclass(frozen=True)
+class SegReference:
+    """One SEG frame of the nodule segment and the source frame it annotates."""
+
+    sop_instance_uid: str
+    frame: int | None  # 1-based source frame; None for single-frame sources
+    seg_frame: int  # 1-based frame of the SEG
+
+
+def nodule_references(ds) -> list[SegReference]:
+    """The SEG frames of the segment labelled as a nodule (by label or SNOMED code), or of the
+    only segment; DecodeError when the SEG has several and none is a nodule."""
+    segments = list(ds.get("SegmentSequence", []) or [])
+    if not segments:
+        raise DecodeError("DICOM SEG without segments")
+    if len(segments) == 1:
+        chosen = int(segments[0].SegmentNumber)
+    else:
+        nodules = [int(s.SegmentNumber) for s in segments if _is_nodule(s)]
+        if not nodules:
+            raise DecodeError(f"DICOM SEG with {len(segments)} segments, none labelled a nodule")
+        chosen = nodules[0]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    references = []
+    for number, item in enumerate(ds.get("PerFrameFunctionalGroupsSequence", []) or [], 1):
+        identification = item.get("SegmentIdentificationSequence") or \
+            (shared.get("SegmentIdentificationSequence") if shared else None)
+        if not identification or int(identification[0].ReferencedSegmentNumber) != chosen:
+            continue
+        for derivation in item.get("DerivationImageSequence", []) or []:
+            for source in derivation.get("SourceImageSequence", []) or []:
+                frame = source.get("ReferencedFrameNumber")
+                references.append(SegReference(str(source.ReferencedSOPInstanceUID),
+                                               int(frame) if frame else None, number))
+    if not references and len(ds.get("PerFrameFunctionalGroupsSequence", []) or []) == 1:
+        # a one-frame SEG that names its source only in the series references
+        instances = [i for s in ds.get("ReferencedSeriesSequence", []) or []
+                     for i in s.get("ReferencedInstanceSequence", []) or []]
+        if len(instances) == 1:
+            references.append(SegReference(str(instances[0].ReferencedSOPInstanceUID), None, 1))
+    return references
+
+
+def _is_nodule(segment) -> bool:
+    label = str(segment.get("SegmentLabel", "") or "").lower()
+    codes = segment.get("SegmentedPropertyTypeCodeSequence", []) or []
+    return "nodule" in label or any(str(c.get("CodeValue", "")) == NODULE_CODE for c in codes)
+
+
+def seg_mask(data: bytes, seg_frame: int) -> np.ndarray:
+    """One frame of a DICOM SEG as a bool mask (fractional SEGs: at least half the maximum)."""
+    from pydicom.pixels import get_decoder
+
+    ds = read_dataset(data)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= seg_frame <= count:
+        raise DecodeError(f"DICOM SEG has no frame {seg_frame}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(
+                ds, index=seg_frame - 1 if count > 1 else None)
+    except Exception as exc:
+        raise DecodeError(f"corrupt DICOM SEG frame {seg_frame} ({type(exc).__name__})") from None
+    if str(ds.get("SegmentationType", "BINARY")) == "FRACTIONAL":
+        top = int(ds.get("MaximumFractionalValue", 255) or 255)
+        return arr.astype(np.int64) * 2 >= top
+    return arr > 0

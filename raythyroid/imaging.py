@@ -26,6 +26,11 @@ class DecodeError(ValueError):
     """The bytes are not a usable image; the message is the reason written to the error row."""
 
 
+class SkipInput(ValueError):
+    """The input is valid but holds no image to segment (a DICOM report, plan, waveform...);
+    the message is the reason on its `skipped` row. Not an error: it counts in no error rate."""
+
+
 @dataclass(frozen=True)
 class PrepConfig:
     """How a frame becomes model input. Stored in model.json; infer rebuilds it from there."""
@@ -93,11 +98,18 @@ _SIGNATURES = (
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The format from the first bytes, never from the file name."""
+    """The format from the first bytes, never from the file name.
+
+    DICOM is tested first: its 128-byte preamble may legally hold a TIFF header.
+    """
+    from . import dicom
+
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
     for magic, name in _SIGNATURES:
         if data.startswith(magic):
             return name
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if dicom.is_dicom(data):
         return "dicom"
     return None
 
@@ -131,11 +143,42 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
 
 
+@dataclass
+class RasterFrames:
+    """A PNG/JPEG/BMP/TIFF file: one frame, decoded already; the same interface as
+    `dicom.DicomFrames`, so callers need not know which they hold."""
+
+    pixels: np.ndarray
+    count: int = 1
+    spacing_mm: tuple[float, float] | None = None
+    case_id: str | None = None
+
+    def frame(self, index: int) -> np.ndarray:
+        return self.pixels
+
+
+def open_frames(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The one decoding entry: image bytes of any supported format, DICOM included, ->
+    an object with `count`, `spacing_mm`, `case_id` and `frame(index)` (uint8 gray or BGR).
+
+    Raises DecodeError (broken input) or SkipInput (a DICOM object that is not an image) for the
+    whole file; `frame` raises DecodeError for one frame of a multi-frame file.
+    """
+    if len(data) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    if sniff_format(data) == "dicom":
+        from . import dicom
+
+        return dicom.open_frames(data, max_pixels)
+    return RasterFrames(decode(data, max_pixels))
+
+
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Raster bytes (PNG, JPEG, BMP, TIFF; any bit depth, gray, RGB, RGBA, palette) -> uint8.
 
     Returns (H, W) gray, or (H, W, 3) BGR when the frame has colour (caliper marks), which
-    `to_gray` removes. Raises DecodeError with a one-line reason.
+    `to_gray` removes. Raises DecodeError with a one-line reason. DICOM goes through
+    `open_frames`.
     """
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
@@ -143,7 +186,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if fmt is None:
         raise DecodeError("not an image: unrecognised file format")
     if fmt == "dicom":
-        raise DecodeError("DICOM file: read it with raythyroid.dicom")
+        raise DecodeError("DICOM file: read it with open_frames")
     if fmt == "jpeg" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
         raise DecodeError("truncated JPEG (no end-of-image marker after the scan data)")
     if fmt == "png" and b"IEND" not in data[-64:]:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from . import imaging, metrics, postprocess, storage, telemetry
 from .errors import UserError
-from .imaging import DecodeError, Geometry, PrepConfig
+from .imaging import DecodeError, Geometry, PrepConfig, SkipInput
 
 RESULTS = "results"
 MASKS = "masks"
@@ -190,31 +190,33 @@ def _error_meta(key: str, source: str, reason: str, frame: int | None = None) ->
     return {"key": key, "source_uri": source, "frame": frame, "status": "error", "error": reason}
 
 
-def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int):
-    """Yield (meta, prepared image or None) for every frame of one source."""
-    from . import dicom
+def _skipped_meta(key: str, source: str, reason: str) -> dict:
+    return {"key": key, "source_uri": source, "frame": None, "status": "skipped",
+            "error": reason}
 
+
+def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int):
+    """Yield (meta, prepared image or None) for every frame of one source, whatever its format
+    (imaging.open_frames recognises DICOM by content)."""
     key, source = row["key"], row["source_uri"]
-    fmt = imaging.sniff_format(data) if data else None
-    if fmt == "dicom" or (fmt is None and data and source.lower().endswith((".dcm", ".dicom"))):
-        ds, info = dicom.inspect(data, max_pixels)
-        for index in range(info.count):
-            frame_key = f"{key}#{index + 1}" if info.count > 1 else key
-            frame_no = index + 1 if info.count > 1 else None
-            try:
-                pixels = dicom.frame(ds, info, index)
-                image, geometry = imaging.prepare(pixels, prep)
-            except DecodeError as exc:
-                yield _error_meta(frame_key, source, str(exc), frame_no), None
-                continue
-            yield {"key": frame_key, "source_uri": source, "frame": frame_no, "status": "ok",
-                   "error": None, "geometry": geometry.to_dict(),
-                   "spacing": info.spacing_mm}, image
+    try:
+        frames = imaging.open_frames(data, max_pixels)
+    except SkipInput as exc:
+        yield _skipped_meta(key, source, str(exc)), None
         return
-    pixels = imaging.decode(data, max_pixels)
-    image, geometry = imaging.prepare(pixels, prep)
-    yield {"key": key, "source_uri": source, "frame": None, "status": "ok", "error": None,
-           "geometry": geometry.to_dict(), "spacing": None}, image
+    for index in range(frames.count):
+        frame_key = f"{key}#{index + 1}" if frames.count > 1 else key
+        frame_no = index + 1 if frames.count > 1 else None
+        try:
+            image, geometry = imaging.prepare(frames.frame(index), prep)
+        except DecodeError as exc:
+            if frames.count == 1:
+                raise
+            yield _error_meta(frame_key, source, str(exc), frame_no), None
+            continue
+        yield {"key": frame_key, "source_uri": source, "frame": frame_no, "status": "ok",
+               "error": None, "geometry": geometry.to_dict(),
+               "spacing": frames.spacing_mm}, image
 
 
 def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
@@ -250,6 +252,8 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
             for meta, image in produced:
                 if meta["status"] == "ok":
                     telemetry.count("prepared")
+                elif meta["status"] == "skipped":
+                    telemetry.skipped(meta["error"])
                 else:
                     telemetry.failed("read" if meta["error"].startswith("cannot read")
                                      else "decode", meta["error"])
@@ -410,7 +414,7 @@ def write_dicom_segmentations(output: str, log=print) -> int:
 
     for source, rows in sorted(by_source.items()):
         data = storage.read_bytes(source)
-        if imaging.sniff_format(data) != "dicom" and not source.lower().endswith(".dcm"):
+        if imaging.sniff_format(data) != "dicom":
             continue
         masks = {}
         for row in rows:
@@ -547,7 +551,8 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
         blocks_done = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             progress.advance(int(np.sum(batch["first_frame"])),
-                             int(np.sum(batch["status"] == "error")))
+                             int(np.sum(batch["status"] == "error")),
+                             int(np.sum(batch["status"] == "skipped")))
             printer.update()
             blocks_done += 1
             if crash_after and blocks_done >= crash_after:
@@ -561,13 +566,15 @@ def _finish(output, table, problems, labels, options, started, log) -> dict:
     if options.dicom_seg:
         summary["dicom_seg"] = write_dicom_segmentations(output, log)
     storage.write_text(storage.join(output, SUCCESS), json.dumps(
-        {"images": summary["rows"], "errors": summary["errors"],
+        {"images": summary["rows"], "errors": summary["errors"], "skipped": summary["skipped"],
          "seconds": round(time.time() - started, 1)}))
     log(f"infer: {summary['rows']} results, {summary['errors']} errors, "
-        f"{summary['nodules']} with a nodule; masks in {storage.join(output, MASKS)}")
+        f"{summary['skipped']} skipped (not images), {summary['nodules']} with a nodule; "
+        f"masks in {storage.join(output, MASKS)}")
     if summary.get("metrics"):
         log(metrics.table(summary["metrics"], "infer, pooled over all labelled images"))
-    rate = summary["errors"] / max(summary["rows"], 1)
+    # skipped rows (reports, plans, waveforms) are neither failures nor inputs to segment
+    rate = summary["errors"] / max(summary["rows"] - summary["skipped"], 1)
     summary["error_rate"] = rate
     if options.max_error_rate is not None and rate > options.max_error_rate:
         summary["too_many_errors"] = True
@@ -586,14 +593,16 @@ def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool
         raise RuntimeError(f"{len(missing)} inputs have no results row, e.g. {sorted(missing)[0]}")
     rows = results.to_pylist()
     errors = [r for r in rows if r["status"] == "error"]
-    summary = {"rows": len(rows), "errors": len(errors),
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    summary = {"rows": len(rows), "errors": len(errors), "skipped": len(skipped),
                "nodules": sum(1 for r in rows if r["nodule"]),
-               "error_reasons": _reason_classes(errors)}
+               "error_reasons": _reason_classes(errors),
+               "skip_reasons": _count_reasons(skipped)}
     if labelled:
         scored = [r for r in rows if r["status"] == "ok" and r["tp"] is not None]
         result = metrics.summarize([r["tp"] for r in scored], [r["fp"] for r in scored],
                                    [r["fn"] for r in scored], [r["tn"] for r in scored],
-                                   errors=len(errors))
+                                   errors=len(errors), skipped=len(skipped))
         storage.write_text(storage.join(output, METRICS), json.dumps(result, indent=2))
         summary["metrics"] = result
         summary["unlabelled"] = sum(1 for r in rows if r["status"] == "ok" and r["tp"] is None)
@@ -625,6 +634,13 @@ def compact_results(output: str) -> int:
         else:
             storage.delete(uri)
     return removed
+
+
+def _count_reasons(rows: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["error"]] = counts.get(row["error"], 0) + 1
+    return counts
 
 
 def _reason_classes(errors: list[dict]) -> dict[str, int]:

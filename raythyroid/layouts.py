@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass
 from . import storage
 from .errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-LAYOUTS = ("auto", "folders", "ddti", "tn3k", "tnscui")
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# images may also be DICOM: `.dcm`, or no extension / a UID as the name (PACS exports)
+IMAGE_SUFFIXES = MASK_SUFFIXES + (".dcm", ".dicom", "")
+LAYOUTS = ("auto", "folders", "ddti", "tn3k", "tnscui", "dicom")
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Pair:
     mask_uri: str | None = None
     mask_polygons: str | None = None  # JSON [[[x, y], ...], ...] in image pixel coordinates
     split: str | None = None  # set where the dataset itself fixes the split (TN3K's test set)
+    frame: int | None = None  # 1-based frame of a multi-frame image (DICOM cine)
+    mask_frame: int | None = None  # 1-based frame of a DICOM SEG mask_uri
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +57,10 @@ def case_of(key: str) -> str:
 
 
 def _stem(relative_path: str) -> str:
-    return posixpath.splitext(relative_path)[0]
+    """The path without a known extension; a DICOM UID name (`1.2.840.113619.2.55.3`) is
+    kept whole, its last dot being no extension."""
+    stem, ext = posixpath.splitext(relative_path)
+    return stem if ext.lower() in IMAGE_SUFFIXES + (".xml",) else relative_path
 
 
 def _index(root: str, suffixes=IMAGE_SUFFIXES, skip_dirs: tuple[str, ...] = ()
@@ -77,17 +84,30 @@ def _index(root: str, suffixes=IMAGE_SUFFIXES, skip_dirs: tuple[str, ...] = ()
 def _pair_folders(images_root: str, masks_root: str, key_prefix: str = "",
                   split: str | None = None, case_from_key=case_of
                   ) -> tuple[list[Pair], list[Problem]]:
+    """Images and masks by stem. A multi-frame image (a DICOM cine `cine.dcm`) pairs with one
+    mask per annotated frame, named `cine#<frame>.png` as infer names its frame keys."""
     images, problems = _index(images_root)
-    masks, mask_problems = _index(masks_root)
+    masks, mask_problems = _index(masks_root, MASK_SUFFIXES)
     problems += mask_problems
+    frame_masks: dict[str, dict[int, str]] = {}
+    for stem, uri in masks.items():
+        base, hash_, number = stem.rpartition("#")
+        if hash_ and number.isdigit() and base in images and base not in masks:
+            frame_masks.setdefault(base, {})[int(number)] = stem
     pairs = []
     for stem, uri in sorted(images.items()):
         key = key_prefix + stem
+        if stem in frame_masks:
+            for number, mask_stem in sorted(frame_masks[stem].items()):
+                pairs.append(Pair(f"{key}#{number}", case_from_key(key), uri,
+                                  mask_uri=masks[mask_stem], split=split, frame=number))
+            continue
         if stem not in masks:
             problems.append(Problem(key, uri, "no mask for image"))
             continue
         pairs.append(Pair(key, case_from_key(key), uri, mask_uri=masks[stem], split=split))
-    for stem in sorted(set(masks) - set(images)):
+    used = set(images) | {m for frames in frame_masks.values() for m in frames.values()}
+    for stem in sorted(set(masks) - used):
         problems.append(Problem(key_prefix + stem, masks[stem], "mask without image"))
     return pairs, problems
 
@@ -201,7 +221,79 @@ def read_ddti(root: str) -> tuple[list[Pair], list[Problem]]:
     return pairs, problems
 
 
-READERS = {"folders": read_folders, "ddti": read_ddti, "tn3k": read_tn3k, "tnscui": read_tnscui}
+def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
+    """DICOM images annotated by DICOM SEG objects, as hospitals store them: every SEG's nodule
+    segment (the one labelled or coded as a nodule, or its only segment) pairs each of its
+    frames with the source instance and frame it references. Keys are the image's path
+    (without extension), `#frame` added for multi-frame images; the case, a hash of the
+    patient, is read from the image when it is prepared. Only headers are read here."""
+    from . import dicom, imaging
+
+    uris = storage.list_files(root, IMAGE_SUFFIXES)
+
+    def header(uri):
+        try:
+            data = storage.read_bytes(uri)
+            if imaging.sniff_format(data) != "dicom":
+                return uri, None, "not a DICOM file"
+            return uri, dicom.read_dataset(data, stop_before_pixels=True), None
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, imaging.DecodeError) else \
+                f"cannot read: {storage.describe_error(exc)}"
+            return uri, None, reason
+
+    images: dict[str, tuple[str, int]] = {}  # SOP Instance UID -> (uri, frames)
+    segs: list[tuple[str, object]] = []
+    problems: list[Problem] = []
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for uri, ds, error in pool.map(header, uris):
+            key = _stem(storage.relative(uri, root))
+            if error:
+                problems.append(Problem(key, uri, error))
+                continue
+            sop_class = dicom.sop_class_of(ds)
+            if sop_class == dicom.SEGMENTATION_STORAGE:
+                segs.append((uri, ds))
+            elif dicom.non_image_reason(sop_class):
+                problems.append(Problem(key, uri, dicom.non_image_reason(sop_class), "skipped"))
+            else:
+                images[str(ds.get("SOPInstanceUID", ""))] = (
+                    uri, int(ds.get("NumberOfFrames", 1) or 1))
+    pairs: dict[str, Pair] = {}
+    annotated: set[str] = set()
+    for seg_uri, ds in segs:
+        seg_key = _stem(storage.relative(seg_uri, root))
+        try:
+            references = dicom.nodule_references(ds)
+        except imaging.DecodeError as exc:
+            problems.append(Problem(seg_key, seg_uri, str(exc), "mask"))
+            continue
+        for ref in references:
+            if ref.sop_instance_uid not in images:
+                problems.append(Problem(f"{seg_key}#{ref.seg_frame}", seg_uri,
+                                        "SEG references an image not in the dataset", "mask"))
+                continue
+            uri, frames = images[ref.sop_instance_uid]
+            frame = ref.frame if frames > 1 else None
+            key = _stem(storage.relative(uri, root)) + (f"#{frame or 1}" if frames > 1 else "")
+            if key in pairs:
+                problems.append(Problem(key, seg_uri, f"second annotation of this frame (first in "
+                                                      f"{storage.basename(pairs[key].mask_uri)})",
+                                        "mask"))
+                continue
+            annotated.add(ref.sop_instance_uid)
+            pairs[key] = Pair(key, key.split("#")[0], uri, mask_uri=seg_uri,
+                              frame=frame or (1 if frames > 1 else None),
+                              mask_frame=ref.seg_frame)
+    for sop_uid, (uri, _) in sorted(images.items(), key=lambda item: item[1][0]):
+        if sop_uid not in annotated:
+            problems.append(Problem(_stem(storage.relative(uri, root)), uri,
+                                    "no SEG references this image"))
+    return [pairs[k] for k in sorted(pairs)], problems
+
+
+READERS = {"folders": read_folders, "ddti": read_ddti, "tn3k": read_tn3k, "tnscui": read_tnscui,
+           "dicom": read_dicom}
 
 
 def detect(root: str) -> str:
@@ -216,9 +308,15 @@ def detect(root: str) -> str:
         return "folders"
     if next(iter(storage.list_pages(root, (".xml",), page_size=1)), None):
         return "ddti"
+    first = next(iter(storage.list_pages(root, (".dcm", ".dicom", ""), page_size=1)), None)
+    if first:
+        from . import imaging
+
+        if imaging.sniff_format(storage.read_bytes(first[0])[:4096]) == "dicom":
+            return "dicom"
     raise UserError(f"cannot tell the layout of {root}: expected images/ + masks/, DDTI XML "
-                    f"files, trainval-image/ (TN3K) or image/ + mask/ + train.csv (TN-SCUI); "
-                    f"pass --layout")
+                    f"files, trainval-image/ (TN3K), image/ + mask/ + train.csv (TN-SCUI) or "
+                    f"DICOM images with DICOM SEG annotations; pass --layout")
 
 
 def scan(root: str, layout: str = "auto") -> tuple[str, list[Pair], list[Problem]]:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 METRIC_KEYS = ("b_iou", "n_iou", "miou", "pa", "precision", "recall", "f1", "f1_macro", "dice",
-               "n_iou_per_image", "images", "errors", "hist")
+               "n_iou_per_image", "images", "errors", "skipped", "hist")
 
 
 def confusion(label: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -56,7 +56,7 @@ def image_iou(tp: int, fp: int, fn: int) -> float:
     return _ratio(tp, tp + fp + fn, tp + fp + fn == 0)
 
 
-def summarize(tp, fp, fn, tn, errors: int = 0) -> dict:
+def summarize(tp, fp, fn, tn, errors: int = 0, skipped: int = 0) -> dict:
     """Per-image count arrays -> every metrics.json key (pooled, plus per-image mean IoU)."""
     tp, fp, fn, tn = (np.asarray(a, dtype=np.int64).ravel() for a in (tp, fp, fn, tn))
     with_nodule = (tp + fn) > 0
@@ -64,17 +64,18 @@ def summarize(tp, fp, fn, tn, errors: int = 0) -> dict:
     # run, a re-batched run and `evaluate` all give the same bits
     iou_sum = math.fsum((tp[with_nodule] / (tp + fp + fn)[with_nodule]).tolist())
     return from_totals(int(tn.sum()), int(fp.sum()), int(fn.sum()), int(tp.sum()), iou_sum,
-                       int(with_nodule.sum()), int(tp.size), errors)
+                       int(with_nodule.sum()), int(tp.size), errors, skipped)
 
 
 def from_totals(tn: int, fp: int, fn: int, tp: int, iou_sum: float, with_nodule: int,
-                images: int, errors: int = 0) -> dict:
+                images: int, errors: int = 0, skipped: int = 0) -> dict:
     """Metrics from sums that workers can all-reduce: the pooled histogram, the sum of per-image
     IoU over images whose label has a nodule, and the count of such images."""
     out = scores(np.array([[tn, fp], [fn, tp]], dtype=np.int64))
     out["n_iou_per_image"] = iou_sum / with_nodule if with_nodule else None
     out["images"] = int(images)
     out["errors"] = int(errors)
+    out["skipped"] = int(skipped)  # inputs that are not images (DICOM reports, plans...)
     return out
 
 

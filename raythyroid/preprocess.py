@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import imaging, layouts, split, storage, telemetry
-from .imaging import DecodeError, PrepConfig
+from .imaging import DecodeError, PrepConfig, SkipInput
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
@@ -59,7 +59,13 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
     """One layout row -> one prepared row, or raise StageError with the reason."""
     data = _fetch(row["image_uri"], "read")
     try:
-        frame = imaging.decode(data, max_pixels)
+        frames = imaging.open_frames(data, max_pixels)
+        if frames.count > 1 and not row.get("frame"):
+            raise DecodeError(f"multi-frame image ({frames.count} frames): name its masks "
+                              f"<name>#<frame>, or annotate it with DICOM SEG (--layout dicom)")
+        frame = frames.frame((row.get("frame") or 1) - 1)
+    except SkipInput as exc:
+        raise StageError("skipped", str(exc)) from None
     except DecodeError as exc:
         raise StageError("decode", str(exc)) from None
     height, width = frame.shape[:2]
@@ -67,7 +73,13 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
         mask = imaging.fill_polygons(json.loads(row["mask_polygons"]), height, width)
     else:
         try:
-            mask = imaging.decode_mask(_fetch(row["mask_uri"], "mask"), max_pixels)
+            mask_data = _fetch(row["mask_uri"], "mask")
+            if row.get("mask_frame"):
+                from . import dicom
+
+                mask = dicom.seg_mask(mask_data, int(row["mask_frame"]))
+            else:
+                mask = imaging.decode_mask(mask_data, max_pixels)
         except DecodeError as exc:
             raise StageError("mask", str(exc)) from None
         if mask.shape != (height, width):
@@ -76,14 +88,20 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
     image, geometry = imaging.prepare(frame, config)
     nodule_pixels = int(mask.sum())
     kept = mask[geometry.y:geometry.y + geometry.h, geometry.x:geometry.x + geometry.w].sum()
-    return {
-        "sha256": split.content_hash(data),
+    prepared = {
+        # DICOM: the frame's pixels, so one image filed twice (another container, other
+        # headers) is found as a duplicate; other files: the bytes, as published
+        "sha256": split.content_hash(data if isinstance(frames, imaging.RasterFrames)
+                                     else frame.tobytes()),
         "image": imaging.encode_png(image),
         "mask": imaging.encode_png(geometry.to_model(mask)),
         "geometry": geometry.to_dict(),
         "nodule_pixels": nodule_pixels,
         "nodule_kept": float(kept / nodule_pixels) if nodule_pixels else 1.0,
     }
+    if frames.case_id:  # DICOM: the case is the patient, never the file name
+        prepared["case_id"] = frames.case_id
+    return prepared
 
 
 def _prepare_row(row: dict, config: PrepConfig, max_pixels: int) -> dict:
@@ -96,7 +114,9 @@ def _prepare_row(row: dict, config: PrepConfig, max_pixels: int) -> dict:
         out.update(error_stage=exc.stage, error_reason=exc.reason)
     except Exception as exc:  # a bug or an exotic file must not take the block down
         out.update(error_stage="prepare", error_reason=storage.describe_error(exc))
-    if out.get("error_stage"):
+    if out.get("error_stage") == "skipped":
+        telemetry.skipped(out["error_reason"], pipeline="preprocess")
+    elif out.get("error_stage"):
         telemetry.failed(out["error_stage"], out["error_reason"], pipeline="preprocess")
     return out
 
@@ -232,7 +252,8 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
         "counts": counts,
         "cases": cases,
         "rows": len(kept),
-        "errors": len(errors),
+        "errors": sum(1 for e in errors if e["stage"] != "skipped"),
+        "skipped": sum(1 for e in errors if e["stage"] == "skipped"),
         "duplicates": len(duplicates),
         "nodule_kept_min": min((r["nodule_kept"] for r in kept), default=1.0),
         "shards": shards,
@@ -242,7 +263,8 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
     }
     storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=2))
     log(f"preprocess: wrote {len(kept)} rows (train {counts['train']}, val {counts['val']}, "
-        f"test {counts['test']}) and {len(errors)} error rows to {output} "
+        f"test {counts['test']}) and {len(errors)} error rows ({manifest['skipped']} of them "
+        f"skipped non-images) to {output} "
         f"in {manifest['seconds']} s")
     return manifest
 

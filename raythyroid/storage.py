@@ -207,13 +207,19 @@ def _hidden(name: str) -> bool:
     return (name.startswith(".") or name.startswith("_")) and name not in (".", "..")
 
 
+def _is_uid_name(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 1 and all(p.isdigit() for p in parts)
+
+
 def list_pages(uri: str, suffixes: Iterable[str] | None = None,
                page_size: int = LIST_PAGE_SIZE) -> Iterator[list[str]]:
     """Every file under a folder or prefix, recursively, as pages of URIs.
 
     Pages keep memory flat on archives of millions of objects. Names starting with '.' or '_'
     (temporary files, _SUCCESS markers) are skipped. `suffixes` filters case-insensitively;
-    an empty string in it admits files without an extension.
+    an empty string in it admits files without an extension, and files named by a DICOM UID
+    (`1.2.840.113619.2.55.3`: digits and dots), as PACS exports name them.
     """
     wanted = None if suffixes is None else tuple(s.lower() for s in suffixes)
 
@@ -223,7 +229,7 @@ def list_pages(uri: str, suffixes: Iterable[str] | None = None,
         if wanted is None:
             return True
         lower = name.lower()
-        if "" in wanted and "." not in lower:
+        if "" in wanted and ("." not in lower or _is_uid_name(lower)):
             return True
         return lower.endswith(tuple(w for w in wanted if w))
 

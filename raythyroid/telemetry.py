@@ -23,7 +23,10 @@ _REASON_CLASSES = (
     ("empty", "empty"), ("truncated", "truncated"), ("not an image", "not_image"),
     ("mask is not an image", "not_image"), ("image too large", "too_large"),
     ("mask too large", "too_large"), ("image too small", "too_small"),
-    ("corrupt dicom frame", "dicom_frame"), ("dicom", "dicom"), ("unreadable dicom", "dicom"),
+    ("corrupt dicom frame", "dicom_frame"), ("dicom pixel data cut short", "truncated"),
+    ("dicom frame", "dicom_frame"), ("dicom", "dicom"), ("unreadable dicom", "dicom"),
+    ("unsupported transfer syntax", "dicom"), ("no decoder installed", "dicom"),
+    ("unsupported dicom", "dicom"), ("multi-frame image", "dicom"),
     ("cannot read: not found", "missing"), ("cannot read: permission denied", "forbidden"),
     ("cannot read", "read"), ("label", "label"), ("mask", "mask"), ("no mask", "unpaired"),
     ("duplicate", "duplicate"), ("corrupt", "corrupt"), ("undecodable", "corrupt"),
@@ -53,6 +56,9 @@ def _worker_metrics() -> dict:
                                tag_keys=("pipeline",)),
         "failed": m.Counter(f"{PREFIX}_images_failed", "Inputs that ended as error rows",
                             tag_keys=("pipeline", "stage", "reason")),
+        "skipped": m.Counter(f"{PREFIX}_inputs_skipped",
+                             "Inputs that hold no image (DICOM reports, plans, waveforms...)",
+                             tag_keys=("pipeline", "kind")),
         "bytes": m.Counter(f"{PREFIX}_bytes_read", "Bytes read from storage",
                            tag_keys=("pipeline",)),
         "latency": m.Histogram(f"{PREFIX}_batch_latency_seconds", "Seconds per batch and stage",
@@ -87,6 +93,13 @@ def failed(stage: str, reason: str | None, pipeline: str = "infer", n: int = 1) 
     if n and _ray_ready():
         _worker_metrics()["failed"].inc(n, tags={"pipeline": pipeline, "stage": stage,
                                                  "reason": reason_class(reason)})
+
+
+def skipped(reason: str | None, pipeline: str = "infer") -> None:
+    """An input that is not an image: counted apart, so error rates and alerts ignore it."""
+    if _ray_ready():
+        kind = (reason or "").partition("(")[2].rstrip(")") or "other"
+        _worker_metrics()["skipped"].inc(1, tags={"pipeline": pipeline, "kind": kind})
 
 
 class timed:
@@ -143,6 +156,7 @@ class JobProgress:
         self._total = gauge("total_inputs", "Inputs this run has to process")
         self._done = gauge("done_inputs", "Inputs processed so far (including errors)")
         self._errors = gauge("errors", "Inputs that ended as error rows")
+        self._skipped = gauge("skipped", "Inputs skipped as not images (not errors)")
         self._rate = gauge("rate", "Inputs per second since the run started")
         self._eta = gauge("eta_seconds", "Estimated seconds to completion")
         self._state = gauge("state", "1 for the run's current state", ("state",))
@@ -150,7 +164,7 @@ class JobProgress:
                            "Unix time of the last completed work")
         self._start = gauge("start_timestamp_seconds", "Unix time the run started")
         self.started = time.time()
-        self.done = self.errors = 0
+        self.done = self.errors = self.skipped = 0
         self.total = 0
         self._start.labels(pipeline, run).set(self.started)
         self._last.labels(pipeline, run).set(self.started)
@@ -164,9 +178,10 @@ class JobProgress:
         self._total.labels(self.pipeline, self.run).set(total)
         self._publish()
 
-    def advance(self, done: int, errors: int = 0) -> None:
+    def advance(self, done: int, errors: int = 0, skipped: int = 0) -> None:
         self.done += done
         self.errors += errors
+        self.skipped += skipped
         if done:
             self._last.labels(self.pipeline, self.run).set(time.time())
         self._publish()
@@ -185,6 +200,7 @@ class JobProgress:
         labels = (self.pipeline, self.run)
         self._done.labels(*labels).set(self.done)
         self._errors.labels(*labels).set(self.errors)
+        self._skipped.labels(*labels).set(self.skipped)
         self._rate.labels(*labels).set(self.rate)
         eta = self.eta_seconds
         self._eta.labels(*labels).set(eta if eta is not None else float("nan"))
@@ -194,7 +210,7 @@ class JobProgress:
         eta = self.eta_seconds
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
         return (f"{self.done}/{self.total} ({frac:.0%})  {self.rate:.1f}/s  ETA {eta_text}  "
-                f"errors {self.errors}")
+                f"errors {self.errors}" + (f"  skipped {self.skipped}" if self.skipped else ""))
 
     def set_state(self, state: str) -> None:
         for name in STATES:
