@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .imaging import DecodeError, SkipInput, check_size, normalize_pixels
+from .pixels import DecodeError, SkipInput, check_size, normalize_pixels
 
 ULTRASOUND_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -59,6 +59,7 @@ _JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 _JPEG_LOSSLESS = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")
 _IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
                                             "1.2.840.10008.1.2.2")
+# deflated data is inflated while the file is read: its pixels are native from then on
 _NATIVE = (_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE, "1.2.840.10008.1.2.1.99")
 
 # The first element of a dataset written without preamble and file meta: a group that
@@ -252,8 +253,6 @@ def _frames_present(ds, count: int, rows: int, cols: int) -> tuple[int, bool]:
             frame_bits = frame_bits * 2 // 3
         whole = have_bits // frame_bits
         return min(count, whole), whole < count and have_bits % frame_bits >= 8
-    if syntax == "1.2.840.10008.1.2.1.99":  # deflated: inflated while reading, as native
-        return count, False
     from pydicom.encaps import parse_basic_offsets, parse_fragments
 
     try:
@@ -420,7 +419,6 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
     is what lets PACS file it in the same study and overlay it. Its UIDs derive from the
     source instance, so writing it again gives the same object.
     """
-    import highdicom as hd
     import pydicom
 
     source = read_dataset(source_data)

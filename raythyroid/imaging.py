@@ -14,21 +14,13 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import dicom
+from .pixels import (DEFAULT_MAX_PIXELS, MIN_SIDE, DecodeError, SkipInput,  # noqa: F401
+                     check_size, normalize_pixels, to_uint8)
+
 # We check sizes ourselves, from the header, before any pixel buffer is allocated.
 Image.MAX_IMAGE_PIXELS = None
 cv2.setNumThreads(1)  # Ray runs one task per core; OpenCV's own pool would oversubscribe them.
-
-DEFAULT_MAX_PIXELS = 40_000_000  # a 6000x6000 frame; ultrasound frames are well under 2 MP
-MIN_SIDE = 32  # smaller than this is not an ultrasound frame (and too small for the U-Net)
-
-
-class DecodeError(ValueError):
-    """The bytes are not a usable image; the message is the reason written to the error row."""
-
-
-class SkipInput(ValueError):
-    """The input is valid but holds no image to segment (a DICOM report, plan, waveform...);
-    the message is the reason on its `skipped` row. Not an error: it counts in no error rate."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +94,6 @@ def sniff_format(data: bytes) -> str | None:
 
     DICOM is tested first: its 128-byte preamble may legally hold a TIFF header.
     """
-    from . import dicom
-
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     for magic, name in _SIGNATURES:
@@ -121,26 +111,6 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int]:
             return im.size
     except Exception as exc:
         raise DecodeError(f"corrupt {fmt.upper()} header ({type(exc).__name__})") from None
-
-
-def check_size(width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise DecodeError(f"image too large: {width}x{height} exceeds the limit of "
-                          f"{max_pixels} pixels")
-    if min(width, height) < MIN_SIDE:
-        raise DecodeError(f"image too small: {width}x{height} (minimum side {MIN_SIDE} px)")
-
-
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Any bit depth -> uint8 by scaling 0..max to 0..255 (12- and 16-bit ultrasound alike)."""
-    if arr.dtype == np.uint8:
-        return arr
-    arr = arr.astype(np.float32)
-    arr -= min(float(arr.min()), 0.0)
-    top = float(arr.max())
-    if top <= 0:
-        return np.zeros(arr.shape, np.uint8)
-    return np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -167,8 +137,6 @@ def open_frames(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
     if sniff_format(data) == "dicom":
-        from . import dicom
-
         return dicom.open_frames(data, max_pixels)
     return RasterFrames(decode(data, max_pixels))
 
@@ -197,21 +165,6 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if arr is None:
         raise DecodeError(f"undecodable {fmt.upper()} data")
     return normalize_pixels(arr)
-
-
-def normalize_pixels(arr: np.ndarray) -> np.ndarray:
-    """Decoded pixels of any layout -> uint8 gray, or BGR when colour is present."""
-    arr = to_uint8(arr)
-    if arr.ndim == 2:
-        return arr
-    channels = arr.shape[2]
-    if channels == 1 or channels == 2:  # gray (+ alpha)
-        return np.ascontiguousarray(arr[:, :, 0])
-    bgr = np.ascontiguousarray(arr[:, :, :3])
-    b, g, r = bgr[:, :, 0], bgr[:, :, 1], bgr[:, :, 2]
-    if np.array_equal(b, g) and np.array_equal(g, r):
-        return np.ascontiguousarray(g)
-    return bgr
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:

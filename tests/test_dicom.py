@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import dicom_corpus as corpus
-from raythyroid import imaging, storage
+from raythyroid import imaging
 from raythyroid.imaging import DecodeError, PrepConfig, SkipInput
-
-PYDICOM_FILES = None
 
 
 def pydicom_file(name: str) -> Path:
