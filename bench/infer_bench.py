@@ -9,7 +9,6 @@ results table. Also model-only images/s on prepared tensors: the ceiling for bot
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -46,16 +45,15 @@ def make_model(size: int, workdir: str) -> str:
 def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: int,
               gpu: bool = False) -> float:
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
-    from raythyroid import imaging, model, postprocess, storage, train
+    from raythyroid import imaging, model, postprocess, storage
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if gpu else "cpu")
     net, meta = model.load(model_dir, device)
     prep = imaging.PrepConfig.from_dict(meta["prep"])
-    bf16 = train._resolve_bf16("auto", device)
+    bf16 = model.resolve_bf16("auto", device)
     post = postprocess.PostConfig.from_model(meta)  # as the job does
     rows = []
     started = time.time()
@@ -71,9 +69,7 @@ def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: i
             storage.write_bytes(f"{out}/masks/{key}.png",
                                 imaging.encode_png(mask.astype(np.uint8) * 255))
             rows.append(dict(postprocess.describe(mask, full, None), key=key, source_uri=f))
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    storage.write_bytes(f"{out}/results.parquet", buffer.getvalue())
+    storage.write_parquet(f"{out}/results.parquet", pa.Table.from_pylist(rows))
     return len(files) / (time.time() - started)
 
 
@@ -81,14 +77,14 @@ def model_only(model_dir: str, size: int, batch: int, threads: int, n: int = 192
                gpu: bool = False, compile_model: bool = False) -> float:
     import torch
 
-    from raythyroid import model, train
+    from raythyroid import model
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if gpu else "cpu")
     net, _ = model.load(model_dir, device)
     if compile_model:
         net = torch.compile(net)
-    bf16 = train._resolve_bf16("auto", device)
+    bf16 = model.resolve_bf16("auto", device)
     images = torch.randint(0, 255, (batch, size, size), dtype=torch.uint8)
     for _ in range(3):  # warm-up (and compilation)
         model.nodule_probability(net, images, device, bf16)

@@ -8,7 +8,6 @@ PNGs, hash the image, split by case and write Parquet shards per split.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -24,7 +23,6 @@ from common import median, record  # noqa: E402
 
 def bare_loop(data: str, out: str, size: int) -> float:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from raythyroid import layouts, preprocess, split, storage
     from raythyroid.imaging import PrepConfig
@@ -43,9 +41,7 @@ def bare_loop(data: str, out: str, size: int) -> float:
     for name in split.SPLITS:
         chosen = [dict(r, split=name) for r in kept if assignment[r["key"]] == name]
         table = pa.Table.from_pylist(chosen).select(preprocess.SHARD_COLUMNS)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(f"{out}/{name}/part-0.parquet", buffer.getvalue())
+        storage.write_parquet(f"{out}/{name}/part-0.parquet", table)
     return len(pairs) / (time.time() - started)
 
 

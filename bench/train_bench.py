@@ -9,7 +9,6 @@ Steady-state images/s (median over epochs after the first) go to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -24,18 +23,11 @@ from common import median, phantom_shards, record  # noqa: E402
 
 
 def load_training_arrays(data: str):
-    import pyarrow.parquet as pq
+    from raythyroid import imaging, losses, shards
 
-    from raythyroid import imaging, losses, storage
-    from raythyroid.preprocess import read_manifest
-
-    manifest = read_manifest(data)
-    images, masks = [], []
-    for shard in manifest["shards"]["train"]:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(data, shard))))
-        images += [imaging.decode_png(b) for b in table.column("image").to_pylist()]
-        masks += [imaging.decode_png(b) for b in table.column("mask").to_pylist()]
-    images, masks = np.stack(images), np.stack(masks)
+    rows = shards.read_rows(data, shards.read_manifest(data), "train", ["image", "mask"])
+    images = np.stack([imaging.decode_png(r["image"]) for r in rows])
+    masks = np.stack([imaging.decode_png(r["mask"]) for r in rows])
     weights = np.stack([losses.boundary_weight_map(m) for m in masks]).astype(np.float16)
     return images, masks, weights
 
@@ -45,12 +37,12 @@ def bare_loop(data: str, epochs: int, batch: int, threads: int, config,
     """What a user would write without Ray: one process, all cores, arrays in memory."""
     import torch
 
-    from raythyroid import augment, losses, model, train
+    from raythyroid import augment, losses, model
 
     torch.set_num_threads(threads)
     images, masks, weights = load_training_arrays(data)
     device = torch.device("cuda" if gpu else "cpu")
-    bf16 = train._resolve_bf16(config.precision, device)
+    bf16 = model.resolve_bf16(config.precision, device)
     torch.manual_seed(0)
     net = model.build(model.UNetConfig(base=config.base)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)

@@ -230,11 +230,11 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import preprocess, runtime, storage, train
+    from . import runtime, shards, storage, train
 
     storage.check_writable_root(args.run)
     if not storage.exists(storage.join(args.run, "metrics.json")):
-        preprocess.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
+        shards.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
     with runtime.session(args.address):
         train.run(args.data, args.run, _train_config(args), workers=args.workers, gpu=args.gpu,
                   cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
@@ -242,10 +242,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from . import cv, preprocess, runtime, storage
+    from . import cv, runtime, shards, storage
 
     storage.check_writable_root(args.run)
-    preprocess.read_manifest(args.data)
+    shards.read_manifest(args.data)
     if args.folds < 2:
         raise UserError("--folds must be at least 2")
     with runtime.session(args.address):
@@ -285,11 +285,11 @@ def _infer(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from . import infer, metrics, storage
+    from . import evaluate, metrics, storage
 
     storage.check_readable_root(args.pred)
     storage.check_readable_root(args.labels)
-    result, _ = infer.evaluate_folders(args.pred, args.labels)
+    result, _ = evaluate.evaluate_folders(args.pred, args.labels)
     print(metrics.table(result, f"{args.pred} against {args.labels}"))
     if args.out:
         storage.write_text(args.out, json.dumps(result, indent=2))

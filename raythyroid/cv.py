@@ -14,19 +14,19 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import split, storage, train
+from . import runtime, shards, split, storage, train
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
 
 
-def _fold_metrics(state: dict) -> dict:
+def _fold_metrics(state: train.TrainState) -> dict:
     """The fold's validation metrics at its last epoch (no selection on the fold itself) and
     at its best epoch."""
-    last = state["history"][-1]
+    last = state.history[-1]
     return {"last": {k: last.get(f"val_{k}") for k in REPORTED},
-            "best": {k: state["best"]["val"].get(k) for k in REPORTED},
-            "best_epoch": state["best"]["epoch"], "epochs": state["epoch"]}
+            "best": {k: state.best["val"].get(k) for k in REPORTED},
+            "best_epoch": state.best["epoch"], "epochs": state.epoch}
 
 
 def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, workers: int = 1,
@@ -34,11 +34,9 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
     import ray
     from ray.data.expressions import col
 
-    from .preprocess import read_manifest
-
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
-    manifest = read_manifest(data)
-    fs, paths = train.shard_paths(data, manifest, ["train", "val"])
+    manifest = shards.read_manifest(data)
+    fs, paths = shards.shard_paths(data, manifest, ["train", "val"])
     rows = ray.data.read_parquet(paths, filesystem=fs).select_columns(
         ["key", "case_id"]).take_all()
     case_fold = split.folds((r["case_id"] for r in rows), folds, config.seed)
@@ -48,9 +46,9 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
     weighted = config.loss == "weighted-ce"
     log(f"cv: {len(rows)} pairs of {len(case_fold)} cases in {folds} case-disjoint folds")
     pooled = train.load_split(data, manifest, ["train", "val"], with_weights=weighted,
-                              folds=key_fold)
+                              folds=key_fold, full=True)
 
-    total_cpus = train._cluster_cpus()
+    total_cpus = runtime.cluster_cpus()
     total_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     if cpus_per_worker is None:
         cpus_per_worker = 1.0
@@ -65,7 +63,10 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
         done = storage.join(fold_uri, "fold.json")
         if storage.exists(done):
             return json.loads(storage.read_text(done))
-        datasets = {"train": pooled.filter(expr=col("fold") != k).materialize(),
+        training = pooled.filter(expr=col("fold") != k)
+        present = [c for c in train.FULL_COLUMNS if c in training.columns()]
+        datasets = {"train": training.drop_columns(present).materialize() if present
+                    else training.materialize(),
                     "val": pooled.filter(expr=col("fold") == k).materialize()}
         fold_config = dataclasses.replace(config, seed=config.seed + k)
         train.check_resume(fold_uri, fold_config)

@@ -5,14 +5,12 @@ table, report/overlays.png (image | label | prediction) and report/curves.png.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 
-import pyarrow.parquet as pq
 
-from . import imaging, infer, phantom, preprocess, report, storage, train
+from . import imaging, infer, phantom, preprocess, report, shards, storage, train
 from .imaging import Geometry, PrepConfig
 
 DEMO_FRAMES = 200
@@ -22,11 +20,7 @@ OVERLAY_ROWS = 6
 
 
 def _test_rows(prepared: str, manifest: dict) -> list[dict]:
-    rows = []
-    for shard in manifest["shards"]["test"]:
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prepared, shard)))
-                              ).to_pylist()
-    return sorted(rows, key=lambda r: r["key"])
+    return sorted(shards.read_rows(prepared, manifest, "test"), key=lambda r: r["key"])
 
 
 def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import posixpath
-import re
 import sys
 import time
 import uuid
@@ -29,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import imaging, metrics, postprocess, storage, telemetry
+from . import evaluate, imaging, metrics, postprocess, runtime, storage, telemetry
 from .errors import UserError
 from .imaging import DecodeError, Geometry, PrepConfig, SkipInput
 
@@ -41,12 +40,10 @@ METRICS = "metrics.json"
 RUN_LEASE = "_RUN"  # id of the run that owns OUTPUT; only its tasks may commit results
 JOB_FILE = "_JOB.json"  # the INPUT, MODEL and LABELS whose results OUTPUT holds
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", "")
-LABEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 URIS_PER_BLOCK = 64
 ROWS_PER_CHUNK = 32  # rows a read task yields at a time, so a long cine loop streams
 READ_THREADS = 8
 READ_TASK_MEMORY = 256 * 1024 * 1024
-MAX_KEY_LENGTH = 180
 
 RESULT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_uri", pa.string()), ("frame", pa.int32()),
@@ -78,28 +75,6 @@ class InferOptions:
 
 
 # ---------------------------------------------------------------- keys
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._#+=@-]")
-
-
-def safe_key(relative: str) -> str:
-    """A relative input path (without extension) -> a key that is also a safe output path.
-
-    Each '/'-separated part keeps letters, digits and `._#+=@-`; anything else becomes '_';
-    empty, '.' and '..' parts are dropped, so no key can climb out of OUTPUT or be absolute.
-    Keys longer than MAX_KEY_LENGTH are cut and suffixed with a hash of the full name.
-    """
-    parts = []
-    for part in relative.replace("\\", "/").split("/"):
-        part = _UNSAFE.sub("_", part.replace("\x00", "")).lstrip(".")
-        if part:
-            parts.append(part)
-    key = "/".join(parts) or "_"
-    if len(key) > MAX_KEY_LENGTH or any(len(p) > 100 for p in parts):
-        digest = hashlib.sha256(relative.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-        key = "/".join(p[:100] for p in parts)[:MAX_KEY_LENGTH - 13].rstrip("/") + "-" + digest
-    return key
-
 
 def _strip_suffix(name: str) -> str:
     stem, ext = posixpath.splitext(name)
@@ -145,9 +120,9 @@ def list_inputs(input_uri: str) -> tuple[pa.Table, list[dict]]:
     seen: dict[str, str] = {}
     for page in pages:
         for uri in page:
-            key = safe_key(_strip_suffix(storage.relative(uri, root)))
+            key = storage.safe_key(_strip_suffix(storage.relative(uri, root)))
             if key in seen:
-                clash = safe_key(storage.relative(uri, root))
+                clash = storage.safe_key(storage.relative(uri, root))
                 problems.append({"key": clash, "source_uri": uri,
                                  "error": f"duplicate key: same name as "
                                           f"{storage.basename(seen[key])}"})
@@ -159,29 +134,28 @@ def list_inputs(input_uri: str) -> tuple[pa.Table, list[dict]]:
                      "source_uri": pa.array(sources, pa.string())}), problems
 
 
-def index_labels(labels_uri: str) -> dict[str, str]:
-    root = storage.normalize(labels_uri)
-    return {safe_key(posixpath.splitext(storage.relative(u, root))[0]): u
-            for page in storage.list_pages(root, LABEL_SUFFIXES) for u in page}
-
-
 def done_sources(output: str) -> set[str]:
     """Sources already committed by a results file; what a rerun skips."""
-    done: set[str] = set()
-    for uri in storage.list_files(storage.join(output, RESULTS), (".parquet",)):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["source_uri"])
-        done.update(table.column("source_uri").to_pylist())
-    return done
+    return set(read_results(output, ["source_uri"]).column("source_uri").to_pylist())
 
 
-def read_results(output: str, columns: list[str] | None = None) -> pa.Table:
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
-              for uri in storage.list_files(storage.join(output, RESULTS), (".parquet",))]
-    if not tables:
-        schema = RESULT_SCHEMA if columns is None else pa.schema(
-            [RESULT_SCHEMA.field(c) for c in columns])
+def read_results(output: str, columns: list[str] | None = None,
+                 with_files: bool = False) -> pa.Table:
+    """Every results file as one table, read by columns on a thread pool (pyarrow datasets);
+    `with_files` adds `__filename`, the file each row came from."""
+    import pyarrow.dataset as pads
+
+    uris = storage.list_files(storage.join(output, RESULTS), (".parquet",))
+    wanted = list(columns or RESULT_SCHEMA.names)
+    if not uris:
+        schema = pa.schema([RESULT_SCHEMA.field(c) for c in wanted])
+        if with_files:
+            schema = schema.append(pa.field("__filename", pa.string()))
         return schema.empty_table()
-    return pa.concat_tables(tables)
+    fs, _ = storage.filesystem(output)
+    dataset = pads.dataset([storage.filesystem(u)[1] for u in uris], filesystem=fs,
+                           format="parquet", schema=RESULT_SCHEMA)
+    return dataset.to_table(columns=wanted + (["__filename"] if with_files else []))
 
 
 # ---------------------------------------------------------------- stage 1: read + prepare
@@ -220,7 +194,8 @@ def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int):
 
 
 def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
-    """Block of (key, source_uri, labels) -> chunks of {meta, ok, image} rows, frame by frame."""
+    """Block of (key, source_uri, labels) -> chunks of frame rows (the metadata as columns,
+    CHUNK_COLUMNS, plus the prepared image), frame by frame."""
     config = PrepConfig.from_dict(prep)
     rows = batch.to_pylist()
 
@@ -257,8 +232,8 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
                 else:
                     telemetry.failed("read" if meta["error"].startswith("cannot read")
                                      else "decode", meta["error"])
-                meta["label_uri"] = _label_for(row, meta)
-                metas.append(json.dumps(meta))
+                meta["label_uri"] = _label_for(row, meta["key"])
+                metas.append(meta)
                 images.append(blank if image is None else image)
                 if len(metas) >= ROWS_PER_CHUNK:
                     yield _chunk(metas, images)
@@ -268,16 +243,30 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
     timer.__exit__(None, None, None)
 
 
-def _label_for(row: dict, meta: dict) -> str | None:
-    labels = row.get("labels")
-    if not labels:
-        return None
-    return json.loads(labels).get(meta["key"])
+def _label_for(row: dict, key: str) -> str | None:
+    for label in row.get("labels") or ():
+        if label["key"] == key:
+            return label["uri"]
+    return None
 
 
-def _chunk(metas: list[str], images: list[np.ndarray]) -> dict:
-    ok = np.array([json.loads(m)["status"] == "ok" for m in metas])
-    return {"meta": np.array(metas, dtype=object), "ok": ok, "image": np.stack(images)}
+# per-frame metadata travels as columns from reading to writing: strings as object arrays,
+# geometry as 7 ints (Geometry's fields), spacing as 2 floats (NaN when uncalibrated)
+TEXT_COLUMNS = ("key", "source_uri", "status", "error", "label_uri")
+GEOMETRY_FIELDS = ("height", "width", "x", "y", "w", "h", "size")
+
+
+def _chunk(metas: list[dict], images: list[np.ndarray]) -> dict:
+    columns = {name: np.array([m.get(name) for m in metas], dtype=object)
+               for name in TEXT_COLUMNS}
+    columns["frame"] = np.array([m.get("frame") or 0 for m in metas], np.int32)  # 0: none
+    columns["geometry"] = np.array([[m["geometry"][f] for f in GEOMETRY_FIELDS]
+                                    if m.get("geometry") else [0] * 7 for m in metas], np.int32)
+    columns["spacing"] = np.array([m.get("spacing") or (np.nan, np.nan) for m in metas],
+                                  np.float64)
+    columns["ok"] = columns["status"] == "ok"
+    columns["image"] = np.stack(images)
+    return columns
 
 
 # ---------------------------------------------------------------- stage 2: the model
@@ -291,14 +280,13 @@ class Predictor:
         import torch
 
         from . import model as model_lib
-        from .train import _resolve_bf16
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
         self.net, _ = model_lib.load(model_uri, self.device)
         if compile_model:  # one fixed batch shape (see __call__), so one compilation
             self.net = torch.compile(self.net)
-        self.bf16 = _resolve_bf16(precision, self.device)
+        self.bf16 = model_lib.resolve_bf16(precision, self.device)
         self.tta = tta
         self.batch_size = batch_size
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -323,63 +311,57 @@ class Predictor:
                                                    self.device, self.bf16, self.tta)
                 prob[ok] = out[:len(todo)].cpu().numpy().astype(np.float16)
             telemetry.count("predicted", int(ok.sum()))
-        return {"meta": batch["meta"], "prob": prob,
-                "node_id": np.array([self.node_id] * len(ok), dtype=object)}
+        out = {name: column for name, column in batch.items() if name != "image"}
+        out["prob"] = prob
+        out["node_id"] = np.array([self.node_id] * len(ok), dtype=object)
+        return out
 
 
 # ---------------------------------------------------------------- stage 3: finish + write
 
-def _evaluate_label(label_uri: str, mask: np.ndarray, max_pixels: int) -> dict:
-    label = imaging.decode_mask(storage.read_bytes(label_uri), max_pixels)
-    if label.shape != mask.shape:
-        raise DecodeError(f"label is {label.shape[1]}x{label.shape[0]}, "
-                          f"image is {mask.shape[1]}x{mask.shape[0]}")
-    counts = metrics.counts(label, mask)
-    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    counts["iou"] = metrics.image_iou(tp, fp, fn)
-    counts["dice"] = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-    return counts
-
-
 def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: str) -> dict:
     """Post-process, write masks, then this block's results file (the commit record)."""
     config = postprocess.PostConfig(**post)
-    rows = []
+    columns = {name: [None] * len(batch["key"]) for name in RESULT_SCHEMA.names}
+    frames = batch["frame"]
+    columns.update(key=list(batch["key"]), source_uri=list(batch["source_uri"]),
+                   frame=[int(f) if f else None for f in frames], status=list(batch["status"]),
+                   error=list(batch["error"]), node_id=list(batch["node_id"]))
     timer = telemetry.timed("postprocess").__enter__()
-    for meta_json, prob, node_id in zip(batch["meta"], batch["prob"], batch["node_id"]):
-        meta = json.loads(meta_json)
-        row = {name: None for name in RESULT_SCHEMA.names}
-        row.update(key=meta["key"], source_uri=meta["source_uri"], frame=meta.get("frame"),
-                   status=meta["status"], error=meta.get("error"), node_id=node_id)
-        if meta["status"] == "ok":
-            try:
-                geometry = Geometry.from_dict(meta["geometry"])
-                full = geometry.restore(prob.astype(np.float32))
-                mask = postprocess.clean_mask(full, config)
-                spacing = tuple(meta["spacing"]) if meta.get("spacing") else None
-                row.update(postprocess.describe(mask, full, spacing),
-                           height=geometry.height, width=geometry.width)
-                if meta.get("label_uri"):
-                    row.update(_evaluate_label(meta["label_uri"], mask, max_pixels))
-                storage.write_bytes(storage.join(output, MASKS, f"{meta['key']}.png"),
-                                    imaging.encode_png(mask.astype(np.uint8) * 255))
-            except Exception as exc:
-                reason = str(exc) if isinstance(exc, DecodeError) else \
-                    storage.describe_error(exc)
-                row = {name: None for name in RESULT_SCHEMA.names}
-                row.update(key=meta["key"], source_uri=meta["source_uri"],
-                           frame=meta.get("frame"), status="error", error=reason,
-                           node_id=node_id)
-                telemetry.failed("postprocess", reason)
-        rows.append(row)
+    for i in np.flatnonzero(batch["ok"]):
+        try:
+            described = _finish_frame(batch, i, output, config, max_pixels)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
+            columns["status"][i], columns["error"][i] = "error", reason
+            telemetry.failed("postprocess", reason)
+            continue
+        for name, value in described.items():
+            columns[name][i] = value
     if _current_run(output) == run_id:
-        write_results(output, rows)
+        write_results(output, pa.Table.from_pydict(columns, schema=RESULT_SCHEMA))
     timer.__exit__(None, None, None)
     # else a newer run owns OUTPUT (this task outlived its driver): it redoes these sources,
     # and committing them here too would count them twice
     # progress counts sources: a multi-frame DICOM is one input however many frames it has
-    return {"status": np.array([r["status"] for r in rows], dtype=object),
-            "first_frame": np.array([r["frame"] in (None, 1) for r in rows])}
+    return {"status": np.array(columns["status"], dtype=object),
+            "first_frame": frames <= 1}
+
+
+def _finish_frame(batch: dict, i: int, output: str, config, max_pixels: int) -> dict:
+    """One frame's probabilities -> its mask (written) and its results columns."""
+    geometry = Geometry(*(int(v) for v in batch["geometry"][i]))
+    full = geometry.restore(batch["prob"][i].astype(np.float32))
+    mask = postprocess.clean_mask(full, config)
+    spacing = batch["spacing"][i]
+    described = dict(postprocess.describe(mask, full, None if np.isnan(spacing[0])
+                                          else (float(spacing[0]), float(spacing[1]))),
+                     height=geometry.height, width=geometry.width)
+    if batch["label_uri"][i]:
+        described.update(evaluate.label_counts(batch["label_uri"][i], mask, max_pixels))
+    storage.write_bytes(storage.join(output, MASKS, f"{batch['key'][i]}.png"),
+                        imaging.encode_png(mask.astype(np.uint8) * 255))
+    return described
 
 
 def _current_run(output: str) -> str | None:
@@ -389,15 +371,13 @@ def _current_run(output: str) -> str | None:
         return None
 
 
-def write_results(output: str, rows: list[dict]) -> None:
-    if not rows:
+def write_results(output: str, table: pa.Table) -> None:
+    """A results file named after the keys it holds (the same block always gets one name)."""
+    if not table.num_rows:
         return
-    digest = hashlib.sha256("\n".join(sorted(r["key"] for r in rows)).encode()).hexdigest()
-    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(storage.join(output, RESULTS, f"part-{digest[:24]}.parquet"),
-                        buffer.getvalue())
+    keys = sorted(table.column("key").to_pylist())
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    storage.write_parquet(storage.join(output, RESULTS, f"part-{digest[:24]}.parquet"), table)
 
 
 # ---------------------------------------------------------------- DICOM SEG
@@ -434,16 +414,20 @@ def write_dicom_segmentations(output: str, log=print) -> int:
 
 # ---------------------------------------------------------------- driver
 
+# a source's label files, one per frame key (a cine has several)
+LABELS_TYPE = pa.list_(pa.struct([("key", pa.string()), ("uri", pa.string())]))
+
+
 def _attach_labels(table: pa.Table, labels_uri: str | None) -> pa.Table:
     if not labels_uri:
-        return table.append_column("labels", pa.nulls(table.num_rows, pa.string()))
-    index = index_labels(labels_uri)
+        return table.append_column("labels", pa.nulls(table.num_rows, LABELS_TYPE))
+    index = evaluate.index_labels(labels_uri)
     by_base: dict[str, dict[str, str]] = {}
     for key, uri in index.items():
         by_base.setdefault(key.split("#")[0], {})[key] = uri
-    labels = [json.dumps(by_base[k]) if k in by_base else None
-              for k in table.column("key").to_pylist()]
-    return table.append_column("labels", pa.array(labels, pa.string()))
+    labels = [[{"key": k, "uri": u} for k, u in by_base[key].items()] if key in by_base else None
+              for key in table.column("key").to_pylist()]
+    return table.append_column("labels", pa.array(labels, LABELS_TYPE))
 
 
 def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
@@ -473,19 +457,11 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     problems = [p for p in problems if p["source_uri"] not in done]
     log(f"infer: {table.num_rows + len(problems)} inputs, {len(done)} already done, "
         f"{pending.num_rows + len(problems)} to process")
-    progress = telemetry.JobProgress("infer", run_id, options.metrics_port)
-    progress.set_total(pending.num_rows + len(problems))
-    try:
+    with telemetry.tracked("infer", run_id, options.metrics_port,
+                           pending.num_rows + len(problems)) as progress:
         _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,
                  progress, log)
-        summary = _finish(output, table, problems, labels, options, started, log)
-        progress.set_state("succeeded")
-        return summary
-    except BaseException:
-        progress.set_state("failed")
-        raise
-    finally:
-        progress.close()
+        return _finish(output, table, problems, labels, options, started, log)
 
 
 def _claim_output(output: str, job: dict) -> None:
@@ -507,21 +483,18 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
              progress, log) -> None:
     import ray
 
-    from .train import _cluster_cpus
-
     if problems:
-        write_results(output, [dict({n: None for n in RESULT_SCHEMA.names}, status="error",
-                                    **p) for p in problems])
+        write_results(output, pa.Table.from_pylist(
+            [dict({n: None for n in RESULT_SCHEMA.names}, status="error", **p) for p in problems],
+            schema=RESULT_SCHEMA))
         progress.advance(len(problems), len(problems))
 
     if pending.num_rows:
         pending = _attach_labels(pending, labels)
         blocks = [pending.slice(i, options.block_size)
                   for i in range(0, pending.num_rows, options.block_size)]
-        total_cpus = _cluster_cpus()
-        cpus = options.cpus_per_worker or (1.0 if options.gpu else
-                                           max(0.5, (total_cpus - 1) / options.workers))
-        threads = max(1, int(round(min(cpus + 0.5, total_cpus / options.workers))))
+        cpus, threads = runtime.plan_workers(options.workers, options.gpu,
+                                             options.cpus_per_worker)
         ds = (ray.data.from_arrow(blocks)
               .map_batches(read_and_prepare, fn_kwargs={"prep": prep.to_dict(),
                                                         "max_pixels": options.max_pixels},
@@ -582,30 +555,36 @@ def _finish(output, table, problems, labels, options, started, log) -> dict:
 
 
 def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool) -> dict:
-    """Counts and (with labels) metrics from every results file: the union, never a cache."""
+    """Counts and (with labels) metrics from every results file: the union, never a cache.
+    Columns all the way (pyarrow compute): a million rows take seconds, not a dict each."""
+    import pyarrow.compute as pc
+
     compact_results(output)
-    results = read_results(output, ["key", "source_uri", "status", "error", "nodule",
+    results = read_results(output, ["source_uri", "status", "error", "nodule",
                                     "tp", "fp", "fn", "tn"])
-    sources = set(results.column("source_uri").to_pylist())
-    expected = set(table.column("source_uri").to_pylist()) | {p["source_uri"] for p in problems}
-    missing = expected - sources
-    if missing:
-        raise RuntimeError(f"{len(missing)} inputs have no results row, e.g. {sorted(missing)[0]}")
-    rows = results.to_pylist()
-    errors = [r for r in rows if r["status"] == "error"]
-    skipped = [r for r in rows if r["status"] == "skipped"]
-    summary = {"rows": len(rows), "errors": len(errors), "skipped": len(skipped),
-               "nodules": sum(1 for r in rows if r["nodule"]),
-               "error_reasons": _reason_classes(errors),
+    expected = pa.concat_arrays([table.column("source_uri").combine_chunks().cast(pa.string()),
+                                 pa.array([p["source_uri"] for p in problems], pa.string())])
+    present = pc.is_in(expected, value_set=pc.unique(results.column("source_uri")))
+    missing = expected.filter(pc.invert(present))
+    if len(missing):
+        raise RuntimeError(f"{len(missing)} inputs have no results row, e.g. {missing[0]}")
+    status = results.column("status")
+    errors = results.filter(pc.equal(status, "error"))
+    skipped = results.filter(pc.equal(status, "skipped"))
+    summary = {"rows": results.num_rows, "errors": errors.num_rows,
+               "skipped": skipped.num_rows,
+               "nodules": int(pc.sum(results.column("nodule")).as_py() or 0),
+               "error_reasons": _reason_classes(_count_reasons(errors)),
                "skip_reasons": _count_reasons(skipped)}
     if labelled:
-        scored = [r for r in rows if r["status"] == "ok" and r["tp"] is not None]
-        result = metrics.summarize([r["tp"] for r in scored], [r["fp"] for r in scored],
-                                   [r["fn"] for r in scored], [r["tn"] for r in scored],
-                                   errors=len(errors), skipped=len(skipped))
+        ok = pc.equal(status, "ok")
+        scored = results.filter(pc.and_(ok, pc.is_valid(results.column("tp"))))
+        result = metrics.summarize(*(scored.column(c).to_numpy() for c in ("tp", "fp", "fn",
+                                                                              "tn")),
+                                   errors=errors.num_rows, skipped=skipped.num_rows)
         storage.write_text(storage.join(output, METRICS), json.dumps(result, indent=2))
         summary["metrics"] = result
-        summary["unlabelled"] = sum(1 for r in rows if r["status"] == "ok" and r["tp"] is None)
+        summary["unlabelled"] = int(pc.sum(ok).as_py() or 0) - scored.num_rows
     return summary
 
 
@@ -614,68 +593,44 @@ def compact_results(output: str) -> int:
 
     A task that outlived a killed driver can commit a block moments after a rerun read what was
     done, and the rerun then commits the same sources again. Both rows are identical (the same
-    input, model and code), so the later copy is dropped, atomically, file by file.
+    input, model and code), so the later copy (by file name) is dropped, atomically, file by
+    file. Finding them reads only the key column; only files holding a copy are rewritten.
     """
-    seen: set[str] = set()
-    removed = 0
-    for uri in sorted(storage.list_files(storage.join(output, RESULTS), (".parquet",))):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        keys = table.column("key").to_pylist()
-        fresh = [k not in seen for k in keys]
-        seen.update(keys)
-        if all(fresh):
-            continue
-        removed += len(keys) - sum(fresh)
-        kept = table.filter(pa.array(fresh, pa.bool_()))
+    located = read_results(output, ["key"], with_files=True)
+    if not located.num_rows:
+        return 0
+    files = located.column("__filename").to_numpy(zero_copy_only=False).astype(str)
+    keys = located.column("key").to_numpy(zero_copy_only=False).astype(str)
+    order = np.argsort(files, kind="stable")
+    _, first = np.unique(keys[order], return_index=True)
+    later = np.ones(len(keys), bool)
+    later[order[first]] = False
+    if not later.any():
+        return 0
+    fs_root = storage.join(output, RESULTS)
+    for path in sorted(set(files[later])):
+        uri = storage.join(fs_root, path.rsplit("/", 1)[-1])
+        table = storage.read_parquet(uri)
+        dropped = set(keys[later & (files == path)])
+        kept = table.filter(pa.array([k not in dropped for k in table.column("key").to_pylist()],
+                                     pa.bool_()))
         if kept.num_rows:
-            buffer = io.BytesIO()
-            pq.write_table(kept, buffer)
-            storage.write_bytes(uri, buffer.getvalue())
+            storage.write_parquet(uri, kept)
         else:
             storage.delete(uri)
-    return removed
+    return int(later.sum())
 
 
-def _count_reasons(rows: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["error"]] = counts.get(row["error"], 0) + 1
-    return counts
+def _count_reasons(rows: pa.Table) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    return {item["values"].as_py(): item["counts"].as_py()
+            for item in pc.value_counts(rows.column("error"))}
 
 
-def _reason_classes(errors: list[dict]) -> dict[str, int]:
+def _reason_classes(reasons: dict[str, int]) -> dict[str, int]:
     classes: dict[str, int] = {}
-    for row in errors:
-        name = telemetry.reason_class(row["error"])
-        classes[name] = classes.get(name, 0) + 1
+    for reason, count in reasons.items():
+        name = telemetry.reason_class(reason)
+        classes[name] = classes.get(name, 0) + count
     return classes
-
-def evaluate_folders(pred_uri: str, labels_uri: str, max_pixels: int = imaging.DEFAULT_MAX_PIXELS
-                     ) -> tuple[dict, list[dict]]:
-    """Two mask folders matched by key -> (metrics, per-image rows). Predictions without a
-    label, labels without a prediction and size mismatches are counted as errors."""
-    preds = index_labels(pred_uri)
-    labels = index_labels(labels_uri)
-    if not preds:
-        raise UserError(f"no mask images under {pred_uri}")
-
-    def score(key):
-        try:
-            if key not in labels:
-                raise DecodeError("no label for this prediction")
-            pred = imaging.decode_mask(storage.read_bytes(preds[key]), max_pixels)
-            counts = _evaluate_label(labels[key], pred, max_pixels)
-            return dict(counts, key=key, status="ok", error=None)
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
-            return {"key": key, "status": "error", "error": reason}
-
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        rows = list(pool.map(score, sorted(preds)))
-    rows += [{"key": k, "status": "error", "error": "no prediction for this label"}
-             for k in sorted(set(labels) - set(preds))]
-    ok = [r for r in rows if r["status"] == "ok"]
-    result = metrics.summarize([r["tp"] for r in ok], [r["fp"] for r in ok],
-                               [r["fn"] for r in ok], [r["tn"] for r in ok],
-                               errors=len(rows) - len(ok))
-    return result, rows

@@ -10,6 +10,7 @@ A ratio whose denominator is 0 is 1.0 when the class is absent from both label a
 from __future__ import annotations
 
 import math
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
@@ -56,27 +57,77 @@ def image_iou(tp: int, fp: int, fn: int) -> float:
     return _ratio(tp, tp + fp + fn, tp + fp + fn == 0)
 
 
+def image_dice(tp: int, fp: int, fn: int) -> float:
+    return _ratio(2 * tp, 2 * tp + fp + fn, tp + fp + fn == 0)
+
+
+@dataclass
+class Totals:
+    """Confusion totals over many images: the one record training all-reduces across workers,
+    infer sums over results rows and `evaluate` sums over mask files.
+
+    Besides the pooled histogram it keeps the sum of per-image nodule IoU over images whose
+    label has a nodule (and their count), for `n_iou_per_image`.
+    """
+
+    tn: int = 0
+    fp: int = 0
+    fn: int = 0
+    tp: int = 0
+    iou_sum: float = 0.0
+    with_nodule: int = 0
+    images: int = 0
+
+    def add(self, label: np.ndarray, pred: np.ndarray) -> dict[str, int]:
+        """Count one image in; returns its own tp, fp, fn, tn."""
+        one = counts(label, pred)
+        self.add_counts(one["tp"], one["fp"], one["fn"], one["tn"])
+        return one
+
+    def add_counts(self, tp: int, fp: int, fn: int, tn: int) -> None:
+        self.tn, self.fp, self.fn, self.tp = self.tn + tn, self.fp + fp, self.fn + fn, self.tp + tp
+        if tp + fn > 0:
+            self.iou_sum += image_iou(tp, fp, fn)
+            self.with_nodule += 1
+        self.images += 1
+
+    def __add__(self, other: "Totals") -> "Totals":
+        return Totals.from_vector([a + b for a, b in zip(self.to_vector(), other.to_vector())])
+
+    def to_vector(self) -> list[float]:
+        """As numbers in a fixed order, for an all-reduce."""
+        return [float(v) for v in astuple(self)]
+
+    @classmethod
+    def from_vector(cls, values) -> "Totals":
+        tn, fp, fn, tp, iou_sum, with_nodule, images = values
+        return cls(int(tn), int(fp), int(fn), int(tp), float(iou_sum), int(with_nodule),
+                   int(images))
+
+    @classmethod
+    def from_arrays(cls, tp, fp, fn, tn) -> "Totals":
+        """Per-image count columns (results rows) -> totals."""
+        tp, fp, fn, tn = (np.asarray(a, dtype=np.int64).ravel() for a in (tp, fp, fn, tn))
+        has = (tp + fn) > 0
+        # an exactly rounded sum: the result cannot depend on the order of the rows, so a
+        # resumed run, a re-batched run and `evaluate` all give the same bits
+        iou_sum = math.fsum((tp[has] / (tp + fp + fn)[has]).tolist())
+        return cls(int(tn.sum()), int(fp.sum()), int(fn.sum()), int(tp.sum()), iou_sum,
+                   int(has.sum()), int(tp.size))
+
+    def metrics(self, errors: int = 0, skipped: int = 0) -> dict:
+        """Every metrics.json key."""
+        out = scores(np.array([[self.tn, self.fp], [self.fn, self.tp]], dtype=np.int64))
+        out["n_iou_per_image"] = self.iou_sum / self.with_nodule if self.with_nodule else None
+        out["images"] = self.images
+        out["errors"] = int(errors)
+        out["skipped"] = int(skipped)  # inputs that are not images (DICOM reports, plans...)
+        return out
+
+
 def summarize(tp, fp, fn, tn, errors: int = 0, skipped: int = 0) -> dict:
     """Per-image count arrays -> every metrics.json key (pooled, plus per-image mean IoU)."""
-    tp, fp, fn, tn = (np.asarray(a, dtype=np.int64).ravel() for a in (tp, fp, fn, tn))
-    with_nodule = (tp + fn) > 0
-    # an exactly rounded sum: the result cannot depend on the order of the rows, so a resumed
-    # run, a re-batched run and `evaluate` all give the same bits
-    iou_sum = math.fsum((tp[with_nodule] / (tp + fp + fn)[with_nodule]).tolist())
-    return from_totals(int(tn.sum()), int(fp.sum()), int(fn.sum()), int(tp.sum()), iou_sum,
-                       int(with_nodule.sum()), int(tp.size), errors, skipped)
-
-
-def from_totals(tn: int, fp: int, fn: int, tp: int, iou_sum: float, with_nodule: int,
-                images: int, errors: int = 0, skipped: int = 0) -> dict:
-    """Metrics from sums that workers can all-reduce: the pooled histogram, the sum of per-image
-    IoU over images whose label has a nodule, and the count of such images."""
-    out = scores(np.array([[tn, fp], [fn, tp]], dtype=np.int64))
-    out["n_iou_per_image"] = iou_sum / with_nodule if with_nodule else None
-    out["images"] = int(images)
-    out["errors"] = int(errors)
-    out["skipped"] = int(skipped)  # inputs that are not images (DICOM reports, plans...)
-    return out
+    return Totals.from_arrays(tp, fp, fn, tn).metrics(errors, skipped)
 
 
 def scores(hist: np.ndarray) -> dict:
@@ -94,7 +145,7 @@ def scores(hist: np.ndarray) -> dict:
         "recall": nodule["recall"],
         "f1": nodule["f1"],
         "f1_macro": (background["f1"] + nodule["f1"]) / 2,
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, tp + fp + fn == 0),
+        "dice": image_dice(tp, fp, fn),
         "n_iou_per_image": None,
         "images": None,
         "errors": 0,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import io
 import json
 import math
 import time
@@ -16,13 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import imaging, layouts, split, storage, telemetry
+from . import imaging, layouts, shards, split, storage, telemetry
 from .imaging import DecodeError, PrepConfig, SkipInput
 
-MANIFEST = "manifest.json"
-ERRORS = "errors.parquet"
 FILES_PER_TASK = 32  # one Ray task reads and prepares this many pairs: never a task per file
 READ_THREADS = 8  # object-store reads are latency-bound; overlap them within a task
 
@@ -31,11 +27,13 @@ GEOMETRY_TYPE = pa.struct([(name, pa.int32()) for name in
 PREPARED_SCHEMA = pa.schema([
     ("key", pa.string()), ("case_id", pa.string()), ("fixed_split", pa.string()),
     ("source_uri", pa.string()), ("sha256", pa.string()),
-    ("image", pa.binary()), ("mask", pa.binary()), ("geometry", GEOMETRY_TYPE),
+    ("image", pa.binary()), ("mask", pa.binary()), ("full_mask", pa.binary()),
+    ("geometry", GEOMETRY_TYPE),
     ("nodule_pixels", pa.int64()), ("nodule_kept", pa.float32()),
     ("error_stage", pa.string()), ("error_reason", pa.string()),
 ])
-SHARD_COLUMNS = ["key", "case_id", "split", "image", "mask", "geometry", "source_uri", "sha256"]
+SHARD_COLUMNS = ["key", "case_id", "split", "image", "mask", "full_mask", "geometry", "source_uri",
+                 "sha256"]
 ERROR_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()),
                           ("stage", pa.string()), ("reason", pa.string())])
 
@@ -95,6 +93,8 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
                                      else frame.tobytes()),
         "image": imaging.encode_png(image),
         "mask": imaging.encode_png(geometry.to_model(mask)),
+        # the label in the frame's own geometry: validation scores there, as infer does
+        "full_mask": imaging.encode_png(mask.astype(np.uint8)),
         "geometry": geometry.to_dict(),
         "nodule_pixels": nodule_pixels,
         "nodule_kept": float(kept / nodule_pixels) if nodule_pixels else 1.0,
@@ -150,17 +150,11 @@ def _package_versions() -> dict:
     return versions
 
 
-def write_table(uri: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(uri, buffer.getvalue())
-
-
 def clear_output(output: str) -> None:
     """A rerun replaces the previous output; the manifest goes first so nothing half-replaced
     is ever vouched for."""
-    storage.delete(storage.join(output, MANIFEST))
-    storage.delete(storage.join(output, ERRORS))
+    storage.delete(storage.join(output, shards.MANIFEST))
+    storage.delete(storage.join(output, shards.ERRORS))
     for name in split.SPLITS:
         storage.delete_tree(storage.join(output, name))
 
@@ -178,18 +172,10 @@ def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = 
     input_uri, output = storage.normalize(input_uri), storage.normalize(output)
     layout, pairs, problems = scanned or layouts.scan(input_uri, layout)
     log(f"preprocess: {len(pairs)} pairs found ({layout} layout), {len(problems)} unpaired files")
-    progress = telemetry.JobProgress("preprocess", f"{int(started)}", metrics_port)
-    progress.set_total(len(pairs) + len(problems))
-    try:
-        manifest = _run(input_uri, output, layout, pairs, problems, config, fractions, seed,
-                        max_pixels, started, progress, log)
-        progress.set_state("succeeded")
-        return manifest
-    except BaseException:
-        progress.set_state("failed")
-        raise
-    finally:
-        progress.close()
+    with telemetry.tracked("preprocess", f"{int(started)}", metrics_port,
+                           len(pairs) + len(problems)) as progress:
+        return _run(input_uri, output, layout, pairs, problems, config, fractions, seed,
+                    max_pixels, started, progress, log)
 
 
 def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, max_pixels,
@@ -225,12 +211,12 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
 
     clear_output(output)
     fs, _ = storage.filesystem(output)
-    shards, counts, cases = {}, {}, {}
+    shard_files, counts, cases = {}, {}, {}
     for name in split.SPLITS:
         keys = {k for k, s in assignment.items() if s == name}
         counts[name] = len(keys)
         cases[name] = len({r["case_id"] for r in kept if r["key"] in keys})
-        shards[name] = []
+        shard_files[name] = []
         if not keys:
             continue
         target = storage.join(output, name)
@@ -238,13 +224,14 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
         (prepared.map_batches(_select_split, fn_args=(keys, name), batch_format="pyarrow",
                               batch_size=None)
          .write_parquet(storage.filesystem(target)[1], filesystem=fs, min_rows_per_file=1000))
-        shards[name] = sorted(storage.relative(u, output)
+        shard_files[name] = sorted(storage.relative(u, output)
                               for u in storage.list_files(target, (".parquet",)))
 
     errors.sort(key=lambda e: split.natural_key(e["key"]))
-    write_table(storage.join(output, ERRORS), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
+    storage.write_parquet(storage.join(output, shards.ERRORS),
+                          pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
     manifest = {
-        "format": "raythyroid-preprocess/1",
+        "format": "raythyroid-preprocess/2",  # 2: shards carry full_mask
         "input": input_uri,
         "layout": layout,
         "prep": config.to_dict(),
@@ -256,27 +243,14 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
         "skipped": sum(1 for e in errors if e["stage"] == "skipped"),
         "duplicates": len(duplicates),
         "nodule_kept_min": min((r["nodule_kept"] for r in kept), default=1.0),
-        "shards": shards,
+        "shards": shard_files,
         "packages": _package_versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 1),
     }
-    storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(output, shards.MANIFEST), json.dumps(manifest, indent=2))
     log(f"preprocess: wrote {len(kept)} rows (train {counts['train']}, val {counts['val']}, "
         f"test {counts['test']}) and {len(errors)} error rows ({manifest['skipped']} of them "
         f"skipped non-images) to {output} "
         f"in {manifest['seconds']} s")
     return manifest
-
-
-def read_manifest(data: str) -> dict:
-    """The manifest of a finished preprocess output; its absence means the output is not done."""
-    from .errors import UserError
-
-    uri = storage.join(storage.normalize(data), MANIFEST)
-    try:
-        return json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        raise UserError(f"{data} is not a finished preprocess output (no {MANIFEST})") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {uri}: {storage.describe_error(exc)}") from None

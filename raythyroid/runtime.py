@@ -56,3 +56,25 @@ def session(address: str | None = None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def plan_workers(workers: int, gpu: bool, cpus_per_worker: float | None = None
+                 ) -> tuple[float, int]:
+    """(CPUs each worker or actor reserves, torch threads it runs) for `workers` of them.
+
+    Without a GPU each leaves a core for Ray Data's read and write tasks and the driver where
+    there is one to spare: on a 2-core machine, workers holding every CPU deadlock the tasks
+    that feed them, so reservations are fractional. Threads use what is reserved plus the
+    spare half core, never more than the cores shared out.
+    """
+    total = cluster_cpus()
+    if cpus_per_worker is None:
+        cpus_per_worker = 1.0 if gpu else max(0.5, (total - 1) / workers)
+    threads = max(1, int(round(min(cpus_per_worker + 0.5, total / workers))))
+    return cpus_per_worker, threads

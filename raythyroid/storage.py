@@ -7,7 +7,9 @@ with backoff for both clients are configured here and nowhere else.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -328,3 +330,49 @@ def describe_error(exc: BaseException) -> str:
             or "403" in text:
         return "permission denied"
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+# ---------------------------------------------------------------- Parquet in and out
+
+def write_parquet(uri: str, table) -> None:
+    """One Parquet file, written atomically like every other object."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+
+
+# ---------------------------------------------------------------- keys
+
+MAX_KEY_LENGTH = 180
+_UNSAFE = re.compile(r"[^A-Za-z0-9._#+=@-]")
+
+
+def safe_key(relative: str) -> str:
+    """A relative input path (without extension) -> a key that is also a safe output path.
+
+    Each '/'-separated part keeps letters, digits and `._#+=@-`; anything else becomes '_';
+    empty, '.' and '..' parts are dropped, so no key can climb out of OUTPUT or be absolute.
+    Keys longer than MAX_KEY_LENGTH are cut and suffixed with a hash of the full name.
+    """
+    parts = []
+    for part in relative.replace("\\", "/").split("/"):
+        part = _UNSAFE.sub("_", part.replace("\x00", "")).lstrip(".")
+        if part:
+            parts.append(part)
+    key = "/".join(parts) or "_"
+    if len(key) > MAX_KEY_LENGTH or any(len(p) > 100 for p in parts):
+        digest = hashlib.sha256(relative.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        key = "/".join(p[:100] for p in parts)[:MAX_KEY_LENGTH - 13].rstrip("/") + "-" + digest
+    return key

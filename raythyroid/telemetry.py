@@ -8,9 +8,11 @@ scraped too. The dashboard and alert rules under k8s/monitoring/ query exactly t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
+from typing import Iterator
 
 PREFIX = "raythyroid"
 # Ray exports worker metrics with this prefix; the dashboard and rules use the full names.
@@ -226,6 +228,22 @@ class JobProgress:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+
+@contextlib.contextmanager
+def tracked(pipeline: str, run: str, port: int | None, total: int) -> Iterator[JobProgress]:
+    """A JobProgress for the body of a job: `succeeded` when it returns, `failed` when it
+    raises (Ctrl-C included), and its HTTP server closed either way."""
+    progress = JobProgress(pipeline, run, port)
+    progress.set_total(total)
+    try:
+        yield progress
+        progress.set_state("succeeded")
+    except BaseException:
+        progress.set_state("failed")
+        raise
+    finally:
+        progress.close()
 
 
 class ProgressPrinter:

@@ -22,12 +22,12 @@ import os
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 
-from . import imaging, losses, metrics, storage, telemetry
+from . import imaging, losses, metrics, runtime, shards, storage, telemetry
 from .errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -110,8 +110,13 @@ def check_resume(run_uri: str, config: TrainConfig) -> None:
 
 # ---------------------------------------------------------------- data (driver side)
 
-def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None) -> dict:
-    """Parquet rows -> numpy columns the workers consume (no strings: iter_torch_batches)."""
+def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None,
+                  full: bool = False) -> dict:
+    """Parquet rows -> numpy columns the workers consume (no strings: iter_torch_batches).
+
+    `full` adds what scoring in each frame's own geometry needs: the label at its original
+    size (PNG bytes, decoded when scored) and the geometry that maps a prediction back.
+    """
     keys = batch.column("key").to_pylist()
     images = np.stack([imaging.decode_png(b) for b in batch.column("image").to_pylist()])
     masks = np.stack([imaging.decode_png(b) for b in batch.column("mask").to_pylist()])
@@ -123,55 +128,38 @@ def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None
                                  ).astype(np.float16)
     if folds is not None:  # cross-validation: which fold each row's case belongs to
         out["fold"] = np.array([folds[k] for k in keys], np.int64)
+    if full:
+        out["full_mask"] = np.array(batch.column("full_mask").to_pylist(), dtype=object)
+        out["geometry"] = np.array([[g[f] for f in GEOMETRY_FIELDS]
+                                    for g in batch.column("geometry").to_pylist()], np.int32)
     return out
 
 
-def shard_paths(data: str, manifest: dict, names) -> tuple:
-    fs, _ = storage.filesystem(data)
-    return fs, [storage.filesystem(storage.join(data, s))[1]
-                for name in names for s in manifest["shards"].get(name) or []]
+GEOMETRY_FIELDS = ("height", "width", "x", "y", "w", "h", "size")  # imaging.Geometry's order
+FULL_COLUMNS = ["full_mask", "geometry"]
 
 
 def load_split(data: str, manifest: dict, name, with_weights: bool = False,
-               folds: dict | None = None):
+               folds: dict | None = None, full: bool = False):
     """One split (or a list of splits) of a preprocess output as a materialized Ray dataset,
-    or None if empty. `folds` (key -> fold) adds a fold column for cross-validation."""
+    or None if empty. `folds` (key -> fold) adds a fold column for cross-validation; `full`
+    the original-geometry labels validation scores against (shards from before they were
+    written score in the prepared square instead)."""
     import ray
 
-    fs, paths = shard_paths(data, manifest, [name] if isinstance(name, str) else name)
+    fs, paths = shards.shard_paths(data, manifest, [name] if isinstance(name, str) else name)
     if not paths:
         return None
-    return (ray.data.read_parquet(paths, filesystem=fs).select_columns(["key", "image", "mask"])
+    full = full and manifest.get("format", "").endswith("/2")
+    columns = ["key", "image", "mask"] + (FULL_COLUMNS if full else [])
+    return (ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
             .map_batches(_decode_block, fn_kwargs={"with_weights": with_weights,
-                                                   "folds": folds},
+                                                   "folds": folds, "full": full},
                          batch_format="pyarrow", batch_size=64)
             .materialize())
 
 
 # ---------------------------------------------------------------- the worker loop
-
-def _resolve_bf16(precision: str, device) -> bool:
-    import torch
-
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 matrix units (AMX or AVX512-BF16) make CPU autocast 2-3x faster than fp32; without
-    them bf16 is emulated and slower, so fp32 stays the default there."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
 
 def _lr_factor(schedule: str, progress: float) -> float:
     progress = min(max(progress, 0.0), 1.0)
@@ -193,7 +181,12 @@ def evaluate(net, dataset, rank: int, world: int, device, bf16: bool, batch_size
 
 def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
                       batch_size: int, tta: bool, posts: list) -> list[dict]:
-    """Like evaluate, for several post-processing settings at the price of one model pass."""
+    """Like evaluate, for several post-processing settings at the price of one model pass.
+
+    Where the split carries original-geometry labels, each prediction is first mapped back to
+    its frame (float16 probabilities, as infer keeps them) and scored there, exactly as infer
+    applies and scores it; otherwise in the prepared square.
+    """
     import torch
     import torch.distributed as dist
 
@@ -202,29 +195,32 @@ def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
     module = model_lib.unwrapped(net)
     module.eval()
     configs = [postprocess.PostConfig(**p) if p is not None else None for p in posts]
-    # per variant: tn fp fn tp iou_sum with_nodule images
-    totals = np.zeros((len(configs), 7), dtype=np.float64)
-    for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes=None,
-                                            drop_last=False):
+    totals = [metrics.Totals() for _ in configs]
+    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                      drop_last=False):
         mine = (batch["part"] % world) == rank
         if not bool(mine.any()):
             continue
-        images, labels = batch["image"][mine], batch["mask"][mine].numpy().astype(bool)
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"][mine]))
         prob = model_lib.nodule_probability(module, images, device, bf16, tta).cpu().numpy()
-        for label, p in zip(labels, prob):
-            for v, config in enumerate(configs):
-                pred = postprocess.clean_mask(p, config) if config else p >= 0.5
-                c = metrics.counts(label, pred)
-                has = c["tp"] + c["fn"] > 0
-                totals[v] += [c["tn"], c["fp"], c["fn"], c["tp"],
-                              metrics.image_iou(c["tp"], c["fp"], c["fn"]) if has else 0.0,
-                              float(has), 1.0]
-    reduced = torch.from_numpy(totals)
+        for label, p in _scored_pairs(batch, mine, prob):
+            for total, config in zip(totals, configs):
+                total.add(label, postprocess.clean_mask(p, config) if config else p >= 0.5)
+    reduced = torch.tensor([t.to_vector() for t in totals], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(reduced)
-    return [metrics.from_totals(int(tn), int(fp), int(fn), int(tp), iou_sum, int(with_nodule),
-                                int(images))
-            for tn, fp, fn, tp, iou_sum, with_nodule, images in reduced.tolist()]
+    return [metrics.Totals.from_vector(row).metrics() for row in reduced.tolist()]
+
+
+def _scored_pairs(batch: dict, mine: np.ndarray, prob: np.ndarray):
+    """(label, probability map) pairs in the geometry they are scored in."""
+    if "full_mask" not in batch:
+        yield from zip(batch["mask"][mine].astype(bool), prob)
+        return
+    for label_png, geometry, p in zip(batch["full_mask"][mine], batch["geometry"][mine], prob):
+        restored = imaging.Geometry(*(int(v) for v in geometry)).restore(
+            p.astype(np.float16).astype(np.float32))
+        yield imaging.decode_png(label_png) > 0, restored
 
 
 # Inference variants tried on the validation split once training ends: mirrored test-time
@@ -310,26 +306,108 @@ def _mean_over_workers(value: float, count: int) -> float:
     return float(tensor[0] / max(tensor[1], 1.0))
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the weights, optimizer and average: enough to resume a
+    run or to finish it. Saved as a plain dict (`to_dict`) beside them."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"epoch", "val", "model"}: the best validated weights so far
+    finished: bool = False
+    test: dict | None = None
+    inference: dict | None = None  # choose_inference's result, once training has ended
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver tells every worker (Ray Train hands it over as a dict)."""
+
+    train: dict  # TrainConfig.to_dict()
+    threads: int
+    run_name: str
+    started: float
+    deadline: float | None
+    has_test: bool
+
+
+@dataclass
+class Worker:
+    """One training worker, set up: what every step of its loop uses."""
+
+    config: TrainConfig
+    rank: int
+    world: int
+    device: object
+    bf16: bool
+    net: object  # the network being trained (DDP-wrapped with several workers)
+    optimizer: object
+    average: WeightAverage | None
+    train_shard: object
+    val_set: object
+    test_set: object | None
+    run_name: str
+    started: float
+    deadline: float | None
+
+    @property
+    def scored(self):
+        """The weights that are validated, kept as best, tested and shipped."""
+        return self.average.model if self.average is not None else self.net
+
+
 def train_loop_per_worker(cfg: dict) -> None:
+    worker, state, restored_from = _set_up(WorkerConfig(**cfg))
+    epoch_seconds = None
+    while not state.finished and state.epoch < worker.config.epochs:
+        epoch_started = time.time()
+        lr = _learning_rate(worker, state, epoch_seconds)
+        if lr is None:
+            break
+        epoch = state.epoch + 1
+        train_loss, steps, images_per_s = _train_epoch(worker, epoch, lr)
+        val = evaluate(worker.scored, worker.val_set, worker.rank, worker.world, worker.device,
+                       worker.bf16, worker.config.batch_size * 2)
+        epoch_seconds = time.time() - epoch_started
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
+               "images_per_s": images_per_s, "epoch_seconds": epoch_seconds,
+               "elapsed_seconds": time.time() - worker.started, "workers": worker.world,
+               "precision": "bf16" if worker.bf16 else "fp32"}
+        if restored_from is not None:
+            row["resumed_from_epoch"], restored_from = restored_from, None
+        _record_epoch(worker, state, row, val, steps)
+        _report(worker, state, row)
+    if not state.finished:
+        _finish(worker, state)
+
+
+def _set_up(cfg: WorkerConfig) -> tuple[Worker, TrainState, int | None]:
+    """Threads, device, precision, the network and optimizer (restored from the latest
+    checkpoint when there is one), the weight average and this worker's data."""
     import ray.data
     import ray.train
     import ray.train.torch
     import torch
 
-    from . import augment, model as model_lib
+    from . import model as model_lib
 
-    config = TrainConfig(**cfg["train"])
+    config = TrainConfig(**cfg.train)
     # one line per epoch from rank 0 says what matters; Ray's per-report INFO lines drown it
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(cfg.threads)
     device = ray.train.torch.get_device()
-    bf16 = _resolve_bf16(config.precision, device)
     torch.manual_seed(config.seed)
-
     net = model_lib.build(config.architecture).to(device)
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=0.99,
@@ -337,168 +415,177 @@ def train_loop_per_worker(cfg: dict) -> None:
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
-    state = {"epoch": 0, "history": [], "best": None, "finished": False, "test": None}
-    restored_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                               weights_only=False)
-        net.load_state_dict(state.pop("model"))
-        optimizer.load_state_dict(state.pop("optimizer"))
-        restored_from = state["epoch"]
+    state, averaged, restored_from = _restore(net, optimizer)
     # an average from a run resumed without --ema is dropped, not carried along
-    averaged = state.pop("ema", None)
     average = WeightAverage(net, config.ema, averaged) if config.ema > 0 else None
-    net = ray.train.torch.prepare_model(net)
-    # the weights that are validated, kept as best, tested and shipped
-    scored = average.model if average is not None else net
+    worker = Worker(
+        config=config, rank=context.get_world_rank(), world=context.get_world_size(),
+        device=device, bf16=model_lib.resolve_bf16(config.precision, device),
+        net=ray.train.torch.prepare_model(net), optimizer=optimizer, average=average,
+        train_shard=ray.train.get_dataset_shard("train"),
+        val_set=ray.train.get_dataset_shard("val"),
+        test_set=ray.train.get_dataset_shard("test") if cfg.has_test else None,
+        run_name=cfg.run_name, started=cfg.started, deadline=cfg.deadline)
+    return worker, state, restored_from
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_set = ray.train.get_dataset_shard("val")
-    test_set = ray.train.get_dataset_shard("test") if cfg["has_test"] else None
-    deadline = cfg["deadline"]
-    started = cfg["started"]
+
+def _restore(net, optimizer) -> tuple[TrainState, dict | None, int | None]:
+    """(state, saved weight average, epoch restored from) of the latest checkpoint, loading
+    its weights and optimizer state in place; a fresh state without one."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return TrainState(), None, None
+    with checkpoint.as_directory() as folder:
+        saved = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                           weights_only=False)
+    net.load_state_dict(saved.pop("model"))
+    optimizer.load_state_dict(saved.pop("optimizer"))
+    state = TrainState.from_dict(saved)
+    return state, saved.get("ema"), state.epoch
+
+
+def _learning_rate(worker: Worker, state: TrainState, epoch_seconds: float | None
+                   ) -> float | None:
+    """This epoch's learning rate, set on the optimizer; None when the time limit leaves no
+    room for another epoch. Rank 0 decides for all, so DDP stays in step."""
+    config, now = worker.config, time.time()
+    progress = state.epoch / config.epochs
+    stop = 0.0
+    if worker.deadline:
+        progress = max(progress, (now - worker.started) / (worker.deadline - worker.started))
+        if epoch_seconds and state.epoch > 0 and now + 1.5 * epoch_seconds > worker.deadline:
+            stop = 1.0
+    progress, stop = _broadcast([progress, stop])
+    if stop:
+        return None
+    lr = config.learning_rate * _lr_factor(config.schedule, progress)
+    for group in worker.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _train_epoch(worker: Worker, epoch: int, lr: float) -> tuple[float, int, float]:
+    """One pass over this worker's shard -> (mean loss over all workers, this worker's steps,
+    images per second over all workers)."""
+    import torch
+
+    from . import augment, model as model_lib
+
+    config = worker.config
     weighted = config.loss == "weighted-ce"
     augmentation = augment.preset(config.augment)
-    epoch_seconds = None
+    worker.net.train()
+    loss_sum, steps, seen = 0.0, 0, 0
+    started = time.time()
+    for b, batch in enumerate(worker.train_shard.iter_torch_batches(
+            batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size,
+            local_shuffle_seed=config.seed * 1000 + epoch, drop_last=True, dtypes=None)):
+        images, masks = batch["image"].numpy(), batch["mask"].numpy()
+        weights = batch["weight"].numpy() if weighted else None
+        if augmentation is not None:
+            images, masks, weights = augment.augment_batch(
+                images, masks, weights, augment.batch_rng(config.seed, epoch, worker.rank, b),
+                augmentation)
+        x = model_lib.as_input(torch.from_numpy(images), worker.device)
+        target = torch.from_numpy(masks).long().to(worker.device)
+        weight = torch.from_numpy(weights).float().to(worker.device) if weighted else None
+        with model_lib.autocast(worker.device, worker.bf16):
+            outputs = worker.net(x)
+        loss = losses.supervised(config.loss, outputs, target, weight)
+        worker.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        worker.optimizer.step()
+        if worker.average is not None:
+            worker.average.update(model_lib.unwrapped(worker.net))
+        loss_sum += float(loss.detach())
+        steps += 1
+        seen += images.shape[0]
+    seconds = time.time() - started
+    train_loss = _mean_over_workers(loss_sum / max(steps, 1), steps)
+    images_per_s = _mean_over_workers(seen / max(seconds, 1e-9), 1) * worker.world
+    return train_loss, steps, images_per_s
 
-    def report(metrics_row: dict, finished: bool = False) -> None:
-        module = model_lib.unwrapped(net)
-        if rank != 0:
-            ray.train.report(metrics_row, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            saved = dict(state, model=module.state_dict(), optimizer=optimizer.state_dict())
-            if average is not None:
-                saved["ema"] = average.state()
-            torch.save(saved, os.path.join(folder, STATE_FILE))
-            ray.train.report(metrics_row,
-                             checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    while not state["finished"] and state["epoch"] < config.epochs:
-        now = time.time()
-        # rank 0 decides for all: stop before an epoch that would overrun the time limit
-        progress = state["epoch"] / config.epochs
-        stop = 0.0
-        if deadline:
-            progress = max(progress, (now - started) / (deadline - started))
-            if epoch_seconds and state["epoch"] > 0 and now + 1.5 * epoch_seconds > deadline:
-                stop = 1.0
-        progress, stop = _broadcast([progress, stop])
-        if stop:
-            break
-        lr = config.learning_rate * _lr_factor(config.schedule, progress)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+def _record_epoch(worker: Worker, state: TrainState, row: dict, val: dict, steps: int) -> None:
+    """The epoch into the history, the best weights so far, the gauges and the epoch line."""
+    from . import model as model_lib
 
-        net.train()
-        epoch = state["epoch"] + 1
-        loss_sum, steps, seen = 0.0, 0, 0
-        t0 = time.time()
-        columns = ["image", "mask"] + (["weight"] if weighted else [])
-        for b, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size,
-                local_shuffle_seed=config.seed * 1000 + epoch, drop_last=True, dtypes=None)):
-            images = batch["image"].numpy()
-            masks = batch["mask"].numpy()
-            weights = batch["weight"].numpy() if weighted else None
-            if augmentation is not None:
-                images, masks, weights = augment.augment_batch(
-                    images, masks, weights, augment.batch_rng(config.seed, epoch, rank, b),
-                    augmentation)
-            x = model_lib.as_input(torch.from_numpy(images), device)
-            target = torch.from_numpy(masks).long().to(device)
-            weight = torch.from_numpy(weights).float().to(device) if weighted else None
-            with model_lib.autocast(device, bf16):
-                outputs = net(x)
-            loss = losses.supervised(config.loss, outputs, target, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if average is not None:
-                average.update(model_lib.unwrapped(net))
-            loss_sum += float(loss.detach())
-            steps += 1
-            seen += images.shape[0]
-        train_seconds = time.time() - t0
-        train_loss = _mean_over_workers(loss_sum / max(steps, 1), steps)
-        images_per_s = _mean_over_workers(seen / max(train_seconds, 1e-9), 1) * world
-        val = evaluate(scored, val_set, rank, world, device, bf16, config.batch_size * 2)
-        epoch_seconds = time.time() - now
+    row.update({f"val_{k}": v for k, v in val.items() if k != "hist"})
+    if math.isnan(row["train_loss"]):
+        row["diverged"] = True
+    if state.best is None or val["n_iou"] > state.best["val"]["n_iou"]:
+        module = model_lib.unwrapped(worker.scored)
+        state.best = {"epoch": row["epoch"], "val": val,
+                      "model": {k: v.detach().cpu().clone()
+                                for k, v in module.state_dict().items()}}
+    state.epoch = row["epoch"]
+    state.history.append(row)
+    if worker.rank != 0:
+        return
+    telemetry.train_epoch(worker.run_name, steps * worker.world, row["train_loss"],
+                          row["images_per_s"], val["n_iou"], row["epoch"])
+    of_total = "" if worker.config.epochs >= TIME_LIMITED_EPOCHS else f"/{worker.config.epochs}"
+    print(f"epoch {row['epoch']}{of_total}  loss {row['train_loss']:.4f}  val n_IoU "
+          f"{val['n_iou']:.4f} (best {state.best['val']['n_iou']:.4f})  "
+          f"{row['images_per_s']:.1f} img/s  lr {row['lr']:.2e}", flush=True)
 
-        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
-               "images_per_s": images_per_s, "epoch_seconds": epoch_seconds,
-               "elapsed_seconds": time.time() - started, "workers": world,
-               "precision": "bf16" if bf16 else "fp32"}
-        row.update({f"val_{k}": v for k, v in val.items() if k != "hist"})
-        if restored_from is not None:
-            row["resumed_from_epoch"] = restored_from
-            restored_from = None
-        if math.isnan(train_loss):
-            row["diverged"] = True
-        module = model_lib.unwrapped(scored)
-        if state["best"] is None or val["n_iou"] > state["best"]["val"]["n_iou"]:
-            state["best"] = {"epoch": epoch, "val": val,
-                             "model": {k: v.detach().cpu().clone()
-                                       for k, v in module.state_dict().items()}}
-        state["epoch"] = epoch
-        state["history"].append(row)
-        if rank == 0:
-            telemetry.train_epoch(cfg["run_name"], steps * world, train_loss, images_per_s,
-                                  val["n_iou"], epoch)
-            best = state["best"]["val"]["n_iou"]
-            of_total = "" if config.epochs >= TIME_LIMITED_EPOCHS else f"/{config.epochs}"
-            print(f"epoch {epoch}{of_total}  loss {train_loss:.4f}  val n_IoU "
-                  f"{val['n_iou']:.4f} (best {best:.4f})  {images_per_s:.1f} img/s  "
-                  f"lr {lr:.2e}", flush=True)
-        report(row)
 
-    if not state["finished"]:
-        # the best weights; the inference variant that validates best; then the test split,
-        # scored by all workers with the same counting code infer uses
-        module = model_lib.unwrapped(scored)
-        if state["best"] is not None:
-            module.load_state_dict(state["best"]["model"])
-        state["inference"] = choose_inference(scored, val_set, rank, world, device, bf16,
-                                              config.batch_size * 2)
-        chosen = state["inference"]
-        state["test"] = evaluate(scored, test_set, rank, world, device, bf16,
-                                 config.batch_size * 2, tta=chosen["tta"],
-                                 post=chosen["postprocess"]) if test_set is not None else None
-        state["finished"] = True
-        report({"epoch": state["epoch"], "finished": True,
-                **{f"test_{k}": v for k, v in (state["test"] or {}).items() if k != "hist"}})
+def _report(worker: Worker, state: TrainState, row: dict) -> None:
+    """Report to Ray Train; rank 0 attaches the checkpoint (state, weights, optimizer)."""
+    import ray.train
+    import torch
+
+    from . import model as model_lib
+
+    if worker.rank != 0:
+        ray.train.report(row, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        saved = dict(state.to_dict(), model=model_lib.unwrapped(worker.net).state_dict(),
+                     optimizer=worker.optimizer.state_dict())
+        if worker.average is not None:
+            saved["ema"] = worker.average.state()
+        torch.save(saved, os.path.join(folder, STATE_FILE))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _finish(worker: Worker, state: TrainState) -> None:
+    """The best weights; the inference variant that validates best; then the test split,
+    scored by all workers with the same counting code infer uses."""
+    from . import model as model_lib
+
+    module = model_lib.unwrapped(worker.scored)
+    if state.best is not None:
+        module.load_state_dict(state.best["model"])
+    batch_size = worker.config.batch_size * 2
+    state.inference = choose_inference(worker.scored, worker.val_set, worker.rank,
+                                       worker.world, worker.device, worker.bf16, batch_size)
+    if worker.test_set is not None:
+        post = state.inference["postprocess"]
+        state.test = evaluate(worker.scored, worker.test_set, worker.rank, worker.world,
+                              worker.device, worker.bf16, batch_size,
+                              tta=state.inference["tta"], post=post)
+    state.finished = True
+    _report(worker, state, {"epoch": state.epoch, "finished": True,
+                            **{f"test_{k}": v for k, v in (state.test or {}).items()
+                               if k != "hist"}})
 
 
 # ---------------------------------------------------------------- the driver
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1.0))
-
 
 def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: int = 2,
         gpu: bool = False, cpus_per_worker: float | None = None, log=print,
         metrics_port: int | None = None) -> dict:
     """Train (or resume, or report a finished run) and return the test metrics."""
-    progress = telemetry.JobProgress("train", storage.basename(run_uri), metrics_port)
-    progress.set_total(config.epochs)
-    try:
-        result = _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress)
-        progress.set_state("succeeded")
-        return result
-    except BaseException:
-        progress.set_state("failed")
-        raise
-    finally:
-        progress.close()
+    with telemetry.tracked("train", storage.basename(run_uri), metrics_port,
+                           config.epochs) as progress:
+        return _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress)
 
 
 def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) -> dict:
-    from .preprocess import read_manifest
-
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
     finished = storage.join(run_uri, "metrics.json")
     if storage.exists(finished):
@@ -506,7 +593,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         log(f"train: {run_uri} is already finished; nothing to do")
         log(metrics.table(result, "test split (from metrics.json)"))
         return result
-    manifest = read_manifest(data)
+    manifest = shards.read_manifest(data)
     if not manifest["counts"].get("train"):
         raise UserError(f"{data} has no training rows")
     if not manifest["counts"].get("val"):
@@ -518,17 +605,17 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     log(f"train: decoding {manifest['counts']['train']} training pairs"
         + (" and computing boundary weight maps" if weighted else ""))
     datasets = {"train": load_split(data, manifest, "train", with_weights=weighted),
-                "val": load_split(data, manifest, "val")}
-    test = load_split(data, manifest, "test")
+                "val": load_split(data, manifest, "val", full=True)}
+    test = load_split(data, manifest, "test", full=True)
     if test is not None:
         datasets["test"] = test
     state = fit(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log)
-    progress.advance(state["epoch"])
+    progress.advance(state.epoch)
     save_model(run_uri, state, config, workers, gpu, manifest, data)
-    test_metrics = state["test"] or {}
+    test_metrics = state.test or {}
     storage.write_text(finished, json.dumps(test_metrics, indent=2))
-    best, chosen = state["best"], state["inference"]
-    log(f"train: best epoch {best['epoch']} of {state['epoch']} (val n_IoU "
+    best, chosen = state.best, state.inference
+    log(f"train: best epoch {best['epoch']} of {state.epoch} (val n_IoU "
         f"{best['val']['n_iou']:.4f}); inference: tta={chosen['tta']}, threshold="
         f"{chosen['postprocess']['threshold']}, keep_largest="
         f"{chosen['postprocess']['keep_largest']} (chosen on validation); model in "
@@ -547,13 +634,8 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     from ray.train.torch import TorchTrainer
 
     deadline = started + 60 * config.time_limit_min if config.time_limit_min else None
-    total_cpus = _cluster_cpus()
-    if cpus_per_worker is None:
-        # leave a core for Ray Data and the driver where there is one to spare; fractional CPUs
-        # keep a 2-core machine from deadlocking with every core held by a train worker
-        cpus_per_worker = max(0.5, (total_cpus - 1) / workers) if not gpu else 1.0
-    if threads is None:
-        threads = max(1, int(round(min(cpus_per_worker + 0.5, total_cpus / workers))))
+    cpus_per_worker, planned_threads = runtime.plan_workers(workers, gpu, cpus_per_worker)
+    threads = threads or planned_threads
     resources = {"CPU": cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
@@ -561,10 +643,9 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     storage.make_dirs(run_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": config.to_dict(), "threads": threads,
-                           "run_name": storage.basename(run_uri),
-                           "deadline": deadline, "started": started,
-                           "has_test": "test" in datasets},
+        train_loop_config=asdict(WorkerConfig(
+            train=config.to_dict(), threads=threads, run_name=storage.basename(run_uri),
+            started=started, deadline=deadline, has_test="test" in datasets)),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -581,32 +662,32 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as folder:
-        return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                          weights_only=False)
+        return TrainState.from_dict(torch.load(os.path.join(folder, STATE_FILE),
+                                               map_location="cpu", weights_only=False))
 
 
-def save_model(run_uri: str, state: dict, config: TrainConfig, workers: int, gpu: bool,
+def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: int, gpu: bool,
                manifest: dict, data: str) -> None:
     """RUN/model (best weights + model.json) and RUN/history.jsonl from a final state."""
     from . import model as model_lib
 
-    best = state["best"]
+    best = state.best
     net = model_lib.build(config.architecture)
     net.load_state_dict(best["model"])
     model_lib.save(net.without_deep_supervision(), storage.join(run_uri, "model"), {
         "prep": manifest["prep"],
         "classes": ["background", "nodule"],
         # chosen on the validation split (train.choose_inference); infer applies them
-        "threshold": state["inference"]["postprocess"]["threshold"],
-        "tta": state["inference"]["tta"],
-        "postprocess": {k: v for k, v in state["inference"]["postprocess"].items()
+        "threshold": state.inference["postprocess"]["threshold"],
+        "tta": state.inference["tta"],
+        "postprocess": {k: v for k, v in state.inference["postprocess"].items()
                         if k != "threshold"},
         "training": {"config": config.to_dict(), "workers": workers, "gpu": gpu,
-                     "epochs_run": state["epoch"], "best_epoch": best["epoch"],
+                     "epochs_run": state.epoch, "best_epoch": best["epoch"],
                      "best_val": {k: v for k, v in best["val"].items() if k != "hist"},
-                     "inference_variants": state["inference"]["val_variants"]},
+                     "inference_variants": state.inference["val_variants"]},
         "data": {"uri": data, "counts": manifest["counts"], "created": manifest["created"]},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     storage.write_text(storage.join(run_uri, "history.jsonl"),
-                       "".join(json.dumps(row) + "\n" for row in state["history"]))
+                       "".join(json.dumps(row) + "\n" for row in state.history))

@@ -16,8 +16,7 @@ import pytest
 
 from raythyroid import infer, model, phantom, storage, train
 
-from conftest import ROOT, run_cli
-from s3proxy import FaultyS3Proxy
+from conftest import ROOT
 
 
 def shard_rows(prepared: str) -> dict:
@@ -38,9 +37,12 @@ def infer_outputs(output: str) -> tuple[dict, dict, dict]:
 
 
 @pytest.mark.timeout(1500)
-def test_flaky_s3_changes_no_output(s3, trained_run):
+def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
     """503 SlowDown and reset connections on a fifth of all requests: preprocess, train
     checkpoints and infer still succeed, with outputs identical to a clean run."""
+    from raythyroid import preprocess
+    from raythyroid.imaging import PrepConfig
+
     run_uri, _ = trained_run
     bucket = s3.bucket("flaky")
     raw = storage.join(bucket, "raw")
@@ -48,24 +50,23 @@ def test_flaky_s3_changes_no_output(s3, trained_run):
     clean, flaky = storage.join(bucket, "clean"), storage.join(bucket, "flaky")
     model_uri = storage.join(run_uri, "model")
 
-    def pipeline(root, env=None):
-        for args in (["preprocess", raw, f"{root}/prepared", "--size", "64"],
-                     ["infer", model_uri, f"{raw}/images", f"{root}/out", "--labels",
-                      f"{raw}/masks", "--batch-size", "4", "--block-size", "8"]):
-            result = run_cli(*args, env=env)
-            assert result.returncode == 0, result.stderr[-3000:]
+    def quiet(*_):
+        pass
+
+    def pipeline(root):
+        preprocess.run(raw, f"{root}/prepared", config=PrepConfig(size=64), log=quiet)
+        infer.run(model_uri, f"{raw}/images", f"{root}/out", labels=f"{raw}/masks",
+                  options=infer.InferOptions(batch_size=4, block_size=8), log=quiet)
 
     pipeline(clean)
-    proxy = FaultyS3Proxy(s3.url, seed=7, fault_rate=0.2)
+    s3.proxy.set_faults(0.2, seed=7)
     try:
-        env = {"AWS_ENDPOINT_URL": proxy.url}
-        pipeline(flaky, env)
-        trained = run_cli("train", f"{flaky}/prepared", f"{flaky}/run", "--epochs", "2",
-                          "--batch-size", "4", "--workers", "1", env=env)
-        assert trained.returncode == 0, trained.stderr[-3000:]
+        pipeline(flaky)
+        train.run(f"{flaky}/prepared", f"{flaky}/run",
+                  train.TrainConfig(epochs=2, batch_size=4), workers=1, log=quiet)
     finally:
-        proxy.stop()
-    assert proxy.counts["slow_down"] >= 20 and proxy.counts["reset"] >= 20, proxy.counts
+        counts = s3.proxy.set_faults(0.0)
+    assert counts["slow_down"] >= 20 and counts["reset"] >= 20, counts
 
     assert shard_rows(f"{flaky}/prepared") == shard_rows(f"{clean}/prepared")
     assert infer_outputs(f"{flaky}/out") == infer_outputs(f"{clean}/out")

@@ -9,6 +9,7 @@ import time
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -195,13 +196,13 @@ def test_safe_keys_never_leave_the_output():
     hostile = ["../../etc/passwd", "/abs/path", "a/../../b", "nul\x00byte", "x" * 500,
                "..", "./.hidden/../up", "weird name (1)"]
     for name in hostile:
-        key = infer.safe_key(name)
+        key = storage.safe_key(name)
         parts = key.split("/")
         assert ".." not in parts and "" not in parts and not key.startswith("/")
-        assert "\x00" not in key and len(key) <= infer.MAX_KEY_LENGTH
+        assert "\x00" not in key and len(key) <= storage.MAX_KEY_LENGTH
         resolved = os.path.normpath(os.path.join("/out/masks", key + ".png"))
         assert resolved.startswith("/out/masks/")
-    assert infer.safe_key("x" * 500) != infer.safe_key("x" * 499 + "y")
+    assert storage.safe_key("x" * 500) != storage.safe_key("x" * 499 + "y")
 
 
 @pytest.mark.timeout(600)
@@ -229,11 +230,15 @@ def test_max_error_rate_turns_errors_into_exit_3(trained_run, tmp_path):
 def test_compaction_keeps_each_key_once(tmp_path):
     output = str(tmp_path)
     row = {n: None for n in infer.RESULT_SCHEMA.names}
-    infer.write_results(output, [dict(row, key="a", source_uri="s/a", status="ok"),
-                                 dict(row, key="b", source_uri="s/b", status="ok")])
-    infer.write_results(output, [dict(row, key="b", source_uri="s/b", status="ok"),
-                                 dict(row, key="c", source_uri="s/c", status="ok")])
-    infer.write_results(output, [dict(row, key="a", source_uri="s/a", status="ok")])
+
+    def write(*keys):
+        infer.write_results(output, pa.Table.from_pylist(
+            [dict(row, key=k, source_uri=f"s/{k}", status="ok") for k in keys],
+            schema=infer.RESULT_SCHEMA))
+
+    write("a", "b")
+    write("b", "c")
+    write("a")
     assert infer.compact_results(output) == 2
     keys = infer.read_results(output, ["key"]).column("key").to_pylist()
     assert sorted(keys) == ["a", "b", "c"]

@@ -84,3 +84,23 @@ def test_empty_classes_follow_the_documented_rule():
     assert nothing["n_iou_per_image"] is None
     missed = metrics.summarize([0], [0], [10], [90])
     assert missed["n_iou"] == 0.0 and missed["precision"] == 0.0 and missed["recall"] == 0.0
+
+
+def test_totals_are_one_record_for_training_infer_and_evaluate():
+    """Counting image by image (training's validation), adding two workers' totals through
+    their all-reduce vectors, and summing results rows (infer, evaluate) give one answer."""
+    rng = np.random.default_rng(3)
+    labels = [rng.random((24, 24)) > 0.7 for _ in range(10)]
+    labels[4][:] = False  # an image without a nodule
+    preds = [rng.random((24, 24)) > 0.6 for _ in range(10)]
+    first, second = metrics.Totals(), metrics.Totals()
+    rows = []
+    for i, (label, pred) in enumerate(zip(labels, preds)):
+        rows.append((first if i < 5 else second).add(label, pred))
+    reduced = metrics.Totals.from_vector(np.add(first.to_vector(), second.to_vector()))
+    from_rows = metrics.summarize(*[[r[k] for r in rows] for k in ("tp", "fp", "fn", "tn")])
+    for totals in (reduced, first + second):
+        result = totals.metrics()
+        assert result.pop("hist") == from_rows["hist"]
+        assert result == pytest.approx({k: v for k, v in from_rows.items() if k != "hist"})
+    assert reduced.images == 10 and reduced.with_nodule == 9

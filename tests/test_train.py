@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from raythyroid import metrics, model, phantom, preprocess, storage, train
+from raythyroid import metrics, model, phantom, preprocess, shards, storage, train
 from raythyroid.imaging import PrepConfig
 
 from conftest import ray_processes, run_cli
@@ -178,7 +178,7 @@ def test_averaged_weights_are_validated_checkpointed_and_shipped(phantom_dataset
                   if p.is_dir())[-1]
     state = torch.load(last / train.STATE_FILE, map_location="cpu", weights_only=False)
     # one update per optimizer step: one worker, full batches only, two epochs
-    manifest = preprocess.read_manifest(prepared)
+    manifest = shards.read_manifest(prepared)
     assert state["ema"]["steps"] == 2 * (manifest["counts"]["train"] // 8)
 
     shipped_net, meta = model.load(storage.join(run_uri, "model"))
@@ -204,3 +204,38 @@ def test_averaged_weights_are_validated_checkpointed_and_shipped(phantom_dataset
     assert resumed.steps == state["ema"]["steps"]
     assert all(torch.equal(v, state["ema"]["weights"][k])
                for k, v in resumed.model.state_dict().items())
+
+
+@pytest.mark.timeout(600)
+def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
+    """What training chose on validation is what infer gets: infer's model input is the shard
+    image byte for byte, and infer over the validation frames, with the chosen inference and
+    the original label files, scores what the selection reported (original geometry both)."""
+    from raythyroid import imaging, infer
+
+    raw, prepared = phantom_dataset
+    run_uri, _ = trained_run
+    meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
+    manifest = shards.read_manifest(prepared)
+    rows = shards.read_rows(prepared, manifest, "val")
+    assert rows and all(r["full_mask"] for r in rows)
+
+    prep = imaging.PrepConfig.from_dict(meta["prep"])
+    for row in rows[:8]:
+        data = storage.read_bytes(row["source_uri"])
+        ((_, model_input),) = list(infer._frames_of(
+            {"key": row["key"], "source_uri": row["source_uri"]}, data, prep, 10 ** 8))
+        assert model_input.tobytes() == imaging.decode_png(row["image"]).tobytes()
+
+    chosen = [v for v in meta["training"]["inference_variants"]
+              if v["tta"] == meta["tta"] and v["threshold"] == meta["threshold"]
+              and v["keep_largest"] == meta["postprocess"]["keep_largest"]]
+    assert len(chosen) == 1
+    listing = tmp_path / "val.txt"
+    listing.write_text("".join(r["source_uri"] + "\n" for r in rows))
+    summary = infer.run(storage.join(run_uri, "model"), str(listing), str(tmp_path / "out"),
+                        labels=os.path.join(raw, "masks"), log=lambda *_: None)
+    assert summary["metrics"]["images"] == len(rows)
+    assert summary["metrics"]["n_iou"] == pytest.approx(chosen[0]["val_n_iou"], abs=0.002)
+    assert summary["metrics"]["n_iou_per_image"] == pytest.approx(
+        chosen[0]["val_n_iou_per_image"], abs=0.002)
