@@ -324,13 +324,14 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
     config = postprocess.PostConfig(**post)
     columns = {name: [None] * len(batch["key"]) for name in RESULT_SCHEMA.names}
     frames = batch["frame"]
-    columns.update(key=list(batch["key"]), source_uri=list(batch["source_uri"]),
-                   frame=[int(f) if f else None for f in frames], status=list(batch["status"]),
-                   error=list(batch["error"]), node_id=list(batch["node_id"]))
+    columns.update(key=_text(batch["key"]), source_uri=_text(batch["source_uri"]),
+                   frame=[int(f) if f else None for f in frames], status=_text(batch["status"]),
+                   error=_text(batch["error"]), node_id=_text(batch["node_id"]))
+    labels = _text(batch["label_uri"])
     timer = telemetry.timed("postprocess").__enter__()
     for i in np.flatnonzero(batch["ok"]):
         try:
-            described = _finish_frame(batch, i, output, config, max_pixels)
+            described = _finish_frame(batch, i, labels[i], output, config, max_pixels)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
             columns["status"][i], columns["error"][i] = "error", reason
@@ -348,7 +349,13 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
             "first_frame": frames <= 1}
 
 
-def _finish_frame(batch: dict, i: int, output: str, config, max_pixels: int) -> dict:
+def _text(column) -> list[str | None]:
+    """A text column as Ray Data hands it over: an all-None column arrives as NaN floats."""
+    return [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in column]
+
+
+def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, config,
+                  max_pixels: int) -> dict:
     """One frame's probabilities -> its mask (written) and its results columns."""
     geometry = Geometry(*(int(v) for v in batch["geometry"][i]))
     full = geometry.restore(batch["prob"][i].astype(np.float32))
@@ -357,8 +364,8 @@ def _finish_frame(batch: dict, i: int, output: str, config, max_pixels: int) -> 
     described = dict(postprocess.describe(mask, full, None if np.isnan(spacing[0])
                                           else (float(spacing[0]), float(spacing[1]))),
                      height=geometry.height, width=geometry.width)
-    if batch["label_uri"][i]:
-        described.update(evaluate.label_counts(batch["label_uri"][i], mask, max_pixels))
+    if label_uri:
+        described.update(evaluate.label_counts(label_uri, mask, max_pixels))
     storage.write_bytes(storage.join(output, MASKS, f"{batch['key'][i]}.png"),
                         imaging.encode_png(mask.astype(np.uint8) * 255))
     return described
