@@ -351,7 +351,8 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
 
 def _text(column) -> list[str | None]:
     """A text column as Ray Data hands it over: an all-None column arrives as NaN floats."""
-    return [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in column]
+    return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v))
+            else str(v) for v in column]
 
 
 def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, config,

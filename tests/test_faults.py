@@ -16,7 +16,7 @@ import pytest
 
 from raythyroid import infer, model, phantom, storage, train
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def shard_rows(prepared: str) -> dict:
@@ -53,17 +53,20 @@ def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
     def quiet(*_):
         pass
 
-    def pipeline(root):
-        preprocess.run(raw, f"{root}/prepared", config=PrepConfig(size=64), log=quiet)
-        infer.run(model_uri, f"{raw}/images", f"{root}/out", labels=f"{raw}/masks",
-                  options=infer.InferOptions(batch_size=4, block_size=8), log=quiet)
-
-    pipeline(clean)
+    # the clean reference on the session's Ray; the faulty runs as users run them, each a CLI
+    # process with its own Ray (and S3 clients), all through the same proxy
+    preprocess.run(raw, f"{clean}/prepared", config=PrepConfig(size=64), log=quiet)
+    infer.run(model_uri, f"{raw}/images", f"{clean}/out", labels=f"{raw}/masks",
+              options=infer.InferOptions(batch_size=4, block_size=8), log=quiet)
     s3.proxy.set_faults(0.2, seed=7)
     try:
-        pipeline(flaky)
-        train.run(f"{flaky}/prepared", f"{flaky}/run",
-                  train.TrainConfig(epochs=2, batch_size=4), workers=1, log=quiet)
+        for args in (["preprocess", raw, f"{flaky}/prepared", "--size", "64"],
+                     ["infer", model_uri, f"{raw}/images", f"{flaky}/out", "--labels",
+                      f"{raw}/masks", "--batch-size", "4", "--block-size", "8"],
+                     ["train", f"{flaky}/prepared", f"{flaky}/run", "--epochs", "2",
+                      "--batch-size", "4", "--workers", "1"]):
+            result = run_cli(*args)
+            assert result.returncode == 0, result.stderr[-3000:]
     finally:
         counts = s3.proxy.set_faults(0.0)
     assert counts["slow_down"] >= 20 and counts["reset"] >= 20, counts

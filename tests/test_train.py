@@ -193,7 +193,7 @@ def test_averaged_weights_are_validated_checkpointed_and_shipped(phantom_dataset
     assert all(torch.equal(shipped[k], best_averaged[k]) for k in shipped)
 
     # the validation score kept with the model is the shipped (averaged) weights' own
-    val = train.load_split(prepared, manifest, "val")
+    val = train.load_split(prepared, manifest, "val", full=True)
     bf16 = history(run_uri)[0]["precision"] == "bf16"
     rescored = train.evaluate(shipped_net, val, 0, 1, torch.device("cpu"), bf16, 16)
     assert rescored["n_iou"] == pytest.approx(meta["training"]["best_val"]["n_iou"], abs=2e-3)
