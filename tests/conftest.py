@@ -38,9 +38,8 @@ def free_port() -> int:
 
 
 class S3Endpoint:
-    def __init__(self, url: str, proxy=None):
+    def __init__(self, url: str):
         self.url = url
-        self.proxy = proxy  # in front of the store for every client: tests turn faults on
         self._count = 0
 
     @property
@@ -70,29 +69,22 @@ class S3Endpoint:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory) -> S3Endpoint:
-    """moto's S3 server on 127.0.0.1 behind a proxy that behaves until a test asks it to fail
-    requests (s3.proxy.set_faults), with the environment every client (pyarrow, boto3, Ray
-    workers, CLI subprocesses) reads its endpoint and credentials from. One endpoint for the
-    whole session lets the fault tests use the shared Ray runtime instead of starting their
-    own."""
+    """moto's S3 server on 127.0.0.1, with the environment every client (pyarrow, boto3, Ray
+    workers, CLI subprocesses) reads its endpoint and credentials from."""
     from moto.server import ThreadedMotoServer
-
-    from s3proxy import FaultyS3Proxy
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    proxy = FaultyS3Proxy(f"http://127.0.0.1:{port}")
-    url = proxy.url
+    url = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     # a secret distinctive enough that finding it anywhere in a log or output means a leak
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="AKIARAYTHYROIDTEST",
                       AWS_SECRET_ACCESS_KEY="rt-secret-" + secrets.token_hex(12),
                       AWS_DEFAULT_REGION="us-east-1")
-    yield S3Endpoint(url, proxy)
-    proxy.stop()
+    yield S3Endpoint(url)
     server.stop()
     for key, value in saved.items():
         if value is None:

@@ -107,15 +107,6 @@ class FaultyS3Proxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def set_faults(self, fault_rate: float, seed: int = 0) -> dict:
-        """Start (or, at 0, stop) misbehaving; returns the counts so far and resets them."""
-        with self.lock:
-            counts = dict(self.counts)
-            self.counts = {name: 0 for name in self.counts}
-            self.rng = random.Random(seed)
-            self.fault_rate = fault_rate
-        return counts
-
     def _count(self, name: str) -> None:
         with self.lock:
             self.counts[name] += 1

@@ -17,6 +17,7 @@ import pytest
 from raythyroid import infer, model, phantom, storage, train
 
 from conftest import ROOT, run_cli
+from s3proxy import FaultyS3Proxy
 
 
 def shard_rows(prepared: str) -> dict:
@@ -54,21 +55,22 @@ def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
         pass
 
     # the clean reference on the session's Ray; the faulty runs as users run them, each a CLI
-    # process with its own Ray (and S3 clients), all through the same proxy
+    # process with its own Ray (and S3 clients), through a proxy that fails a fifth of requests
     preprocess.run(raw, f"{clean}/prepared", config=PrepConfig(size=64), log=quiet)
     infer.run(model_uri, f"{raw}/images", f"{clean}/out", labels=f"{raw}/masks",
               options=infer.InferOptions(batch_size=4, block_size=8), log=quiet)
-    s3.proxy.set_faults(0.2, seed=7)
+    proxy = FaultyS3Proxy(s3.url, seed=7, fault_rate=0.2)
     try:
         for args in (["preprocess", raw, f"{flaky}/prepared", "--size", "64"],
                      ["infer", model_uri, f"{raw}/images", f"{flaky}/out", "--labels",
                       f"{raw}/masks", "--batch-size", "4", "--block-size", "8"],
                      ["train", f"{flaky}/prepared", f"{flaky}/run", "--epochs", "2",
                       "--batch-size", "4", "--workers", "1"]):
-            result = run_cli(*args)
+            result = run_cli(*args, env={"AWS_ENDPOINT_URL": proxy.url})
             assert result.returncode == 0, result.stderr[-3000:]
     finally:
-        counts = s3.proxy.set_faults(0.0)
+        proxy.stop()
+    counts = proxy.counts
     assert counts["slow_down"] >= 20 and counts["reset"] >= 20, counts
 
     assert shard_rows(f"{flaky}/prepared") == shard_rows(f"{clean}/prepared")
