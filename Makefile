@@ -15,7 +15,7 @@ PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
 # DICOM tools the tests write and validate files with (dcmtk, GDCM, dicom3tools' dciodvfy):
 # installed when running as root, as CI does; elsewhere those tests skip and say why
 DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools
-DEBIAN_STAMP := .cache/debian-tools
+DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy
 
 .PHONY: install test demo prometheus clean debian-tools
 
@@ -33,18 +33,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-debian-tools: $(DEBIAN_STAMP)
-
-$(DEBIAN_STAMP):
-	@mkdir -p .cache
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		command -v dcmdump gdcmconv dciodvfy >/dev/null 2>&1 || \
+# checked on every run (a few `command -v`), so a machine that gains root or loses a package
+# is set right next time; every command is checked, one missing package is enough to install
+debian-tools:
+	@missing=$$(for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null; } || \
 		echo "apt-get install $(DEBIAN_TOOLS) failed: their tests will skip"; \
-	else echo "not root: skipping apt-get install $(DEBIAN_TOOLS) (their tests will skip)"; fi
-	@touch $@
+	else echo "not root: $$missing missing, not installed (their tests will skip)"; fi
 
-test: $(STAMP) $(PROMETHEUS) $(DEBIAN_STAMP)
+test: $(STAMP) $(PROMETHEUS) debian-tools
 	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
