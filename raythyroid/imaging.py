@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 
 import cv2
 import numpy as np
@@ -59,6 +59,14 @@ class Geometry:
     @classmethod
     def from_dict(cls, data: dict) -> "Geometry":
         return cls(**{f.name: int(data[f.name]) for f in fields(cls)})
+
+    def to_row(self) -> tuple[int, ...]:
+        """As 7 ints in field order: one row of an int array column (Ray Data batches)."""
+        return astuple(self)
+
+    @classmethod
+    def from_row(cls, values) -> "Geometry":
+        return cls(*(int(v) for v in values))
 
     def to_model(self, mask: np.ndarray) -> np.ndarray:
         """An original-frame mask -> 0/1 uint8 at the prepared size (same crop and resize)."""

@@ -197,13 +197,12 @@ def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int):
             yield _error_meta(frame_key, source, str(exc), frame_no), None
             continue
         yield {"key": frame_key, "source_uri": source, "frame": frame_no, "status": "ok",
-               "error": None, "geometry": geometry.to_dict(),
-               "spacing": frames.spacing_mm}, image
+               "error": None, "geometry": geometry, "spacing": frames.spacing_mm}, image
 
 
 def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
     """Block of (key, source_uri, labels) -> chunks of frame rows (the metadata as columns,
-    CHUNK_COLUMNS, plus the prepared image), frame by frame."""
+    see _chunk, plus the prepared image), frame by frame."""
     config = PrepConfig.from_dict(prep)
     rows = batch.to_pylist()
 
@@ -258,18 +257,18 @@ def _label_for(row: dict, key: str) -> str | None:
     return None
 
 
-# per-frame metadata travels as columns from reading to writing: strings as object arrays,
-# geometry as 7 ints (Geometry's fields), spacing as 2 floats (NaN when uncalibrated)
+# per-frame metadata travels as columns from reading to writing: text as strings ("" for
+# none: Ray Data turns a column of only None into NaN floats), geometry as 7 ints, spacing as
+# 2 floats (NaN when uncalibrated), frame as an int (0 for none)
 TEXT_COLUMNS = ("key", "source_uri", "status", "error", "label_uri")
-GEOMETRY_FIELDS = ("height", "width", "x", "y", "w", "h", "size")
 
 
 def _chunk(metas: list[dict], images: list[np.ndarray]) -> dict:
-    columns = {name: np.array([m.get(name) for m in metas], dtype=object)
+    columns = {name: np.array([m.get(name) or "" for m in metas], dtype=object)
                for name in TEXT_COLUMNS}
-    columns["frame"] = np.array([m.get("frame") or 0 for m in metas], np.int32)  # 0: none
-    columns["geometry"] = np.array([[m["geometry"][f] for f in GEOMETRY_FIELDS]
-                                    if m.get("geometry") else [0] * 7 for m in metas], np.int32)
+    columns["frame"] = np.array([m.get("frame") or 0 for m in metas], np.int32)
+    columns["geometry"] = np.array([m["geometry"].to_row() if m.get("geometry") else (0,) * 7
+                                    for m in metas], np.int32)
     columns["spacing"] = np.array([m.get("spacing") or (np.nan, np.nan) for m in metas],
                                   np.float64)
     columns["ok"] = columns["status"] == "ok"
@@ -358,15 +357,14 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
 
 
 def _text(column) -> list[str | None]:
-    """A text column as Ray Data hands it over: an all-None column arrives as NaN floats."""
-    return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v))
-            else str(v) for v in column]
+    """A text column of the chunk back to results values: "" is none (see _chunk)."""
+    return [str(v) or None for v in column]
 
 
 def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, config,
                   max_pixels: int) -> dict:
     """One frame's probabilities -> its mask (written) and its results columns."""
-    geometry = Geometry(*(int(v) for v in batch["geometry"][i]))
+    geometry = Geometry.from_row(batch["geometry"][i])
     full = geometry.restore(batch["prob"][i].astype(np.float32))
     mask = postprocess.clean_mask(full, config)
     spacing = batch["spacing"][i]

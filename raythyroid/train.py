@@ -130,12 +130,11 @@ def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None
         out["fold"] = np.array([folds[k] for k in keys], np.int64)
     if full:
         out["full_mask"] = np.array(batch.column("full_mask").to_pylist(), dtype=object)
-        out["geometry"] = np.array([[g[f] for f in GEOMETRY_FIELDS]
+        out["geometry"] = np.array([imaging.Geometry.from_dict(g).to_row()
                                     for g in batch.column("geometry").to_pylist()], np.int32)
     return out
 
 
-GEOMETRY_FIELDS = ("height", "width", "x", "y", "w", "h", "size")  # imaging.Geometry's order
 FULL_COLUMNS = ["full_mask", "geometry"]
 
 
@@ -218,7 +217,7 @@ def _scored_pairs(batch: dict, mine: np.ndarray, prob: np.ndarray):
         yield from zip(batch["mask"][mine].astype(bool), prob)
         return
     for label_png, geometry, p in zip(batch["full_mask"][mine], batch["geometry"][mine], prob):
-        restored = imaging.Geometry(*(int(v) for v in geometry)).restore(
+        restored = imaging.Geometry.from_row(geometry).restore(
             p.astype(np.float16).astype(np.float32))
         yield imaging.decode_png(label_png) > 0, restored
 
