@@ -10,7 +10,6 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
-SPLITS = ("train", "val", "test")
 
 
 def read_manifest(data: str) -> dict:
@@ -24,18 +23,19 @@ def read_manifest(data: str) -> dict:
         raise UserError(f"cannot read {uri}: {storage.describe_error(exc)}") from None
 
 
+def shard_uris(data: str, manifest: dict, names) -> list[str]:
+    """The shard files of one split or a list of splits, as the manifest vouches for them."""
+    names = [names] if isinstance(names, str) else names
+    return [storage.join(data, s) for name in names for s in manifest["shards"].get(name) or []]
+
+
 def shard_paths(data: str, manifest: dict, names) -> tuple:
+    """(pyarrow filesystem, paths on it) of those shards, for Ray Data's read_parquet."""
     fs, _ = storage.filesystem(data)
-    return fs, [storage.filesystem(storage.join(data, s))[1]
-                for name in names for s in manifest["shards"].get(name) or []]
+    return fs, [storage.filesystem(uri)[1] for uri in shard_uris(data, manifest, names)]
 
 
 def read_rows(data: str, manifest: dict, names, columns: list[str] | None = None) -> list[dict]:
     """Every row of the named splits, in shard order (small data: demos, benches, tests)."""
-    return [row for path in shard_uris(data, manifest, names)
-            for row in storage.read_parquet(path, columns).to_pylist()]
-
-
-def shard_uris(data: str, manifest: dict, names) -> list[str]:
-    names = [names] if isinstance(names, str) else names
-    return [storage.join(data, s) for name in names for s in manifest["shards"].get(name) or []]
+    return [row for uri in shard_uris(data, manifest, names)
+            for row in storage.read_parquet(uri, columns).to_pylist()]

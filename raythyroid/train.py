@@ -146,7 +146,7 @@ def load_split(data: str, manifest: dict, name, with_weights: bool = False,
     written score in the prepared square instead)."""
     import ray
 
-    fs, paths = shards.shard_paths(data, manifest, [name] if isinstance(name, str) else name)
+    fs, paths = shards.shard_paths(data, manifest, name)
     if not paths:
         return None
     full = full and manifest.get("format", "").endswith("/2")

@@ -14,19 +14,15 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from raythyroid import infer, model, phantom, storage, train
+from raythyroid import infer, model, phantom, shards, storage, train
 
 from conftest import ROOT, run_cli
 from s3proxy import FaultyS3Proxy
 
 
 def shard_rows(prepared: str) -> dict:
-    manifest = json.loads(storage.read_text(storage.join(prepared, "manifest.json")))
-    rows = {}
-    for shard in (s for shards in manifest["shards"].values() for s in shards):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prepared, shard))))
-        rows.update({r["key"]: r for r in table.to_pylist()})
-    return rows
+    manifest = shards.read_manifest(prepared)
+    return {r["key"]: r for r in shards.read_rows(prepared, manifest, list(manifest["shards"]))}
 
 
 def infer_outputs(output: str) -> tuple[dict, dict, dict]:
