@@ -47,6 +47,8 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
     log(f"cv: {len(rows)} pairs of {len(case_fold)} cases in {folds} case-disjoint folds")
     pooled = train.load_split(data, manifest, ["train", "val"], with_weights=weighted,
                               folds=key_fold, full=True)
+    # what only validation reads (original-geometry labels) stays out of training folds
+    scoring_only = [c for c in train.FULL_COLUMNS if c in pooled.columns()]
 
     total_cpus = runtime.cluster_cpus()
     total_gpus = float(ray.cluster_resources().get("GPU", 0.0))
@@ -64,9 +66,8 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
         if storage.exists(done):
             return json.loads(storage.read_text(done))
         training = pooled.filter(expr=col("fold") != k)
-        present = [c for c in train.FULL_COLUMNS if c in training.columns()]
-        datasets = {"train": training.drop_columns(present).materialize() if present
-                    else training.materialize(),
+        datasets = {"train": (training.drop_columns(scoring_only) if scoring_only
+                              else training).materialize(),
                     "val": pooled.filter(expr=col("fold") == k).materialize()}
         fold_config = dataclasses.replace(config, seed=config.seed + k)
         train.check_resume(fold_uri, fold_config)

@@ -23,6 +23,11 @@ def read_manifest(data: str) -> dict:
         raise UserError(f"cannot read {uri}: {storage.describe_error(exc)}") from None
 
 
+def format_version(manifest: dict) -> int:
+    """`raythyroid-preprocess/N` -> N (2 and later: shards carry full_mask)."""
+    return int(str(manifest.get("format", "/1")).rsplit("/", 1)[-1])
+
+
 def shard_uris(data: str, manifest: dict, names) -> list[str]:
     """The shard files of one split or a list of splits, as the manifest vouches for them."""
     names = [names] if isinstance(names, str) else names

@@ -149,7 +149,7 @@ def load_split(data: str, manifest: dict, name, with_weights: bool = False,
     fs, paths = shards.shard_paths(data, manifest, name)
     if not paths:
         return None
-    full = full and manifest.get("format", "").endswith("/2")
+    full = full and shards.format_version(manifest) >= 2
     columns = ["key", "image", "mask"] + (FULL_COLUMNS if full else [])
     return (ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
             .map_batches(_decode_block, fn_kwargs={"with_weights": with_weights,
