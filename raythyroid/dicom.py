@@ -630,11 +630,11 @@ def _is_nodule(segment) -> bool:
     return "nodule" in label or any(str(c.get("CodeValue", "")) == NODULE_CODE for c in codes)
 
 
-def seg_mask(data: bytes, seg_frame: int) -> np.ndarray:
-    """One frame of a DICOM SEG as a bool mask (fractional SEGs: at least half the maximum)."""
+def seg_mask(ds, seg_frame: int) -> np.ndarray:
+    """One frame of a DICOM SEG (a dataset from read_dataset, parsed once for all its frames)
+    as a bool mask; fractional SEGs: at least half the maximum."""
     from pydicom.pixels import get_decoder
 
-    ds = read_dataset(data)
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= seg_frame <= count:
         raise DecodeError(f"DICOM SEG has no frame {seg_frame}")

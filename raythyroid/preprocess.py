@@ -53,17 +53,54 @@ def _fetch(uri: str, stage: str) -> bytes:
     return data
 
 
-def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
+class Source:
+    """One image file as the rows of a block use it: read and opened once, however many of its
+    frames (a cine's) are annotated, with the mask files those rows name (a SEG holds many)."""
+
+    def __init__(self, uri: str, max_pixels: int):
+        self.uri, self.max_pixels = uri, max_pixels
+        self.data = self.frames = None
+        self._failure: StageError | None = None
+        self._masks: dict[str, object] = {}
+
+    def open(self):
+        """(bytes, frames); the same StageError for every row when the file cannot be used."""
+        if self.frames is None and self._failure is None:
+            try:
+                self.data = _fetch(self.uri, "read")
+                self.frames = imaging.open_frames(self.data, self.max_pixels)
+            except StageError as exc:
+                self._failure = exc
+            except SkipInput as exc:
+                self._failure = StageError("skipped", str(exc))
+            except DecodeError as exc:
+                self._failure = StageError("decode", str(exc))
+        if self._failure is not None:
+            raise self._failure
+        return self.data, self.frames
+
+    def mask(self, uri: str, seg_frame: int | None) -> np.ndarray:
+        """A mask file decoded, or one frame of a DICOM SEG (the SEG parsed once)."""
+        from . import dicom
+
+        if uri not in self._masks:
+            data = _fetch(uri, "mask")
+            self._masks[uri] = dicom.read_dataset(data) if seg_frame else data
+        if seg_frame:
+            return dicom.seg_mask(self._masks[uri], seg_frame)
+        return imaging.decode_mask(self._masks[uri], self.max_pixels)
+
+
+def prepare_pair(row: dict, config: PrepConfig, max_pixels: int,
+                 source: Source | None = None) -> dict:
     """One layout row -> one prepared row, or raise StageError with the reason."""
-    data = _fetch(row["image_uri"], "read")
+    source = source or Source(row["image_uri"], max_pixels)
+    data, frames = source.open()
     try:
-        frames = imaging.open_frames(data, max_pixels)
         if frames.count > 1 and not row.get("frame"):
             raise DecodeError(f"multi-frame image ({frames.count} frames): name its masks "
                               f"<name>#<frame>, or annotate it with DICOM SEG (--layout dicom)")
         frame = frames.frame((row.get("frame") or 1) - 1)
-    except SkipInput as exc:
-        raise StageError("skipped", str(exc)) from None
     except DecodeError as exc:
         raise StageError("decode", str(exc)) from None
     height, width = frame.shape[:2]
@@ -71,13 +108,7 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
         mask = imaging.fill_polygons(json.loads(row["mask_polygons"]), height, width)
     else:
         try:
-            mask_data = _fetch(row["mask_uri"], "mask")
-            if row.get("mask_frame"):
-                from . import dicom
-
-                mask = dicom.seg_mask(mask_data, int(row["mask_frame"]))
-            else:
-                mask = imaging.decode_mask(mask_data, max_pixels)
+            mask = source.mask(row["mask_uri"], row.get("mask_frame"))
         except DecodeError as exc:
             raise StageError("mask", str(exc)) from None
         if mask.shape != (height, width):
@@ -104,11 +135,11 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int) -> dict:
     return prepared
 
 
-def _prepare_row(row: dict, config: PrepConfig, max_pixels: int) -> dict:
+def _prepare_row(row: dict, config: PrepConfig, max_pixels: int, source: Source) -> dict:
     out = {"key": row["key"], "case_id": row["case_id"], "fixed_split": row.get("split"),
            "source_uri": row["image_uri"]}
     try:
-        out.update(prepare_pair(row, config, max_pixels))
+        out.update(prepare_pair(row, config, max_pixels, source))
         telemetry.count("prepared", pipeline="preprocess")
     except StageError as exc:
         out.update(error_stage=exc.stage, error_reason=exc.reason)
@@ -122,14 +153,28 @@ def _prepare_row(row: dict, config: PrepConfig, max_pixels: int) -> dict:
 
 
 def prepare_block(batch: pa.Table, config: dict, max_pixels: int) -> pa.Table:
-    """Ray Data UDF over a block of layout rows; failures become rows, never a failed task."""
+    """Ray Data UDF over a block of layout rows; failures become rows, never a failed task.
+
+    Rows of one image file (a cine's annotated frames) share one Source, handled by one
+    thread in row order; files are spread over threads, which overlap the object-store reads
+    (OpenCV releases the GIL while decoding).
+    """
     prep = PrepConfig.from_dict(config)
     rows = batch.to_pylist()
     telemetry.count("read", len(rows), pipeline="preprocess")
-    # Threads overlap the object-store reads; OpenCV releases the GIL while decoding.
+    by_source: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_source.setdefault(row["image_uri"], []).append(index)
+    results: list[dict | None] = [None] * len(rows)
+
+    def prepare_source(indices: list[int]) -> None:
+        source = Source(rows[indices[0]]["image_uri"], max_pixels)
+        for index in indices:
+            results[index] = _prepare_row(rows[index], prep, max_pixels, source)
+
     with telemetry.timed("prepare", pipeline="preprocess"), \
-            ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
-        results = list(pool.map(lambda row: _prepare_row(row, prep, max_pixels), rows))
+            ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(by_source)))) as pool:
+        list(pool.map(prepare_source, by_source.values()))
     return pa.Table.from_pylist(results, schema=PREPARED_SCHEMA)
 
 
