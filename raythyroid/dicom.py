@@ -28,30 +28,31 @@ ULTRASOUND_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NODULE_CODE = "27925004"  # SNOMED CT "Nodule", the segmented property type our SEGs carry
 
-# SOP classes that hold no image to segment, by UID prefix (longest first wins). RT Dose and
-# SEG carry pixel data, so the SOP class decides, never the presence of pixels.
+# SOP classes that hold no image to segment: a UID itself or the root of a family of UIDs (the
+# first entry that matches wins, so KO comes before the SR family). RT Dose and SEG carry pixel
+# data, so the SOP class decides, never the presence of pixels.
 _NON_IMAGE_CLASSES = (
     ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),
-    ("1.2.840.10008.5.1.4.1.1.88.", "SR"),
-    ("1.2.840.10008.5.1.4.1.1.11.", "PR"),
-    ("1.2.840.10008.5.1.4.1.1.481.", "RT"),
-    ("1.2.840.10008.5.1.4.34.", "RT"),
-    ("1.2.840.10008.5.1.4.1.1.9.", "waveform"),
-    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.88", "SR"),
+    ("1.2.840.10008.5.1.4.1.1.11", "PR"),
+    ("1.2.840.10008.5.1.4.1.1.481", "RT"),
+    ("1.2.840.10008.5.1.4.34", "RT"),
+    ("1.2.840.10008.5.1.4.1.1.9", "waveform"),
+    ("1.2.840.10008.5.1.4.1.1.104", "encapsulated document"),
     ("1.2.840.10008.5.1.4.1.1.66.4", "SEG"),
     ("1.2.840.10008.5.1.4.1.1.66.5", "surface segmentation"),
     ("1.2.840.10008.5.1.4.1.1.66", "raw data or registration"),
     ("1.2.840.10008.5.1.4.1.1.67", "real world value mapping"),
-    ("1.2.840.10008.5.1.4.1.1.68.", "surface"),
+    ("1.2.840.10008.5.1.4.1.1.68", "surface"),
     ("1.2.840.10008.5.1.4.1.1.4.2", "MR spectroscopy"),
-    ("1.2.840.10008.5.1.4.1.1.78.", "measurements"),
-    ("1.2.840.10008.5.1.4.1.1.79.", "measurements"),
-    ("1.2.840.10008.5.1.4.1.1.80.", "measurements"),
-    ("1.2.840.10008.5.1.4.1.1.81.", "measurements"),
-    ("1.2.840.10008.5.1.4.1.1.82.", "measurements"),
-    ("1.2.840.10008.5.1.4.1.1.90.", "assessment"),
-    ("1.2.840.10008.5.1.4.1.1.91.", "annotation"),
-    ("1.2.840.10008.5.1.4.1.1.200.", "protocol"),
+    ("1.2.840.10008.5.1.4.1.1.78", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.79", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.80", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.81", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.82", "measurements"),
+    ("1.2.840.10008.5.1.4.1.1.90", "assessment"),
+    ("1.2.840.10008.5.1.4.1.1.91", "annotation"),
+    ("1.2.840.10008.5.1.4.1.1.200", "protocol"),
     ("1.2.840.10008.1.3.10", "DICOMDIR"),
 )
 
@@ -96,8 +97,8 @@ def non_image_reason(sop_class: str | None) -> str | None:
     if not sop_class:
         return None
     sop_class = str(sop_class)
-    for prefix, name in _NON_IMAGE_CLASSES:
-        if sop_class == prefix.rstrip(".") or sop_class.startswith(prefix):
+    for root, name in _NON_IMAGE_CLASSES:
+        if sop_class == root or sop_class.startswith(root + "."):
             return f"not an image ({name})"
     return None
 
@@ -399,6 +400,10 @@ try:
     _register_plugins()
 except Exception:  # pragma: no cover - an older pydicom: the syntax check reports it per file
     pass
+
+
+# ---------------------------------------------------------------- DICOM SEG out
+
 _SINGLE_FRAME_CLASSES = {  # IODs without Number of Frames: no frame numbers in references
     "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
     "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.1.3",
@@ -421,7 +426,8 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
     """
     import pydicom
 
-    source = read_dataset(source_data)
+    # the header is all a SEG copies or references: the pixels are neither parsed nor copied
+    source = read_dataset(source_data, stop_before_pixels=True)
     frames = sorted(masks)
     multi = int(source.get("NumberOfFrames", 1) or 1) > 1
     first = _first_frame_source(source, multi)
@@ -461,7 +467,6 @@ def _first_frame_source(source, multi: bool):
     if multi:  # highdicom builds multi-frame SEGs only for sources in patient space
         del first.NumberOfFrames
         first.SOPClassUID = ULTRASOUND_IMAGE_STORAGE
-        first.PixelData = b""
     for name in _TYPE2_COPIED:
         if name not in first:
             setattr(first, name, "")

@@ -252,10 +252,11 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
                 problems.append(Problem(key, uri, error))
                 continue
             sop_class = dicom.sop_class_of(ds)
+            skip = dicom.non_image_reason(sop_class)
             if sop_class == dicom.SEGMENTATION_STORAGE:
                 segs.append((uri, ds))
-            elif dicom.non_image_reason(sop_class):
-                problems.append(Problem(key, uri, dicom.non_image_reason(sop_class), "skipped"))
+            elif skip:
+                problems.append(Problem(key, uri, skip, "skipped"))
             else:
                 images[str(ds.get("SOPInstanceUID", ""))] = (
                     uri, int(ds.get("NumberOfFrames", 1) or 1))
