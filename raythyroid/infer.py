@@ -13,6 +13,7 @@ together, so an interrupted-then-resumed run ends with exactly the metrics of a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -158,11 +159,14 @@ def read_results(output: str, columns: list[str] | None = None,
     tables = []
     # a thousand files at a time, each group made contiguous: one table of 15,000 tiny chunks
     # holds several times its data in per-chunk buffers
+    def read_group(group: list[str]) -> pa.Table:
+        dataset = pads.dataset(group, filesystem=fs, format="parquet", schema=RESULT_SCHEMA)
+        return dataset.to_table(
+            columns=wanted + (["__filename"] if with_files else [])).combine_chunks()
+
     for start in range(0, len(paths), RESULTS_PER_READ):
-        dataset = pads.dataset(paths[start:start + RESULTS_PER_READ], filesystem=fs,
-                               format="parquet", schema=RESULT_SCHEMA)
-        tables.append(dataset.to_table(
-            columns=wanted + (["__filename"] if with_files else [])).combine_chunks())
+        group = paths[start:start + RESULTS_PER_READ]
+        tables.append(storage.retry_transient(functools.partial(read_group, group)))
     return pa.concat_tables(tables)
 
 

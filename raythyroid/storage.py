@@ -19,6 +19,9 @@ import pyarrow.fs as pafs
 
 # One retry policy for every S3 call the project makes (pyarrow and boto3): transient 503
 # SlowDown and dropped connections are retried with exponential backoff before a read fails.
+# The SDKs' legacy retry mode, not "standard": standard mode keeps a retry quota per client
+# that a sustained fault rate (a fifth of requests throttled for an hour) drains, after which
+# every error fails at once; an overnight batch job would rather wait and finish.
 S3_MAX_ATTEMPTS = int(os.environ.get("RAYTHYROID_S3_MAX_ATTEMPTS", "10"))
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_REQUEST_TIMEOUT_S = 60.0
@@ -66,7 +69,7 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
         region=region,
         connect_timeout=S3_CONNECT_TIMEOUT_S,
         request_timeout=S3_REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         **kwargs,
     )
 
@@ -77,7 +80,7 @@ def _boto3_client(endpoint: str | None, region: str):
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "legacy"},
         connect_timeout=S3_CONNECT_TIMEOUT_S,
         read_timeout=S3_REQUEST_TIMEOUT_S,
     )
@@ -86,6 +89,37 @@ def _boto3_client(endpoint: str | None, region: str):
 
 def s3_client():
     return _boto3_client(s3_endpoint(), _region())
+
+
+# What neither SDK retries: a response cut off while its body streams (the connection reset
+# after the request had succeeded) surfaces from pyarrow as one of these; so do 503s to HEAD
+# requests, which carry no body to name the error by.
+_TRANSIENT_S3_ERRORS = ("AWS Error INTERNAL_FAILURE", "AWS Error NETWORK_CONNECTION",
+                        "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
+                        "(HTTP status 503)", "(HTTP status 500)",
+                        "Failed to flush response stream", "Connection reset")
+
+
+def retry_transient(operation, attempts: int = S3_MAX_ATTEMPTS, first_wait_s: float = 0.2):
+    """Run `operation()` again, with backoff, while it fails on a transient S3 error: for
+    whole-object operations (a download, a dataset read, an upload) that the SDKs'
+    per-request retries cannot restart."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except Exception as exc:
+            if attempt == attempts - 1 or not _is_transient(exc):
+                raise
+            time.sleep(min(first_wait_s * 2 ** attempt, 5.0))
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return any(text in str(exc) for text in _TRANSIENT_S3_ERRORS)
+    # boto3's body stream cut off: botocore's own exceptions, not OSErrors
+    return type(exc).__name__ in ("ResponseStreamingError", "IncompleteReadError")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -141,7 +175,7 @@ def read_bytes(uri: str) -> bytes:
     # boto3 rather than pyarrow: it takes any key S3 can hold, including ones with empty or
     # '..' components that pyarrow's path handling rejects or rewrites
     bucket, key = _split_s3_exact(uri)
-    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return retry_transient(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
 def read_text(uri: str) -> str:
@@ -156,8 +190,12 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     if is_s3(uri):
         fs, path = filesystem(uri)
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+
+        def upload():
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+        retry_transient(upload)
         return
     path = _local_path(uri)
     folder = os.path.dirname(path)

@@ -1,7 +1,8 @@
 """An HTTP proxy in front of the S3 endpoint that misbehaves like a busy object store.
 
-Seeded: a fraction of requests is answered `503 SlowDown` or has its connection reset; keys
-matching a deny pattern are always `403 AccessDenied`. Everything else is forwarded unchanged.
+Seeded: a fraction of requests is answered `503 SlowDown` or has its connection reset; with
+`cut_rate`, a fraction of successful GETs is cut off halfway through the body. Keys matching a
+deny pattern are always `403 AccessDenied`. Everything else is forwarded unchanged.
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDeni
 
 class FaultyS3Proxy:
     def __init__(self, upstream: str, seed: int = 0, fault_rate: float = 0.0,
-                 deny: str | None = None):
+                 deny: str | None = None, cut_rate: float = 0.0):
         self.upstream = urlparse(upstream)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.fault_rate = fault_rate
+        self.cut_rate = cut_rate
         self.deny = re.compile(deny) if deny else None
-        self.counts = {"forwarded": 0, "slow_down": 0, "reset": 0, "denied": 0}
+        self.counts = {"forwarded": 0, "slow_down": 0, "reset": 0, "denied": 0, "cut": 0}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,12 +74,7 @@ class FaultyS3Proxy:
                     return self._reply(503, SLOW_DOWN)
                 if roll < proxy.fault_rate:
                     proxy._count("reset")
-                    # an RST instead of an orderly close: the client sees "connection reset"
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                               struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
-                    return
+                    return self._reset()
                 proxy._count("forwarded")
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname,
                                                       proxy.upstream.port, timeout=60)
@@ -95,9 +92,22 @@ class FaultyS3Proxy:
                 self.send_header("Content-Length",
                                  length if self.command == "HEAD" and length else str(len(data)))
                 self.end_headers()
+                upstream.close()
+                if self.command == "GET" and len(data) > 1 and response.status < 300 \
+                        and roll < proxy.fault_rate + proxy.cut_rate:
+                    proxy._count("cut")
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    return self._reset()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                upstream.close()
+
+            def _reset(self):
+                # an RST instead of an orderly close: the client sees "connection reset"
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 

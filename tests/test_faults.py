@@ -11,6 +11,7 @@ import sys
 import time
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -77,6 +78,34 @@ def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
     checkpoints = [u for u in storage.list_files(f"{flaky}/run/checkpoints")
                    if u.endswith("state.pt")]
     assert checkpoints
+
+
+@pytest.mark.timeout(300)
+def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
+    """Three in ten requests throttled or reset, and one in ten responses cut off mid-body, for
+    as long as the job runs: every read still succeeds, through pyarrow (results) and boto3
+    (objects) alike. pyarrow's "standard" retry quota ran dry a few hundred requests in and
+    failed every read after, and no SDK retries a body cut off after the request succeeded
+    (the nightly infer died summarising its results)."""
+    output = storage.join(s3.bucket("sustained"), "out")
+    for i in range(30):
+        row = {name: [None] for name in infer.RESULT_SCHEMA.names}
+        row.update(key=[f"case-{i:02d}"], source_uri=[f"s3://archive/{i}.png"], status=["ok"])
+        storage.write_parquet(storage.join(output, infer.RESULTS, f"part-{i:03d}.parquet"),
+                              pa.table(row, schema=infer.RESULT_SCHEMA))
+    uris = storage.list_files(storage.join(output, infer.RESULTS))
+    clean = infer.read_results(output).sort_by("key")
+    objects = {uri: storage.read_bytes(uri) for uri in uris}
+    proxy = FaultyS3Proxy(s3.url, seed=3, fault_rate=0.3, cut_rate=0.1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        for _ in range(6):
+            assert infer.read_results(output).sort_by("key").equals(clean)
+        assert {uri: storage.read_bytes(uri) for uri in uris} == objects
+    finally:
+        proxy.stop()
+    assert proxy.counts["slow_down"] + proxy.counts["reset"] >= 100, proxy.counts
+    assert proxy.counts["cut"] >= 10, proxy.counts
 
 
 WRITE = """
