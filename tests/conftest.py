@@ -110,15 +110,29 @@ def ray_local(s3):
     finally:
         os.environ.pop("RAYTHYROID_RAY_METRICS_PORT", None)
     ray.metrics_port = port
+    global SESSION_RAY_ADDRESS
+    SESSION_RAY_ADDRESS = ray.get_runtime_context().gcs_address
     yield ray
+    SESSION_RAY_ADDRESS = None
     if started:
         ray.shutdown()
 
 
+# The shared runtime's address once ray_local has started it.
+SESSION_RAY_ADDRESS: str | None = None
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The installed console entry point in a fresh process, as a user runs it."""
+            cwd: Path | None = None, own_ray: bool = False) -> subprocess.CompletedProcess:
+    """The installed console entry point in a fresh process, as a user runs it.
+
+    While the session's Ray runtime is up the command joins it (RAY_ADDRESS), as a job does on
+    a cluster, instead of starting and stopping a Ray of its own (10-15 s each here);
+    `own_ray` keeps the standalone path.
+    """
     full_env = dict(os.environ)
+    if SESSION_RAY_ADDRESS and not own_ray:
+        full_env["RAY_ADDRESS"] = SESSION_RAY_ADDRESS
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "raythyroid.cli", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT)
@@ -137,6 +151,9 @@ def phantom_dataset(tmp_path_factory, ray_local):
     return raw, prepared
 
 
+TRAINED_EPOCHS = 14
+
+
 @pytest.fixture(scope="session")
 def trained_run(phantom_dataset, tmp_path_factory):
     """A U-Net trained on the phantoms by 2 Ray Train workers: (run uri, test metrics)."""
@@ -144,7 +161,7 @@ def trained_run(phantom_dataset, tmp_path_factory):
 
     _, prepared = phantom_dataset
     run_uri = str(tmp_path_factory.mktemp("run") / "run")
-    result = train.run(prepared, run_uri, train.TrainConfig(epochs=14, batch_size=8),
+    result = train.run(prepared, run_uri, train.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
                        workers=2, log=lambda *_: None)
     return run_uri, result
 
@@ -296,6 +313,15 @@ def local_cluster(s3, tmp_path_factory):
     import shutil
 
     shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_pipeline(local_cluster, s3):
+    """Preprocess, train (a worker killed mid-run) and infer as Jobs API jobs on the cluster,
+    once for every cluster test (cluster_jobs.run_pipeline)."""
+    from cluster_jobs import run_pipeline
+
+    return run_pipeline(local_cluster, s3)
 
 
 def make_dicom_with_corrupt_frame(frames, corrupt_index: int) -> bytes:

@@ -1,10 +1,8 @@
 """A corpus of bad inputs, generated here: each ends as an error row with a specific reason (or
 works, where it should), and the rest of the run succeeds. Plus the keys and bytes a run must
 never let out."""
-import io
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +11,6 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from raythyroid import imaging, infer, phantom, storage
 
@@ -205,8 +202,9 @@ def test_no_secret_or_identifier_in_any_log_or_output(s3, trained_run, tmp_path)
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="rts", dir="/tmp"))  # short: Ray's socket paths
     output = storage.join(bucket, "out")
+    # a Ray of its own, so every log of its session is under ray_tmp
     result = run_cli("infer", storage.join(run_uri, "model"), storage.join(bucket, "in"),
-                     output, env={"RAY_TMPDIR": str(ray_tmp)})
+                     output, env={"RAY_TMPDIR": str(ray_tmp)}, own_ray=True)
     assert result.returncode == 0, result.stderr[-3000:]
     forbidden = [secret, PATIENT_NAME, PATIENT_ID, INSTITUTION, "Doe^Jane", "ACC-99"]
     places = {"stdout": result.stdout.encode(), "stderr": result.stderr.encode()}

@@ -19,29 +19,30 @@ def test_folds_are_case_disjoint_balanced_and_seeded():
 
 
 @pytest.mark.timeout(1200)
-def test_five_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
+def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     _, prepared = phantom_dataset
     run_uri = str(tmp_path / "cv")
-    summary = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=5,
+    # two folds; the dealing for any k is checked by the test above
+    summary = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=2,
                      workers=1, cpus_per_worker=0.5, log=lambda *_: None)
-    assert [r["fold"] for r in summary["folds"]] == list(range(5))
+    assert [r["fold"] for r in summary["folds"]] == list(range(2))
     assert sum(r["val_images"] for r in summary["folds"]) == 85 + 21  # train + val, each once
     for key in ("n_iou", "n_iou_per_image"):
         values = [r["last"][key] for r in summary["folds"]]
-        assert summary[f"last_{key}_mean"] == pytest.approx(sum(values) / 5)
+        assert summary[f"last_{key}_mean"] == pytest.approx(sum(values) / 2)
         assert summary[f"last_{key}_std"] == pytest.approx(statistics.pstdev(values))
     saved = json.loads(storage.read_text(f"{run_uri}/cv.json"))
-    assert saved["k"] == 5
-    for k in range(5):
+    assert saved["k"] == 2
+    for k in range(2):
         assert storage.exists(f"{run_uri}/fold-{k}/model/model.json")
     assert "n_IoU" in cv.table(summary)
 
     # a rerun trains only the folds that did not finish
-    os.remove(f"{run_uri}/fold-2/fold.json")
-    kept = {k: os.path.getmtime(f"{run_uri}/fold-{k}/fold.json") for k in (0, 1, 3, 4)}
-    again = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=5,
+    os.remove(f"{run_uri}/fold-1/fold.json")
+    kept = {k: os.path.getmtime(f"{run_uri}/fold-{k}/fold.json") for k in (0,)}
+    again = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=2,
                    workers=1, cpus_per_worker=0.5, log=lambda *_: None)
     assert {k: os.path.getmtime(f"{run_uri}/fold-{k}/fold.json") for k in kept} == kept
-    assert storage.exists(f"{run_uri}/fold-2/fold.json")
+    assert storage.exists(f"{run_uri}/fold-1/fold.json")
     assert [r["val_images"] for r in again["folds"]] == [r["val_images"]
                                                          for r in summary["folds"]]

@@ -1,5 +1,4 @@
 """The infer job: real S3, DICOM, broken files, labels, resume, a killed Predictor, evaluate."""
-import io
 import json
 import os
 import re
@@ -10,10 +9,9 @@ import time
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from raythyroid import imaging, infer, metrics, phantom, storage
+from raythyroid import imaging, infer, phantom, storage
 
 from conftest import PATIENT_ID, PATIENT_NAME, make_dicom, ray_processes, run_cli
 

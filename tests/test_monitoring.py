@@ -108,10 +108,28 @@ def panel_needs(panel) -> tuple[set, set]:
     return jobs, needs
 
 
+def check_time_limited_run(data: str, run_uri: str, result: dict, seconds: float) -> None:
+    """Stopped near its 30 s limit (500 epochs would take far longer; the slack covers starting
+    the workers and the final test pass on a slow machine), with checkpoints, a model and test
+    metrics, all on S3."""
+    from raythyroid import metrics, model
+
+    assert seconds < 0.5 * 60 + 90
+    rows = storage.read_text(storage.join(run_uri, "history.jsonl")).splitlines()
+    assert 1 <= len(rows) < 500
+    assert set(result) == set(metrics.METRIC_KEYS)
+    assert any("/checkpoints/checkpoint_" in n for n in storage.list_files(run_uri))
+    _, meta = model.load(storage.join(run_uri, "model"))
+    assert meta["data"]["uri"] == data and meta["prep"]["size"] == 64
+
+
 @pytest.mark.timeout(900)
-def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, trained_run,
+def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, trained_run, s3,
                                                          tmp_path):
+    """Preprocess, infer and train (the training on S3, stopped by its time limit: that
+    guarantee is checked here too, on the same run) while Prometheus scrapes."""
     run_uri, _ = trained_run
+    bucket = s3.bucket("monitored")
     driver_port = free_port()
     prometheus = Prometheus(promtools, tmp_path, {
         "ray": f"127.0.0.1:{ray_local.metrics_port}",
@@ -123,18 +141,23 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, tr
         (raw / "images" / "broken_1.jpg").write_bytes(b"not a jpeg")
         (raw / "masks" / "broken_1.png").write_bytes(
             (raw / "masks" / "1_1.png").read_bytes())
-        preprocess.run(str(raw), str(tmp_path / "prepared"), config=PrepConfig(size=64),
+        prepared = storage.join(bucket, "prepared")
+        preprocess.run(str(raw), prepared, config=PrepConfig(size=64),
                        log=lambda *_: None, metrics_port=driver_port)
         infer.run(storage.join(run_uri, "model"), str(raw / "images"), str(tmp_path / "out"),
                   labels=str(raw / "masks"),
                   options=infer.InferOptions(batch_size=4, metrics_port=driver_port,
                                              block_size=8),
                   log=lambda *_: None)
-        train.run(str(tmp_path / "prepared"), str(tmp_path / "run"),
-                  train.TrainConfig(epochs=3, batch_size=4), workers=2, log=lambda *_: None,
-                  metrics_port=driver_port)
+        training = storage.join(bucket, "runs", "r1")
+        train_started = time.time()
+        result = train.run(prepared, training,
+                           train.TrainConfig(epochs=500, batch_size=4, time_limit_min=0.5),
+                           workers=2, log=lambda *_: None, metrics_port=driver_port)
+        train_seconds = time.time() - train_started
         time.sleep(4)  # the last pushes from the workers and the last scrapes
         ended = time.time()
+        check_time_limited_run(prepared, training, result, train_seconds)
 
         board = json.loads((MONITORING / "dashboard.json").read_text())
         ran = {"preprocess", "infer", "train"}

@@ -59,7 +59,8 @@ def test_preprocess_ddti_on_s3_end_to_end(s3, ddti):
     upload_broken_files(dataset, ddti)
 
     output = storage.join(bucket, "prepared")
-    result = run_cli("preprocess", dataset, output, "--seed", "3")
+    # standalone, as on a workstation: the command starts and stops a Ray of its own
+    result = run_cli("preprocess", dataset, output, "--seed", "3", own_ray=True)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads(storage.read_text(storage.join(output, "manifest.json")))
     rows = read_split_rows(output, manifest)
