@@ -14,8 +14,10 @@ PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
 
 # DICOM tools the tests write and validate files with (dcmtk, GDCM, dicom3tools' dciodvfy):
 # installed when running as root, as CI does; elsewhere those tests skip and say why
-DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools
-DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy
+DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb
+DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc
+# the PACS tests also need Orthanc's DICOMweb plugin, a file rather than a command
+DICOMWEB_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 .PHONY: install test demo prometheus clean debian-tools
 
@@ -36,7 +38,8 @@ $(STAMP): pyproject.toml Makefile
 # checked on every run (a few `command -v`), so a machine that gains root or loses a package
 # is set right next time; every command is checked, one missing package is enough to install
 debian-tools:
-	@missing=$$(for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || echo $$c; done); \
+	@missing=$$(for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || echo $$c; done; \
+		test -f $(DICOMWEB_PLUGIN) || echo orthanc-dicomweb); \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null; } || \

@@ -8,6 +8,7 @@ import sys
 from .errors import UserError
 
 EXIT_USAGE = 2
+EXIT_TEMPORARY_FAILURE = 75  # sysexits' EX_TEMPFAIL: try again later
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     inf = commands.add_parser("infer", help="segment an archive: masks + results (+ metrics)")
     inf.add_argument("model", help="a train RUN's model/ folder (local or s3://)")
-    inf.add_argument("input", help="folder or s3:// prefix (searched recursively), or a .txt / "
-                                   ".parquet manifest of URIs")
+    inf.add_argument("input", help="folder or s3:// prefix (searched recursively), a .txt / "
+                                   ".parquet manifest of URIs, or a PACS: "
+                                   "dicomweb+http(s)://HOST:PORT/PREFIX?QIDO-filters")
     inf.add_argument("output", help="output folder or s3:// prefix; rerun to resume")
     inf.add_argument("--labels", default=None, help="ground-truth masks with matching stems")
     inf.add_argument("--workers", type=_positive_int, default=1, help="Predictor actors")
@@ -182,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     inf.add_argument("--dicom-seg", action="store_true",
                      help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
+    inf.add_argument("--stow", nargs="?", const="", default=None, metavar="URL",
+                     help="store every SEG with STOW-RS in this DICOMweb server (default: the "
+                          "input's); implies --dicom-seg")
     inf.add_argument("--max-pixels", type=_positive_int, default=imaging.DEFAULT_MAX_PIXELS)
     inf.add_argument("--max-error-rate", type=_fraction, default=None,
                      help="exit with status 3 when more than this fraction of inputs fail "
@@ -257,10 +262,30 @@ def _cv(args: argparse.Namespace) -> int:
 EXIT_TOO_MANY_ERRORS = 3
 
 
-def _infer(args: argparse.Namespace) -> int:
-    from . import infer, model, runtime, storage
+def _stow_target(args: argparse.Namespace) -> str | None:
+    from . import dicomweb
 
-    storage.check_readable_root(args.input)
+    if args.stow is None:
+        return None
+    if args.stow:
+        return dicomweb.parse(args.stow if dicomweb.is_dicomweb(args.stow)
+                              else "dicomweb+" + args.stow).base
+    if not dicomweb.is_dicomweb(args.input):
+        raise UserError("--stow needs a URL unless INPUT is a DICOMweb server")
+    return dicomweb.parse(args.input).base
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from . import dicomweb, infer, model, runtime, storage
+
+    stow = _stow_target(args)
+    if dicomweb.is_dicomweb(args.input):
+        dicomweb.check(dicomweb.parse(args.input))  # URL, credentials, server up: before Ray
+    else:
+        storage.check_readable_root(args.input)
+    if stow and stow != (dicomweb.parse(args.input).base if dicomweb.is_dicomweb(args.input)
+                         else None):
+        dicomweb.check(dicomweb.parse("dicomweb+" + stow))
     if args.labels:
         storage.check_readable_root(args.labels)
     storage.check_writable_root(args.output)
@@ -269,7 +294,8 @@ def _infer(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu, tta=args.tta,
         precision=args.precision, max_pixels=args.max_pixels, dicom_seg=args.dicom_seg,
         max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
-        block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile)
+        block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
+        stow=stow)
     with runtime.session(args.address):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)
@@ -314,6 +340,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caused_by(exc: BaseException, kinds: tuple) -> BaseException | None:
+    """`exc` or what it wraps (Ray re-raises a task's exception wrapped, with the original as
+    its cause), if of one of `kinds`."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, kinds):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
@@ -322,6 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"raythyroid: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        from .dicomweb import Unreachable
+
+        cause = _caused_by(exc, (Unreachable, UserError))
+        if cause is None:
+            raise
+        # a server down (exit 75: a scheduler, a RayCronJob's retry, tries again later) or
+        # credentials refused, met inside a Ray task rather than before the job started
+        print(f"raythyroid: error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
+        return EXIT_TEMPORARY_FAILURE if isinstance(cause, Unreachable) else EXIT_USAGE
     except KeyboardInterrupt:
         print("raythyroid: interrupted", file=sys.stderr)
         return 130

@@ -103,6 +103,35 @@ def non_image_reason(sop_class: str | None) -> str | None:
     return None
 
 
+def instance_uids(ds) -> dict:
+    """Where an image is in its archive: UIDs only, which name no one."""
+    return {"study_uid": str(ds.get("StudyInstanceUID", "") or "") or None,
+            "series_uid": str(ds.get("SeriesInstanceUID", "") or "") or None,
+            "sop_uid": str(ds.get("SOPInstanceUID", "") or "") or None}
+
+
+def header_bytes(ds) -> bytes:
+    """The dataset without its pixel data, as a file: what a SEG copies and references, a few
+    kB however large the image."""
+    import pydicom
+    from pydicom.dataset import FileDataset
+
+    pixel_tags = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+    header = FileDataset(None, {}, file_meta=ds.file_meta, preamble=b"\0" * 128)
+    for element in ds:  # a new dataset sharing the elements: the source keeps its pixels
+        if element.tag not in pixel_tags:
+            header.add(element)
+    header.set_original_encoding(ds.is_implicit_VR, ds.is_little_endian,
+                                 ds.original_character_set)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, header, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+def sop_instance_uid(data: bytes) -> str:
+    return str(read_dataset(data, stop_before_pixels=True).SOPInstanceUID)
+
+
 def case_hash(value: str) -> str:
     """A one-way id for a patient (or study): equal inputs give equal ids, the id gives
     nothing back."""
@@ -416,13 +445,15 @@ _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "
                  "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
 
 
-def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> bytes:
+def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray],
+                       model_id: str = "") -> bytes:
     """A DICOM SEG (binary, one segment "thyroid nodule") for the given source frames.
 
     `masks` maps a 0-based frame index to a bool mask in that frame's geometry. The SEG
     references the source instance (and frame) and copies its patient and study modules, which
     is what lets PACS file it in the same study and overlay it. Its UIDs derive from the
-    source instance, so writing it again gives the same object.
+    source (its series, its instance) and `model_id`, so writing it again gives the same
+    object, and another model's SEG another one. `source_data` may be the header alone.
     """
     import pydicom
 
@@ -432,14 +463,14 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray]) -> byte
     multi = int(source.get("NumberOfFrames", 1) or 1) > 1
     first = _first_frame_source(source, multi)
     try:
-        seg = _build_segmentation(first, masks[frames[0]], source)
+        seg = _build_segmentation(first, masks[frames[0]], source, model_id)
     except ValueError as exc:
         if "Frame Of Reference" not in str(exc):
             raise
         # highdicom wants a Frame of Reference for CT/MR-like classes; a source that lacks one
         # is segmented as the 2D picture it is, referenced under its real class below
         first.SOPClassUID = _SECONDARY_CAPTURE
-        seg = _build_segmentation(first, masks[frames[0]], source)
+        seg = _build_segmentation(first, masks[frames[0]], source, model_id)
     if multi:
         _add_source_frames(seg, source, masks, frames)
     _reference_real_class(seg, source, frames if multi else None)
@@ -497,12 +528,13 @@ def _parses(value, vr: str) -> bool:
     return bool((_DA if vr == "DA" else _TM).fullmatch(str(value).strip()))
 
 
-def _build_segmentation(first, mask: np.ndarray, source):
+def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     instance = str(source.get("SOPInstanceUID", "") or "")
+    series = str(first.SeriesInstanceUID)
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label="thyroid nodule",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -517,9 +549,11 @@ def _build_segmentation(first, mask: np.ndarray, source):
             source_images=[first], pixel_array=mask.astype(np.uint8),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
-            series_instance_uid=generate_uid(entropy_srcs=["raythyroid seg series", instance]),
+            # one SEG series per source series and model; one SEG per source instance
+            series_instance_uid=generate_uid(entropy_srcs=["raythyroid seg series", series,
+                                                           model_id]),
             series_number=900,
-            sop_instance_uid=generate_uid(entropy_srcs=["raythyroid seg", instance]),
+            sop_instance_uid=generate_uid(entropy_srcs=["raythyroid seg", instance, model_id]),
             instance_number=1, manufacturer="raythyroid", manufacturer_model_name="raythyroid",
             software_versions=_version(), device_serial_number="0", omit_empty_frames=False)
 

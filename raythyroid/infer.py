@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import evaluate, imaging, metrics, postprocess, runtime, storage, telemetry
+from . import (dicom, dicomweb, evaluate, imaging, metrics, postprocess, runtime, storage,
+               telemetry)
 from .errors import UserError
 from .imaging import DecodeError, Geometry, PrepConfig, SkipInput
 
@@ -57,6 +58,10 @@ RESULT_SCHEMA = pa.schema([
     ("node_id", pa.string()),
     ("tp", pa.int64()), ("fp", pa.int64()), ("fn", pa.int64()), ("tn", pa.int64()),
     ("iou", pa.float64()), ("dice", pa.float64()),
+    # DICOM sources: where the frame is in the archive (UIDs only, never who it shows), and
+    # the SOP Instance UID of the SEG written (and stored, with --stow) for it
+    ("study_uid", pa.string()), ("series_uid", pa.string()), ("sop_uid", pa.string()),
+    ("seg_uid", pa.string()),
 ])
 
 
@@ -74,6 +79,8 @@ class InferOptions:
     metrics_port: int | None = None  # serve job progress for Prometheus on this port
     block_size: int = URIS_PER_BLOCK  # inputs per read task and, at most, per results file
     compile: bool = False  # torch.compile the model in each Predictor (worth it on GPUs)
+    # STOW-RS every SEG to this DICOMweb server (http(s)://host:port/prefix); implies dicom_seg
+    stow: str | None = None
 
 
 # ---------------------------------------------------------------- keys
@@ -105,8 +112,29 @@ def _common_root(uris: list[str]) -> str:
     return root
 
 
-def list_inputs(input_uri: str) -> tuple[pa.Table, list[dict]]:
+def _list_dicomweb(input_uri: str, log=print) -> tuple[pa.Table, list[dict]]:
+    """Every image instance the query finds; key STUDY/SERIES/SOP (hashed when too long).
+    Instances the search reports as reports, SEGs (ours among them) or other non-images are
+    not retrieved at all: night after night they would only add skipped rows."""
+    query = dicomweb.parse(input_uri)
+    keys, sources, not_images = [], [], 0
+    for instance in dicomweb.search(query):
+        if not instance.has_pixels:
+            not_images += 1
+            continue
+        keys.append(storage.safe_key(instance.key))
+        sources.append(instance.uri(query))
+    if not_images:
+        log(f"infer: {not_images} instance(s) in these studies are not images (SEG, SR, ...): "
+            f"left out")
+    return pa.table({"key": pa.array(keys, pa.string()),
+                     "source_uri": pa.array(sources, pa.string())}), []
+
+
+def list_inputs(input_uri: str, log=print) -> tuple[pa.Table, list[dict]]:
     """INPUT -> table (key, source_uri) of unique keys, plus problem rows for name clashes."""
+    if dicomweb.is_dicomweb(input_uri):
+        return _list_dicomweb(input_uri, log)
     is_manifest = input_uri.lower().endswith((".txt", ".parquet")) and not storage.is_dir(input_uri)
     if is_manifest:
         uris = [storage.normalize(u) for u in _manifest_uris(input_uri)]
@@ -181,15 +209,21 @@ def _skipped_meta(key: str, source: str, reason: str) -> dict:
             "error": reason}
 
 
-def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int):
+def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int,
+               keep_header: bool = False):
     """Yield (meta, prepared image or None) for every frame of one source, whatever its format
-    (imaging.open_frames recognises DICOM by content)."""
+    (imaging.open_frames recognises DICOM by content). A DICOM source's metas carry its UIDs
+    and, with `keep_header`, its header (what a SEG copies and references)."""
     key, source = row["key"], row["source_uri"]
     try:
         frames = imaging.open_frames(data, max_pixels)
     except SkipInput as exc:
         yield _skipped_meta(key, source, str(exc)), None
         return
+    dataset = getattr(frames, "ds", None)  # DICOM only
+    described = dicom.instance_uids(dataset) if dataset is not None else {}
+    if keep_header and dataset is not None:
+        described["dicom_header"] = dicom.header_bytes(dataset)
     for index in range(frames.count):
         frame_key = f"{key}#{index + 1}" if frames.count > 1 else key
         frame_no = index + 1 if frames.count > 1 else None
@@ -201,18 +235,31 @@ def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int):
             yield _error_meta(frame_key, source, str(exc), frame_no), None
             continue
         yield {"key": frame_key, "source_uri": source, "frame": frame_no, "status": "ok",
-               "error": None, "geometry": geometry, "spacing": frames.spacing_mm}, image
+               "error": None, "geometry": geometry, "spacing": frames.spacing_mm,
+               **described}, image
 
 
-def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
+def _read_source(uri: str) -> bytes:
+    if dicomweb.is_dicomweb(uri):
+        return dicomweb.retrieve(uri)
+    return storage.read_bytes(uri)
+
+
+def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int, keep_header: bool = False):
     """Block of (key, source_uri, labels) -> chunks of frame rows (the metadata as columns,
-    see _chunk, plus the prepared image), frame by frame."""
+    see _chunk, plus the prepared image). A chunk never splits a source: the SEG of a cine is
+    built from all its frames, in the one finish_block call that gets the chunk."""
     config = PrepConfig.from_dict(prep)
     rows = batch.to_pylist()
 
     def fetch(row):
         try:
-            return row, storage.read_bytes(row["source_uri"]), None
+            return row, _read_source(row["source_uri"]), None
+        except dicomweb.RetrieveError as exc:
+            return row, None, f"cannot read: {exc}"
+        except (dicomweb.Unreachable, UserError):
+            # the server down or refusing us: no row is committed, the next run retries
+            raise
         except Exception as exc:
             return row, None, f"cannot read: {storage.describe_error(exc)}"
 
@@ -228,7 +275,7 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
             try:
                 if read_error:
                     raise DecodeError(read_error)
-                for meta, image in _frames_of(row, data, config, max_pixels):
+                for meta, image in _frames_of(row, data, config, max_pixels, keep_header):
                     produced.append((meta, image))
             except DecodeError as exc:
                 produced.append((_error_meta(row["key"], row["source_uri"], str(exc)), None))
@@ -244,11 +291,13 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int):
                     telemetry.failed("read" if meta["error"].startswith("cannot read")
                                      else "decode", meta["error"])
                 meta["label_uri"] = _label_for(row, meta["key"])
+                if dicomweb.is_dicomweb(meta["source_uri"]) and not meta.get("sop_uid"):
+                    meta.update(dicomweb.uids_of(meta["source_uri"]))  # unreadable ones too
                 metas.append(meta)
                 images.append(blank if image is None else image)
-                if len(metas) >= ROWS_PER_CHUNK:
-                    yield _chunk(metas, images)
-                    metas, images = [], []
+            if len(metas) >= ROWS_PER_CHUNK:
+                yield _chunk(metas, images)
+                metas, images = [], []
     if metas:
         yield _chunk(metas, images)
     timer.__exit__(None, None, None)
@@ -264,12 +313,15 @@ def _label_for(row: dict, key: str) -> str | None:
 # per-frame metadata travels as columns from reading to writing: text as strings ("" for
 # none: Ray Data turns a column of only None into NaN floats), geometry as 7 ints, spacing as
 # 2 floats (NaN when uncalibrated), frame as an int (0 for none)
-TEXT_COLUMNS = ("key", "source_uri", "status", "error", "label_uri")
+TEXT_COLUMNS = ("key", "source_uri", "status", "error", "label_uri", "study_uid", "series_uid",
+                "sop_uid")
 
 
 def _chunk(metas: list[dict], images: list[np.ndarray]) -> dict:
     columns = {name: np.array([m.get(name) or "" for m in metas], dtype=object)
                for name in TEXT_COLUMNS}
+    columns["dicom_header"] = np.array([m.get("dicom_header") or b"" for m in metas],
+                                       dtype=object)
     columns["frame"] = np.array([m.get("frame") or 0 for m in metas], np.int32)
     columns["geometry"] = np.array([m["geometry"].to_row() if m.get("geometry") else (0,) * 7
                                     for m in metas], np.int32)
@@ -312,15 +364,19 @@ class Predictor:
         prob = np.zeros(images.shape, np.float16)
         if ok.any():
             todo = images[ok]
-            # Every forward pass gets the same batch shape (short batches are padded), so the
-            # kernels chosen, and hence every pixel, do not depend on which images a retried or
-            # re-batched block happens to share a batch with: reruns give identical masks.
-            padded = np.zeros((max(self.batch_size, len(todo)),) + todo.shape[1:], todo.dtype)
-            padded[:len(todo)] = todo
-            with telemetry.timed("predict"):
-                out = model_lib.nodule_probability(self.net, torch.from_numpy(padded),
-                                                   self.device, self.bf16, self.tta)
-                prob[ok] = out[:len(todo)].cpu().numpy().astype(np.float16)
+            predicted = []
+            for start in range(0, len(todo), self.batch_size):
+                part = todo[start:start + self.batch_size]
+                # Every forward pass gets the same batch shape (short batches are padded), so
+                # the kernels chosen, and hence every pixel, do not depend on which images a
+                # retried or re-chunked block shares a batch with: reruns give identical masks.
+                padded = np.zeros((self.batch_size,) + todo.shape[1:], todo.dtype)
+                padded[:len(part)] = part
+                with telemetry.timed("predict"):
+                    out = model_lib.nodule_probability(self.net, torch.from_numpy(padded),
+                                                       self.device, self.bf16, self.tta)
+                predicted.append(out[:len(part)].cpu().numpy().astype(np.float16))
+            prob[ok] = np.concatenate(predicted)
             telemetry.count("predicted", int(ok.sum()))
         out = {name: column for name, column in batch.items() if name != "image"}
         out["prob"] = prob
@@ -330,19 +386,26 @@ class Predictor:
 
 # ---------------------------------------------------------------- stage 3: finish + write
 
-def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: str) -> dict:
-    """Post-process, write masks, then this block's results file (the commit record)."""
+def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: str,
+                 seg: dict | None = None) -> dict:
+    """Post-process, write masks (and with `seg`, each DICOM source's SEG, stored over
+    DICOMweb when seg["stow"] names a server), then this block's results file: the commit
+    record, written last, so a block retried or redone leaves one copy of everything."""
     config = postprocess.PostConfig(**post)
     columns = {name: [None] * len(batch["key"]) for name in RESULT_SCHEMA.names}
     frames = batch["frame"]
     columns.update(key=_text(batch["key"]), source_uri=_text(batch["source_uri"]),
                    frame=[int(f) if f else None for f in frames], status=_text(batch["status"]),
-                   error=_text(batch["error"]), node_id=_text(batch["node_id"]))
+                   error=_text(batch["error"]), node_id=_text(batch["node_id"]),
+                   **{name: _text(batch[name]) for name in ("study_uid", "series_uid",
+                                                            "sop_uid")})
     labels = _text(batch["label_uri"])
+    masks: dict[int, np.ndarray] = {}
     timer = telemetry.timed("postprocess").__enter__()
     for i in np.flatnonzero(batch["ok"]):
         try:
-            described = _finish_frame(batch, i, labels[i], output, config, max_pixels)
+            described, masks[i] = _finish_frame(batch, i, labels[i], output, config,
+                                                max_pixels)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
             columns["status"][i], columns["error"][i] = "error", reason
@@ -350,6 +413,8 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
             continue
         for name, value in described.items():
             columns[name][i] = value
+    if seg is not None:
+        _segmentations(batch, columns, masks, output, seg)
     if _current_run(output) == run_id:
         write_results(output, pa.Table.from_pydict(columns, schema=RESULT_SCHEMA))
     timer.__exit__(None, None, None)
@@ -379,7 +444,40 @@ def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, confi
         described.update(evaluate.label_counts(label_uri, mask, max_pixels))
     storage.write_bytes(storage.join(output, MASKS, f"{batch['key'][i]}.png"),
                         imaging.encode_png(mask.astype(np.uint8) * 255))
-    return described
+    return described, mask
+
+
+def _segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], output: str,
+                   seg: dict) -> None:
+    """One SEG per DICOM source in this chunk (a chunk holds all of a source's frames), written
+    under OUTPUT/dicom-seg/ and, with seg["stow"], stored in that DICOMweb server. Its UIDs
+    derive from the source instance and the model, so a retry or rerun stores the same object
+    again (one copy), never a second one. A store that fails fails the block: it is retried,
+    and a job that still fails leaves the sources uncommitted for the next run."""
+    by_source: dict[str, list[int]] = {}
+    for i in masks:
+        if len(batch["dicom_header"][i]):
+            by_source.setdefault(columns["source_uri"][i], []).append(int(i))
+    built = []
+    for source, rows in by_source.items():
+        frame_masks = {(columns["frame"][i] or 1) - 1: masks[i] > 0 for i in rows}
+        base = columns["key"][rows[0]].split("#")[0]
+        try:
+            data = dicom.write_segmentation(batch["dicom_header"][rows[0]], frame_masks,
+                                            seg["model_id"])
+        except Exception as exc:
+            telemetry.failed("segmentation", storage.describe_error(exc))
+            for i in rows:
+                columns["error"][i] = f"no DICOM SEG: {storage.describe_error(exc)}"[:300]
+            continue
+        storage.write_bytes(storage.join(output, DICOM_SEG, f"{base}.seg.dcm"), data)
+        built.append((rows, data))
+    if seg.get("stow") and built:
+        dicomweb.store(seg["stow"], [data for _, data in built])
+    for rows, data in built:
+        uid = dicom.sop_instance_uid(data)
+        for i in rows:
+            columns["seg_uid"][i] = uid
 
 
 def _current_run(output: str) -> str | None:
@@ -396,38 +494,6 @@ def write_results(output: str, table: pa.Table) -> None:
     keys = sorted(table.column("key").to_pylist())
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
     storage.write_parquet(storage.join(output, RESULTS, f"part-{digest[:24]}.parquet"), table)
-
-
-# ---------------------------------------------------------------- DICOM SEG
-
-def write_dicom_segmentations(output: str, log=print) -> int:
-    """One DICOM SEG per DICOM source with ok frames, under OUTPUT/dicom-seg/ (opt-in)."""
-    table = read_results(output, ["key", "source_uri", "frame", "status"]).to_pylist()
-    by_source: dict[str, list[dict]] = {}
-    for row in table:
-        if row["status"] == "ok":
-            by_source.setdefault(row["source_uri"], []).append(row)
-    written = 0
-    from . import dicom
-
-    for source, rows in sorted(by_source.items()):
-        data = storage.read_bytes(source)
-        if imaging.sniff_format(data) != "dicom":
-            continue
-        masks = {}
-        for row in rows:
-            png = imaging.decode_png(storage.read_bytes(
-                storage.join(output, MASKS, f"{row['key']}.png")))
-            masks[(row["frame"] or 1) - 1] = png > 0
-        base = rows[0]["key"].split("#")[0]
-        try:
-            seg = dicom.write_segmentation(data, masks)
-        except Exception as exc:
-            log(f"infer: no DICOM SEG for {base}: {storage.describe_error(exc)}")
-            continue
-        storage.write_bytes(storage.join(output, DICOM_SEG, f"{base}.seg.dcm"), seg)
-        written += 1
-    return written
 
 
 # ---------------------------------------------------------------- driver
@@ -454,21 +520,27 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     from . import model as model_lib
 
     started = time.time()
-    model_uri, input_uri, output = (storage.normalize(u) for u in (model_uri, input_uri, output))
+    model_uri, output = storage.normalize(model_uri), storage.normalize(output)
+    if dicomweb.is_dicomweb(input_uri):
+        # the server and the filters as written (a relative date window moves night to night
+        # within one job), patient filters only as hashes
+        identity = dicomweb.parse(input_uri).identity
+    else:
+        input_uri = identity = storage.normalize(input_uri)
     _, meta = model_lib.load(model_uri)  # fail fast, before listing millions of files
     prep = PrepConfig.from_dict(meta["prep"])
     post = postprocess.PostConfig.from_model(meta)
     if options.tta is None:
         options = dataclasses.replace(options, tta=bool(meta.get("tta", False)))
-    _claim_output(output, {"input": input_uri, "model": model_uri,
+    _claim_output(output, {"input": identity, "model": model_uri,
                            "labels": storage.normalize(labels) if labels else None})
     storage.delete(storage.join(output, SUCCESS))
     run_id = uuid.uuid4().hex
     storage.write_text(storage.join(output, RUN_LEASE), run_id)  # before reading what is done
 
-    table, problems = list_inputs(input_uri)
-    if table.num_rows == 0 and not problems:
-        raise UserError(f"no images found under {input_uri}")
+    table, problems = list_inputs(input_uri, log)
+    if table.num_rows == 0 and not problems and not dicomweb.is_dicomweb(input_uri):
+        raise UserError(f"no images found under {input_uri}")  # a PACS may have a quiet night
     done = done_sources(output)
     pending = table.filter(pa.array([s not in done for s in table.column("source_uri").to_pylist()],
                                     pa.bool_())) if done else table
@@ -497,6 +569,23 @@ def _claim_output(output: str, job: dict) -> None:
         storage.write_text(uri, json.dumps(job, indent=2))
 
 
+def _count_segmentations(output: str) -> int:
+    import pyarrow.compute as pc
+
+    uids = read_results(output, ["seg_uid"]).column("seg_uid")
+    return len(pc.unique(uids.drop_null()))
+
+
+def _seg_settings(model_uri: str, options: InferOptions) -> dict | None:
+    if not (options.dicom_seg or options.stow):
+        return None
+    from . import model as model_lib
+
+    weights = storage.read_bytes(storage.join(model_uri, model_lib.WEIGHTS))
+    # the model's identity enters every SEG UID: another model's SEG is another object
+    return {"stow": options.stow, "model_id": hashlib.sha256(weights).hexdigest()[:32]}
+
+
 def _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,
              progress, log) -> None:
     import ray
@@ -513,9 +602,11 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
                   for i in range(0, pending.num_rows, options.block_size)]
         cpus, threads = runtime.plan_workers(options.workers, options.gpu,
                                              options.cpus_per_worker)
+        seg = _seg_settings(model_uri, options)
         ds = (ray.data.from_arrow(blocks)
               .map_batches(read_and_prepare, fn_kwargs={"prep": prep.to_dict(),
-                                                        "max_pixels": options.max_pixels},
+                                                        "max_pixels": options.max_pixels,
+                                                        "keep_header": seg is not None},
                            batch_size=None, batch_format="pyarrow",
                            # a memory reservation for decoding large frames; as it differs
                            # from the Predictor's resources, Ray Data also keeps this step in
@@ -529,11 +620,13 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
                                                   "batch_size": options.batch_size,
                                                   "compile_model": options.compile},
                            compute=ray.data.ActorPoolStrategy(size=options.workers),
-                           batch_size=options.batch_size, batch_format="numpy",
+                           # whole read chunks (the actor batches them itself), so the chunk
+                           # reaches finish_block with every frame of its sources together
+                           batch_size=None, batch_format="numpy",
                            num_cpus=cpus, num_gpus=1 if options.gpu else 0)
               .map_batches(finish_block, fn_kwargs={"output": output, "post": post.to_dict(),
                                                     "max_pixels": options.max_pixels,
-                                                    "run_id": run_id},
+                                                    "run_id": run_id, "seg": seg},
                            batch_size=None, batch_format="numpy"))
         printer = telemetry.ProgressPrinter(progress, log)
         # Fault injection for the resume tests: the driver dies, without any cleanup, once
@@ -554,8 +647,8 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
 
 def _finish(output, table, problems, labels, options, started, log) -> dict:
     summary = summarize(output, table, problems, labels is not None)
-    if options.dicom_seg:
-        summary["dicom_seg"] = write_dicom_segmentations(output, log)
+    if options.dicom_seg or options.stow:
+        summary["dicom_seg"] = _count_segmentations(output)
     storage.write_text(storage.join(output, SUCCESS), json.dumps(
         {"images": summary["rows"], "errors": summary["errors"], "skipped": summary["skipped"],
          "seconds": round(time.time() - started, 1)}))

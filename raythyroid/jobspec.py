@@ -71,9 +71,44 @@ def main(command: str, args: list[str]) -> int:
                 raise UserError(f"unexpected argument {rest[0]!r}: only --set key=value")
             overrides.append(rest[1])
             rest = rest[2:]
-        argv = to_argv(command, apply_overrides(load(config), overrides))
+        settings = apply_overrides(load(config), overrides)
+        retries = _retries(settings)
+        argv = to_argv(command, settings)
     except UserError as exc:
         print(f"raythyroid: error: {exc}", file=sys.stderr)
         return cli.EXIT_USAGE
-    print("raythyroid " + " ".join(argv), flush=True)
-    return cli.main(argv)
+    from .dicomweb import safe_uri
+
+    print("raythyroid " + " ".join(safe_uri(word) for word in argv), flush=True)
+    return _run_retrying(argv, *retries)
+
+
+# a temporary failure (exit 75: the PACS down for its own night's maintenance) is retried in
+# the job itself, a while later, on the cluster it already has; anything else ends the job
+RETRY_KEYS = ("temporary_failure_retries", "temporary_failure_wait_s")
+
+
+def _retries(settings: dict) -> tuple[int, float]:
+    try:
+        attempts = int(settings.pop(RETRY_KEYS[0], 0) or 0)
+        wait_s = float(settings.pop(RETRY_KEYS[1], 600) or 0)
+    except (TypeError, ValueError):
+        raise UserError(f"{RETRY_KEYS[0]} and {RETRY_KEYS[1]} take numbers") from None
+    if attempts < 0 or wait_s < 0:
+        raise UserError(f"{RETRY_KEYS[0]} and {RETRY_KEYS[1]} cannot be negative")
+    return attempts, wait_s
+
+
+def _run_retrying(argv: list[str], retries: int, wait_s: float) -> int:
+    import time
+
+    from . import cli
+
+    for attempt in range(retries + 1):
+        code = cli.main(argv)
+        if code != cli.EXIT_TEMPORARY_FAILURE or attempt == retries:
+            return code
+        print(f"raythyroid: temporary failure; retry {attempt + 1} of {retries} in "
+              f"{wait_s:g} s", file=sys.stderr, flush=True)
+        time.sleep(wait_s)
+    return code

@@ -35,8 +35,9 @@ def init(address: str | None = None) -> bool:
     return True
 
 
-# Where object storage is, but never who we are: credentials stay with the cluster (a Secret,
-# a service account), they are not shipped in a job's runtime environment.
+# Where object storage is, but never who we are: credentials (S3's, DICOMweb's) stay with the
+# cluster (a Secret, a service account; a local Ray's workers inherit the driver's environment).
+# A job's runtime environment is no place for them: Ray's runtime_env agent logs its env_vars.
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                      "RAYTHYROID_S3_MAX_ATTEMPTS")
 

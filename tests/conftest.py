@@ -104,6 +104,11 @@ def ray_local(s3):
     # a known port for this runtime's metrics agent (the monitoring test scrapes it); set only
     # around init so CLI subprocesses, each with its own Ray, do not all try to take it
     port = free_port()
+    # PACS credentials in every worker's environment, as a Secret puts them in a cluster's pods
+    # (they never travel in a job's runtime_env, which Ray logs): the pacs fixture's Orthanc
+    # accepts them
+    os.environ.setdefault("DICOMWEB_USERNAME", "nightly")
+    os.environ.setdefault("DICOMWEB_PASSWORD", "pacs-" + secrets.token_hex(10))
     os.environ["RAYTHYROID_RAY_METRICS_PORT"] = str(port)
     try:
         started = runtime.init("local")
@@ -322,6 +327,37 @@ def cluster_pipeline(local_cluster, s3):
     from cluster_jobs import run_pipeline
 
     return run_pipeline(local_cluster, s3)
+
+
+@pytest.fixture(scope="session")
+def dicom_corpus(ddti, tmp_path_factory):
+    """Six DDTI frames in every container dcmtk and GDCM write, plus a cine
+    (dicom_corpus.build): (the JPEGs, container -> files)."""
+    import dicom_corpus as corpus
+
+    missing = corpus.missing_tools()
+    if missing:
+        pytest.skip(f"needs dcmtk, libgdcm-tools and dicom3tools (missing {', '.join(missing)}): "
+                    f"`make test` installs them with apt-get when run as root")
+    jpegs = sorted((ddti / "images").glob("*.jpg"))[:6]
+    root = tmp_path_factory.mktemp("dicom-corpus")
+    return jpegs, corpus.build(jpegs, root)
+
+
+@pytest.fixture(scope="session")
+def pacs(tmp_path_factory, ray_local):
+    """Orthanc with DICOMweb on a loopback port, basic auth on, empty at the start; it accepts
+    the credentials the shared Ray runtime's workers hold."""
+    import pacs as pacs_lib
+
+    reason = pacs_lib.missing()
+    if reason:
+        pytest.skip(reason)
+    server = pacs_lib.Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(),
+                              os.environ.get("DICOMWEB_USERNAME", "nightly"),
+                              os.environ.get("DICOMWEB_PASSWORD", "pacs-" + secrets.token_hex(10)))
+    yield server
+    server.stop()
 
 
 def make_dicom_with_corrupt_frame(frames, corrupt_index: int) -> bytes:

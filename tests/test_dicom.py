@@ -26,17 +26,6 @@ def frames_of(path: Path):
     return imaging.open_frames(path.read_bytes())
 
 
-@pytest.fixture(scope="session")
-def dicom_corpus(ddti, tmp_path_factory):
-    missing = corpus.missing_tools()
-    if missing:
-        pytest.skip(f"needs dcmtk, libgdcm-tools and dicom3tools (missing {', '.join(missing)}): "
-                    f"`make test` installs them with apt-get when run as root")
-    jpegs = sorted((ddti / "images").glob("*.jpg"))[:6]
-    root = tmp_path_factory.mktemp("dicom-corpus")
-    return jpegs, corpus.build(jpegs, root)
-
-
 # ---------------------------------------------------------------- decoding
 
 def test_every_container_gives_the_uncompressed_frame(dicom_corpus):

@@ -99,12 +99,22 @@ def test_strict_schemas_catch_a_misspelled_field():
     assert any("shutdownAfterJobFinish" in e.message for e in validator.iter_errors(broken))
 
 
+def job_specs(doc) -> list[dict]:
+    """The RayJobs a document is or creates: a RayCronJob's template, named after the
+    RayCronJob plus a suffix the operator adds (room for 11 characters kept here)."""
+    if doc["kind"] == "RayJob":
+        return [doc]
+    if doc["kind"] == "RayCronJob":
+        return [{"metadata": {"name": doc["metadata"]["name"] + "-" + "x" * 10},
+                 "spec": doc["spec"]["jobTemplate"]}]
+    return []
+
+
 def cluster_specs(doc) -> list[dict]:
     if doc["kind"] == "RayCluster":
         return [doc["spec"]]
-    if doc["kind"] == "RayJob" and "rayClusterSpec" in doc["spec"]:
-        return [doc["spec"]["rayClusterSpec"]]
-    return []
+    return [job["spec"]["rayClusterSpec"] for job in job_specs(doc)
+            if "rayClusterSpec" in job["spec"]]
 
 
 def check_cluster_spec(spec: dict, where: str) -> list[str]:
@@ -180,8 +190,8 @@ def test_kuberay_webhook_rules_hold(path):
             name = doc["metadata"]["name"]
             if len(name) > 53 or not DNS_1035.match(name):
                 problems.append(f"{name}: RayCluster names are DNS-1035, at most 53 characters")
-        if doc["kind"] == "RayJob":
-            problems += check_rayjob(doc)
+        for job in job_specs(doc):
+            problems += check_rayjob(job)
         for spec in cluster_specs(doc):
             problems += check_cluster_spec(spec, f"{doc['kind']}/{doc['metadata']['name']}")
     assert not problems, "\n".join(problems)
@@ -203,7 +213,8 @@ def test_webhook_checks_reject_what_kuberay_rejects():
 def test_versions_images_and_ports_match_the_project():
     docs = render("k8s")
     specs = [s for d in docs for s in cluster_specs(d)]
-    assert len(specs) == 4  # the RayCluster and three RayJobs that bring their own cluster
+    # the RayCluster, three RayJobs that bring their own cluster, the nightly RayCronJob's job
+    assert len(specs) == 5
     for spec in specs:
         assert spec["rayVersion"] == RAY_VERSION
         groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
@@ -245,10 +256,10 @@ def test_monitoring_objects_match_the_pods_and_files():
 
 
 def test_every_entrypoint_names_real_files_and_valid_configs():
-    jobs = [d for path in KUSTOMIZATIONS for d in render(path) if d["kind"] == "RayJob"]
+    jobs = [job for path in KUSTOMIZATIONS for doc in render(path) for job in job_specs(doc)]
     assert {j["metadata"]["name"] for j in jobs} >= {
         "raythyroid-preprocess", "raythyroid-train", "raythyroid-infer",
-        "raythyroid-infer-shared"}
+        "raythyroid-infer-shared", "raythyroid-infer-nightly-xxxxxxxxxx"}
     parser = cli.build_parser()
     for job in jobs:
         words = shlex.split(job["spec"]["entrypoint"])
@@ -257,12 +268,33 @@ def test_every_entrypoint_names_real_files_and_valid_configs():
         config = ROOT / words[2][len(IMAGE_ROOT):]
         assert script.is_file() and config.is_file(), job["spec"]["entrypoint"]
         command = script.stem
-        argv = jobspec.to_argv(command, jobspec.load(str(config)))
+        settings = jobspec.load(str(config))
+        jobspec._retries(settings)  # the job's own keys, not the command's
+        argv = jobspec.to_argv(command, settings)
         parsed = parser.parse_args(argv)  # raises on any key the CLI does not know
         assert parsed.command == command
     for config in (ROOT / "jobs" / "configs").glob("*.yaml"):
         command = config.stem.split("-")[0]
-        parser.parse_args(jobspec.to_argv(command, jobspec.load(str(config))))
+        settings = jobspec.load(str(config))
+        jobspec._retries(settings)
+        parser.parse_args(jobspec.to_argv(command, settings))
+
+
+def test_the_nightly_job_retries_only_a_temporary_failure(tmp_path, capsys):
+    """Exit 75 (the PACS unreachable) is tried again in the job; the last code is the job's."""
+    from conftest import free_port
+
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "model", "output": str(tmp_path / "out"),
+        "input": f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web?StudyDate=-1d&PatientID=P1",
+        "temporary_failure_retries": 2, "temporary_failure_wait_s": 0}))
+    assert jobspec.main("infer", [str(config)]) == cli.EXIT_TEMPORARY_FAILURE
+    err = capsys.readouterr()
+    assert err.err.count("unreachable") == 3 and "retry 2 of 2" in err.err
+    assert "P1" not in err.out + err.err  # the patient filter is echoed as a hash only
+    config.write_text(config.read_text().replace("dicomweb+http://127.0.0.1", "dicomweb+http://"))
+    assert jobspec.main("infer", [str(config)]) == cli.EXIT_USAGE
 
 
 def test_pyproject_pins_the_ray_version_the_cluster_uses():

@@ -1,0 +1,304 @@
+"""A PACS over DICOMweb: search (QIDO-RS), retrieve (WADO-RS) and store (STOW-RS).
+
+INPUT `dicomweb+http://HOST:PORT/PREFIX?ModalitiesInStudy=US&StudyDate=-2d` names a server and
+QIDO-RS filters. A date filter may be relative (`-2d`: from two days ago on), resolved when the
+job runs, so the same command can run every night and append to the same OUTPUT.
+
+Plain HTTP (requests, with urllib3's retry and backoff) rather than a DICOMweb client library:
+searching study by study, retrying as S3 does, reading one instance per request and telling a
+malformed multipart answer apart from a missing instance are each a few lines, and every error
+maps to the one-line reason (or exit code) the jobs promise.
+
+Credentials come from the environment of whichever process talks to the server (the driver, a
+Ray worker), never from arguments or the job's runtime_env (Ray logs that): DICOMWEB_TOKEN (a
+bearer token) or DICOMWEB_USERNAME / DICOMWEB_PASSWORD (basic). On Kubernetes a Secret puts
+them in every pod; a local Ray's workers inherit them from the command that started it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import UserError
+
+SCHEMES = ("dicomweb+http://", "dicomweb+https://")
+PAGE_SIZE = 500
+MAX_ATTEMPTS = int(os.environ.get("RAYTHYROID_S3_MAX_ATTEMPTS", "10"))  # as for S3
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 120.0
+DICOM_PART = 'multipart/related; type="application/dicom"'
+# filters that name or identify a patient (by keyword or tag): kept and logged only as hashes
+IDENTIFYING = {"patientname", "00100010", "patientid", "00100020", "patientbirthdate",
+               "00100030", "otherpatientids", "00101000", "issuerofpatientid", "00100021",
+               "accessionnumber", "00080050", "referringphysicianname", "00080090"}
+_RELATIVE_DATE = re.compile(r"-(\d+)d")
+
+
+class Unreachable(Exception):
+    """The server did not answer (refused, timed out, DNS): a temporary failure (exit 75), for
+    the scheduler to retry, not a mistake in the command."""
+
+
+class RetrieveError(Exception):
+    """One instance could not be retrieved: an error row, the job goes on."""
+
+
+def is_dicomweb(uri: str) -> bool:
+    return uri.startswith(SCHEMES)
+
+
+@dataclass(frozen=True)
+class Query:
+    base: str  # http(s)://host:port/prefix, no trailing slash
+    filters: tuple[tuple[str, str], ...]  # as written: relative dates unresolved
+
+    @property
+    def identity(self) -> str:
+        """What a rerun must match (OUTPUT's job record) and what logs show: the server and
+        the filters as written, a relative date window included, patient filters hashed."""
+        shown = [(k, _hashed(v) if k.lower() in IDENTIFYING else v) for k, v in self.filters]
+        query = urllib.parse.urlencode(shown, safe="-*,:")
+        return "dicomweb+" + self.base + (f"?{query}" if query else "")
+
+    def resolved(self, today: dt.date | None = None) -> list[tuple[str, str]]:
+        """The filters to send tonight: `-Nd` on a date attribute becomes `YYYYMMDD-`."""
+        today = today or dt.date.today()
+        out = []
+        for key, value in self.filters:
+            match = _RELATIVE_DATE.fullmatch(value.strip())
+            if match and key.lower().endswith("date"):
+                value = (today - dt.timedelta(days=int(match.group(1)))).strftime("%Y%m%d") + "-"
+            out.append((key, value))
+        return out
+
+
+def _hashed(value: str) -> str:
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def parse(uri: str) -> Query:
+    """`dicomweb+http(s)://host[:port]/prefix?filters` -> Query; a UserError names what is
+    wrong with a malformed one (checked before Ray starts)."""
+    if not is_dicomweb(uri):
+        raise UserError(f"not a DICOMweb URL (dicomweb+http:// or dicomweb+https://): {uri}")
+    parsed = urllib.parse.urlsplit(uri[len("dicomweb+"):])
+    try:
+        port = parsed.port
+    except ValueError:
+        raise UserError(f"DICOMweb URL has a bad port: {safe_uri(uri)}") from None
+    if not parsed.hostname:
+        raise UserError(f"DICOMweb URL has no host: {safe_uri(uri)}")
+    if parsed.username or parsed.password:
+        raise UserError("credentials in a DICOMweb URL would end up in logs and outputs; "
+                        "set DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN instead")
+    netloc = parsed.hostname + (f":{port}" if port else "")
+    filters = tuple(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
+    return Query(f"{parsed.scheme}://{netloc}{parsed.path.rstrip('/')}", filters)
+
+
+def safe_uri(uri: str) -> str:
+    """A URI as it may be printed: no user info, patient filters hashed."""
+    if not is_dicomweb(uri):
+        return uri
+    parsed = urllib.parse.urlsplit(uri[len("dicomweb+"):])
+    netloc = parsed.netloc.rsplit("@", 1)[-1]
+    filters = [(k, _hashed(v) if k.lower() in IDENTIFYING else v)
+               for k, v in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)]
+    query = urllib.parse.urlencode(filters, safe="-*,:")
+    return f"dicomweb+{parsed.scheme}://{netloc}{parsed.path}" + (f"?{query}" if query else "")
+
+
+# ---------------------------------------------------------------- HTTP
+
+@functools.lru_cache(maxsize=4)
+def _session(token: str | None, username: str | None, password: str | None):
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    retry = Retry(total=MAX_ATTEMPTS, connect=3, backoff_factor=0.2, backoff_max=10,
+                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                  respect_retry_after_header=True, raise_on_status=False)
+    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=16)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif username:
+        session.auth = (username, password or "")
+    return session
+
+
+def session():
+    """The HTTP session for this process, with the credentials its own environment holds."""
+    return _session(os.environ.get("DICOMWEB_TOKEN") or None,
+                    os.environ.get("DICOMWEB_USERNAME") or None,
+                    os.environ.get("DICOMWEB_PASSWORD") or None)
+
+
+def _request(method: str, url: str, **kwargs):
+    import requests
+
+    try:
+        response = session().request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                                      **kwargs)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise Unreachable(f"DICOMweb server {_origin(url)} unreachable: "
+                          f"{type(exc).__name__}") from None
+    if response.status_code in (401, 403):
+        raise UserError(f"DICOMweb authentication failed ({response.status_code})")
+    return response
+
+
+def _origin(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    return f"{parsed.scheme}://{parsed.netloc.rsplit('@', 1)[-1]}"
+
+
+def _json(response, what: str) -> list:
+    if response.status_code == 204:
+        return []
+    if response.status_code == 404:
+        raise UserError(f"no DICOMweb service at {response.url.split('?')[0]} (404 on {what})")
+    if response.status_code >= 400:
+        raise UserError(f"DICOMweb {what} failed ({response.status_code}) at "
+                        f"{response.url.split('?')[0]}")
+    try:
+        return response.json() or []
+    except ValueError:
+        raise UserError(f"DICOMweb {what} at {response.url.split('?')[0]} did not answer "
+                        f"JSON") from None
+
+
+def _value(item: dict, tag: str) -> str | None:
+    values = (item.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+def _paged(url: str, params: list[tuple[str, str]], what: str) -> Iterator[dict]:
+    offset = 0
+    while True:
+        page = _json(_request("GET", url, params=params + [("limit", str(PAGE_SIZE)),
+                                                           ("offset", str(offset))],
+                              headers={"Accept": "application/dicom+json"}), what)
+        yield from page
+        if len(page) < PAGE_SIZE:
+            return
+        offset += len(page)
+
+
+@dataclass(frozen=True)
+class Instance:
+    study: str
+    series: str
+    sop: str
+    sop_class: str | None
+
+    def uri(self, query: Query) -> str:
+        return (f"dicomweb+{query.base}/studies/{self.study}/series/{self.series}"
+                f"/instances/{self.sop}")
+
+    @property
+    def key(self) -> str:
+        return f"{self.study}/{self.series}/{self.sop}"
+
+    @property
+    def has_pixels(self) -> bool:
+        """False for the SOP classes the decoder would skip (SR, SEG, ...): never retrieved."""
+        from . import dicom
+
+        return dicom.non_image_reason(self.sop_class) is None
+
+
+def search(query: Query, today: dt.date | None = None) -> Iterator[Instance]:
+    """Every instance of every study the filters match, study by study: studies are searched
+    with the filters, then each study's instances are listed, each search paged. An instance
+    query paged by offset alone would skip or repeat instances while the archive grows."""
+    studies = _paged(f"{query.base}/studies", query.resolved(today), "study search")
+    for study in sorted({_value(s, "0020000D") for s in studies} - {None}):
+        for item in _paged(f"{query.base}/studies/{study}/instances", [], "instance search"):
+            series, sop = _value(item, "0020000E"), _value(item, "00080018")
+            if series and sop:
+                yield Instance(study, series, sop, _value(item, "00080016"))
+
+
+def check(query: Query) -> None:
+    """One cheap search before any work: exit 2 for a wrong URL or credentials, 75 when the
+    server is down."""
+    _json(_request("GET", f"{query.base}/studies", params=[("limit", "1")],
+                   headers={"Accept": "application/dicom+json"}), "study search")
+
+
+def retrieve(uri: str) -> bytes:
+    """One instance (WADO-RS), as stored (any transfer syntax). RetrieveError for one that is
+    gone or answered in a form that is not one DICOM part."""
+    url = uri[len("dicomweb+"):]
+    response = _request("GET", url, headers={
+        "Accept": f"{DICOM_PART}; transfer-syntax=*"})
+    if response.status_code == 404:
+        raise RetrieveError("not found on the DICOMweb server (deleted since the search?)")
+    if response.status_code >= 400:
+        raise RetrieveError(f"DICOMweb retrieve failed ({response.status_code})")
+    parts = split_multipart(response.headers.get("Content-Type", ""), response.content)
+    if len(parts) != 1:
+        raise RetrieveError(f"malformed multipart response: {len(parts)} parts for one instance")
+    return parts[0]
+
+
+def split_multipart(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a multipart/related response; RetrieveError when it is not one."""
+    match = re.search(r'boundary="?([^";,\s]+)"?', content_type, re.IGNORECASE)
+    if not content_type.lower().startswith("multipart/related") or not match:
+        raise RetrieveError(f"malformed multipart response: Content-Type "
+                            f"{content_type.split(';')[0] or 'missing'}")
+    delimiter = b"--" + match.group(1).encode()
+    sections = body.split(delimiter)
+    if len(sections) < 3 or not sections[-1].startswith(b"--"):
+        raise RetrieveError("malformed multipart response: no closing boundary")
+    parts = []
+    for section in sections[1:-1]:
+        head, sep, content = section.partition(b"\r\n\r\n")
+        if not sep:
+            raise RetrieveError("malformed multipart response: a part without headers")
+        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+    return parts
+
+
+def store(base: str, instances: list[bytes]) -> list[str]:
+    """STOW-RS `instances` into the server at `base`; the SOP Instance UIDs it stored. Storing
+    an instance again (same UID, same content) leaves one copy: retries are harmless."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                    + data + b"\r\n" for data in instances) + b"--" + boundary.encode() + b"--"
+    response = _request("POST", f"{base}/studies", data=body, headers={
+        "Content-Type": f'{DICOM_PART}; boundary="{boundary}"',
+        "Accept": "application/dicom+json"})
+    if response.status_code >= 400 and response.status_code != 409:
+        raise RetrieveError(f"DICOMweb store failed ({response.status_code})")
+    answer = response.json() if response.content else {}
+    failed = (answer.get("00081198") or {}).get("Value") or []
+    if failed:
+        reason = _value(failed[0], "00081197")
+        raise RetrieveError(f"DICOMweb store refused {len(failed)} instance(s) "
+                            f"(failure reason {reason})")
+    stored = (answer.get("00081199") or {}).get("Value") or []
+    return [uid for item in stored if (uid := _value(item, "00081155"))]
+
+
+def uids_of(uri: str) -> dict:
+    """study_uid, series_uid, sop_uid named by an instance URI (known before it is read)."""
+    path = uri.split("/studies/", 1)[1].split("/")
+    return {"study_uid": path[0], "series_uid": path[2], "sop_uid": path[4]}
+
+
+def server_of(uri: str) -> str:
+    """The base URL (http(s)://host:port/prefix) of a dicomweb+ URI, for STOW."""
+    return parse(uri.split("/studies/", 1)[0]).base

@@ -1,0 +1,193 @@
+"""A real PACS for the tests: Orthanc with its DICOMweb plugin on a loopback port, HTTP basic
+auth on, its own configuration and storage folder; and a bearer-token gate in front of it."""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+def missing() -> str | None:
+    if shutil.which("Orthanc") is None or not PLUGIN.exists():
+        return ("needs Orthanc and its DICOMweb plugin (Debian packages orthanc, "
+                "orthanc-dicomweb): `make test` installs them with apt-get when run as root")
+    return None
+
+
+class Orthanc:
+    def __init__(self, folder: Path, port: int, user: str, password: str):
+        self.user, self.password = user, password
+        self.port = port
+        self.root = f"http://127.0.0.1:{port}"
+        self.dicomweb = f"{self.root}/dicom-web"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"Name": "raythyroid-test", "StorageDirectory": str(folder / "db"),
+                  "IndexDirectory": str(folder / "db"), "HttpPort": port,
+                  "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": True, "RegisteredUsers": {self.user: self.password},
+                  "Plugins": [str(PLUGIN)],
+                  "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}}
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.log = open(folder / "orthanc.log", "wb")
+        self.process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if self.get("/system")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:])
+
+    @property
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request(method, path, body=body,
+                               headers={"Authorization": self.basic, **(headers or {})})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return self.request("GET", path)
+
+    def upload(self, data: bytes) -> str:
+        """Store one DICOM file (Orthanc's REST API, not what is under test); its Orthanc id."""
+        status, body = self.request("POST", "/instances", data,
+                                    {"Content-Type": "application/dicom"})
+        assert status == 200, body
+        return json.loads(body)["ID"]
+
+    def instances(self, modality: str | None = None) -> list[dict]:
+        """Every instance's main tags (Orthanc's own view, to check what was stored)."""
+        status, body = self.get("/instances?expand")
+        assert status == 200, body
+        found = []
+        for item in json.loads(body):
+            series = json.loads(self.get(f"/series/{item['ParentSeries']}")[1])
+            study = json.loads(self.get(f"/studies/{series['ParentStudy']}")[1])
+            if modality is None or series["MainDicomTags"].get("Modality") == modality:
+                found.append({"id": item["ID"], "sop": item["MainDicomTags"]["SOPInstanceUID"],
+                              "series": series["MainDicomTags"]["SeriesInstanceUID"],
+                              "study": study["MainDicomTags"]["StudyInstanceUID"]})
+        return found
+
+    def file(self, orthanc_id: str) -> bytes:
+        status, body = self.get(f"/instances/{orthanc_id}/file")
+        assert status == 200
+        return body
+
+    def delete(self, orthanc_id: str) -> None:
+        assert self.request("DELETE", f"/instances/{orthanc_id}")[0] == 200
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+class TokenGate:
+    """A bearer-token check in front of Orthanc, as an identity-aware proxy would be: requests
+    with `Authorization: Bearer <token>` go on with Orthanc's basic credentials, others get
+    401."""
+
+    def __init__(self, orthanc: Orthanc):
+        self.token = "tok-" + secrets.token_hex(12)
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Authorization") != f"Bearer {gate.token}":
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in HOP_BY_HOP | {"authorization"}}
+                status, data, reply = _forward(orthanc, self.command, self.path, body, headers)
+                self.send_response(status)
+                for key, value in reply:
+                    if key.lower() not in HOP_BY_HOP:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _forward(orthanc: Orthanc, method: str, path: str, body: bytes, headers: dict):
+    connection = http.client.HTTPConnection("127.0.0.1", orthanc.port, timeout=60)
+    try:
+        connection.request(method, path, body=body or None,
+                           headers={**headers, "Authorization": orthanc.basic})
+        response = connection.getresponse()
+        return response.status, response.read(), response.getheaders()
+    finally:
+        connection.close()
+
+
+class MalformedServer:
+    """A 'DICOMweb server' whose retrieve answers are not multipart at all."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = b"<html>gateway error page</html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/related; type=\"application/dicom\"")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+

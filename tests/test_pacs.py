@@ -1,0 +1,197 @@
+"""A PACS as input and output: infer searches and retrieves over DICOMweb inside Ray tasks and
+files each SEG back with STOW-RS, night after night, against a real Orthanc."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from raythyroid import dicom, dicomweb, infer
+
+import dicom_corpus as corpus
+import pacs as pacs_lib
+from conftest import free_port, run_cli
+
+
+def source_frames(files: dict) -> list:
+    """Ultrasound as a PACS holds it: uncompressed frames, scanner JPEGs and a JPEG cine, each
+    with made-up patient values."""
+    return files["native"][:2] + files["jpeg-baseline"][2:4] + files["cine-jpeg"]
+
+
+def studied_today(path) -> bytes:
+    """The file as last night's study: dated today, so a relative window finds it (and the
+    other tests' studies, from the corpus's own date, stay out of it)."""
+    import io
+
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    dataset.StudyDate = dt.date.today().strftime("%Y%m%d")
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def all_bytes(root) -> list[tuple[str, bytes]]:
+    return [(str(p), p.read_bytes()) for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.timeout(900)
+def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, trained_run,
+                                                            ray_local, tmp_path):
+    jpegs, files = dicom_corpus
+    sources = {}
+    for path in source_frames(files):
+        data = studied_today(path)
+        pacs.upload(data)
+        sources[str(dicom.read_dataset(data, True).SOPInstanceUID)] = data
+    run_uri, _ = trained_run
+    output = tmp_path / "out"
+    url = f"dicomweb+{pacs.dicomweb}?ModalitiesInStudy=US&StudyDate=-1d"
+    # the commands and the runtime's workers hold the PACS credentials (see ray_local)
+    command = ["infer", f"{run_uri}/model", url, str(output), "--stow", "--batch-size", "4"]
+
+    first = run_cli(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = infer.read_results(str(output)).to_pylist()
+    frames = sum(int(dicom.read_dataset(d, True).get("NumberOfFrames", 1)) for d in
+                 sources.values())
+    assert len(rows) == frames and all(r["status"] == "ok" for r in rows), rows
+    assert {r["sop_uid"] for r in rows} == set(sources)
+    for row in rows:
+        source = dicom.read_dataset(sources[row["sop_uid"]], True)
+        assert (row["study_uid"], row["series_uid"]) == (source.StudyInstanceUID,
+                                                         source.SeriesInstanceUID)
+
+    # one SEG per source instance, in the source's study, valid, its frames the masks
+    segs = pacs.instances("SEG")
+    assert len(segs) == len(sources)
+    assert {r["seg_uid"] for r in rows} == {s["sop"] for s in segs}
+    for seg in segs:
+        data = dicomweb.retrieve(f"dicomweb+{pacs.dicomweb}/studies/{seg['study']}/series/"
+                                 f"{seg['series']}/instances/{seg['sop']}")
+        dataset = dicom.read_dataset(data)
+        source_uid = dataset.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] \
+            .ReferencedSOPInstanceUID
+        source = dicom.read_dataset(sources[source_uid], True)
+        assert dataset.StudyInstanceUID == source.StudyInstanceUID
+        assert int(dataset.NumberOfFrames) == int(source.get("NumberOfFrames", 1))
+        (tmp_path / "seg.dcm").write_bytes(data)
+        assert corpus.dciodvfy_errors(tmp_path / "seg.dcm") == []
+
+    # the same command the next night: nothing new, nothing stored twice
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(sources)} already done, 0 to process" in again.stdout
+    assert len(pacs.instances("SEG")) == len(sources)
+    # a new study arrives: only it is processed, its SEG filed, the metrics cover both nights
+    pacs.upload(studied_today(files["native"][4]))
+    third = run_cli(*command)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"{len(sources)} already done, 1 to process" in third.stdout
+    assert len(pacs.instances("SEG")) == len(sources) + 1
+    assert len(infer.read_results(str(output))) == frames + 1
+
+    # identifiers stay in the PACS: none in any output, log or job record; no credential either
+    job = json.loads((output / "_JOB.json").read_text())
+    assert job["input"] == url
+    logs = "".join(r.stdout + r.stderr for r in (first, again, third)).encode()
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    for where, data in all_bytes(output) + all_bytes(session) + [("logs", logs)]:
+        if where.endswith(".seg.dcm"):
+            continue  # a SEG carries its patient's identity: that is how the PACS files it
+        for secret in list(corpus.PATIENT.values()) + [pacs.password]:
+            assert secret.encode() not in data, (where, secret)
+
+
+def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypatch):
+    """A token-checking gate in front of the PACS: search and retrieve with DICOMWEB_TOKEN; a
+    wrong token or password ends the command before Ray starts, exit 2, one line."""
+    _, files = dicom_corpus
+    pacs.upload(files["native"][5].read_bytes())
+    gate = pacs_lib.TokenGate(pacs)
+    try:
+        monkeypatch.setenv("DICOMWEB_TOKEN", gate.token)
+        query = dicomweb.parse(f"dicomweb+{gate.url}")
+        found = list(dicomweb.search(query))
+        assert found
+        data = dicomweb.retrieve(found[0].uri(query))
+        assert dicom.read_dataset(data, True).SOPInstanceUID == found[0].sop
+        monkeypatch.delenv("DICOMWEB_TOKEN")
+        wrong = run_cli("infer", "no-model", f"dicomweb+{gate.url}", "out",
+                        env={"DICOMWEB_TOKEN": "not-the-token"})
+    finally:
+        gate.stop()
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "raythyroid: error: DICOMweb authentication failed (401)"
+    assert "not-the-token" not in wrong.stdout + wrong.stderr
+    password = run_cli("infer", "no-model", f"dicomweb+{pacs.dicomweb}", "out",
+                       env={"DICOMWEB_USERNAME": pacs.user, "DICOMWEB_PASSWORD": "wrong"})
+    assert password.returncode == 2 and "authentication failed (401)" in password.stderr
+
+
+@pytest.mark.parametrize("url, code, words", [
+    ("dicomweb+http://:8042/dicom-web", 2, "DICOMweb URL has no host"),
+    ("dicomweb+http://user:pw@127.0.0.1:1/dicom-web", 2, "credentials in a DICOMweb URL"),
+    ("dicomweb+http://127.0.0.1:{free}/dicom-web?StudyDate=-1d", 75, "unreachable"),
+])
+def test_dicomweb_url_mistakes_and_an_unreachable_server(url, code, words):
+    result = run_cli("infer", "no-model", url.format(free=free_port()), "out")
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert "pw" not in result.stderr
+
+
+def test_deleted_or_malformed_instances_are_error_rows(pacs, dicom_corpus):
+    """An instance deleted between search and retrieve, and an answer that is not multipart:
+    each an error row saying so; the block goes on."""
+    _, files = dicom_corpus
+    gone = dicomweb.parse(f"dicomweb+{pacs.dicomweb}")
+    malformed = pacs_lib.MalformedServer()
+    keep = pacs.upload(files["native"][3].read_bytes())
+    kept = dicom.read_dataset(pacs.file(keep), True)
+    try:
+        sources = [f"dicomweb+{gone.base}/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5",
+                   f"dicomweb+{malformed.url}/studies/1.2/series/1.2.3/instances/1.2.3.4",
+                   f"dicomweb+{gone.base}/studies/{kept.StudyInstanceUID}/series/"
+                   f"{kept.SeriesInstanceUID}/instances/{kept.SOPInstanceUID}"]
+        block = pa.table({"key": ["gone", "malformed", "kept"], "source_uri": sources,
+                          "labels": pa.nulls(3, infer.LABELS_TYPE)})
+        prep = {"size": 64}
+        chunks = list(infer.read_and_prepare(block, prep, 10_000_000))
+    finally:
+        malformed.stop()
+    by_key = {k: (s, e) for chunk in chunks
+              for k, s, e in zip(chunk["key"], chunk["status"], chunk["error"])}
+    assert by_key["gone"] == ("error", "cannot read: not found on the DICOMweb server "
+                                       "(deleted since the search?)")
+    assert by_key["malformed"][0] == "error"
+    assert by_key["malformed"][1].startswith("cannot read: malformed multipart response")
+    assert by_key["kept"] == ("ok", "")
+    assert {chunk["sop_uid"][0] for chunk in chunks} >= {"1.2.3.4.5"}  # UIDs from the URI
+
+
+def test_split_multipart_reads_parts_and_refuses_what_is_not():
+    body = (b"--b1\r\nContent-Type: application/dicom\r\n\r\nDICM-one\r\n"
+            b"--b1\r\nContent-Type: application/dicom\r\n\r\nDICM-two\r\n--b1--\r\n")
+    assert dicomweb.split_multipart('multipart/related; type="application/dicom"; boundary=b1',
+                                    body) == [b"DICM-one", b"DICM-two"]
+    for content_type, data in (("application/dicom", body),
+                               ("multipart/related; boundary=b1", body[:40])):
+        with pytest.raises(dicomweb.RetrieveError, match="malformed multipart"):
+            dicomweb.split_multipart(content_type, data)
+
+
+def test_query_identity_resolves_dates_and_hides_patients():
+    query = dicomweb.parse("dicomweb+https://pacs.example:443/dicom-web?"
+                           "ModalitiesInStudy=US&StudyDate=-2d&PatientID=MRN-123")
+    assert "MRN-123" not in query.identity
+    assert query.identity.startswith("dicomweb+https://pacs.example:443/dicom-web?"
+                                     "ModalitiesInStudy=US&StudyDate=-2d&PatientID=sha256:")
+    resolved = dict(query.resolved(dt.date(2026, 11, 28)))
+    assert resolved["StudyDate"] == "20261126-" and resolved["PatientID"] == "MRN-123"
