@@ -452,14 +452,15 @@ def _segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], out
     """One SEG per DICOM source in this chunk (a chunk holds all of a source's frames), written
     under OUTPUT/dicom-seg/ and, with seg["stow"], stored in that DICOMweb server. Its UIDs
     derive from the source instance and the model, so a retry or rerun stores the same object
-    again (one copy), never a second one. A store that fails fails the block: it is retried,
-    and a job that still fails leaves the sources uncommitted for the next run."""
+    again (one copy), never a second one. A store that fails (after the HTTP retries) fails
+    the block before its results file is written, and so the job: its sources stay uncommitted
+    and the next run (a scheduler's retry, the next night) does them again."""
     by_source: dict[str, list[int]] = {}
     for i in masks:
         if len(batch["dicom_header"][i]):
             by_source.setdefault(columns["source_uri"][i], []).append(int(i))
     built = []
-    for source, rows in by_source.items():
+    for rows in by_source.values():
         frame_masks = {(columns["frame"][i] or 1) - 1: masks[i] > 0 for i in rows}
         base = columns["key"][rows[0]].split("#")[0]
         try:

@@ -1,4 +1,8 @@
 """User mistakes end in one line on stderr and exit code 2, never a traceback."""
+import contextlib
+import io
+from types import SimpleNamespace
+
 import pytest
 
 from conftest import run_cli
@@ -22,7 +26,22 @@ def assert_one_line_error(result, words):
     (["frobnicate"], "invalid choice"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, words):
-    assert_one_line_error(run_cli(*args), words)
+    # the command's own main in this process: the same code path as the console entry point
+    # (shown as a subprocess below), without a Python start-up per case
+    assert_one_line_error(in_process(*args), words)
+
+
+def in_process(*args: str) -> SimpleNamespace:
+    from raythyroid import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_the_console_entry_point_reports_a_mistake_the_same_way():
+    assert_one_line_error(run_cli("preprocess", "/definitely/not/here", "out"), "input not found")
 
 
 def test_missing_bucket_is_a_user_error(s3, tmp_path):
