@@ -108,7 +108,21 @@ class Orthanc:
         self.log.close()
 
 
-class TokenGate:
+class _LoopbackServer:
+    """An HTTP server on a free loopback port, serving DICOMweb paths at `url`."""
+
+    def _serve(self, handler) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TokenGate(_LoopbackServer):
     """A bearer-token check in front of Orthanc, as an identity-aware proxy would be: requests
     with `Authorization: Bearer <token>` go on with Orthanc's basic credentials, others get
     401."""
@@ -143,14 +157,7 @@ class TokenGate:
 
             do_GET = do_POST = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
 
 def _forward(orthanc: Orthanc, method: str, path: str, body: bytes, headers: dict):
@@ -164,7 +171,7 @@ def _forward(orthanc: Orthanc, method: str, path: str, body: bytes, headers: dic
         connection.close()
 
 
-class MalformedServer:
+class MalformedServer(_LoopbackServer):
     """A 'DICOMweb server' whose retrieve answers are not multipart at all."""
 
     def __init__(self):
@@ -182,12 +189,5 @@ class MalformedServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
