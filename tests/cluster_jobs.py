@@ -16,13 +16,23 @@ from pathlib import Path
 
 import psutil
 
-from raythyroid import phantom, storage
+from raythyroid import infer, phantom, storage
 
 from conftest import ROOT
 
 FRAMES = 40
 EPOCHS = 6
 WORKERS, BATCH_SIZE, EMA = 2, 4, 0.9
+
+
+def infer_outputs(output: str) -> tuple[dict, dict, dict]:
+    """(rows by key without the node, mask bytes by name, metrics) of an infer OUTPUT: what two
+    runs of one archive must agree on, bit for bit."""
+    rows = {r["key"]: {k: v for k, v in r.items() if k != "node_id"}
+            for r in infer.read_results(output).to_pylist()}
+    masks = {uri.rsplit("/masks/", 1)[1]: storage.read_bytes(uri)
+             for uri in storage.list_files(storage.join(output, "masks"))}
+    return rows, masks, json.loads(storage.read_text(storage.join(output, "metrics.json")))
 
 
 def cluster_entry(job: str, **values) -> str:

@@ -297,39 +297,6 @@ def free_port_block(size: int) -> int:
 
 
 @pytest.fixture(scope="session")
-def local_cluster(s3, tmp_path_factory):
-    """Started once for the multi-node tests, with the S3 endpoint in its nodes' environment."""
-    import tempfile
-
-    # Ray's socket paths live under the state folder: keep it short
-    state = Path(tempfile.mkdtemp(prefix="rtc", dir="/tmp"))
-    base = free_port_block(3003)  # three nodes' port ranges, then their metrics ports
-    metrics = base + 3000
-    env = dict(os.environ, GCS_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
-               METRICS_PORT=str(metrics), PORT_BASE=str(base),
-               RAY_BIN=str(Path(sys.executable).with_name("ray")))
-    cluster = LocalCluster(state, env)
-    started = cluster.script("start")
-    assert started.returncode == 0, started.stdout + started.stderr
-    cluster.token = (state / "auth_token").read_text().strip()
-    cluster.metrics_ports = [metrics, metrics + 1, metrics + 2]
-    yield cluster
-    cluster.script("stop")
-    import shutil
-
-    shutil.rmtree(state, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def cluster_pipeline(local_cluster, s3):
-    """Preprocess, train (a worker killed mid-run) and infer as Jobs API jobs on the cluster,
-    once for every cluster test (cluster_jobs.run_pipeline)."""
-    from cluster_jobs import run_pipeline
-
-    return run_pipeline(local_cluster, s3)
-
-
-@pytest.fixture(scope="session")
 def dicom_corpus(ddti, tmp_path_factory):
     """Six DDTI frames in every container dcmtk and GDCM write, plus a cine
     (dicom_corpus.build): (the JPEGs, container -> files)."""

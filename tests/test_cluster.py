@@ -1,13 +1,56 @@
 """The jobs as users run them: submitted through the Ray Jobs API to a multi-node Ray cluster
-(cluster/local-cluster.sh), reading and writing a real S3 endpoint. The pipeline itself runs
-once, in the cluster_pipeline fixture (cluster_jobs.run_pipeline)."""
+(cluster/local-cluster.sh), reading and writing a real S3 endpoint, and what survives a worker
+node or a job's driver killed there. The pipeline itself runs once, in the cluster_pipeline
+fixture (cluster_jobs.run_pipeline); the cluster lives for this module only, so its daemons
+do not share the two cores with the rest of the suite."""
+import io
 import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from raythyroid import infer, model, shards, storage, train
 
-from cluster_jobs import BATCH_SIZE, EMA, EPOCHS, FRAMES, WORKERS
+from cluster_jobs import (BATCH_SIZE, EMA, EPOCHS, FRAMES, WORKERS, cluster_processes,
+                          infer_outputs, job_succeeded, run_pipeline, wait_for)
+from conftest import ROOT, LocalCluster, free_port, free_port_block
+
+
+@pytest.fixture(scope="module")
+def local_cluster(s3, tmp_path_factory):
+    """Started for this module's tests, with the S3 endpoint in its nodes' environment, and
+    stopped after them."""
+    import shutil
+    import tempfile
+
+    # Ray's socket paths live under the state folder: keep it short
+    state = Path(tempfile.mkdtemp(prefix="rtc", dir="/tmp"))
+    base = free_port_block(3003)  # three nodes' port ranges, then their metrics ports
+    metrics = base + 3000
+    env = dict(os.environ, GCS_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
+               METRICS_PORT=str(metrics), PORT_BASE=str(base),
+               RAY_BIN=str(Path(sys.executable).with_name("ray")))
+    cluster = LocalCluster(state, env)
+    started = cluster.script("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    cluster.token = (state / "auth_token").read_text().strip()
+    cluster.metrics_ports = [metrics, metrics + 1, metrics + 2]
+    yield cluster
+    cluster.script("stop")
+    shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_pipeline(local_cluster, s3):
+    """Preprocess, train (a worker killed mid-run) and infer as Jobs API jobs on the cluster,
+    once for every cluster test (cluster_jobs.run_pipeline)."""
+    return run_pipeline(local_cluster, s3)
+
 
 
 @pytest.mark.timeout(1500)
@@ -90,3 +133,67 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     assert restored.steps == last["ema"]["steps"]
     assert all(torch.equal(v, last["ema"]["weights"][k])
                for k, v in restored.model.state_dict().items())
+
+
+# ---------------------------------------------------------------- things break
+
+@pytest.fixture(scope="module")
+def reference(cluster_pipeline):
+    """The pipeline's undisturbed infer run, to compare disturbed runs of the archive with."""
+    return infer_outputs(cluster_pipeline.predictions)
+
+
+@pytest.mark.timeout(1200)
+def test_worker_node_killed_mid_infer(local_cluster, cluster_pipeline, reference):
+    # One Predictor actor of one CPU: the cluster has three one-CPU nodes, so losing one still
+    # leaves a CPU for the read and write tasks wherever the actor restarts. (Two half-CPU
+    # actors could leave half a CPU free on each node and no room for a one-CPU task.)
+    output = storage.join(cluster_pipeline.bucket, "node-killed")
+    client = local_cluster.client()
+    job = client.submit_job(
+        entrypoint=cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1),
+        runtime_env={"working_dir": str(ROOT)})
+    try:
+        wait_for(lambda: len(storage.list_files(f"{output}/results", (".parquet",))) >= 2)
+        killed = local_cluster.script("kill-node", "1")
+        assert killed.returncode == 0, killed.stderr
+        assert job_succeeded(client, job), client.get_job_logs(job)[-3000:]
+    finally:
+        local_cluster.script("add-node", "1")
+    rows, masks, metrics = infer_outputs(output)
+    clean_rows, clean_masks, clean_metrics = reference
+    assert rows == clean_rows and masks == clean_masks
+    assert metrics == clean_metrics  # bit for bit: the same JSON numbers
+
+
+@pytest.mark.timeout(1200)
+def test_driver_killed_then_rerun(local_cluster, cluster_pipeline, reference):
+    output = storage.join(cluster_pipeline.bucket, "driver-killed")
+    client = local_cluster.client()
+    entry = cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1)
+    job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT)})
+    wait_for(lambda: len(storage.list_files(f"{output}/results", (".parquet",))) >= 3)
+    drivers = wait_for(lambda: [p for p in cluster_processes(local_cluster, "jobs/infer.py")
+                                if "python" in p.name()])
+    for driver in drivers:
+        driver.kill()
+    wait_for(lambda: client.get_job_status(job).is_terminal(), timeout=120, every=1)
+    time.sleep(3)  # let tasks the driver left behind die or commit
+    before = {uri: storage.read_bytes(uri)
+              for uri in storage.list_files(f"{output}/results", (".parquet",))}
+    assert 0 < sum(pq.read_table(io.BytesIO(d)).num_rows for d in before.values()) < FRAMES
+    assert not storage.exists(f"{output}/_SUCCESS")
+
+    status, logs = local_cluster.run_job(entry)
+    assert status == "SUCCEEDED", logs[-3000:]
+    done = int(re.search(r"(\d+) already done", logs).group(1))
+    assert done == sum(pq.read_table(io.BytesIO(d)).num_rows for d in before.values())
+    after = {uri: storage.read_bytes(uri)
+             for uri in storage.list_files(f"{output}/results", (".parquet",))}
+    assert all(after[uri] == data for uri, data in before.items())  # nothing redone
+    new_keys = [k for uri, data in after.items() if uri not in before
+                for k in pq.read_table(io.BytesIO(data)).column("key").to_pylist()]
+    old_keys = [k for data in before.values()
+                for k in pq.read_table(io.BytesIO(data)).column("key").to_pylist()]
+    assert not set(new_keys) & set(old_keys)
+    assert infer_outputs(output) == reference
