@@ -9,7 +9,6 @@ alternate (folder, PACS, folder, PACS, ...) on one Ray runtime, each into a fres
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
@@ -26,39 +25,18 @@ from infer_bench import make_model  # noqa: E402
 
 
 def ultrasound_instances(folder: Path, count: int) -> list[bytes]:
-    """`count` single-frame ultrasound DICOM instances (phantom frames, 8-bit, uncompressed),
-    spread over studies of 20 instances, as a night's archive holds them."""
-    import numpy as np
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """`count` single-frame ultrasound DICOM instances (phantom frames, 8-bit, uncompressed;
+    the tests' make_dicom), in studies of 20, as a night's archive holds them."""
+    from pydicom.uid import generate_uid
 
+    from conftest import make_dicom
     from raythyroid import imaging, phantom
 
     datasets = []
-    study = series = None
     for i, frame in enumerate(phantom.generate(count, seed=23)):
         if i % 20 == 0:
             study, series = generate_uid(), generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = (meta.MediaStorageSOPClassUID,
-                                             meta.MediaStorageSOPInstanceUID)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientName, ds.PatientID, ds.Modality = "Bench^Patient", "BENCH-1", "US"
-        ds.StudyDate = "20261101"
-        gray = imaging.to_gray(frame.image).astype(np.uint8)
-        ds.Rows, ds.Columns = gray.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.PixelData = gray.tobytes()
-        buffer = io.BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        data = buffer.getvalue()
+        data = make_dicom([imaging.to_gray(frame.image)], study_uid=study, series_uid=series)
         (folder / f"{i:05d}.dcm").write_bytes(data)
         datasets.append(data)
     return datasets

@@ -262,7 +262,9 @@ def _cv(args: argparse.Namespace) -> int:
 EXIT_TOO_MANY_ERRORS = 3
 
 
-def _stow_target(args: argparse.Namespace) -> str | None:
+def _stow_target(args: argparse.Namespace, source) -> str | None:
+    """--stow's server (a base URL), by default the input's; `source` is the input's parsed
+    DICOMweb query, or None for files."""
     from . import dicomweb
 
     if args.stow is None:
@@ -270,21 +272,22 @@ def _stow_target(args: argparse.Namespace) -> str | None:
     if args.stow:
         return dicomweb.parse(args.stow if dicomweb.is_dicomweb(args.stow)
                               else "dicomweb+" + args.stow).base
-    if not dicomweb.is_dicomweb(args.input):
+    if source is None:
         raise UserError("--stow needs a URL unless INPUT is a DICOMweb server")
-    return dicomweb.parse(args.input).base
+    return source.base
 
 
 def _infer(args: argparse.Namespace) -> int:
     from . import dicomweb, infer, model, runtime, storage
 
-    stow = _stow_target(args)
-    if dicomweb.is_dicomweb(args.input):
-        dicomweb.check(dicomweb.parse(args.input))  # URL, credentials, server up: before Ray
+    source = dicomweb.parse(args.input) if dicomweb.is_dicomweb(args.input) else None
+    stow = _stow_target(args, source)
+    # URL, credentials and a server that answers, before Ray starts
+    if source is not None:
+        dicomweb.check(source)
     else:
         storage.check_readable_root(args.input)
-    if stow and stow != (dicomweb.parse(args.input).base if dicomweb.is_dicomweb(args.input)
-                         else None):
+    if stow and stow != (source and source.base):
         dicomweb.check(dicomweb.parse("dicomweb+" + stow))
     if args.labels:
         storage.check_readable_root(args.labels)

@@ -128,10 +128,6 @@ def header_bytes(ds) -> bytes:
     return buffer.getvalue()
 
 
-def sop_instance_uid(data: bytes) -> str:
-    return str(read_dataset(data, stop_before_pixels=True).SOPInstanceUID)
-
-
 def case_hash(value: str) -> str:
     """A one-way id for a patient (or study): equal inputs give equal ids, the id gives
     nothing back."""
@@ -528,6 +524,14 @@ def _parses(value, vr: str) -> bool:
     return bool((_DA if vr == "DA" else _TM).fullmatch(str(value).strip()))
 
 
+def segmentation_uid(source_instance: str, model_id: str) -> str:
+    """The SOP Instance UID of the SEG `model_id` writes for a source instance: derived, never
+    drawn, so a retried or repeated write is the same object."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["raythyroid seg", source_instance, model_id]))
+
+
 def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -553,7 +557,7 @@ def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
             series_instance_uid=generate_uid(entropy_srcs=["raythyroid seg series", series,
                                                            model_id]),
             series_number=900,
-            sop_instance_uid=generate_uid(entropy_srcs=["raythyroid seg", instance, model_id]),
+            sop_instance_uid=segmentation_uid(instance, model_id),
             instance_number=1, manufacturer="raythyroid", manufacturer_model_name="raythyroid",
             software_versions=_version(), device_serial_number="0", omit_empty_frames=False)
 

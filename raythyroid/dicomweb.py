@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .errors import UserError
+from .storage import S3_MAX_ATTEMPTS as MAX_ATTEMPTS  # one retry budget for every store
 
 SCHEMES = ("dicomweb+http://", "dicomweb+https://")
 PAGE_SIZE = 500
-MAX_ATTEMPTS = int(os.environ.get("RAYTHYROID_S3_MAX_ATTEMPTS", "10"))  # as for S3
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 120.0
 DICOM_PART = 'multipart/related; type="application/dicom"'
 # filters that name or identify a patient (by keyword or tag): kept and logged only as hashes
@@ -61,9 +61,7 @@ class Query:
     def identity(self) -> str:
         """What a rerun must match (OUTPUT's job record) and what logs show: the server and
         the filters as written, a relative date window included, patient filters hashed."""
-        shown = [(k, _hashed(v) if k.lower() in IDENTIFYING else v) for k, v in self.filters]
-        query = urllib.parse.urlencode(shown, safe="-*,:")
-        return "dicomweb+" + self.base + (f"?{query}" if query else "")
+        return "dicomweb+" + self.base + _shown_query(self.filters)
 
     def resolved(self, today: dt.date | None = None) -> list[tuple[str, str]]:
         """The filters to send tonight: `-Nd` on a date attribute becomes `YYYYMMDD-`."""
@@ -77,8 +75,12 @@ class Query:
         return out
 
 
-def _hashed(value: str) -> str:
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+def _shown_query(filters) -> str:
+    """`?k=v&...` with the values of patient filters replaced by their hashes ("" for none)."""
+    shown = [(k, "sha256:" + hashlib.sha256(v.encode()).hexdigest()[:16]
+              if k.lower() in IDENTIFYING else v) for k, v in filters]
+    query = urllib.parse.urlencode(shown, safe="-*,:")
+    return f"?{query}" if query else ""
 
 
 def parse(uri: str) -> Query:
@@ -107,10 +109,8 @@ def safe_uri(uri: str) -> str:
         return uri
     parsed = urllib.parse.urlsplit(uri[len("dicomweb+"):])
     netloc = parsed.netloc.rsplit("@", 1)[-1]
-    filters = [(k, _hashed(v) if k.lower() in IDENTIFYING else v)
-               for k, v in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)]
-    query = urllib.parse.urlencode(filters, safe="-*,:")
-    return f"dicomweb+{parsed.scheme}://{netloc}{parsed.path}" + (f"?{query}" if query else "")
+    return f"dicomweb+{parsed.scheme}://{netloc}{parsed.path}" + _shown_query(
+        urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
 
 
 # ---------------------------------------------------------------- HTTP
@@ -270,9 +270,10 @@ def split_multipart(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
-def store(base: str, instances: list[bytes]) -> list[str]:
-    """STOW-RS `instances` into the server at `base`; the SOP Instance UIDs it stored. Storing
-    an instance again (same UID, same content) leaves one copy: retries are harmless."""
+def store(base: str, instances: list[bytes]) -> None:
+    """STOW-RS `instances` into the server at `base`; raises unless every one was stored.
+    Storing an instance again (same UID, same content) leaves one copy: retries are
+    harmless."""
     import uuid
 
     boundary = uuid.uuid4().hex
@@ -289,8 +290,6 @@ def store(base: str, instances: list[bytes]) -> list[str]:
         reason = _value(failed[0], "00081197")
         raise RetrieveError(f"DICOMweb store refused {len(failed)} instance(s) "
                             f"(failure reason {reason})")
-    stored = (answer.get("00081199") or {}).get("Value") or []
-    return [uid for item in stored if (uid := _value(item, "00081155"))]
 
 
 def uids_of(uri: str) -> dict:
@@ -298,7 +297,3 @@ def uids_of(uri: str) -> dict:
     path = uri.split("/studies/", 1)[1].split("/")
     return {"study_uid": path[0], "series_uid": path[2], "sop_uid": path[4]}
 
-
-def server_of(uri: str) -> str:
-    """The base URL (http(s)://host:port/prefix) of a dicomweb+ URI, for STOW."""
-    return parse(uri.split("/studies/", 1)[0]).base

@@ -130,6 +130,7 @@ class RasterFrames:
     count: int = 1
     spacing_mm: tuple[float, float] | None = None
     case_id: str | None = None
+    ds: None = None  # no DICOM header (DicomFrames.ds holds one)
 
     def frame(self, index: int) -> np.ndarray:
         return self.pixels

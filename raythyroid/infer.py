@@ -220,7 +220,7 @@ def _frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int,
     except SkipInput as exc:
         yield _skipped_meta(key, source, str(exc)), None
         return
-    dataset = getattr(frames, "ds", None)  # DICOM only
+    dataset = frames.ds  # DICOM only
     described = dicom.instance_uids(dataset) if dataset is not None else {}
     if keep_header and dataset is not None:
         described["dicom_header"] = dicom.header_bytes(dataset)
@@ -475,8 +475,8 @@ def _segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], out
         built.append((rows, data))
     if seg.get("stow") and built:
         dicomweb.store(seg["stow"], [data for _, data in built])
-    for rows, data in built:
-        uid = dicom.sop_instance_uid(data)
+    for rows, _ in built:
+        uid = dicom.segmentation_uid(columns["sop_uid"][rows[0]] or "", seg["model_id"])
         for i in rows:
             columns["seg_uid"][i] = uid
 
@@ -550,8 +550,8 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         f"{pending.num_rows + len(problems)} to process")
     with telemetry.tracked("infer", run_id, options.metrics_port,
                            pending.num_rows + len(problems)) as progress:
-        _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,
-                 progress, log)
+        _process(model_uri, output, labels, options, pending, problems, prep, post,
+                 _seg_settings(meta, options), run_id, progress, log)
         return _finish(output, table, problems, labels, options, started, log)
 
 
@@ -570,24 +570,14 @@ def _claim_output(output: str, job: dict) -> None:
         storage.write_text(uri, json.dumps(job, indent=2))
 
 
-def _count_segmentations(output: str) -> int:
-    import pyarrow.compute as pc
-
-    uids = read_results(output, ["seg_uid"]).column("seg_uid")
-    return len(pc.unique(uids.drop_null()))
-
-
-def _seg_settings(model_uri: str, options: InferOptions) -> dict | None:
+def _seg_settings(meta: dict, options: InferOptions) -> dict | None:
     if not (options.dicom_seg or options.stow):
         return None
-    from . import model as model_lib
-
-    weights = storage.read_bytes(storage.join(model_uri, model_lib.WEIGHTS))
-    # the model's identity enters every SEG UID: another model's SEG is another object
-    return {"stow": options.stow, "model_id": hashlib.sha256(weights).hexdigest()[:32]}
+    # the weights' identity enters every SEG UID: another model's SEG is another object
+    return {"stow": options.stow, "model_id": meta["weights_sha256"][:32]}
 
 
-def _process(model_uri, output, labels, options, pending, problems, prep, post, run_id,
+def _process(model_uri, output, labels, options, pending, problems, prep, post, seg, run_id,
              progress, log) -> None:
     import ray
 
@@ -603,7 +593,6 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
                   for i in range(0, pending.num_rows, options.block_size)]
         cpus, threads = runtime.plan_workers(options.workers, options.gpu,
                                              options.cpus_per_worker)
-        seg = _seg_settings(model_uri, options)
         ds = (ray.data.from_arrow(blocks)
               .map_batches(read_and_prepare, fn_kwargs={"prep": prep.to_dict(),
                                                         "max_pixels": options.max_pixels,
@@ -648,8 +637,6 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
 
 def _finish(output, table, problems, labels, options, started, log) -> dict:
     summary = summarize(output, table, problems, labels is not None)
-    if options.dicom_seg or options.stow:
-        summary["dicom_seg"] = _count_segmentations(output)
     storage.write_text(storage.join(output, SUCCESS), json.dumps(
         {"images": summary["rows"], "errors": summary["errors"], "skipped": summary["skipped"],
          "seconds": round(time.time() - started, 1)}))
@@ -672,7 +659,7 @@ def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool
     import pyarrow.compute as pc
 
     compact_results(output)
-    results = read_results(output, ["source_uri", "status", "error", "nodule",
+    results = read_results(output, ["source_uri", "status", "error", "nodule", "seg_uid",
                                     "tp", "fp", "fn", "tn"])
     expected = pa.concat_arrays([table.column("source_uri").combine_chunks().cast(pa.string()),
                                  pa.array([p["source_uri"] for p in problems], pa.string())])
@@ -687,7 +674,8 @@ def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool
                "skipped": skipped.num_rows,
                "nodules": int(pc.sum(results.column("nodule")).as_py() or 0),
                "error_reasons": _reason_classes(_count_reasons(errors)),
-               "skip_reasons": _count_reasons(skipped)}
+               "skip_reasons": _count_reasons(skipped),
+               "dicom_seg": pc.count_distinct(results.column("seg_uid")).as_py()}
     if labelled:
         ok = pc.equal(status, "ok")
         scored = results.filter(pc.and_(ok, pc.is_valid(results.column("tp"))))

@@ -13,6 +13,11 @@ import yaml
 
 from .errors import UserError
 
+# a temporary failure (exit 75: the PACS down for its own night's maintenance) is retried in
+# the job itself, a while later, on the cluster it already has; anything else ends the job
+RETRY_KEYS = ("temporary_failure_retries", "temporary_failure_wait_s")
+
+
 POSITIONAL = {"preprocess": ("input", "output"), "train": ("data", "run"),
               "infer": ("model", "input", "output")}
 
@@ -40,8 +45,10 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 
 
 def to_argv(command: str, config: dict) -> list[str]:
-    """A config mapping -> argv for `raythyroid COMMAND ...`."""
+    """A config mapping -> argv for `raythyroid COMMAND ...` (the job's own keys, RETRY_KEYS,
+    are not the command's)."""
     config = {k.replace("-", "_"): v for k, v in config.items()}
+    config = {k: v for k, v in config.items() if k not in RETRY_KEYS}
     missing = [name for name in POSITIONAL[command] if config.get(name) in (None, "")]
     if missing:
         raise UserError(f"{command} config lacks {', '.join(missing)}")
@@ -83,15 +90,10 @@ def main(command: str, args: list[str]) -> int:
     return _run_retrying(argv, *retries)
 
 
-# a temporary failure (exit 75: the PACS down for its own night's maintenance) is retried in
-# the job itself, a while later, on the cluster it already has; anything else ends the job
-RETRY_KEYS = ("temporary_failure_retries", "temporary_failure_wait_s")
-
-
 def _retries(settings: dict) -> tuple[int, float]:
     try:
-        attempts = int(settings.pop(RETRY_KEYS[0], 0) or 0)
-        wait_s = float(settings.pop(RETRY_KEYS[1], 600) or 0)
+        attempts = int(settings.get(RETRY_KEYS[0], 0) or 0)
+        wait_s = float(settings.get(RETRY_KEYS[1], 600) or 0)
     except (TypeError, ValueError):
         raise UserError(f"{RETRY_KEYS[0]} and {RETRY_KEYS[1]} take numbers") from None
     if attempts < 0 or wait_s < 0:

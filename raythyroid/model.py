@@ -7,6 +7,7 @@ the scaling to unit range happens inside, so no caller can get it wrong.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, fields, replace
@@ -147,7 +148,8 @@ def save(model: nn.Module, folder: str, metadata: dict) -> None:
 
 
 def load(folder: str, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    """A model folder (local or s3://) -> (model in eval mode on `device`, model.json)."""
+    """A model folder (local or s3://) -> (model in eval mode on `device`, model.json plus
+    `weights_sha256`, the identity of the weights, read while loading them)."""
     from . import storage
     from .errors import UserError
 
@@ -159,9 +161,9 @@ def load(folder: str, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
         raise UserError(f"cannot read the model at {folder}: "
                         f"{storage.describe_error(exc)}") from None
     model = build(UNetConfig.from_dict(meta["architecture"]))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, meta["weights"]))),
-                       map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    weights = storage.read_bytes(storage.join(folder, meta["weights"]))
+    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     return model.to(device).eval(), meta
 
 

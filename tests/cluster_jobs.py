@@ -16,9 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from raythyroid import infer, phantom, storage
+from raythyroid import infer, phantom, storage, train
 
-from conftest import ROOT
 
 FRAMES = 40
 EPOCHS = 6
@@ -66,12 +65,6 @@ def wait_for(condition, timeout: float = 300, every: float = 0.2):
     raise TimeoutError("condition not reached")
 
 
-def job_succeeded(client, job: str, timeout: float = 900) -> bool:
-    status = wait_for(lambda: (s := client.get_job_status(job)).is_terminal() and s,
-                      timeout=timeout, every=1)
-    return str(status).endswith("SUCCEEDED")
-
-
 @dataclass
 class ClusterPipeline:
     bucket: str
@@ -82,7 +75,6 @@ class ClusterPipeline:
     # what every infer run of the archive passes, the reference run included
     infer_settings: dict
     logs: dict = field(default_factory=dict)  # job name -> its log
-    killed_training_worker: bool = False
     actors: list = field(default_factory=list)  # Ray's state API after the jobs
 
     def infer_entry(self, output: str, **overrides) -> str:
@@ -105,25 +97,20 @@ def run_pipeline(cluster, s3) -> ClusterPipeline:
     assert status == "SUCCEEDED", pipeline.logs["preprocess"][-3000:]
 
     # two one-CPU workers on three one-CPU nodes: they must take two distinct nodes
-    client = cluster.client()
-    job = client.submit_job(
-        entrypoint=cluster_entry("train", data=pipeline.prepared, run=pipeline.run,
-                                 epochs=EPOCHS, time_limit="null", workers=WORKERS,
-                                 cpus_per_worker=1, batch_size=BATCH_SIZE, ema=EMA,
-                                 deep_supervision=2, metrics_port="null"),
-        runtime_env={"working_dir": str(ROOT)})
+    job = cluster.submit(cluster_entry(
+        "train", data=pipeline.prepared, run=pipeline.run, epochs=EPOCHS, time_limit="null",
+        workers=WORKERS, cpus_per_worker=1, batch_size=BATCH_SIZE, ema=EMA, deep_supervision=2,
+        metrics_port="null"))
 
     def checkpoints():
         return {u.rsplit("/", 2)[-2] for u in storage.list_files(f"{pipeline.run}/checkpoints")
-                if u.endswith("/state.pt")}
+                if u.endswith("/" + train.STATE_FILE)}
 
     wait_for(lambda: len(checkpoints()) >= 2, timeout=600, every=0.5)
     workers = wait_for(lambda: cluster_processes(cluster, "ray::RayTrainWorker"))
-    workers[-1].kill()
-    pipeline.killed_training_worker = True
-    succeeded = job_succeeded(client, job)
-    pipeline.logs["train"] = client.get_job_logs(job)
-    assert succeeded, pipeline.logs["train"][-3000:]
+    workers[-1].kill()  # test_cluster finds the restart in the run's history
+    status, pipeline.logs["train"] = cluster.wait(job, timeout=900)
+    assert status == "SUCCEEDED", pipeline.logs["train"][-3000:]
 
     status, pipeline.logs["infer"] = cluster.run_job(
         pipeline.infer_entry(pipeline.predictions, workers=2, cpus_per_worker=1),

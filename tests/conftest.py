@@ -188,9 +188,10 @@ PATIENT_ID = "PID-7731-SECRET"
 INSTITUTION = "St Example Thyroid Clinic"
 
 
-def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_data=True) -> bytes:
+def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_data=True,
+               study_uid: str | None = None, series_uid: str | None = None) -> bytes:
     """An ultrasound DICOM (single- or multi-frame, 8-bit gray) carrying patient identifiers
-    that must never reach an output."""
+    that must never reach an output; in a new study and series unless given."""
     import io
 
     import numpy as np
@@ -210,7 +211,8 @@ def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_dat
     ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
     ds.PatientBirthDate, ds.PatientSex = "19700101", "F"
     ds.InstitutionName = INSTITUTION
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "S1", "ACC-99", "20260101", "101010"
     ds.ReferringPhysicianName = "Ref^Doc"
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "US", 1, 1
@@ -253,25 +255,30 @@ class LocalCluster:
         return JobSubmissionClient(self.dashboard,
                                    headers={"Authorization": f"Bearer {self.token}"})
 
-    def run_job(self, entrypoint: str, timeout: float = 600,
-                env_vars: dict | None = None) -> tuple[str, str]:
-        """Submit through the Jobs API with the project as working_dir; wait for the end."""
+    def submit(self, entrypoint: str, env_vars: dict | None = None) -> str:
+        """Submit through the Jobs API with the project as working_dir; the job id."""
+        return self.client().submit_job(entrypoint=entrypoint,
+                                        runtime_env={"working_dir": str(ROOT),
+                                                     "env_vars": env_vars or {}})
+
+    def wait(self, job_id: str, timeout: float = 600) -> tuple[str, str]:
+        """(final status, logs) of a submitted job; a job still running at `timeout` is
+        stopped and reported as TIMEOUT."""
         import time
 
-        from ray.job_submission import JobStatus
-
         client = self.client()
-        job_id = client.submit_job(entrypoint=entrypoint,
-                                   runtime_env={"working_dir": str(ROOT),
-                                                "env_vars": env_vars or {}})
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = client.get_job_status(job_id)
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                return status, client.get_job_logs(job_id)
+            if status.is_terminal():
+                return str(status).rsplit(".", 1)[-1], client.get_job_logs(job_id)
             time.sleep(1)
         client.stop_job(job_id)
         return "TIMEOUT", client.get_job_logs(job_id)
+
+    def run_job(self, entrypoint: str, timeout: float = 600,
+                env_vars: dict | None = None) -> tuple[str, str]:
+        return self.wait(self.submit(entrypoint, env_vars), timeout)
 
 
 def free_port_block(size: int) -> int:

