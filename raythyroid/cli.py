@@ -71,6 +71,8 @@ def _image_size(text: str) -> int:
 def _add_cluster_flag(parser: argparse.ArgumentParser, metrics: bool = True) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own output and warnings (workers' lines included)")
     if metrics:
         default = os.environ.get("RAYTHYROID_METRICS_PORT")
         parser.add_argument("--metrics-port", type=_port, default=int(default) if default else None,
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--folds", type=_positive_int, default=5)
     cv.add_argument("--workers", type=_positive_int, default=1, help="train workers per fold")
     _add_training_flags(cv)
-    _add_cluster_flag(cv, metrics=False)
+    _add_cluster_flag(cv)
     cv.set_defaults(handler=_cv)
 
     inf = commands.add_parser("infer", help="segment an archive: masks + results (+ metrics)")
@@ -227,7 +229,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.output)
     scanned = layouts.scan(storage.normalize(args.input), args.layout)
     config = PrepConfig(size=args.size, desensitize=not args.no_crop)
-    with runtime.session(args.address):
+    with runtime.session(args.address, args.verbose):
         preprocess.run(args.input, args.output, config=config, fractions=fractions,
                        seed=args.seed, max_pixels=args.max_pixels, scanned=scanned,
                        metrics_port=args.metrics_port)
@@ -240,7 +242,7 @@ def _train(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.run)
     if not storage.exists(storage.join(args.run, "metrics.json")):
         shards.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
-    with runtime.session(args.address):
+    with runtime.session(args.address, args.verbose):
         train.run(args.data, args.run, _train_config(args), workers=args.workers, gpu=args.gpu,
                   cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
     return 0
@@ -253,9 +255,10 @@ def _cv(args: argparse.Namespace) -> int:
     shards.read_manifest(args.data)
     if args.folds < 2:
         raise UserError("--folds must be at least 2")
-    with runtime.session(args.address):
+    with runtime.session(args.address, args.verbose):
         cv.run(args.data, args.run, _train_config(args), folds=args.folds,
-               workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
+               workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+               metrics_port=args.metrics_port)
     return 0
 
 
@@ -299,7 +302,7 @@ def _infer(args: argparse.Namespace) -> int:
         max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
         block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
         stow=stow)
-    with runtime.session(args.address):
+    with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)
     print(f"infer: {summary['errors']} error(s) and {summary['skipped']} skipped (not images) "
@@ -338,7 +341,7 @@ def _demo(args: argparse.Namespace) -> int:
     from . import demo, runtime, storage
 
     storage.check_writable_root(args.workdir)
-    with runtime.session(args.address):
+    with runtime.session(args.address, args.verbose):
         demo.run(args.workdir)
     return 0
 
@@ -355,8 +358,36 @@ def _caused_by(exc: BaseException, kinds: tuple) -> BaseException | None:
     return None
 
 
+EXIT_FAILURE = 1
+
+
+def _report_failure(exc: BaseException, argv: list[str] | None) -> int:
+    """An unexpected failure (a bug, a worker's exception): one line on the terminal, the
+    whole traceback in the command's log file; --verbose shows the traceback itself."""
+    import tempfile
+    import traceback
+
+    from . import runtime
+
+    if "--verbose" in (sys.argv[1:] if argv is None else argv):
+        raise exc
+    path = runtime.NATIVE_LOG or os.path.join(tempfile.gettempdir(),
+                                              f"raythyroid-{os.getpid()}.log")
+    with open(path, "a") as log:
+        log.write("".join(traceback.format_exception(exc)))
+    summary = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    # a Ray task's error reads "...RayTaskError(X): ray::task() ..." then the worker's
+    # traceback; its last line is the worker's own exception
+    print(f"raythyroid: error: {summary[-1] if summary else type(exc).__name__} "
+          f"(full traceback in {path})", file=sys.stderr, flush=True)
+    return EXIT_FAILURE
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import stopping
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    stopping.install()
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
@@ -366,16 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from .dicomweb import Unreachable
 
+        if stopping.state.signal is not None:
+            # what a stopped run's Ray calls raise on the way out is not the news
+            print(f"raythyroid: {stopping.message()}", file=sys.stderr, flush=True)
+            return stopping.exit_code()
         cause = _caused_by(exc, (Unreachable, UserError))
         if cause is None:
-            raise
+            return _report_failure(exc, argv)
         # a server down (exit 75: a scheduler, a RayCronJob's retry, tries again later) or
         # credentials refused, met inside a Ray task rather than before the job started
         print(f"raythyroid: error: {str(cause).strip().splitlines()[-1]}", file=sys.stderr)
         return EXIT_TEMPORARY_FAILURE if isinstance(cause, Unreachable) else EXIT_USAGE
     except KeyboardInterrupt:
-        print("raythyroid: interrupted", file=sys.stderr)
-        return 130
+        print(f"raythyroid: {stopping.message()}", file=sys.stderr, flush=True)
+        return stopping.exit_code()
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from . import runtime, shards, split, storage, train
+from . import runtime, shards, split, storage, telemetry, train
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
@@ -30,7 +30,14 @@ def _fold_metrics(state: train.TrainState) -> dict:
 
 
 def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, workers: int = 1,
-        gpu: bool = False, cpus_per_worker: float | None = None, log=print) -> dict:
+        gpu: bool = False, cpus_per_worker: float | None = None, log=print,
+        metrics_port: int | None = None) -> dict:
+    with telemetry.tracked("cv", storage.basename(run_uri), metrics_port, 0,
+                           unit="steps") as progress:
+        return _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progress)
+
+
+def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progress) -> dict:
     import ray
     from ray.data.expressions import col
 
@@ -59,12 +66,17 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
     parallel = max(1, min(folds, int(capacity // per_fold)))
     threads = max(1, int(total_cpus // (parallel * workers)))
     log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads} thread(s)")
+    board = telemetry.board()
+    relay = _relay(progress, log, config, key_fold, folds, workers, parallel)
 
     def one_fold(k: int) -> dict:
         fold_uri = storage.join(run_uri, f"fold-{k}")
         done = storage.join(fold_uri, "fold.json")
         if storage.exists(done):
-            return json.loads(storage.read_text(done))
+            finished = json.loads(storage.read_text(done))
+            board.post.remote({"kind": "epoch", "fold": k, "steps": None, "best": None,
+                               "row": {"epoch": finished["epochs"]}})
+            return finished
         training = pooled.filter(expr=col("fold") != k)
         datasets = {"train": (training.drop_columns(scoring_only) if scoring_only
                               else training).materialize(),
@@ -72,7 +84,8 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
         fold_config = dataclasses.replace(config, seed=config.seed + k)
         train.check_resume(fold_uri, fold_config)
         state = train.fit(datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker,
-                          time.time(), log=lambda *_: None, threads=threads)
+                          time.time(), log=lambda *_: None, threads=threads, board=board,
+                          fold=k)
         train.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
         result = dict(_fold_metrics(state), fold=k,
                       val_images=int(datasets["val"].count()))
@@ -81,8 +94,8 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
             f"{result['last']['n_iou_per_image'] or 0:.4f} ({result['epochs']} epochs)")
         return result
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = list(pool.map(one_fold, range(folds)))
+    results = telemetry.run_watched(lambda: _in_parallel(one_fold, folds, parallel), board,
+                                    relay)
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
     for which in ("last", "best"):
         for key in ("n_iou", "n_iou_per_image"):
@@ -92,6 +105,44 @@ def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, work
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     log(table(summary))
     return summary
+
+
+def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, parallel: int):
+    """Every fold's training progress into the job's gauges and progress line."""
+    training_rows = sum(1 for f in key_fold.values() for k in range(folds) if f != k) // folds
+    relay = train.TrainingRelay(
+        progress, telemetry.ProgressPrinter(progress, log), config,
+        train.steps_per_epoch(training_rows, workers, config), folds=folds, epoch_lines=False)
+    if config.time_limit_min:  # the limit is per fold; folds beyond `parallel` wait their turn
+        rounds = -(-folds // parallel)
+        progress.deadline = time.time() + 60 * config.time_limit_min * rounds
+    return relay
+
+
+def _in_parallel(one_fold, folds: int, parallel: int) -> list[dict]:
+    """one_fold(k) for every fold, `parallel` at a time. Daemon threads, not a thread pool:
+    a stopped job must not wait at exit for folds still training on a cluster it does not
+    shut down."""
+    results: list = [None] * folds
+    failures: list = []
+    slots = threading.Semaphore(parallel)
+
+    def fold_in_a_slot(k: int) -> None:
+        with slots:
+            try:
+                results[k] = one_fold(k)
+            except BaseException as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=fold_in_a_slot, args=(k,), daemon=True)
+               for k in range(folds)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results
 
 
 def table(summary: dict) -> str:

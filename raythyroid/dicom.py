@@ -597,7 +597,9 @@ def _add_source_frames(seg, source, masks: dict[int, np.ndarray], frames: list[i
     temporal.FunctionalGroupPointer = 0x00209111  # Frame Content Sequence
     temporal.DimensionOrganizationUID = seg.DimensionIndexSequence[0].DimensionOrganizationUID
     temporal.DimensionDescriptionLabel = "Source frame"
-    seg.DimensionIndexSequence.append(temporal)
+    # the segment number and the source frame; a plane-position dimension that highdicom adds
+    # for sources in patient space (an MR or CT cine) would leave frames a value short
+    seg.DimensionIndexSequence = [seg.DimensionIndexSequence[0], temporal]
     template = seg.PerFrameFunctionalGroupsSequence[0]
     items = []
     for position, index in enumerate(frames, 1):

@@ -17,9 +17,7 @@ import functools
 import hashlib
 import io
 import json
-import os
 import posixpath
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -503,13 +501,31 @@ def write_results(output: str, table: pa.Table) -> None:
 LABELS_TYPE = pa.list_(pa.struct([("key", pa.string()), ("uri", pa.string())]))
 
 
-def _attach_labels(table: pa.Table, labels_uri: str | None) -> pa.Table:
+def _labels_by_source(table: pa.Table, labels_uri: str | None, log) -> dict | None:
+    """Label files by input key (a cine's frames under one key); a --labels that matches no
+    input is a mistake worth stopping for, one that matches some is worth a warning."""
     if not labels_uri:
-        return table.append_column("labels", pa.nulls(table.num_rows, LABELS_TYPE))
-    index = evaluate.index_labels(labels_uri)
+        return None
     by_base: dict[str, dict[str, str]] = {}
-    for key, uri in index.items():
+    for key, uri in evaluate.index_labels(labels_uri).items():
         by_base.setdefault(key.split("#")[0], {})[key] = uri
+    keys = table.column("key").to_pylist()
+    matched = sum(key in by_base for key in keys)
+    if keys and not matched:
+        example_label = next(iter(by_base), None)
+        raise UserError(
+            f"--labels matches no input: inputs are keyed like {keys[0]!r}, labels like "
+            + (f"{example_label!r}" if example_label else "(no label image found)")
+            + f" under {labels_uri}; labels need the same relative path without extension")
+    if matched < len(keys):
+        log(f"infer: warning: --labels matches {matched} of {len(keys)} inputs; the others "
+            f"are segmented but not scored")
+    return by_base
+
+
+def _attach_labels(table: pa.Table, by_base: dict | None) -> pa.Table:
+    if by_base is None:
+        return table.append_column("labels", pa.nulls(table.num_rows, LABELS_TYPE))
     labels = [[{"key": k, "uri": u} for k, u in by_base[key].items()] if key in by_base else None
               for key in table.column("key").to_pylist()]
     return table.append_column("labels", pa.array(labels, LABELS_TYPE))
@@ -533,15 +549,15 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     post = postprocess.PostConfig.from_model(meta)
     if options.tta is None:
         options = dataclasses.replace(options, tta=bool(meta.get("tta", False)))
+    table, problems = list_inputs(input_uri, log)
+    if table.num_rows == 0 and not problems and not dicomweb.is_dicomweb(input_uri):
+        raise UserError(f"no images found under {input_uri}")  # a PACS may have a quiet night
+    label_index = _labels_by_source(table, labels, log)  # a mistake here claims no OUTPUT
     _claim_output(output, {"input": identity, "model": model_uri,
                            "labels": storage.normalize(labels) if labels else None})
     storage.delete(storage.join(output, SUCCESS))
     run_id = uuid.uuid4().hex
     storage.write_text(storage.join(output, RUN_LEASE), run_id)  # before reading what is done
-
-    table, problems = list_inputs(input_uri, log)
-    if table.num_rows == 0 and not problems and not dicomweb.is_dicomweb(input_uri):
-        raise UserError(f"no images found under {input_uri}")  # a PACS may have a quiet night
     done = done_sources(output)
     pending = table.filter(pa.array([s not in done for s in table.column("source_uri").to_pylist()],
                                     pa.bool_())) if done else table
@@ -550,7 +566,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         f"{pending.num_rows + len(problems)} to process")
     with telemetry.tracked("infer", run_id, options.metrics_port,
                            pending.num_rows + len(problems)) as progress:
-        _process(model_uri, output, labels, options, pending, problems, prep, post,
+        _process(model_uri, output, label_index, options, pending, problems, prep, post,
                  _seg_settings(meta, options), run_id, progress, log)
         return _finish(output, table, problems, labels, options, started, log)
 
@@ -577,7 +593,7 @@ def _seg_settings(meta: dict, options: InferOptions) -> dict | None:
     return {"stow": options.stow, "model_id": meta["weights_sha256"][:32]}
 
 
-def _process(model_uri, output, labels, options, pending, problems, prep, post, seg, run_id,
+def _process(model_uri, output, label_index, options, pending, problems, prep, post, seg, run_id,
              progress, log) -> None:
     import ray
 
@@ -588,7 +604,7 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
         progress.advance(len(problems), len(problems))
 
     if pending.num_rows:
-        pending = _attach_labels(pending, labels)
+        pending = _attach_labels(pending, label_index)
         blocks = [pending.slice(i, options.block_size)
                   for i in range(0, pending.num_rows, options.block_size)]
         cpus, threads = runtime.plan_workers(options.workers, options.gpu,
@@ -619,20 +635,11 @@ def _process(model_uri, output, labels, options, pending, problems, prep, post, 
                                                     "run_id": run_id, "seg": seg},
                            batch_size=None, batch_format="numpy"))
         printer = telemetry.ProgressPrinter(progress, log)
-        # Fault injection for the resume tests: the driver dies, without any cleanup, once
-        # this many blocks are committed.
-        crash_after = int(os.environ.get("RAYTHYROID_FAULT_STOP_AFTER_BLOCKS", "0"))
-        blocks_done = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             progress.advance(int(np.sum(batch["first_frame"])),
                              int(np.sum(batch["status"] == "error")),
                              int(np.sum(batch["status"] == "skipped")))
             printer.update()
-            blocks_done += 1
-            if crash_after and blocks_done >= crash_after:
-                log(f"infer: stopping after {blocks_done} block(s) (fault injection)")
-                sys.stdout.flush()
-                os._exit(75)
 
 
 def _finish(output, table, problems, labels, options, started, log) -> dict:

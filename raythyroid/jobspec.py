@@ -19,7 +19,10 @@ RETRY_KEYS = ("temporary_failure_retries", "temporary_failure_wait_s")
 
 
 POSITIONAL = {"preprocess": ("input", "output"), "train": ("data", "run"),
-              "infer": ("model", "input", "output")}
+              "cv": ("data", "run"), "infer": ("model", "input", "output")}
+# keys that name data: a job runs in a copy of its working directory on some node, so a local
+# one must be absolute (shared storage) or an s3:// / DICOMweb URI
+PATH_KEYS = ("input", "output", "data", "run", "model", "labels")
 
 
 def load(path: str) -> dict:
@@ -79,6 +82,7 @@ def main(command: str, args: list[str]) -> int:
             overrides.append(rest[1])
             rest = rest[2:]
         settings = apply_overrides(load(config), overrides)
+        _refuse_relative_paths(settings)
         retries = _retries(settings)
         argv = to_argv(command, settings)
     except UserError as exc:
@@ -88,6 +92,20 @@ def main(command: str, args: list[str]) -> int:
 
     print("raythyroid " + " ".join(safe_uri(word) for word in argv), flush=True)
     return _run_retrying(argv, *retries)
+
+
+def _refuse_relative_paths(settings: dict) -> None:
+    import os
+
+    for key in PATH_KEYS:
+        value = settings.get(key)
+        if key == "model" and isinstance(value, str) and "/" not in value:
+            continue  # the name of a model shipped in the package, not a path
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            raise UserError(
+                f"{key}={value!r} is a relative path: a Ray job runs in a temporary copy of "
+                f"--working-dir, so give an absolute path on storage every node shares, or an "
+                f"s3:// URI")
 
 
 def _retries(settings: dict) -> tuple[int, float]:

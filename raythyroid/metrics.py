@@ -5,7 +5,8 @@ fast_hist(label, pred). Per-image counts are integers, so sums over workers, blo
 runs are exact and order-independent: pooled metrics never depend on how work was divided.
 
 A ratio whose denominator is 0 is 1.0 when the class is absent from both label and prediction
-(nothing to find, nothing found) and 0.0 otherwise.
+(nothing to find, nothing found) and 0.0 otherwise. With no image scored at all every ratio is
+null: an empty run found nothing, it did not score perfectly.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 
 METRIC_KEYS = ("b_iou", "n_iou", "miou", "pa", "precision", "recall", "f1", "f1_macro", "dice",
                "n_iou_per_image", "images", "errors", "skipped", "hist")
+RATIO_KEYS = METRIC_KEYS[:METRIC_KEYS.index("images")]
 
 
 def confusion(label: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -118,6 +120,8 @@ class Totals:
     def metrics(self, errors: int = 0, skipped: int = 0) -> dict:
         """Every metrics.json key."""
         out = scores(np.array([[self.tn, self.fp], [self.fn, self.tp]], dtype=np.int64))
+        if not self.images:
+            out.update({key: None for key in RATIO_KEYS})
         out["n_iou_per_image"] = self.iou_sum / self.with_nodule if self.with_nodule else None
         out["images"] = self.images
         out["errors"] = int(errors)

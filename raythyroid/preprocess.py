@@ -223,15 +223,29 @@ def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = 
                     max_pixels, started, progress, log)
 
 
-def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, max_pixels,
-         started, progress, log) -> dict:
+def _prepare(pairs, config, max_pixels, progress, log):
+    """Every pair prepared by Ray tasks -> a dataset held in the object store."""
     import ray
 
     n_blocks = max(1, math.ceil(len(pairs) / FILES_PER_TASK))
-    prepared = (ray.data.from_items([p.to_dict() for p in pairs], override_num_blocks=n_blocks)
-                .map_batches(prepare_block, fn_args=(config.to_dict(), max_pixels),
-                             batch_size=FILES_PER_TASK, batch_format="pyarrow")
-                .materialize())
+    preparing = (ray.data.from_items([p.to_dict() for p in pairs], override_num_blocks=n_blocks)
+                 .map_batches(prepare_block, fn_args=(config.to_dict(), max_pixels),
+                              batch_size=FILES_PER_TASK, batch_format="pyarrow"))
+    # block by block as they finish, so the job's gauges and progress line move meanwhile;
+    # the blocks stay in the object store and make the dataset the splits are written from
+    printer = telemetry.ProgressPrinter(progress, log)
+    blocks = []
+    for bundle in preparing.iter_internal_ref_bundles():
+        blocks += bundle.block_refs
+        progress.advance(bundle.num_rows() or 0)
+        printer.update()
+    return ray.data.from_arrow_refs(blocks) if blocks else preparing.materialize()
+
+
+def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, max_pixels,
+         started, progress, log) -> dict:
+    progress.advance(len(problems), len(problems))  # unpaired files: error rows already
+    prepared = _prepare(pairs, config, max_pixels, progress, log)
     summary = prepared.select_columns(
         ["key", "case_id", "fixed_split", "source_uri", "sha256", "nodule_kept",
          "error_stage", "error_reason"]).take_all()
@@ -250,7 +264,7 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
             errors.append({"key": row["key"], "source_uri": row["source_uri"], "stage": "dedupe",
                            "reason": f"duplicate of {duplicates[row['key']]}"})
     kept = [r for r in good if r["key"] not in duplicates]
-    progress.advance(len(summary) + len(problems), len(summary) + len(problems) - len(kept))
+    progress.advance(0, len(summary) - len(kept))
     assignment = split.assign(((r["key"], r["case_id"], r["fixed_split"]) for r in kept),
                               fractions, seed)
 

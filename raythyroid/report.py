@@ -1,5 +1,5 @@
-"""Pictures a person checks: overlay rows (image | label | prediction, as in the paper's figure 3)
-and training curves. Drawn with OpenCV, so no plotting library is needed on a cluster image."""
+"""Pictures a person checks: overlay rows (image | label | prediction, as in the paper's figure 3),
+drawn with OpenCV, and training curves, plotted with matplotlib."""
 from __future__ import annotations
 
 import cv2
@@ -42,30 +42,50 @@ def overlays(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> byte
     return buf.tobytes()
 
 
-def curves(history: list[dict], keys=("train_loss", "val_n_iou", "val_n_iou_per_image")) -> bytes:
-    """Per-epoch lines, each scaled to its own range, with the range written beside its name."""
-    width, height, pad = 720, 360, 40
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    colours = [(200, 60, 40), (40, 140, 40), (40, 40, 200), (150, 80, 150)]
-    epochs = [row["epoch"] for row in history]
-    if not epochs:
-        ok, buf = cv2.imencode(".png", canvas)
-        return buf.tobytes()
-    x_of = lambda e: pad + (e - min(epochs)) / max(1, max(epochs) - min(epochs)) * (width - 2 * pad)
-    cv2.rectangle(canvas, (pad, pad), (width - pad, height - pad), (180, 180, 180), 1)
-    for n, key in enumerate(keys):
-        values = [row.get(key) for row in history]
-        points = [(e, v) for e, v in zip(epochs, values) if isinstance(v, (int, float))]
-        if not points:
-            continue
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        span = (hi - lo) or 1.0
-        xy = np.array([[x_of(e), height - pad - (v - lo) / span * (height - 2 * pad)]
-                       for e, v in points], np.int32)
-        cv2.polylines(canvas, [xy.reshape(-1, 1, 2)], False, colours[n % 4], 2, cv2.LINE_AA)
-        cv2.putText(canvas, f"{key} [{lo:.3f} .. {hi:.3f}]", (pad + 5, pad + 18 + 18 * n),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.5, colours[n % 4], 1, cv2.LINE_AA)
-    cv2.putText(canvas, f"epoch {min(epochs)} .. {max(epochs)}", (width // 2 - 60, height - 12),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.5, (60, 60, 60), 1, cv2.LINE_AA)
-    ok, buf = cv2.imencode(".png", canvas)
-    return buf.tobytes()
+def curves(history: list[dict], best_epoch: int | None = None) -> bytes:
+    """Training curves as PNG: loss on one axis, validation IoU on another, epochs on x, the
+    best epoch (by validation n_IoU unless given) marked."""
+    import io
+
+    # the figure API with the Agg canvas: no pyplot global state, no display needed
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [row for row in history if isinstance(row.get("epoch"), (int, float))
+            and "train_loss" in row]
+    figure = Figure(figsize=(10, 6.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axis, iou_axis = figure.subplots(2, 1, sharex=True)
+    epochs = [row["epoch"] for row in rows]
+    if best_epoch is None:
+        scored = [row for row in rows if isinstance(row.get("val_n_iou"), (int, float))]
+        best_epoch = max(scored, key=lambda r: r["val_n_iou"])["epoch"] if scored else None
+    loss_axis.plot(epochs, [row["train_loss"] for row in rows], marker=".", color="tab:red",
+                   label="training loss")
+    loss_axis.set_ylabel("loss")
+    for key, label, colour in (("val_n_iou", "validation n_IoU (pooled)", "tab:green"),
+                               ("val_n_iou_per_image", "validation n_IoU per image",
+                                "tab:blue")):
+        points = [(row["epoch"], row[key]) for row in rows
+                  if isinstance(row.get(key), (int, float))]
+        if points:
+            iou_axis.plot(*zip(*points), marker=".", color=colour, label=label)
+    iou_axis.set_ylabel("IoU")
+    iou_axis.set_ylim(0, 1)  # the same scale for every run, so two runs' curves compare
+    iou_axis.set_xlabel("epoch")
+    iou_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if best_epoch is not None:
+        for axis in (loss_axis, iou_axis):
+            axis.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1,
+                         label=f"best epoch ({best_epoch})" if axis is iou_axis else None)
+    for axis in (loss_axis, iou_axis):
+        axis.grid(True, alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            # beside the plot area, so the legend never hides a line
+            axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                        fontsize="small")
+    loss_axis.set_title("training")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

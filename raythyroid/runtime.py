@@ -5,10 +5,14 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from typing import Iterator
 
+# where the command's native stderr (Ray's C++ core) went, once diverted
+NATIVE_LOG: str | None = None
 
-def init(address: str | None = None) -> bool:
+
+def init(address: str | None = None, verbose: bool = False) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one.
 
     Returns True when this call started Ray, so the caller knows to shut it down. Inside a Ray
@@ -18,12 +22,16 @@ def init(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    quiet_ray_on_the_terminal(verbose)  # ray.init itself warns (token set-up)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     options = {}
     if address == "local" and os.environ.get("RAYTHYROID_RAY_METRICS_PORT"):
         # a fixed port for Ray's metrics agent, so a local Prometheus can scrape worker metrics
         options["_metrics_export_port"] = int(os.environ["RAYTHYROID_RAY_METRICS_PORT"])
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+    ray.init(address=address, logging_level=logging.WARNING,
+             # workers' output (Ray Train's and Ray Data's own lines, actor prefixes) stays in
+             # Ray's log files unless asked for; what a person needs the driver says itself
+             log_to_driver=verbose,
              runtime_env={"env_vars": storage_environment()} if storage_environment() else None,
              **options)
     context = ray.data.DataContext.get_current()
@@ -32,7 +40,24 @@ def init(address: str | None = None) -> bool:
     # Our own per-stage progress lines say more than Ray Data's per-operator chatter.
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_on_the_terminal(verbose)
     return True
+
+
+def quiet_ray_on_the_terminal(verbose: bool = False) -> None:
+    """Ray's own warnings (deprecations, disabled progress bars, token set-up) stay in Ray's
+    log files; only errors reach the terminal, unless --verbose."""
+    import warnings
+
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*exclude_resources")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and \
+                    not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
 
 
 # Where object storage is, but never who we are: credentials (S3's, DICOMweb's) stay with the
@@ -47,11 +72,37 @@ def storage_environment() -> dict:
     return {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
 
 
+def divert_native_stderr() -> str | None:
+    """Point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal.
+
+    Ray's C++ core writes its errors straight to descriptor 2 (for example a warning, logged
+    as an error, about Ray Data's actor-pool arguments), and a crash handler dumps stacks
+    there. Returns the log file's path (None when the descriptors cannot be moved)."""
+    path = os.path.join(tempfile.gettempdir(), f"raythyroid-{os.getpid()}.log")
+    try:
+        sys.stderr.flush()
+        terminal = os.dup(2)
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log, 2)
+        os.close(log)
+    except OSError:
+        return None
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding,
+                           errors="backslashreplace")
+    return path
+
+
 @contextlib.contextmanager
-def session(address: str | None = None) -> Iterator[None]:
+def session(address: str | None = None, verbose: bool = False) -> Iterator[None]:
     import ray
 
-    started = init(address)
+    from . import stopping
+
+    if not verbose and not ray.is_initialized():
+        global NATIVE_LOG
+        NATIVE_LOG = divert_native_stderr()
+    started = init(address, verbose)
+    stopping.install()  # after ray.init, whose own SIGTERM handler is a bare exit
     try:
         yield
     finally:

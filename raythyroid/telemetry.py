@@ -18,7 +18,7 @@ PREFIX = "raythyroid"
 # Ray exports worker metrics with this prefix; the dashboard and rules use the full names.
 RAY_PREFIX = "ray_"
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-STATES = ("running", "succeeded", "failed")
+STATES = ("running", "succeeded", "failed", "interrupted")
 
 # reason text (the start of an error row's reason) -> a low-cardinality label value
 _REASON_CLASSES = (
@@ -136,6 +136,63 @@ def train_epoch(run: str, steps: int, loss: float, images_per_s: float, val_n_io
     metrics["epoch"].set(epoch, tags=tags)
 
 
+# ---------------------------------------------------------------- workers -> driver
+
+class ProgressBoard:
+    """Where training's rank-0 worker posts its progress (steps within the epoch, finished
+    epochs) and the driver collects it: a zero-CPU Ray actor (`board()`), because the driver
+    waits on Ray Train and sees nothing else until it returns."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def post(self, event: dict) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+def board():
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+
+
+WATCH_EVERY_S = 2.0
+
+
+def run_watched(work, board, on_events, every: float = WATCH_EVERY_S):
+    """`work()` in a thread while the main thread hands the board's events to `on_events`
+    every few seconds; returns what work returned or raises what it raised.
+
+    The main thread stays free, so the job's gauges move while work runs and a signal lands
+    where the driver can act on it (the thread is a daemon: a stopped job does not wait).
+    """
+    import threading
+
+    import ray
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the main thread, raised there
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="raythyroid-work", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(every)
+        on_events(ray.get(board.take.remote()))
+    on_events(ray.get(board.take.remote()))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 # ---------------------------------------------------------------- driver side (prometheus_client)
 
 class JobProgress:
@@ -145,10 +202,13 @@ class JobProgress:
     what the stalled-job alert watches.
     """
 
-    def __init__(self, pipeline: str, run: str, port: int | None = None):
+    def __init__(self, pipeline: str, run: str, port: int | None = None, unit: str = "inputs"):
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-        self.pipeline, self.run = pipeline, run
+        self.pipeline, self.run, self.unit = pipeline, run, unit
+        # a time-limited run ends at its deadline, whatever the count of work says
+        self.deadline: float | None = None
+        self.baseline = 0  # work done by earlier runs of a resumed job: not this run's rate
         self.registry = CollectorRegistry()
         labels = ("pipeline", "run")
 
@@ -180,6 +240,13 @@ class JobProgress:
         self._total.labels(self.pipeline, self.run).set(total)
         self._publish()
 
+    def reach(self, done: int, total: int | None = None) -> None:
+        """Set the work done so far (and the total, when it is only now known)."""
+        if total is not None:
+            self.total = total
+            self._total.labels(self.pipeline, self.run).set(total)
+        self.advance(max(0, done - self.done))
+
     def advance(self, done: int, errors: int = 0, skipped: int = 0) -> None:
         self.done += done
         self.errors += errors
@@ -190,13 +257,15 @@ class JobProgress:
 
     @property
     def rate(self) -> float:
-        return self.done / max(time.time() - self.started, 1e-9)
+        return max(0, self.done - self.baseline) / max(time.time() - self.started, 1e-9)
 
     @property
     def eta_seconds(self) -> float | None:
+        left = None if self.deadline is None else max(0.0, self.deadline - time.time())
         if self.rate <= 0 or not self.total:
-            return None
-        return max(0.0, self.total - self.done) / self.rate
+            return left
+        by_rate = max(0.0, self.total - self.done) / self.rate
+        return by_rate if left is None else min(by_rate, left)
 
     def _publish(self) -> None:
         labels = (self.pipeline, self.run)
@@ -211,8 +280,9 @@ class JobProgress:
         frac = min(1.0, self.done / self.total) if self.total else 1.0
         eta = self.eta_seconds
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
-        return (f"{self.done}/{self.total} ({frac:.0%})  {self.rate:.1f}/s  ETA {eta_text}  "
-                f"errors {self.errors}" + (f"  skipped {self.skipped}" if self.skipped else ""))
+        errors = f"  errors {self.errors}" if self.unit == "inputs" or self.errors else ""
+        return (f"{self.done}/{self.total} {self.unit} ({frac:.0%})  {self.rate:.1f}/s  "
+                f"ETA {eta_text}{errors}" + (f"  skipped {self.skipped}" if self.skipped else ""))
 
     def set_state(self, state: str) -> None:
         for name in STATES:
@@ -231,14 +301,22 @@ class JobProgress:
 
 
 @contextlib.contextmanager
-def tracked(pipeline: str, run: str, port: int | None, total: int) -> Iterator[JobProgress]:
-    """A JobProgress for the body of a job: `succeeded` when it returns, `failed` when it
-    raises (Ctrl-C included), and its HTTP server closed either way."""
-    progress = JobProgress(pipeline, run, port)
+def tracked(pipeline: str, run: str, port: int | None, total: int,
+            unit: str = "inputs") -> Iterator[JobProgress]:
+    """A JobProgress for the body of a job: `succeeded` when it returns, `interrupted` when a
+    signal stopped it (what it had done is noted for the command's last line), `failed` when
+    it raises, and its HTTP server closed either way."""
+    from . import stopping
+
+    progress = JobProgress(pipeline, run, port, unit)
     progress.set_total(total)
     try:
         yield progress
         progress.set_state("succeeded")
+    except KeyboardInterrupt:
+        progress.set_state("interrupted")
+        stopping.note_progress(pipeline, progress.done, progress.total, unit)
+        raise
     except BaseException:
         progress.set_state("failed")
         raise
@@ -253,6 +331,14 @@ class ProgressPrinter:
         self.progress, self.log, self.interval = progress, log, interval
         self.last = 0.0
         self.tty = sys.stderr.isatty()
+
+    def say(self, text: str) -> None:
+        """A line of its own (an epoch's result) above the bar."""
+        if self.tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        self.log(text)
+        if self.tty:
+            self.update(force=True)
 
     def update(self, force: bool = False) -> None:
         now = time.time()

@@ -39,6 +39,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 # with only --time-limit the clock ends training (and drives the learning-rate schedule)
 TIME_LIMITED_EPOCHS = 10_000
+PROGRESS_EVERY_S = 2.0  # how often rank 0 tells the driver its step within the epoch
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,10 @@ class TrainState:
     finished: bool = False
     test: dict | None = None
     inference: dict | None = None  # choose_inference's result, once training has ended
+    # The time budget and schedule span every run of the command: `origin` is when this run's
+    # clock would have started had it never stopped, `session` the driver start it refers to.
+    origin: float | None = None
+    session: float | None = None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -336,6 +341,7 @@ class WorkerConfig:
     started: float
     deadline: float | None
     has_test: bool
+    fold: int | None = None  # cv's fold, for the progress the driver shows
 
 
 @dataclass
@@ -356,6 +362,14 @@ class Worker:
     run_name: str
     started: float
     deadline: float | None
+    board: object = None  # telemetry.ProgressBoard: where rank 0 posts progress for the driver
+    fold: int | None = None
+
+    def post(self, kind: str, **values) -> None:
+        """Progress for the driver (rank 0 only; fire and forget)."""
+        if self.board is not None and self.rank == 0:
+            self.board.post.remote(dict(values, kind=kind, fold=self.fold,
+                                        deadline=self.deadline))
 
     @property
     def scored(self):
@@ -364,7 +378,8 @@ class Worker:
 
 
 def train_loop_per_worker(cfg: dict) -> None:
-    worker, state, restored_from = _set_up(WorkerConfig(**cfg))
+    board = cfg.pop("board", None)
+    worker, state, restored_from = _set_up(WorkerConfig(**cfg), board)
     epoch_seconds = None
     while not state.finished and state.epoch < worker.config.epochs:
         epoch_started = time.time()
@@ -383,12 +398,13 @@ def train_loop_per_worker(cfg: dict) -> None:
         if restored_from is not None:
             row["resumed_from_epoch"], restored_from = restored_from, None
         _record_epoch(worker, state, row, val, steps)
+        worker.post("epoch", row=row, steps=steps, best=state.best["val"]["n_iou"])
         _report(worker, state, row)
     if not state.finished:
         _finish(worker, state)
 
 
-def _set_up(cfg: WorkerConfig) -> tuple[Worker, TrainState, int | None]:
+def _set_up(cfg: WorkerConfig, board=None) -> tuple[Worker, TrainState, int | None]:
     """Threads, device, precision, the network and optimizer (restored from the latest
     checkpoint when there is one), the weight average and this worker's data."""
     import ray.data
@@ -415,6 +431,7 @@ def _set_up(cfg: WorkerConfig) -> tuple[Worker, TrainState, int | None]:
         optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
     state, averaged, restored_from = _restore(net, optimizer)
+    _continue_the_clock(state, cfg)
     # an average from a run resumed without --ema is dropped, not carried along
     average = WeightAverage(net, config.ema, averaged) if config.ema > 0 else None
     worker = Worker(
@@ -424,8 +441,18 @@ def _set_up(cfg: WorkerConfig) -> tuple[Worker, TrainState, int | None]:
         train_shard=ray.train.get_dataset_shard("train"),
         val_set=ray.train.get_dataset_shard("val"),
         test_set=ray.train.get_dataset_shard("test") if cfg.has_test else None,
-        run_name=cfg.run_name, started=cfg.started, deadline=cfg.deadline)
+        run_name=cfg.run_name, started=state.origin,
+        deadline=state.origin + (cfg.deadline - cfg.started) if cfg.deadline else None,
+        board=board, fold=cfg.fold)
     return worker, state, restored_from
+
+
+def _continue_the_clock(state: TrainState, cfg: WorkerConfig) -> None:
+    """A rerun after a stop continues the time budget and the schedule where the last
+    checkpoint left them; a restart of the workers within one run keeps its clock."""
+    if state.session != cfg.started:
+        spent = state.history[-1]["elapsed_seconds"] if state.history else 0.0
+        state.origin, state.session = cfg.started - spent, cfg.started
 
 
 def _restore(net, optimizer) -> tuple[TrainState, dict | None, int | None]:
@@ -478,7 +505,7 @@ def _train_epoch(worker: Worker, epoch: int, lr: float) -> tuple[float, int, flo
     augmentation = augment.preset(config.augment)
     worker.net.train()
     loss_sum, steps, seen = 0.0, 0, 0
-    started = time.time()
+    started = posted = time.time()
     for b, batch in enumerate(worker.train_shard.iter_torch_batches(
             batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size,
             local_shuffle_seed=config.seed * 1000 + epoch, drop_last=True, dtypes=None)):
@@ -502,6 +529,9 @@ def _train_epoch(worker: Worker, epoch: int, lr: float) -> tuple[float, int, flo
         loss_sum += float(loss.detach())
         steps += 1
         seen += images.shape[0]
+        if time.time() - posted >= PROGRESS_EVERY_S:
+            worker.post("step", epoch=epoch, step=steps)
+            posted = time.time()
     seconds = time.time() - started
     train_loss = _mean_over_workers(loss_sum / max(steps, 1), steps)
     images_per_s = _mean_over_workers(seen / max(seconds, 1e-9), 1) * worker.world
@@ -509,7 +539,7 @@ def _train_epoch(worker: Worker, epoch: int, lr: float) -> tuple[float, int, flo
 
 
 def _record_epoch(worker: Worker, state: TrainState, row: dict, val: dict, steps: int) -> None:
-    """The epoch into the history, the best weights so far, the gauges and the epoch line."""
+    """The epoch into the history, the best weights so far, and the gauges."""
     from . import model as model_lib
 
     row.update({f"val_{k}": v for k, v in val.items() if k != "hist"})
@@ -526,10 +556,13 @@ def _record_epoch(worker: Worker, state: TrainState, row: dict, val: dict, steps
         return
     telemetry.train_epoch(worker.run_name, steps * worker.world, row["train_loss"],
                           row["images_per_s"], val["n_iou"], row["epoch"])
-    of_total = "" if worker.config.epochs >= TIME_LIMITED_EPOCHS else f"/{worker.config.epochs}"
-    print(f"epoch {row['epoch']}{of_total}  loss {row['train_loss']:.4f}  val n_IoU "
-          f"{val['n_iou']:.4f} (best {state.best['val']['n_iou']:.4f})  "
-          f"{row['images_per_s']:.1f} img/s  lr {row['lr']:.2e}", flush=True)
+
+
+def epoch_line(row: dict, epochs: int, best: float) -> str:
+    of_total = "" if epochs >= TIME_LIMITED_EPOCHS else f"/{epochs}"
+    return (f"epoch {row['epoch']}{of_total}  loss {row['train_loss']:.4f}  val n_IoU "
+            f"{row['val_n_iou']:.4f} (best {best:.4f})  {row['images_per_s']:.1f} img/s  "
+            f"lr {row['lr']:.2e}")
 
 
 def _report(worker: Worker, state: TrainState, row: dict) -> None:
@@ -579,8 +612,9 @@ def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: i
         gpu: bool = False, cpus_per_worker: float | None = None, log=print,
         metrics_port: int | None = None) -> dict:
     """Train (or resume, or report a finished run) and return the test metrics."""
-    with telemetry.tracked("train", storage.basename(run_uri), metrics_port,
-                           config.epochs) as progress:
+    # the total is known once the training split is counted, in optimizer steps
+    with telemetry.tracked("train", storage.basename(run_uri), metrics_port, 0,
+                           unit="steps") as progress:
         return _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress)
 
 
@@ -608,8 +642,13 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     test = load_split(data, manifest, "test", full=True)
     if test is not None:
         datasets["test"] = test
-    state = fit(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log)
-    progress.advance(state.epoch)
+    board = telemetry.board()
+    relay = TrainingRelay(progress, telemetry.ProgressPrinter(progress, log), config,
+                          steps_per_epoch(datasets["train"].count(), workers, config))
+    state = telemetry.run_watched(
+        lambda: fit(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log,
+                    board=board), board, relay)
+    progress.reach(progress.done, total=progress.done)  # a time limit may end it early
     save_model(run_uri, state, config, workers, gpu, manifest, data)
     test_metrics = state.test or {}
     storage.write_text(finished, json.dumps(test_metrics, indent=2))
@@ -625,7 +664,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
 
 def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bool,
         cpus_per_worker: float | None, started: float, log=print,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, board=None, fold: int | None = None) -> dict:
     """Ray Train over `datasets` (train, val, optional test) with checkpoints under run_uri;
     returns the final state (history, best weights and val metrics, test metrics)."""
     import ray.train
@@ -642,9 +681,10 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     storage.make_dirs(run_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(WorkerConfig(
+        train_loop_config=dict(asdict(WorkerConfig(
             train=config.to_dict(), threads=threads, run_name=storage.basename(run_uri),
-            started=started, deadline=deadline, has_test="test" in datasets)),
+            started=started, deadline=deadline, has_test="test" in datasets, fold=fold)),
+            board=board),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -663,6 +703,62 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     with result.checkpoint.as_directory() as folder:
         return TrainState.from_dict(torch.load(os.path.join(folder, STATE_FILE),
                                                map_location="cpu", weights_only=False))
+
+
+def steps_per_epoch(train_rows: int, workers: int, config: TrainConfig) -> int:
+    """Optimizer steps in one epoch: each worker gets an equal share, whole batches only."""
+    return max(1, train_rows // workers // config.batch_size)
+
+
+class TrainingRelay:
+    """The driver's side of training progress: rank 0's posts (telemetry.ProgressBoard) ->
+    the job's gauges, the progress line and, for a plain train, one line per epoch. For cv,
+    one relay counts every fold's steps (`folds`, several may run at once)."""
+
+    def __init__(self, progress, printer, config: TrainConfig, per_epoch: int, folds: int = 1,
+                 epoch_lines: bool = True):
+        self.progress, self.printer, self.config = progress, printer, config
+        self.per_epoch, self.folds, self.epoch_lines = per_epoch, folds, epoch_lines
+        self.done_by_fold: dict = {}
+        self.steps_per_s = 0.0  # the training cadence (validation included), from the epochs
+        progress.reach(0, total=self.planned())
+
+    def planned(self) -> int:
+        return self.config.epochs * self.per_epoch * self.folds
+
+    def __call__(self, events: list[dict]) -> None:
+        lines = []
+        for event in events:
+            fold = event.get("fold")
+            if event.get("deadline") and self.folds == 1:
+                self.progress.deadline = event["deadline"]
+            if event["kind"] == "step":
+                done = (event["epoch"] - 1) * self.per_epoch + event["step"]
+            else:
+                row = event["row"]
+                self.per_epoch = event["steps"] or self.per_epoch
+                done = row["epoch"] * self.per_epoch
+                if row.get("epoch_seconds"):
+                    self.steps_per_s = self.per_epoch / row["epoch_seconds"]
+                if self.epoch_lines:
+                    lines.append(epoch_line(row, self.config.epochs, event["best"]))
+            if fold not in self.done_by_fold and done > self.per_epoch:
+                # a resumed run: the epochs before it are not this run's speed
+                self.progress.baseline += done - (done % self.per_epoch or self.per_epoch)
+            self.done_by_fold[fold] = done
+        if not events:
+            return
+        done = sum(self.done_by_fold.values())
+        self.progress.reach(done)  # the rate below counts it
+        total = self.planned()
+        if self.progress.deadline is not None and self.steps_per_s > 0:
+            # a time-limited run: what fits in the time left at the epochs' cadence
+            left = max(0.0, self.progress.deadline - time.time())
+            total = min(total, done + int(self.steps_per_s * left))
+        self.progress.reach(done, total=max(total, done))
+        for line in lines:
+            self.printer.say(line)
+        self.printer.update()
 
 
 def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: int, gpu: bool,

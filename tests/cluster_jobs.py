@@ -20,7 +20,7 @@ from raythyroid import infer, phantom, storage, train
 
 
 FRAMES = 40
-EPOCHS = 6
+EPOCHS = 4
 WORKERS, BATCH_SIZE, EMA = 2, 4, 0.9
 
 

@@ -127,6 +127,14 @@ def ray_local(s3):
 SESSION_RAY_ADDRESS: str | None = None
 
 
+def _cli_env(env: dict | None, own_ray: bool) -> dict:
+    full_env = dict(os.environ)
+    if SESSION_RAY_ADDRESS and not own_ray:
+        full_env["RAY_ADDRESS"] = SESSION_RAY_ADDRESS
+    full_env.update(env or {})
+    return full_env
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
             cwd: Path | None = None, own_ray: bool = False) -> subprocess.CompletedProcess:
     """The installed console entry point in a fresh process, as a user runs it.
@@ -135,12 +143,45 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
     a cluster, instead of starting and stopping a Ray of its own (10-15 s each here);
     `own_ray` keeps the standalone path.
     """
-    full_env = dict(os.environ)
-    if SESSION_RAY_ADDRESS and not own_ray:
-        full_env["RAY_ADDRESS"] = SESSION_RAY_ADDRESS
-    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "raythyroid.cli", *args], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT)
+                          text=True, env=_cli_env(env, own_ray), timeout=timeout,
+                          cwd=cwd or ROOT)
+
+
+def start_cli(*args: str, env: dict | None = None, own_ray: bool = False) -> subprocess.Popen:
+    """run_cli, without waiting: for the tests that signal a running command."""
+    return subprocess.Popen([sys.executable, "-m", "raythyroid.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_cli_env(env, own_ray), cwd=ROOT)
+
+
+# Ray's own chatter that a command's terminal must not show (it stays in Ray's log files)
+RAY_NOISE = ("core_worker.cc", "Progress bars disabled", "execution finished in",
+             "RayDeprecationWarning", "authentication_token_setup", "pid=")
+
+
+def assert_clean_terminal(output: str) -> None:
+    found = [line for line in output.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not found, "Ray's own lines on the terminal:\n" + "\n".join(found[:10])
+
+
+def assert_stopped(process: subprocess.Popen, signum: int, job: str, signalled_at: float,
+                   ) -> tuple[str, str]:
+    """The command stopped by `signum` within 30 s: exit 128 + signum and one last line saying
+    what was done and how to resume; no traceback, no stack dump. Returns (stdout, stderr)."""
+    import re
+    import signal
+    import time
+
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, (process.returncode, err[-3000:])
+    assert time.time() - signalled_at < 30
+    name = signal.Signals(signum).name
+    assert re.fullmatch(rf"raythyroid: {job} interrupted \({name}\) after \d+ of \d+ \w+; "
+                        r"rerun the same command to resume", err.strip().splitlines()[-1]), err
+    for dump in ("Traceback", "*** SIGTERM", "*** SIGINT", "Stack trace", "Fatal Python"):
+        assert dump not in out + err, err[-3000:]
+    return out, err
 
 
 @pytest.fixture(scope="session")
@@ -257,9 +298,11 @@ class LocalCluster:
 
     def submit(self, entrypoint: str, env_vars: dict | None = None) -> str:
         """Submit through the Jobs API with the project as working_dir; the job id."""
+        # as the k8s RayJobs: a stopped job gets 30 s to end cleanly before it is killed
+        env_vars = dict({"RAY_JOB_STOP_WAIT_TIME_S": "30"}, **(env_vars or {}))
         return self.client().submit_job(entrypoint=entrypoint,
                                         runtime_env={"working_dir": str(ROOT),
-                                                     "env_vars": env_vars or {}})
+                                                     "env_vars": env_vars})
 
     def wait(self, job_id: str, timeout: float = 600) -> tuple[str, str]:
         """(final status, logs) of a submitted job; a job still running at `timeout` is

@@ -312,6 +312,10 @@ def test_infer_dicom_archive_masks_seg_and_skipped(dicom_corpus, ddti, trained_r
                 assert np.array_equal(got > 0, want), (kind, stem)
             checked += 1
     assert checked == 2 * len(SEG_KINDS) + 1
+    # the SEGs of the frames a broken cine still gave (an MR cine: a source in patient space)
+    partial = sorted((seg_dir / "broken").glob("*.seg.dcm"))
+    assert partial and {p.name: corpus.dciodvfy_errors(p) for p in partial} == {
+        p.name: [] for p in partial}
 
     leaks = [v for v in corpus.PATIENT.values()]
     for path in output.rglob("*"):

@@ -1,8 +1,6 @@
 """Things break for real: a flaky object store, processes killed mid-write (a worker node, a
 training worker and a job's driver killed on the multi-node cluster: test_cluster). Every
 image stays accounted for and the outputs match an undisturbed run."""
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,10 +8,10 @@ import sys
 import pyarrow as pa
 import pytest
 
-from raythyroid import infer, model, phantom, shards, storage, train
+from raythyroid import infer, phantom, shards, storage
 
 from cluster_jobs import infer_outputs, wait_for
-from conftest import ROOT, TRAINED_EPOCHS, run_cli
+from conftest import ROOT, run_cli
 from s3proxy import FaultyS3Proxy
 
 
@@ -24,8 +22,9 @@ def shard_rows(prepared: str) -> dict:
 
 @pytest.mark.timeout(1500)
 def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
-    """503 SlowDown and reset connections on a fifth of all requests: preprocess, train
-    checkpoints and infer still succeed, with outputs identical to a clean run."""
+    """503 SlowDown and reset connections on a fifth of all requests: preprocess and infer
+    still succeed, with outputs identical to a clean run (training's checkpoints through the
+    same faults: test_train.py, stopped and resumed)."""
     from raythyroid import preprocess
     from raythyroid.imaging import PrepConfig
 
@@ -48,9 +47,7 @@ def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
     try:
         for args in (["preprocess", raw, f"{flaky}/prepared", "--size", "64"],
                      ["infer", model_uri, f"{raw}/images", f"{flaky}/out", "--labels",
-                      f"{raw}/masks", "--batch-size", "4", "--block-size", "8"],
-                     ["train", f"{flaky}/prepared", f"{flaky}/run", "--epochs", "1",
-                      "--batch-size", "4", "--workers", "1"]):
+                      f"{raw}/masks", "--batch-size", "4", "--block-size", "8"]):
             result = run_cli(*args, env={"AWS_ENDPOINT_URL": proxy.url})
             assert result.returncode == 0, result.stderr[-3000:]
     finally:
@@ -60,12 +57,6 @@ def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
 
     assert shard_rows(f"{flaky}/prepared") == shard_rows(f"{clean}/prepared")
     assert infer_outputs(f"{flaky}/out") == infer_outputs(f"{clean}/out")
-    history = storage.read_text(f"{flaky}/run/history.jsonl").splitlines()
-    assert [json.loads(line)["epoch"] for line in history] == [1]
-    model.load(f"{flaky}/run/model")
-    checkpoints = [u for u in storage.list_files(f"{flaky}/run/checkpoints")
-                   if u.endswith("state.pt")]
-    assert checkpoints
 
 
 @pytest.mark.timeout(300)
@@ -121,27 +112,3 @@ def test_a_write_killed_halfway_leaves_nothing_that_looks_complete(where, s3, tm
     assert not storage.exists(target)
     assert storage.list_files(storage.join(root, "results"), (".parquet",)) == []
     assert infer.done_sources(root) == set()  # a rerun sees nothing as done
-
-
-@pytest.mark.timeout(900)
-def test_a_half_written_checkpoint_is_never_resumed_from(phantom_dataset, trained_run,
-                                                         tmp_path):
-    """A checkpoint folder whose upload never finished (the process died) is not in Ray
-    Train's checkpoint record: a rerun ignores it and resumes from the last complete one."""
-    import shutil
-
-    _, prepared = phantom_dataset
-    trained_uri, first = trained_run
-    run_uri = str(tmp_path / "run")
-    shutil.copytree(trained_uri, run_uri)  # the shared run, finished, then...
-    os.remove(os.path.join(run_uri, "metrics.json"))  # ...as if the driver died before the end
-    torn = tmp_path / "run" / "checkpoints" / "checkpoint_2999-01-01_00-00-00.000000"
-    torn.mkdir()
-    (torn / "state.pt").write_bytes(b"\x80\x02 a torn upload")  # newest, and unreadable
-    record = (tmp_path / "run" / "checkpoints" / "checkpoint_manager_snapshot.json").read_text()
-    assert torn.name not in record
-    again = train.run(prepared, run_uri, train.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
-                      workers=2, log=lambda *_: None)
-    assert again == first  # finished from the last complete checkpoint, nothing retrained
-    rows = [json.loads(line) for line in open(os.path.join(run_uri, "history.jsonl"))]
-    assert [r["epoch"] for r in rows] == list(range(1, TRAINED_EPOCHS + 1))

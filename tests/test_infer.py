@@ -13,7 +13,8 @@ import pytest
 
 from raythyroid import imaging, infer, phantom, storage
 
-from conftest import PATIENT_ID, PATIENT_NAME, make_dicom, ray_processes, run_cli
+from conftest import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
+                      make_dicom, ray_processes, run_cli, start_cli)
 
 
 def results_rows(output):
@@ -123,27 +124,34 @@ def phantom_inference(phantom_dataset, trained_run, tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-def test_interrupted_run_resumes_exactly_once_with_identical_metrics(phantom_dataset,
-                                                                      trained_run,
-                                                                      phantom_inference,
-                                                                      tmp_path):
+def test_ctrl_c_stops_and_the_rerun_resumes_exactly_once_with_identical_metrics(
+        phantom_dataset, trained_run, phantom_inference, tmp_path):
+    """SIGINT to a running `raythyroid infer` once masks are being written: exit 130 with one
+    line within 30 s; the same command again finishes with every key once and the metrics of
+    the undisturbed run. The terminal shows none of Ray's own chatter."""
     raw, _ = phantom_dataset
     run_uri, _ = trained_run
     model = storage.join(run_uri, "model")
     clean, resumed = phantom_inference, str(tmp_path / "resumed")
-    args = ["infer", model, f"{raw}/images", None, "--labels", f"{raw}/masks",
+    args = ["infer", model, f"{raw}/images", resumed, "--labels", f"{raw}/masks",
             "--batch-size", "8", "--block-size", "8"]
-    first = run_cli(*[a if a else resumed for a in args],
-                    env={"RAYTHYROID_FAULT_STOP_AFTER_BLOCKS": "3"})
-    assert first.returncode != 0 and "stopping after 3 block(s)" in first.stdout + first.stderr
+    first = start_cli(*args)
+    deadline = time.time() + 300
+    while not storage.list_files(f"{resumed}/results", (".parquet",)):
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    out, err = assert_stopped(first, signal.SIGINT, "infer", time.time())
+    assert_clean_terminal(out + err)
     partial = results_rows(resumed)
     assert 0 < len(partial) < 120
     assert not storage.exists(storage.join(resumed, "_SUCCESS"))
     done_before = {r["source_uri"] for r in partial}
 
-    second = run_cli(*[a if a else resumed for a in args])
+    second = run_cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    # blocks still in flight when the driver died may commit just after it: never fewer
+    assert_clean_terminal(second.stdout + second.stderr)
+    # blocks still in flight when the driver stopped may commit just after it: never fewer
     already = int(re.search(r"(\d+) already done", second.stdout).group(1))
     assert len(done_before) <= already < 120
 
@@ -291,3 +299,33 @@ def test_dicom_seg_references_its_source_and_matches_the_masks(trained_run, tmp_
     for uri, data in all_output_bytes(output):
         if "/dicom-seg/" not in uri:
             assert PATIENT_ID.encode() not in data and PATIENT_NAME.encode() not in data, uri
+
+
+@pytest.mark.timeout(300)
+def test_labels_matching_no_input_stop_the_run_and_a_partial_match_warns(trained_run, ray_local,
+                                                                        tmp_path, capsys):
+    import shutil
+
+    from raythyroid import cli
+
+    run_uri, _ = trained_run
+    model = storage.join(run_uri, "model")
+    raw = tmp_path / "raw"
+    phantom.write_folders(str(raw), 3, seed=8, height=120, width=160)
+    archive = tmp_path / "archive"  # inputs keyed images/<stem>, labels keyed <stem>
+    shutil.copytree(raw / "images", archive / "images")
+    assert cli.main(["infer", model, str(archive), str(tmp_path / "none"),
+                     "--labels", str(raw / "masks")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--labels matches no input" in err, err
+    assert "keyed like 'images/" in err and "labels like '" in err
+    assert not (tmp_path / "none" / "_JOB.json").exists()  # a corrected rerun is not refused
+
+    labelled = sorted((raw / "masks").iterdir())[0]
+    (tmp_path / "some" / "images").mkdir(parents=True)
+    shutil.copy(labelled, tmp_path / "some" / "images" / labelled.name)
+    assert cli.main(["infer", model, str(archive), str(tmp_path / "out"), "--labels",
+                     str(tmp_path / "some"), "--batch-size", "4"]) == 0
+    assert "--labels matches 1 of 3 inputs" in capsys.readouterr().out
+    scored = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert scored["images"] == 1

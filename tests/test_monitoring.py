@@ -108,13 +108,17 @@ def panel_needs(panel) -> tuple[set, set]:
     return jobs, needs
 
 
+# long enough for a few epochs after the workers start, so a scrape can see training midway
+TIME_LIMIT_MIN = 0.6
+
+
 def check_time_limited_run(data: str, run_uri: str, result: dict, seconds: float) -> None:
-    """Stopped near its 24 s limit (500 epochs would take far longer; the slack covers starting
+    """Stopped near its 36 s limit (500 epochs would take far longer; the slack covers starting
     the workers and the final test pass on a slow machine), with checkpoints, a model and test
     metrics, all on S3."""
     from raythyroid import metrics, model
 
-    assert seconds < 0.4 * 60 + 90
+    assert seconds < TIME_LIMIT_MIN * 60 + 90
     rows = storage.read_text(storage.join(run_uri, "history.jsonl")).splitlines()
     assert 1 <= len(rows) < 500
     assert set(result) == set(metrics.METRIC_KEYS)
@@ -152,12 +156,24 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, tr
         training = storage.join(bucket, "runs", "r1")
         train_started = time.time()
         result = train.run(prepared, training,
-                           train.TrainConfig(epochs=500, batch_size=4, time_limit_min=0.4),
+                           train.TrainConfig(epochs=500, batch_size=4,
+                                             time_limit_min=TIME_LIMIT_MIN),
                            workers=2, log=lambda *_: None, metrics_port=driver_port)
         train_seconds = time.time() - train_started
         time.sleep(4)  # the last pushes from the workers and the last scrapes
         ended = time.time()
         check_time_limited_run(prepared, training, result, train_seconds)
+        # the driver's gauges moved while training ran, not once at the end: a scrape saw
+        # steps done and more to do; the ETA came from the time limit
+        done = 'raythyroid_job_done_inputs{pipeline="train"}'
+        partial = prometheus.query_range(
+            f'{done} > 0 and {done} < raythyroid_job_total_inputs{{pipeline="train"}}',
+            train_started, train_started + train_seconds)
+        assert partial, "no scrape saw training in progress"
+        eta = prometheus.query_range(
+            f'raythyroid_job_eta_seconds{{pipeline="train"}} <= {TIME_LIMIT_MIN * 60}',
+            train_started, train_started + train_seconds)
+        assert eta, "a time-limited run's ETA comes from its time limit"
 
         board = json.loads((MONITORING / "dashboard.json").read_text())
         ran = {"preprocess", "infer", "train"}

@@ -1,6 +1,7 @@
 """The preprocess job end to end: real DDTI frames on a real S3 endpoint through the CLI."""
 import io
 import json
+import re
 
 import cv2
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from raythyroid import imaging, phantom, preprocess, split, storage
 from raythyroid.imaging import PrepConfig
 
-from conftest import run_cli
+from conftest import assert_clean_terminal, run_cli
 
 BROKEN = {  # key -> (stage, words the reason must contain)
     "broken-empty_1": ("decode", "empty file"),
@@ -62,6 +63,8 @@ def test_preprocess_ddti_on_s3_end_to_end(s3, ddti):
     # standalone, as on a workstation: the command starts and stops a Ray of its own
     result = run_cli("preprocess", dataset, output, "--seed", "3", own_ray=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_clean_terminal(result.stdout + result.stderr)
+    assert re.search(r"preprocess: (\d+)/\1 inputs \(100%\)", result.stdout)  # progress
     manifest = json.loads(storage.read_text(storage.join(output, "manifest.json")))
     rows = read_split_rows(output, manifest)
     keys = [r["key"] for r in rows]

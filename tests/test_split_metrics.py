@@ -84,6 +84,11 @@ def test_empty_classes_follow_the_documented_rule():
     assert nothing["n_iou_per_image"] is None
     missed = metrics.summarize([0], [0], [10], [90])
     assert missed["n_iou"] == 0.0 and missed["precision"] == 0.0 and missed["recall"] == 0.0
+    # no image scored at all is not a perfect score
+    none = metrics.summarize([], [], [], [], errors=3)
+    assert none["images"] == 0 and none["errors"] == 3
+    assert all(none[key] is None for key in metrics.RATIO_KEYS), none
+    json.dumps(none)
 
 
 def test_totals_are_one_record_for_training_infer_and_evaluate():

@@ -1,14 +1,16 @@
 """The train job on real Ray Train workers: accuracy, resume after a killed worker, rerun, S3."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from raythyroid import metrics, model, shards, storage
+from raythyroid import metrics, model, shards, storage, train
 
-from conftest import run_cli
+from conftest import assert_clean_terminal, assert_stopped, run_cli, start_cli
 
 
 def history(run_uri):
@@ -127,3 +129,62 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
     assert summary["metrics"]["n_iou"] == pytest.approx(chosen[0]["val_n_iou"], abs=0.002)
     assert summary["metrics"]["n_iou_per_image"] == pytest.approx(
         chosen[0]["val_n_iou_per_image"], abs=0.002)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_dataset, s3):
+    """SIGTERM (Kubernetes, `ray job stop`) after the first checkpoints: exit 143 with one line
+    within 30 s. The same command again resumes from the last complete checkpoint (not a torn
+    newer one) and continues the time budget and learning-rate schedule of the first run
+    instead of starting new ones. The run lives on S3 behind a proxy that fails a fifth of the
+    requests (503 SlowDown, reset connections): checkpoints survive a flaky object store."""
+    from s3proxy import FaultyS3Proxy
+
+    _, prepared = phantom_dataset
+    run_uri = storage.join(s3.bucket("stopped"), "run")
+    args = ["train", prepared, run_uri, "--workers", "2", "--batch-size", "8",
+            "--time-limit", "1"]
+    checkpoints_uri = storage.join(run_uri, train.CHECKPOINT_DIR)
+
+    def checkpoints() -> int:  # the first is surely registered once the second is written
+        return sum(u.endswith("/" + train.STATE_FILE) for u in storage.list_files(
+            checkpoints_uri))
+
+    proxy = FaultyS3Proxy(s3.url, seed=11, fault_rate=0.2)
+    flaky = {"AWS_ENDPOINT_URL": proxy.url}
+    try:
+        first = start_cli(*args, env=flaky)
+        deadline = time.time() + 300
+        while checkpoints() < 2:
+            assert first.poll() is None and time.time() < deadline, \
+                first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)
+        out, err = assert_stopped(first, signal.SIGTERM, "train", time.time())
+        assert_clean_terminal(out + err)
+        assert "epoch 1" in out  # the driver prints the epoch lines the workers report
+        assert not storage.exists(storage.join(run_uri, "metrics.json"))
+        # and a checkpoint whose upload never finished (the newest, unreadable) is not in Ray
+        # Train's record: the rerun ignores it and resumes from the last complete one
+        torn = storage.join(checkpoints_uri, "checkpoint_2999-01-01_00-00-00.000000")
+        storage.write_bytes(storage.join(torn, train.STATE_FILE), b"\x80\x02 a torn upload")
+        record = storage.read_text(storage.join(checkpoints_uri,
+                                                "checkpoint_manager_snapshot.json"))
+        assert torn.rsplit("/", 1)[-1] not in record
+
+        second = run_cli(*args, env=flaky)
+    finally:
+        proxy.stop()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_clean_terminal(second.stdout + second.stderr)
+    assert proxy.counts["slow_down"] >= 10 and proxy.counts["reset"] >= 10, proxy.counts
+    model.load(storage.join(run_uri, "model"))
+    rows = history(run_uri)
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+    resumed = [i for i, r in enumerate(rows) if "resumed_from_epoch" in r]
+    assert len(resumed) == 1 and rows[resumed[0]]["resumed_from_epoch"] >= 1, rows
+    before, after = rows[resumed[0] - 1], rows[resumed[0]]
+    # the clock went on from the checkpoint: a fresh clock would read the rerun's start-up only
+    assert after["elapsed_seconds"] >= before["elapsed_seconds"] + after["epoch_seconds"]
+    # the time-driven schedule went on decaying; a fresh clock would raise it again
+    assert after["lr"] <= before["lr"]

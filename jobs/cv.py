@@ -1,0 +1,13 @@
+"""Ray job entrypoint for `raythyroid cv`, configured by a YAML file in jobs/configs/.
+
+    ray job submit --working-dir . -- python jobs/cv.py jobs/configs/cv.yaml [--set key=value ...]
+
+Inside a Ray job the driver joins the job's cluster; the config's keys are the command's
+arguments (see `raythyroid cv --help`).
+"""
+import sys
+
+from raythyroid.jobspec import main
+
+if __name__ == "__main__":
+    sys.exit(main("cv", sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""Stopping a job by signal: Ctrl-C (SIGINT) at a terminal, SIGTERM from Kubernetes or
+`ray job stop`.
+
+The first signal raises KeyboardInterrupt in the driver's main thread, wherever it waits; Ray's
+blocking calls turn that into an orderly return, the job's `finally` blocks run (progress marked
+interrupted, Ray shut down) and the command exits 130 or 143 with one line. Work already
+committed stays committed, so the same command resumes. A second signal exits at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report
+
+
+@dataclass
+class Interruption:
+    signal: int | None = None
+    # what the innermost job had done when it stopped: (job, done, total, unit)
+    progress: tuple[str, int, int, str] | None = None
+
+
+state = Interruption()
+
+
+def _handler(signum, frame) -> None:
+    if state.signal is not None:
+        os._exit(EXIT_CODES[signum])  # the second signal: the person means now
+    state.signal = signum
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Take SIGINT and SIGTERM for the job. Called again after `ray.init`, which sets its own
+    SIGTERM handler (a bare exit), and never from other threads (Python forbids it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in EXIT_CODES:
+        signal.signal(signum, _handler)
+
+
+def note_progress(job: str, done: int, total: int, unit: str) -> None:
+    state.progress = (job, int(done), int(total), unit)
+
+
+def exit_code() -> int:
+    return EXIT_CODES.get(state.signal, EXIT_CODES[signal.SIGINT])
+
+
+def message() -> str:
+    """The one line a stopped command prints."""
+    name = signal.Signals(state.signal or signal.SIGINT).name
+    if state.progress is None:
+        return f"interrupted ({name}) before any work started"
+    job, done, total, unit = state.progress
+    return (f"{job} interrupted ({name}) after {done} of {total} {unit}; rerun the same command "
+            f"to resume")
