@@ -373,13 +373,17 @@ def _report_failure(exc: BaseException, argv: list[str] | None) -> int:
         raise exc
     path = runtime.NATIVE_LOG or os.path.join(tempfile.gettempdir(),
                                               f"raythyroid-{os.getpid()}.log")
+    text = "".join(traceback.format_exception(exc))
     with open(path, "a") as log:
-        log.write("".join(traceback.format_exception(exc)))
+        log.write(text)
     summary = f"{type(exc).__name__}: {exc}".strip().splitlines()
     # a Ray task's error reads "...RayTaskError(X): ray::task() ..." then the worker's
     # traceback; its last line is the worker's own exception
     print(f"raythyroid: error: {summary[-1] if summary else type(exc).__name__} "
           f"(full traceback in {path})", file=sys.stderr, flush=True)
+    if not sys.stderr.isatty():
+        # a job's log (Ray job, Kubernetes, CI) outlives the node's temporary files
+        print(text, file=sys.stderr, flush=True)
     return EXIT_FAILURE
 
 
@@ -387,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     from . import stopping
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    stopping.install()
+    with stopping.handled():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from . import stopping
+
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)

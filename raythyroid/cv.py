@@ -74,8 +74,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
         done = storage.join(fold_uri, "fold.json")
         if storage.exists(done):
             finished = json.loads(storage.read_text(done))
-            board.post.remote({"kind": "epoch", "fold": k, "steps": None, "best": None,
-                               "row": {"epoch": finished["epochs"]}})
+            board.post.remote({"kind": "finished", "fold": k, "epochs": finished["epochs"]})
             return finished
         training = pooled.filter(expr=col("fold") != k)
         datasets = {"train": (training.drop_columns(scoring_only) if scoring_only
@@ -83,9 +82,9 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
                     "val": pooled.filter(expr=col("fold") == k).materialize()}
         fold_config = dataclasses.replace(config, seed=config.seed + k)
         train.check_resume(fold_uri, fold_config)
-        state = train.fit(datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker,
-                          time.time(), log=lambda *_: None, threads=threads, board=board,
-                          fold=k)
+        state = train.finished_state(fold_uri) or train.fit(
+            datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker, time.time(),
+            log=lambda *_: None, threads=threads, board=board, fold=k)
         train.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
         result = dict(_fold_metrics(state), fold=k,
                       val_images=int(datasets["val"].count()))
@@ -112,7 +111,8 @@ def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, para
     training_rows = sum(1 for f in key_fold.values() for k in range(folds) if f != k) // folds
     relay = train.TrainingRelay(
         progress, telemetry.ProgressPrinter(progress, log), config,
-        train.steps_per_epoch(training_rows, workers, config), folds=folds, epoch_lines=False)
+        train.steps_per_epoch(training_rows, workers, config), folds=folds, epoch_lines=False,
+        parallel=parallel)
     if config.time_limit_min:  # the limit is per fold; folds beyond `parallel` wait their turn
         rounds = -(-folds // parallel)
         progress.deadline = time.time() + 60 * config.time_limit_min * rounds

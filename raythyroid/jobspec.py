@@ -122,13 +122,23 @@ def _retries(settings: dict) -> tuple[int, float]:
 def _run_retrying(argv: list[str], retries: int, wait_s: float) -> int:
     import time
 
-    from . import cli
+    from . import cli, stopping
 
-    for attempt in range(retries + 1):
-        code = cli.main(argv)
-        if code != cli.EXIT_TEMPORARY_FAILURE or attempt == retries:
-            return code
-        print(f"raythyroid: temporary failure; retry {attempt + 1} of {retries} in "
-              f"{wait_s:g} s", file=sys.stderr, flush=True)
-        time.sleep(wait_s)
+    with stopping.handled():
+        for attempt in range(retries + 1):
+            code = cli.main(argv)
+            if code != cli.EXIT_TEMPORARY_FAILURE or attempt == retries:
+                return code
+            print(f"raythyroid: temporary failure; retry {attempt + 1} of {retries} in "
+                  f"{wait_s:g} s", file=sys.stderr, flush=True)
+            try:
+                time.sleep(wait_s)
+            except KeyboardInterrupt:  # stopped while waiting for the server to come back
+                print(f"raythyroid: {command_of(argv)} stopped while waiting to retry",
+                      file=sys.stderr, flush=True)
+                return stopping.exit_code()
     return code
+
+
+def command_of(argv: list[str]) -> str:
+    return argv[0] if argv else "job"

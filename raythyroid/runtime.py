@@ -98,8 +98,9 @@ def session(address: str | None = None, verbose: bool = False) -> Iterator[None]
 
     from . import stopping
 
-    if not verbose and not ray.is_initialized():
-        global NATIVE_LOG
+    global NATIVE_LOG
+    if not verbose and not ray.is_initialized() and NATIVE_LOG is None:
+        # once per process: a second command in it (a job's retry) already writes there
         NATIVE_LOG = divert_native_stderr()
     started = init(address, verbose)
     stopping.install()  # after ray.init, whose own SIGTERM handler is a bare exit

@@ -8,12 +8,15 @@ committed stays committed, so the same command resumes. A second signal exits at
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report
+RESUMABLE = ("infer", "train", "cv")
 
 
 @dataclass
@@ -42,6 +45,26 @@ def install() -> None:
         signal.signal(signum, _handler)
 
 
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """A command's lifetime: a fresh record, our handlers, and the caller's back afterwards
+    (a command run in-process, or again by a retrying job, starts clean)."""
+    global state
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in EXIT_CODES}
+    outer, state = state, Interruption()
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if outer.signal is not None:  # a stop of the enclosing command outlives this one
+            state = outer
+
+
 def note_progress(job: str, done: int, total: int, unit: str) -> None:
     state.progress = (job, int(done), int(total), unit)
 
@@ -56,5 +79,7 @@ def message() -> str:
     if state.progress is None:
         return f"interrupted ({name}) before any work started"
     job, done, total, unit = state.progress
+    # preprocess rewrites its OUTPUT from scratch; the others skip what they committed
+    then = "to resume" if job in RESUMABLE else "to run it again"
     return (f"{job} interrupted ({name}) after {done} of {total} {unit}; rerun the same command "
-            f"to resume")
+            f"{then}")

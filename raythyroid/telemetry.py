@@ -155,9 +155,24 @@ class ProgressBoard:
 
 
 def board():
+    """On the driver's node: a zero-CPU actor may land anywhere, and a lost node must not
+    take the driver's view of a healthy run with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote()
+
+
+def _take(board) -> list[dict]:
+    """The board's events; none if it cannot be reached (progress is best effort, the
+    work's own outcome is what counts)."""
     import ray
 
-    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+    try:
+        return ray.get(board.take.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        return []
 
 
 WATCH_EVERY_S = 2.0
@@ -172,8 +187,6 @@ def run_watched(work, board, on_events, every: float = WATCH_EVERY_S):
     """
     import threading
 
-    import ray
-
     outcome: dict = {}
 
     def target():
@@ -186,8 +199,8 @@ def run_watched(work, board, on_events, every: float = WATCH_EVERY_S):
     thread.start()
     while thread.is_alive():
         thread.join(every)
-        on_events(ray.get(board.take.remote()))
-    on_events(ray.get(board.take.remote()))
+        on_events(_take(board))
+    on_events(_take(board))
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
@@ -246,6 +259,11 @@ class JobProgress:
             self.total = total
             self._total.labels(self.pipeline, self.run).set(total)
         self.advance(max(0, done - self.done))
+
+    def touch(self) -> None:
+        """Work is going on though nothing new completed (a validation pass, a restarted
+        worker catching up): what keeps the stalled-job alert quiet on a healthy run."""
+        self._last.labels(self.pipeline, self.run).set(time.time())
 
     def advance(self, done: int, errors: int = 0, skipped: int = 0) -> None:
         self.done += done
@@ -313,12 +331,13 @@ def tracked(pipeline: str, run: str, port: int | None, total: int,
     try:
         yield progress
         progress.set_state("succeeded")
-    except KeyboardInterrupt:
-        progress.set_state("interrupted")
-        stopping.note_progress(pipeline, progress.done, progress.total, unit)
-        raise
     except BaseException:
-        progress.set_state("failed")
+        # a stop may surface as KeyboardInterrupt or as what a Ray call raised on the way out
+        if stopping.state.signal is not None:
+            progress.set_state("interrupted")
+            stopping.note_progress(pipeline, progress.done, progress.total, unit)
+        else:
+            progress.set_state("failed")
         raise
     finally:
         progress.close()

@@ -31,6 +31,8 @@ from . import imaging, losses, metrics, runtime, shards, storage, telemetry
 from .errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+# Ray Train's list of the checkpoints it registered (a torn upload is never in it)
+CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
 STATE_FILE = "state.pt"
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("poly", "cosine")
@@ -89,6 +91,33 @@ def has_checkpoint(run_uri: str) -> bool:
     # a missing folder or prefix lists as empty
     return any(u.endswith("/" + STATE_FILE)
                for u in storage.list_files(storage.join(run_uri, CHECKPOINT_DIR)))
+
+
+def finished_state(run_uri: str) -> "TrainState | None":
+    """The final state of a run whose training ended (the test pass included) but whose driver
+    did not get to write the model and metrics.json, read from the last checkpoint in Ray
+    Train's record without starting any worker; None when there is no such checkpoint (or
+    the record cannot be read: then Ray Train resumes as usual)."""
+    import io
+
+    import torch
+
+    folder = storage.join(run_uri, CHECKPOINT_DIR)
+    if not storage.exists(storage.join(folder, CHECKPOINT_RECORD)):
+        return None
+    try:
+        record = json.loads(storage.read_text(storage.join(folder, CHECKPOINT_RECORD)))
+        ended = [r["checkpoint_dir_name"] for r in record["checkpoint_results"]
+                 if r.get("metrics", {}).get("finished")]
+        if not ended:
+            return None
+        saved = torch.load(io.BytesIO(storage.read_bytes(
+            storage.join(folder, ended[-1], STATE_FILE))), map_location="cpu",
+            weights_only=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    state = TrainState.from_dict(saved)
+    return state if state.finished else None
 
 
 def check_resume(run_uri: str, config: TrainConfig) -> None:
@@ -380,7 +409,8 @@ class Worker:
 def train_loop_per_worker(cfg: dict) -> None:
     board = cfg.pop("board", None)
     worker, state, restored_from = _set_up(WorkerConfig(**cfg), board)
-    epoch_seconds = None
+    # a resumed run knows its epochs' length: the time limit holds for its first epoch too
+    epoch_seconds = state.history[-1]["epoch_seconds"] if state.history else None
     while not state.finished and state.epoch < worker.config.epochs:
         epoch_started = time.time()
         lr = _learning_rate(worker, state, epoch_seconds)
@@ -633,21 +663,12 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
     check_resume(run_uri, config)
 
-    started = time.time()
-    weighted = config.loss == "weighted-ce"
-    log(f"train: decoding {manifest['counts']['train']} training pairs"
-        + (" and computing boundary weight maps" if weighted else ""))
-    datasets = {"train": load_split(data, manifest, "train", with_weights=weighted),
-                "val": load_split(data, manifest, "val", full=True)}
-    test = load_split(data, manifest, "test", full=True)
-    if test is not None:
-        datasets["test"] = test
-    board = telemetry.board()
-    relay = TrainingRelay(progress, telemetry.ProgressPrinter(progress, log), config,
-                          steps_per_epoch(datasets["train"].count(), workers, config))
-    state = telemetry.run_watched(
-        lambda: fit(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log,
-                    board=board), board, relay)
+    state = finished_state(run_uri)
+    if state is None:
+        state = _train(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
+                       manifest)
+    else:
+        log(f"train: training had ended (epoch {state.epoch}); writing the model")
     progress.reach(progress.done, total=progress.done)  # a time limit may end it early
     save_model(run_uri, state, config, workers, gpu, manifest, data)
     test_metrics = state.test or {}
@@ -660,6 +681,26 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         f"{storage.join(run_uri, 'model')}")
     log(metrics.table(test_metrics, "test split, best model"))
     return test_metrics
+
+
+def _train(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
+           manifest) -> "TrainState":
+    """Decode the splits, then fit while the driver relays the workers' progress."""
+    started = time.time()
+    weighted = config.loss == "weighted-ce"
+    log(f"train: decoding {manifest['counts']['train']} training pairs"
+        + (" and computing boundary weight maps" if weighted else ""))
+    datasets = {"train": load_split(data, manifest, "train", with_weights=weighted),
+                "val": load_split(data, manifest, "val", full=True)}
+    test = load_split(data, manifest, "test", full=True)
+    if test is not None:
+        datasets["test"] = test
+    board = telemetry.board()
+    relay = TrainingRelay(progress, telemetry.ProgressPrinter(progress, log), config,
+                          steps_per_epoch(datasets["train"].count(), workers, config))
+    return telemetry.run_watched(
+        lambda: fit(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log,
+                    board=board), board, relay)
 
 
 def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bool,
@@ -716,9 +757,10 @@ class TrainingRelay:
     one relay counts every fold's steps (`folds`, several may run at once)."""
 
     def __init__(self, progress, printer, config: TrainConfig, per_epoch: int, folds: int = 1,
-                 epoch_lines: bool = True):
+                 epoch_lines: bool = True, parallel: int = 1):
         self.progress, self.printer, self.config = progress, printer, config
         self.per_epoch, self.folds, self.epoch_lines = per_epoch, folds, epoch_lines
+        self.parallel = parallel  # folds training at once: the cadence is each one's
         self.done_by_fold: dict = {}
         self.steps_per_s = 0.0  # the training cadence (validation included), from the epochs
         progress.reach(0, total=self.planned())
@@ -734,6 +776,9 @@ class TrainingRelay:
                 self.progress.deadline = event["deadline"]
             if event["kind"] == "step":
                 done = (event["epoch"] - 1) * self.per_epoch + event["step"]
+            elif event["kind"] == "finished":  # a fold an earlier run completed
+                done = event["epochs"] * self.per_epoch
+                self.progress.baseline += done
             else:
                 row = event["row"]
                 self.per_epoch = event["steps"] or self.per_epoch
@@ -742,19 +787,21 @@ class TrainingRelay:
                     self.steps_per_s = self.per_epoch / row["epoch_seconds"]
                 if self.epoch_lines:
                     lines.append(epoch_line(row, self.config.epochs, event["best"]))
-            if fold not in self.done_by_fold and done > self.per_epoch:
+            if fold not in self.done_by_fold and done > self.per_epoch \
+                    and event["kind"] != "finished":
                 # a resumed run: the epochs before it are not this run's speed
                 self.progress.baseline += done - (done % self.per_epoch or self.per_epoch)
             self.done_by_fold[fold] = done
         if not events:
             return
+        self.progress.touch()
         done = sum(self.done_by_fold.values())
         self.progress.reach(done)  # the rate below counts it
         total = self.planned()
         if self.progress.deadline is not None and self.steps_per_s > 0:
             # a time-limited run: what fits in the time left at the epochs' cadence
             left = max(0.0, self.progress.deadline - time.time())
-            total = min(total, done + int(self.steps_per_s * left))
+            total = min(total, done + int(self.steps_per_s * self.parallel * left))
         self.progress.reach(done, total=max(total, done))
         for line in lines:
             self.printer.say(line)

@@ -20,7 +20,7 @@ from raythyroid import infer, phantom, storage, train
 
 
 FRAMES = 40
-EPOCHS = 4
+EPOCHS = 3
 WORKERS, BATCH_SIZE, EMA = 2, 4, 0.9
 
 
@@ -102,11 +102,20 @@ def run_pipeline(cluster, s3) -> ClusterPipeline:
         workers=WORKERS, cpus_per_worker=1, batch_size=BATCH_SIZE, ema=EMA, deep_supervision=2,
         metrics_port="null"))
 
-    def checkpoints():
-        return {u.rsplit("/", 2)[-2] for u in storage.list_files(f"{pipeline.run}/checkpoints")
-                if u.endswith("/" + train.STATE_FILE)}
+    record = storage.join(pipeline.run, train.CHECKPOINT_DIR, "checkpoint_manager_snapshot.json")
 
-    wait_for(lambda: len(checkpoints()) >= 2, timeout=600, every=0.5)
+    def recorded_checkpoints() -> int:  # in Ray Train's record: what a restart resumes from
+        if not storage.exists(record):
+            return 0
+        return len(json.loads(storage.read_text(record))["checkpoint_results"])
+
+    client = cluster.client()
+
+    def recorded_or_ended():
+        return "ended" if client.get_job_status(job).is_terminal() else recorded_checkpoints()
+
+    assert wait_for(recorded_or_ended, timeout=600, every=0.5) != "ended", \
+        client.get_job_logs(job)[-3000:]
     workers = wait_for(lambda: cluster_processes(cluster, "ray::RayTrainWorker"))
     workers[-1].kill()  # test_cluster finds the restart in the run's history
     status, pipeline.logs["train"] = cluster.wait(job, timeout=900)

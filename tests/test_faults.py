@@ -1,6 +1,7 @@
 """Things break for real: a flaky object store, processes killed mid-write (a worker node, a
 training worker and a job's driver killed on the multi-node cluster: test_cluster). Every
 image stays accounted for and the outputs match an undisturbed run."""
+import json
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from raythyroid import infer, phantom, shards, storage
+from raythyroid import infer, model, phantom, shards, storage
 
 from cluster_jobs import infer_outputs, wait_for
 from conftest import ROOT, run_cli
@@ -112,3 +113,35 @@ def test_a_write_killed_halfway_leaves_nothing_that_looks_complete(where, s3, tm
     assert not storage.exists(target)
     assert storage.list_files(storage.join(root, "results"), (".parquet",)) == []
     assert infer.done_sources(root) == set()  # a rerun sees nothing as done
+
+
+@pytest.mark.timeout(300)
+def test_a_run_whose_driver_died_after_training_is_finished_without_retraining(
+        phantom_dataset, trained_run, tmp_path):
+    """Training ended (its last recorded checkpoint holds the final state) but the driver died
+    before writing the model and metrics.json: a rerun writes them from that checkpoint, with
+    no worker started, and a torn newer checkpoint folder (an upload cut off) is never read."""
+    import shutil
+
+    from raythyroid import train
+
+    from conftest import TRAINED_EPOCHS
+    _, prepared = phantom_dataset
+    trained_uri, first = trained_run
+    run_uri = str(tmp_path / "run")
+    shutil.copytree(trained_uri, run_uri)
+    for written_last in ("metrics.json", "history.jsonl"):
+        (tmp_path / "run" / written_last).unlink()
+    shutil.rmtree(tmp_path / "run" / "model")
+    torn = tmp_path / "run" / train.CHECKPOINT_DIR / "checkpoint_2999-01-01_00-00-00.000000"
+    torn.mkdir()
+    (torn / train.STATE_FILE).write_bytes(b"\x80\x02 a torn upload")  # newest, unreadable
+    lines = []
+    again = train.run(prepared, run_uri, train.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
+                      workers=2, log=lines.append)
+    assert again == first
+    assert any("training had ended" in str(line) for line in lines)
+    assert not any("worker(s)" in str(line) for line in lines)  # Ray Train never started
+    model.load(str(tmp_path / "run" / "model"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "history.jsonl")]
+    assert [r["epoch"] for r in rows] == list(range(1, TRAINED_EPOCHS + 1))

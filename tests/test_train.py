@@ -133,7 +133,7 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_dataset, s3):
-    """SIGTERM (Kubernetes, `ray job stop`) after the first checkpoints: exit 143 with one line
+    """SIGTERM (Kubernetes, `ray job stop`) after the first checkpoint: exit 143 with one line
     within 30 s. The same command again resumes from the last complete checkpoint (not a torn
     newer one) and continues the time budget and learning-rate schedule of the first run
     instead of starting new ones. The run lives on S3 behind a proxy that fails a fifth of the
@@ -142,35 +142,35 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
 
     _, prepared = phantom_dataset
     run_uri = storage.join(s3.bucket("stopped"), "run")
+    # a budget the first run's start-up, one epoch and the rerun's start-up leave room in
     args = ["train", prepared, run_uri, "--workers", "2", "--batch-size", "8",
-            "--time-limit", "1"]
+            "--time-limit", "1.5"]
     checkpoints_uri = storage.join(run_uri, train.CHECKPOINT_DIR)
+    record_uri = storage.join(checkpoints_uri, "checkpoint_manager_snapshot.json")
 
-    def checkpoints() -> int:  # the first is surely registered once the second is written
-        return sum(u.endswith("/" + train.STATE_FILE) for u in storage.list_files(
-            checkpoints_uri))
+    def checkpoints() -> int:  # those in Ray Train's record, the ones a rerun resumes from
+        if not storage.exists(record_uri):
+            return 0
+        return len(json.loads(storage.read_text(record_uri))["checkpoint_results"])
 
     proxy = FaultyS3Proxy(s3.url, seed=11, fault_rate=0.2)
     flaky = {"AWS_ENDPOINT_URL": proxy.url}
     try:
         first = start_cli(*args, env=flaky)
         deadline = time.time() + 300
-        while checkpoints() < 2:
+        while checkpoints() < 1:
             assert first.poll() is None and time.time() < deadline, \
                 first.communicate()[1][-3000:]
             time.sleep(0.2)
         first.send_signal(signal.SIGTERM)
         out, err = assert_stopped(first, signal.SIGTERM, "train", time.time())
         assert_clean_terminal(out + err)
-        assert "epoch 1" in out  # the driver prints the epoch lines the workers report
         assert not storage.exists(storage.join(run_uri, "metrics.json"))
         # and a checkpoint whose upload never finished (the newest, unreadable) is not in Ray
         # Train's record: the rerun ignores it and resumes from the last complete one
         torn = storage.join(checkpoints_uri, "checkpoint_2999-01-01_00-00-00.000000")
         storage.write_bytes(storage.join(torn, train.STATE_FILE), b"\x80\x02 a torn upload")
-        record = storage.read_text(storage.join(checkpoints_uri,
-                                                "checkpoint_manager_snapshot.json"))
-        assert torn.rsplit("/", 1)[-1] not in record
+        assert torn.rsplit("/", 1)[-1] not in storage.read_text(record_uri)
 
         second = run_cli(*args, env=flaky)
     finally:
