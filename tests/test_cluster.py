@@ -34,7 +34,12 @@ def local_cluster(s3, tmp_path_factory):
     metrics = base + 3000
     env = dict(os.environ, GCS_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
                METRICS_PORT=str(metrics), PORT_BASE=str(base),
-               RAY_BIN=str(Path(sys.executable).with_name("ray")))
+               RAY_BIN=str(Path(sys.executable).with_name("ray")),
+               # Every job here ships the same working_dir package; Ray uploads it once, pins
+               # it for 10 minutes, then deletes it when no job holds it. On a slow day this
+               # module outlasts the pin, and a job submitted as the previous one ends found
+               # its working directory gone (FileNotFoundError from os.getcwd in import torch).
+               RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S="3600")
     cluster = LocalCluster(state, env)
     started = cluster.script("start")
     assert started.returncode == 0, started.stdout + started.stderr
@@ -144,27 +149,6 @@ def reference(cluster_pipeline):
 
 
 @pytest.mark.timeout(1200)
-def test_worker_node_killed_mid_infer(local_cluster, cluster_pipeline, reference):
-    # One Predictor actor of one CPU: the cluster has three one-CPU nodes, so losing one still
-    # leaves a CPU for the read and write tasks wherever the actor restarts. (Two half-CPU
-    # actors could leave half a CPU free on each node and no room for a one-CPU task.)
-    output = storage.join(cluster_pipeline.bucket, "node-killed")
-    job = local_cluster.submit(cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1))
-    try:
-        wait_for(lambda: len(storage.list_files(f"{output}/results", (".parquet",))) >= 2)
-        killed = local_cluster.script("kill-node", "1")
-        assert killed.returncode == 0, killed.stderr
-        status, logs = local_cluster.wait(job, timeout=900)
-        assert status == "SUCCEEDED", logs[-3000:]
-    finally:
-        local_cluster.script("add-node", "1")
-    rows, masks, metrics = infer_outputs(output)
-    clean_rows, clean_masks, clean_metrics = reference
-    assert rows == clean_rows and masks == clean_masks
-    assert metrics == clean_metrics  # bit for bit: the same JSON numbers
-
-
-@pytest.mark.timeout(1200)
 def test_driver_killed_then_rerun(local_cluster, cluster_pipeline, reference):
     output = storage.join(cluster_pipeline.bucket, "driver-killed")
     entry = cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1)
@@ -201,3 +185,24 @@ def test_driver_killed_then_rerun(local_cluster, cluster_pipeline, reference):
                 for k in pq.read_table(io.BytesIO(data)).column("key").to_pylist()]
     assert not set(new_keys) & set(old_keys)
     assert infer_outputs(output) == reference
+
+
+@pytest.mark.timeout(1200)
+def test_worker_node_killed_mid_infer(local_cluster, cluster_pipeline, reference):
+    # One Predictor actor of one CPU: the cluster has three one-CPU nodes, so losing one still
+    # leaves a CPU for the read and write tasks wherever the actor restarts. (Two half-CPU
+    # actors could leave half a CPU free on each node and no room for a one-CPU task.)
+    output = storage.join(cluster_pipeline.bucket, "node-killed")
+    job = local_cluster.submit(cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1))
+    try:
+        wait_for(lambda: len(storage.list_files(f"{output}/results", (".parquet",))) >= 2)
+        killed = local_cluster.script("kill-node", "1")
+        assert killed.returncode == 0, killed.stderr
+        status, logs = local_cluster.wait(job, timeout=900)
+        assert status == "SUCCEEDED", logs[-3000:]
+    finally:
+        local_cluster.script("add-node", "1")
+    rows, masks, metrics = infer_outputs(output)
+    clean_rows, clean_masks, clean_metrics = reference
+    assert rows == clean_rows and masks == clean_masks
+    assert metrics == clean_metrics  # bit for bit: the same JSON numbers

@@ -296,3 +296,14 @@ def test_the_nightly_job_retries_only_a_temporary_failure(tmp_path, capsys):
 def test_pyproject_pins_the_ray_version_the_cluster_uses():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert f"ray[default,train,data]=={RAY_VERSION}" in project["dependencies"]
+
+
+def test_a_job_refuses_a_relative_local_path(tmp_path, capsys):
+    """A Ray job runs in a temporary copy of --working-dir: `output=prepared/` would land in
+    it, where nobody looks. The entrypoint says so and exits 2 before Ray starts."""
+    config = tmp_path / "preprocess.yaml"
+    config.write_text(yaml.safe_dump({"input": "data/", "output": str(tmp_path / "out")}))
+    assert jobspec.main("preprocess", [str(config)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "input='data/' is a relative path" in err, err
+    assert "s3://" in err and not (tmp_path / "out").exists()
