@@ -15,6 +15,7 @@ plus the epoch history, so the latest checkpoint alone is enough to resume or to
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import math
@@ -98,8 +99,6 @@ def finished_state(run_uri: str) -> "TrainState | None":
     did not get to write the model and metrics.json, read from the last checkpoint in Ray
     Train's record without starting any worker; None when there is no such checkpoint (or
     the record cannot be read: then Ray Train resumes as usual)."""
-    import io
-
     import torch
 
     folder = storage.join(run_uri, CHECKPOINT_DIR)
@@ -485,6 +484,14 @@ def _continue_the_clock(state: TrainState, cfg: WorkerConfig) -> None:
         state.origin, state.session = cfg.started - spent, cfg.started
 
 
+def _state_uri(checkpoint) -> str:
+    """Where a Ray Train checkpoint's state file is, as a URI our storage layer reads (with
+    whole-object retries that Ray's own checkpoint download lacks)."""
+    folder = checkpoint.path.rstrip("/")
+    on_s3 = "S3" in type(checkpoint.filesystem).__name__
+    return storage.join(f"s3://{folder}" if on_s3 else folder, STATE_FILE)
+
+
 def _restore(net, optimizer) -> tuple[TrainState, dict | None, int | None]:
     """(state, saved weight average, epoch restored from) of the latest checkpoint, loading
     its weights and optimizer state in place; a fresh state without one."""
@@ -494,9 +501,8 @@ def _restore(net, optimizer) -> tuple[TrainState, dict | None, int | None]:
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return TrainState(), None, None
-    with checkpoint.as_directory() as folder:
-        saved = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                           weights_only=False)
+    saved = torch.load(io.BytesIO(storage.read_bytes(_state_uri(checkpoint))),
+                       map_location="cpu", weights_only=False)
     net.load_state_dict(saved.pop("model"))
     optimizer.load_state_dict(saved.pop("optimizer"))
     state = TrainState.from_dict(saved)
@@ -741,9 +747,10 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as folder:
-        return TrainState.from_dict(torch.load(os.path.join(folder, STATE_FILE),
-                                               map_location="cpu", weights_only=False))
+    # read through our storage layer, which retries a body cut off mid-download; Ray's own
+    # checkpoint download does not, and a flaky object store then loses the final state
+    return TrainState.from_dict(torch.load(io.BytesIO(storage.read_bytes(
+        _state_uri(result.checkpoint))), map_location="cpu", weights_only=False))
 
 
 def steps_per_epoch(train_rows: int, workers: int, config: TrainConfig) -> int:
