@@ -109,11 +109,11 @@ def panel_needs(panel) -> tuple[set, set]:
 
 
 # long enough for a few epochs after the workers start, so a scrape can see training midway
-TIME_LIMIT_MIN = 0.6
+TIME_LIMIT_MIN = 1.0
 
 
 def check_time_limited_run(data: str, run_uri: str, result: dict, seconds: float) -> None:
-    """Stopped near its 36 s limit (500 epochs would take far longer; the slack covers starting
+    """Stopped near its 60 s limit (500 epochs would take far longer; the slack covers starting
     the workers and the final test pass on a slow machine), with checkpoints, a model and test
     metrics, all on S3."""
     from raythyroid import metrics, model
