@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from . import stopping
 from .errors import UserError
 
 EXIT_USAGE = 2
@@ -364,15 +365,13 @@ EXIT_FAILURE = 1
 def _report_failure(exc: BaseException, argv: list[str] | None) -> int:
     """An unexpected failure (a bug, a worker's exception): one line on the terminal, the
     whole traceback in the command's log file; --verbose shows the traceback itself."""
-    import tempfile
     import traceback
 
     from . import runtime
 
     if "--verbose" in (sys.argv[1:] if argv is None else argv):
         raise exc
-    path = runtime.NATIVE_LOG or os.path.join(tempfile.gettempdir(),
-                                              f"raythyroid-{os.getpid()}.log")
+    path = runtime.command_log()
     text = "".join(traceback.format_exception(exc))
     with open(path, "a") as log:
         log.write(text)
@@ -388,16 +387,12 @@ def _report_failure(exc: BaseException, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import stopping
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     with stopping.handled():
         return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from . import stopping
-
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)

@@ -134,11 +134,8 @@ def _run_retrying(argv: list[str], retries: int, wait_s: float) -> int:
             try:
                 time.sleep(wait_s)
             except KeyboardInterrupt:  # stopped while waiting for the server to come back
-                print(f"raythyroid: {command_of(argv)} stopped while waiting to retry",
+                print(f"raythyroid: {argv[0]} stopped while waiting to retry",
                       file=sys.stderr, flush=True)
                 return stopping.exit_code()
     return code
 
-
-def command_of(argv: list[str]) -> str:
-    return argv[0] if argv else "job"

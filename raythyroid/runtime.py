@@ -8,8 +8,8 @@ import sys
 import tempfile
 from typing import Iterator
 
-# where the command's native stderr (Ray's C++ core) went, once diverted
-NATIVE_LOG: str | None = None
+# whether this process's native stderr (Ray's C++ core) already goes to command_log()
+_native_stderr_diverted = False
 
 
 def init(address: str | None = None, verbose: bool = False) -> bool:
@@ -72,13 +72,18 @@ def storage_environment() -> dict:
     return {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
 
 
-def divert_native_stderr() -> str | None:
+def command_log(pid: int | None = None) -> str:
+    """This command's own log file: Ray's native output and the tracebacks of failures."""
+    return os.path.join(tempfile.gettempdir(), f"raythyroid-{pid or os.getpid()}.log")
+
+
+def divert_native_stderr() -> bool:
     """Point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal.
 
     Ray's C++ core writes its errors straight to descriptor 2 (for example a warning, logged
     as an error, about Ray Data's actor-pool arguments), and a crash handler dumps stacks
-    there. Returns the log file's path (None when the descriptors cannot be moved)."""
-    path = os.path.join(tempfile.gettempdir(), f"raythyroid-{os.getpid()}.log")
+    there (command_log()). False when the descriptors cannot be moved."""
+    path = command_log()
     try:
         sys.stderr.flush()
         terminal = os.dup(2)
@@ -86,10 +91,10 @@ def divert_native_stderr() -> str | None:
         os.dup2(log, 2)
         os.close(log)
     except OSError:
-        return None
+        return False
     sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding,
                            errors="backslashreplace")
-    return path
+    return True
 
 
 @contextlib.contextmanager
@@ -98,10 +103,10 @@ def session(address: str | None = None, verbose: bool = False) -> Iterator[None]
 
     from . import stopping
 
-    global NATIVE_LOG
-    if not verbose and not ray.is_initialized() and NATIVE_LOG is None:
+    global _native_stderr_diverted
+    if not verbose and not ray.is_initialized() and not _native_stderr_diverted:
         # once per process: a second command in it (a job's retry) already writes there
-        NATIVE_LOG = divert_native_stderr()
+        _native_stderr_diverted = divert_native_stderr()
     started = init(address, verbose)
     stopping.install()  # after ray.init, whose own SIGTERM handler is a bare exit
     try:

@@ -94,28 +94,38 @@ def has_checkpoint(run_uri: str) -> bool:
                for u in storage.list_files(storage.join(run_uri, CHECKPOINT_DIR)))
 
 
+def recorded_checkpoints(run_uri: str) -> list[dict]:
+    """The checkpoints Ray Train registered for RUN, oldest first, each with the metrics it
+    was reported with ({"checkpoint_dir_name", "metrics", ...}); a torn upload is never
+    among them. Empty when there is no record yet, or one this Ray version writes otherwise."""
+    uri = storage.join(run_uri, CHECKPOINT_DIR, CHECKPOINT_RECORD)
+    if not storage.exists(uri):
+        return []
+    try:
+        return list(json.loads(storage.read_text(uri))["checkpoint_results"])
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def load_state(uri: str) -> dict:
+    """A checkpoint's state file, read through the storage layer: its whole-object retries
+    survive a body cut off mid-download, which Ray's own checkpoint download does not."""
+    import torch
+
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
+                      weights_only=False)
+
+
 def finished_state(run_uri: str) -> "TrainState | None":
     """The final state of a run whose training ended (the test pass included) but whose driver
     did not get to write the model and metrics.json, read from the last checkpoint in Ray
-    Train's record without starting any worker; None when there is no such checkpoint (or
-    the record cannot be read: then Ray Train resumes as usual)."""
-    import torch
-
-    folder = storage.join(run_uri, CHECKPOINT_DIR)
-    if not storage.exists(storage.join(folder, CHECKPOINT_RECORD)):
+    Train's record without starting any worker; None when there is no such checkpoint."""
+    ended = [r["checkpoint_dir_name"] for r in recorded_checkpoints(run_uri)
+             if r.get("metrics", {}).get("finished")]
+    if not ended:
         return None
-    try:
-        record = json.loads(storage.read_text(storage.join(folder, CHECKPOINT_RECORD)))
-        ended = [r["checkpoint_dir_name"] for r in record["checkpoint_results"]
-                 if r.get("metrics", {}).get("finished")]
-        if not ended:
-            return None
-        saved = torch.load(io.BytesIO(storage.read_bytes(
-            storage.join(folder, ended[-1], STATE_FILE))), map_location="cpu",
-            weights_only=False)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    state = TrainState.from_dict(saved)
+    state = TrainState.from_dict(load_state(
+        storage.join(run_uri, CHECKPOINT_DIR, ended[-1], STATE_FILE)))
     return state if state.finished else None
 
 
@@ -485,8 +495,7 @@ def _continue_the_clock(state: TrainState, cfg: WorkerConfig) -> None:
 
 
 def _state_uri(checkpoint) -> str:
-    """Where a Ray Train checkpoint's state file is, as a URI our storage layer reads (with
-    whole-object retries that Ray's own checkpoint download lacks)."""
+    """Where a Ray Train checkpoint's state file is, as a URI the storage layer reads."""
     folder = checkpoint.path.rstrip("/")
     on_s3 = "S3" in type(checkpoint.filesystem).__name__
     return storage.join(f"s3://{folder}" if on_s3 else folder, STATE_FILE)
@@ -496,13 +505,11 @@ def _restore(net, optimizer) -> tuple[TrainState, dict | None, int | None]:
     """(state, saved weight average, epoch restored from) of the latest checkpoint, loading
     its weights and optimizer state in place; a fresh state without one."""
     import ray.train
-    import torch
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return TrainState(), None, None
-    saved = torch.load(io.BytesIO(storage.read_bytes(_state_uri(checkpoint))),
-                       map_location="cpu", weights_only=False)
+    saved = load_state(_state_uri(checkpoint))
     net.load_state_dict(saved.pop("model"))
     optimizer.load_state_dict(saved.pop("optimizer"))
     state = TrainState.from_dict(saved)
@@ -715,7 +722,6 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     """Ray Train over `datasets` (train, val, optional test) with checkpoints under run_uri;
     returns the final state (history, best weights and val metrics, test metrics)."""
     import ray.train
-    import torch
     from ray.train.torch import TorchTrainer
 
     deadline = started + 60 * config.time_limit_min if config.time_limit_min else None
@@ -747,10 +753,7 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
     result = trainer.fit()
     if result.error:
         raise result.error
-    # read through our storage layer, which retries a body cut off mid-download; Ray's own
-    # checkpoint download does not, and a flaky object store then loses the final state
-    return TrainState.from_dict(torch.load(io.BytesIO(storage.read_bytes(
-        _state_uri(result.checkpoint))), map_location="cpu", weights_only=False))
+    return TrainState.from_dict(load_state(_state_uri(result.checkpoint)))
 
 
 def steps_per_epoch(train_rows: int, workers: int, config: TrainConfig) -> int:

@@ -102,17 +102,12 @@ def run_pipeline(cluster, s3) -> ClusterPipeline:
         workers=WORKERS, cpus_per_worker=1, batch_size=BATCH_SIZE, ema=EMA, deep_supervision=2,
         metrics_port="null"))
 
-    record = storage.join(pipeline.run, train.CHECKPOINT_DIR, "checkpoint_manager_snapshot.json")
-
-    def recorded_checkpoints() -> int:  # in Ray Train's record: what a restart resumes from
-        if not storage.exists(record):
-            return 0
-        return len(json.loads(storage.read_text(record))["checkpoint_results"])
-
     client = cluster.client()
 
-    def recorded_or_ended():
-        return "ended" if client.get_job_status(job).is_terminal() else recorded_checkpoints()
+    def recorded_or_ended():  # a checkpoint in Ray Train's record is what a restart resumes
+        if client.get_job_status(job).is_terminal():
+            return "ended"
+        return len(train.recorded_checkpoints(pipeline.run))
 
     assert wait_for(recorded_or_ended, timeout=600, every=0.5) != "ended", \
         client.get_job_logs(job)[-3000:]

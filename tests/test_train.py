@@ -148,19 +148,13 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
     args = ["train", prepared, run_uri, "--workers", "2", "--batch-size", "8",
             "--epochs", "3", "--time-limit", "10"]
     checkpoints_uri = storage.join(run_uri, train.CHECKPOINT_DIR)
-    record_uri = storage.join(checkpoints_uri, "checkpoint_manager_snapshot.json")
-
-    def checkpoints() -> int:  # those in Ray Train's record, the ones a rerun resumes from
-        if not storage.exists(record_uri):
-            return 0
-        return len(json.loads(storage.read_text(record_uri))["checkpoint_results"])
 
     proxy = FaultyS3Proxy(s3.url, seed=11, fault_rate=0.2)
     flaky = {"AWS_ENDPOINT_URL": proxy.url}
     try:
         first = start_cli(*args, env=flaky)
         deadline = time.time() + 300
-        while checkpoints() < 1:
+        while not train.recorded_checkpoints(run_uri):  # what a rerun resumes from
             assert first.poll() is None and time.time() < deadline, \
                 first.communicate()[1][-3000:]
             time.sleep(0.2)
@@ -172,7 +166,8 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
         # Train's record: the rerun ignores it and resumes from the last complete one
         torn = storage.join(checkpoints_uri, "checkpoint_2999-01-01_00-00-00.000000")
         storage.write_bytes(storage.join(torn, train.STATE_FILE), b"\x80\x02 a torn upload")
-        assert torn.rsplit("/", 1)[-1] not in storage.read_text(record_uri)
+        assert torn.rsplit("/", 1)[-1] not in {
+            r["checkpoint_dir_name"] for r in train.recorded_checkpoints(run_uri)}
 
         second = run_cli(*args, env=flaky)
     finally:
