@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -126,14 +128,42 @@ def train_epoch(run: str, steps: int, loss: float, images_per_s: float, val_n_io
                 epoch: int) -> None:
     if not _ray_ready():
         return
-    metrics = _worker_metrics()
-    tags = {"run": run}
     if steps:
-        metrics["steps"].inc(steps, tags=tags)
-    metrics["loss"].set(loss, tags=tags)
-    metrics["train_rate"].set(images_per_s, tags=tags)
-    metrics["val_n_iou"].set(val_n_iou, tags=tags)
-    metrics["epoch"].set(epoch, tags=tags)
+        _worker_metrics()["steps"].inc(steps, tags={"run": run})
+    with _epoch_gauges_lock:
+        _epoch_gauges[run] = {"loss": loss, "train_rate": images_per_s,
+                              "val_n_iou": val_n_iou, "epoch": epoch}
+    _set_epoch_gauges()
+    global _epoch_gauges_kept
+    if not _epoch_gauges_kept:
+        _epoch_gauges_kept = True
+        threading.Thread(target=_keep_epoch_gauges, daemon=True,
+                         name="raythyroid-epoch-gauges").start()
+
+
+# Ray's agent forgets a gauge two export intervals after its last set: a value set once per
+# epoch would show in Prometheus for seconds after each epoch and be gone for the rest of it.
+# The last epoch's values are set again every half interval while the worker lives.
+_epoch_gauges: dict[str, dict] = {}
+_epoch_gauges_lock = threading.Lock()
+_epoch_gauges_kept = False
+
+
+def _set_epoch_gauges() -> None:
+    metrics = _worker_metrics()
+    with _epoch_gauges_lock:
+        for run, values in _epoch_gauges.items():
+            for name, value in values.items():
+                metrics[name].set(value, tags={"run": run})
+
+
+def _keep_epoch_gauges() -> None:
+    # the interval at which a worker exports its metrics to the node's agent (Ray's system
+    # config, from the environment the raylet gave the worker; Ray floors it at 1 s)
+    interval_s = max(float(os.environ.get("RAY_metrics_report_interval_ms", 10_000)), 1000) / 1000
+    while True:
+        time.sleep(interval_s / 2)
+        _set_epoch_gauges()
 
 
 # ---------------------------------------------------------------- workers -> driver

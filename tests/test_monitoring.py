@@ -163,13 +163,14 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, tr
         time.sleep(4)  # the last pushes from the workers and the last scrapes
         ended = time.time()
         check_time_limited_run(prepared, training, result, train_seconds)
-        # the driver's gauges moved while training ran, not once at the end: a scrape saw
-        # steps done and more to do; the ETA came from the time limit
-        done = 'raythyroid_job_done_inputs{pipeline="train"}'
-        partial = prometheus.query_range(
-            f'{done} > 0 and {done} < raythyroid_job_total_inputs{{pipeline="train"}}',
-            train_started, train_started + train_seconds)
-        assert partial, "no scrape saw training in progress"
+        # the driver's gauges moved while the epochs ran, not once when fit returned: a
+        # scrape before the last epoch ended saw steps done; the ETA came from the time limit
+        epochs = [json.loads(line) for line in storage.read_text(
+            storage.join(training, "history.jsonl")).splitlines()]
+        partial = prometheus.query_range('raythyroid_job_done_inputs{pipeline="train"} > 0',
+                                         train_started,
+                                         train_started + epochs[-1]["elapsed_seconds"])
+        assert partial, "no scrape saw training in progress"  # epochs, or steps within one
         eta = prometheus.query_range(
             f'raythyroid_job_eta_seconds{{pipeline="train"}} <= {TIME_LIMIT_MIN * 60}',
             train_started, train_started + train_seconds)
@@ -189,9 +190,43 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, tr
                 if not prometheus.query_range(expr, started, ended):
                     empty.append(f"{panel['title']}: {expr}")
         assert checked >= 15
-        assert not empty, "panels without data:\n" + "\n".join(empty)
+        exposed = urllib.request.urlopen(
+            f"http://127.0.0.1:{ray_local.metrics_port}/metrics", timeout=30).read().decode()
+        scrapes = prometheus.query_range('scrape_duration_seconds{job="ray"}', started, ended)
+        durations = [float(v) for _, v in scrapes[0]["values"]] if scrapes else []
+        down = prometheus.query_range('up{job="ray"} == 0', started, ended)
+        assert not empty, (
+            "panels without data:\n" + "\n".join(empty)
+            + f"\n({len(epochs)} epochs in {train_seconds:.0f} s, first ended at "
+            f"{epochs[0]['elapsed_seconds']:.0f} s; Ray's agent exposes the training gauges "
+            f"now: {'ray_raythyroid_train_epoch' in exposed}; {len(exposed) // 1000} kB exposed; "
+            f"Ray's scrapes: {len(down[0]['values']) if down else 0} failed, longest "
+            f"{max(durations, default=0):.2f} s)")
     finally:
         prometheus.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_last_epochs_gauges_outlive_the_agents_memory(ray_local):
+    """Ray's agent drops a gauge two export intervals after a worker last set it; the last
+    epoch's values must stay on the dashboard for as long as training runs."""
+    interval_s = float(os.environ["RAY_metrics_report_interval_ms"]) / 1000
+
+    @ray_local.remote(num_cpus=0)
+    class RankZero:
+        def end_an_epoch(self):
+            telemetry.train_epoch("kept", steps=3, loss=0.5, images_per_s=10.0,
+                                  val_n_iou=0.7, epoch=4)
+
+    worker = RankZero.remote()
+    ray_local.get(worker.end_an_epoch.remote())
+    time.sleep(4 * interval_s)  # twice the agent's memory for a gauge set once
+    exposed = urllib.request.urlopen(
+        f"http://127.0.0.1:{ray_local.metrics_port}/metrics", timeout=30).read().decode()
+    epochs = [line for line in exposed.splitlines()
+              if line.startswith("ray_raythyroid_train_epoch{") and 'run="kept"' in line]
+    assert epochs and float(epochs[0].rsplit(" ", 1)[1]) == 4, exposed[-2000:]
+    ray_local.kill(worker)
 
 
 @pytest.mark.timeout(600)
