@@ -103,7 +103,49 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
             summary[f"{which}_{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     log(table(summary))
+    inference = save_ensemble(run_uri, folds, summary)
+    log(f"cv: the {folds} fold models as one ensemble in {storage.join(run_uri, 'model')} "
+        f"(tta={inference['tta']}, threshold={inference['threshold']}, keep_largest="
+        f"{inference['keep_largest']}: the best mean validation n_IoU over the folds, "
+        f"{inference['mean_val_n_iou']:.4f})")
     return summary
+
+
+def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
+    """RUN/model: the fold models as one ensemble averaging their probabilities. Its
+    inference (TTA, threshold, components kept) is the variant with the best mean validation
+    n_IoU over the folds, each fold's model scored on the cases it did not train on: no case
+    inside the folds is held out from the ensemble itself, so that mean is its only honest
+    guide (the test split scores the ensemble)."""
+    import datetime as dt
+
+    from . import model as model_lib
+
+    loaded = [model_lib.load(storage.join(run_uri, f"fold-{k}", "model")) for k in range(folds)]
+    scores: dict[tuple, list[float]] = {}
+    for _, meta in loaded:
+        for v in meta["training"]["inference_variants"]:
+            scores.setdefault((v["tta"], v["threshold"], v["keep_largest"]), []).append(
+                v["val_n_iou"])
+    # only variants every fold scored (folds kept from an older version may have fewer)
+    scores = {variant: values for variant, values in scores.items() if len(values) == folds}
+    (tta, threshold, keep), best = max(scores.items(), key=lambda item: statistics.fmean(item[1]))
+    first = loaded[0][1]
+    model_lib.save_ensemble([net for net, _ in loaded], storage.join(run_uri, "model"), {
+        "prep": first["prep"], "classes": first["classes"], "threshold": threshold,
+        "tta": tta, "postprocess": {"keep_largest": keep},
+        "training": {"config": summary["config"], "cross_validation": {
+            "folds": folds, "data": summary["data"],
+            **{k: v for k, v in summary.items() if k.endswith(("_mean", "_std"))},
+            "inference_variants": [
+                {"tta": t, "threshold": th, "keep_largest": kl,
+                 "mean_val_n_iou": statistics.fmean(values), "val_n_iou_by_fold": values}
+                for (t, th, kl), values in scores.items()]}},
+        "data": first["data"],
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return {"tta": tta, "threshold": threshold, "keep_largest": keep,
+            "mean_val_n_iou": statistics.fmean(best)}
 
 
 def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, parallel: int):

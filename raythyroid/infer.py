@@ -77,6 +77,7 @@ class InferOptions:
     metrics_port: int | None = None  # serve job progress for Prometheus on this port
     block_size: int = URIS_PER_BLOCK  # inputs per read task and, at most, per results file
     compile: bool = False  # torch.compile the model in each Predictor (worth it on GPUs)
+    fast: bool = False  # an ensemble's first member alone
     # STOW-RS every SEG to this DICOMweb server (http(s)://host:port/prefix); implies dicom_seg
     stow: str | None = None
 
@@ -336,7 +337,7 @@ class Predictor:
     """Loads the model once per actor; predicts nodule probabilities for the ok rows."""
 
     def __init__(self, model_uri: str, gpu: bool, tta: bool, threads: int, precision: str,
-                 batch_size: int, compile_model: bool = False):
+                 batch_size: int, compile_model: bool = False, fast: bool = False):
         import ray
         import torch
 
@@ -344,7 +345,8 @@ class Predictor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.net, _ = model_lib.load(model_uri, self.device)
+        self.net, _ = model_lib.load(model_lib.resolve(model_uri), self.device,
+                                     first_member_only=fast)
         if compile_model:  # one fixed batch shape (see __call__), so one compilation
             self.net = torch.compile(self.net)
         self.bf16 = model_lib.resolve_bf16(precision, self.device)
@@ -537,24 +539,35 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     from . import model as model_lib
 
     started = time.time()
-    model_uri, output = storage.normalize(model_uri), storage.normalize(output)
+    # a bundled model travels by name: each node resolves it inside its own installation
+    bundled = model_lib.resolve(model_uri) != model_uri
+    model_ref = model_uri if bundled else storage.normalize(model_uri)
+    model_uri, output = storage.normalize(model_lib.resolve(model_uri)), storage.normalize(output)
     if dicomweb.is_dicomweb(input_uri):
         # the server and the filters as written (a relative date window moves night to night
         # within one job), patient filters only as hashes
         identity = dicomweb.parse(input_uri).identity
     else:
         input_uri = identity = storage.normalize(input_uri)
-    _, meta = model_lib.load(model_uri)  # fail fast, before listing millions of files
+    # fail fast, before listing millions of files
+    _, meta = model_lib.load(model_uri, first_member_only=options.fast)
     prep = PrepConfig.from_dict(meta["prep"])
     post = postprocess.PostConfig.from_model(meta)
-    if options.tta is None:
+    if options.fast:
+        options = dataclasses.replace(options, tta=False)
+    elif options.tta is None:
         options = dataclasses.replace(options, tta=bool(meta.get("tta", False)))
     table, problems = list_inputs(input_uri, log)
     if table.num_rows == 0 and not problems and not dicomweb.is_dicomweb(input_uri):
         raise UserError(f"no images found under {input_uri}")  # a PACS may have a quiet night
     label_index = _labels_by_source(table, labels, log)  # a mistake here claims no OUTPUT
-    _claim_output(output, {"input": identity, "model": model_uri,
-                           "labels": storage.normalize(labels) if labels else None})
+    # a bundled model's path moves with the installation and its weights with a new version:
+    # its identity is its name and its weights; --fast runs other weights than the whole
+    # model, and a rerun must not mix the two
+    job = {"input": identity, "labels": storage.normalize(labels) if labels else None,
+           "model": (f"{model_ref} (bundled, weights {meta['weights_sha256'][:16]})" if bundled
+                     else model_uri)}
+    _claim_output(output, dict(job, fast=True) if options.fast else job)
     storage.delete(storage.join(output, SUCCESS))
     run_id = uuid.uuid4().hex
     storage.write_text(storage.join(output, RUN_LEASE), run_id)  # before reading what is done
@@ -566,7 +579,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         f"{pending.num_rows + len(problems)} to process")
     with telemetry.tracked("infer", run_id, options.metrics_port,
                            pending.num_rows + len(problems)) as progress:
-        _process(model_uri, output, label_index, options, pending, problems, prep, post,
+        _process(model_ref, output, label_index, options, pending, problems, prep, post,
                  _seg_settings(meta, options), run_id, progress, log)
         return _finish(output, table, problems, labels, options, started, log)
 
@@ -577,11 +590,11 @@ def _claim_output(output: str, job: dict) -> None:
     uri = storage.join(output, JOB_FILE)
     if storage.exists(uri):
         held = json.loads(storage.read_text(uri))
-        changed = [name for name in job if held.get(name) != job[name]]
+        changed = [name for name in {**held, **job} if held.get(name) != job.get(name)]
         if changed:
             raise UserError(f"{output} holds the results of another job ({changed[0]} "
-                            f"{held.get(changed[0])}); to resume, give the same INPUT, MODEL "
-                            f"and --labels, else use a new OUTPUT")
+                            f"{held.get(changed[0])}); to resume, give the same INPUT, MODEL, "
+                            f"--labels and --fast, else use a new OUTPUT")
     else:
         storage.write_text(uri, json.dumps(job, indent=2))
 
@@ -624,7 +637,8 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                                                   "tta": options.tta, "threads": threads,
                                                   "precision": options.precision,
                                                   "batch_size": options.batch_size,
-                                                  "compile_model": options.compile},
+                                                  "compile_model": options.compile,
+                                                  "fast": options.fast},
                            compute=ray.data.ActorPoolStrategy(size=options.workers),
                            # whole read chunks (the actor batches them itself), so the chunk
                            # reaches finish_block with every frame of its sources together

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 MODEL_FORMAT = "raythyroid-model/1"
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
+CARD = "CARD.md"
+# models shipped inside the package: MODEL may name one of these folders (`raythyroid models`)
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,21 @@ def nodule_probability(model: nn.Module, images: torch.Tensor, device: torch.dev
     return prob.float()
 
 
+class Ensemble(nn.Module):
+    """Models of one architecture whose class probabilities are averaged (nnU-Net's way of
+    using its fold models). forward returns the log of the mean softmax, so every caller's
+    softmax over it yields the mean probability and nothing else needs to know."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return prob.clamp_min(1e-12).log()
+
+
 def save(model: nn.Module, folder: str, metadata: dict) -> None:
     """model/ = weights.pt (state dict) + model.json (architecture, preparation, provenance)."""
     from . import storage
@@ -147,23 +166,76 @@ def save(model: nn.Module, folder: str, metadata: dict) -> None:
     storage.write_text(storage.join(folder, MODEL_JSON), json.dumps(meta, indent=2))
 
 
-def load(folder: str, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+def save_ensemble(members: list[nn.Module], folder: str, metadata: dict) -> None:
+    """model/ = member-<i>.pt (state dicts stored in fp16: half the bytes, and a U-Net's
+    weights lose nothing measurable there) + model.json listing them."""
+    from . import storage
+
+    names = []
+    for i, member in enumerate(members):
+        buffer = io.BytesIO()
+        torch.save({k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+                    for k, v in unwrapped(member).state_dict().items()}, buffer)
+        names.append(f"member-{i}.pt")
+        storage.write_bytes(storage.join(folder, names[-1]), buffer.getvalue())
+    meta = dict(metadata, format=MODEL_FORMAT, members=names,
+                architecture=unwrapped(members[0]).config.to_dict())
+    storage.write_text(storage.join(folder, MODEL_JSON), json.dumps(meta, indent=2))
+
+
+def resolve(model: str) -> str:
+    """MODEL as a user gives it: a model folder when one exists by that name (or an object
+    store URI), else the name of a model shipped inside the package."""
+    if "://" in model or os.sep in model or os.path.exists(os.path.join(model, MODEL_JSON)):
+        return model
+    bundled = os.path.join(BUNDLED, model)
+    # a folder of that name that holds no model (the user's own ddti/ data) does not shadow it
+    return bundled if os.path.exists(os.path.join(bundled, MODEL_JSON)) else model
+
+
+def bundled() -> dict[str, dict]:
+    """Name -> model.json of every model shipped inside the package."""
+    found = {}
+    for name in sorted(os.listdir(BUNDLED)) if os.path.isdir(BUNDLED) else []:
+        path = os.path.join(BUNDLED, name, MODEL_JSON)
+        if os.path.exists(path):
+            with open(path) as f:
+                found[name] = json.load(f)
+    return found
+
+
+def load(folder: str, device: torch.device | str = "cpu",
+         first_member_only: bool = False) -> tuple[nn.Module, dict]:
     """A model folder (local or s3://) -> (model in eval mode on `device`, model.json plus
-    `weights_sha256`, the identity of the weights, read while loading them)."""
+    `weights_sha256`, the identity of the weights, read while loading them). An ensemble's
+    folder gives an Ensemble, or its first member alone when asked (infer --fast)."""
     from . import storage
     from .errors import UserError
 
     try:
         meta = json.loads(storage.read_text(storage.join(folder, MODEL_JSON)))
     except FileNotFoundError:
-        raise UserError(f"{folder} is not a model folder (no {MODEL_JSON})") from None
+        names = ", ".join(bundled()) or "none"
+        raise UserError(f"{folder} is not a model folder (no {MODEL_JSON}) nor the name of a "
+                        f"bundled model ({names}; `raythyroid models`)") from None
     except OSError as exc:
         raise UserError(f"cannot read the model at {folder}: "
                         f"{storage.describe_error(exc)}") from None
-    model = build(UNetConfig.from_dict(meta["architecture"]))
-    weights = storage.read_bytes(storage.join(folder, meta["weights"]))
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    files = meta.get("members") or [meta["weights"]]
+    if first_member_only:
+        files = files[:1]
+    digest = hashlib.sha256()
+    nets = []
+    for name in files:
+        weights = storage.read_bytes(storage.join(folder, name))
+        digest.update(weights)
+        net = build(UNetConfig.from_dict(meta["architecture"]))
+        # fp16-stored weights are copied into the fp32 parameters
+        net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
+                                       weights_only=True))
+        nets.append(net)
+    meta["weights_sha256"] = digest.hexdigest()
+    model = nets[0] if len(nets) == 1 else Ensemble(nets)
     return model.to(device).eval(), meta
 
 

@@ -24,6 +24,8 @@ def assert_one_line_error(result, words):
     (["preprocess", ".", "out", "--bogus"], "unrecognized arguments"),
     (["preprocess"], "required"),
     (["frobnicate"], "invalid choice"),
+    (["infer", "ddti", ".", "out", "--fast", "--tta"], "one of --fast and --tta"),
+    (["infer", "no-such-model", ".", "out"], "nor the name of a bundled model"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, words):
     # the command's own main in this process: the same code path as the console entry point

@@ -3,6 +3,7 @@ import json
 import os
 import statistics
 
+import numpy as np
 import pytest
 
 from raythyroid import cv, split, storage, train
@@ -36,6 +37,7 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     for k in range(2):
         assert storage.exists(f"{run_uri}/fold-{k}/model/model.json")
     assert "n_IoU" in cv.table(summary)
+    check_fold_ensemble(run_uri, prepared, folds=2)
 
     # a rerun trains only the folds that did not finish
     os.remove(f"{run_uri}/fold-1/fold.json")
@@ -46,3 +48,29 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     assert storage.exists(f"{run_uri}/fold-1/fold.json")
     assert [r["val_images"] for r in again["folds"]] == [r["val_images"]
                                                          for r in summary["folds"]]
+
+
+def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
+    """RUN/model averages the fold models' probabilities, stored in fp16, and runs the
+    inference variant with the best mean validation score over the folds."""
+    import torch
+
+    from raythyroid import imaging, model, shards
+
+    ensemble, meta = model.load(f"{run_uri}/model")
+    assert isinstance(ensemble, model.Ensemble) and len(ensemble.members) == folds
+    members = [model.load(f"{run_uri}/fold-{k}/model")[0] for k in range(folds)]
+    rows = shards.read_rows(prepared, shards.read_manifest(prepared), "test")[:4]
+    images = torch.from_numpy(np.stack([imaging.decode_png(r["image"]) for r in rows]))
+    mean = sum(model.nodule_probability(m, images, torch.device("cpu")) for m in members) / folds
+    together = model.nodule_probability(ensemble, images, torch.device("cpu"))
+    assert torch.allclose(together, mean, atol=2e-3)  # fp16 storage moves them a little
+    first, _ = model.load(f"{run_uri}/model", first_member_only=True)
+    assert torch.allclose(model.nodule_probability(first, images, torch.device("cpu")),
+                          model.nodule_probability(members[0], images, torch.device("cpu")),
+                          atol=2e-3)
+    variants = meta["training"]["cross_validation"]["inference_variants"]
+    chosen = max(variants, key=lambda v: v["mean_val_n_iou"])
+    assert (meta["tta"], meta["threshold"], meta["postprocess"]["keep_largest"]) == (
+        chosen["tta"], chosen["threshold"], chosen["keep_largest"])
+    assert all(len(v["val_n_iou_by_fold"]) == folds for v in variants)

@@ -1,0 +1,73 @@
+"""Images/s of a fold ensemble (every member, TTA as chosen) against `--fast` (its first member,
+no TTA), side by side in one Ray session over the same frames, through the real infer job.
+
+    python bench/ensemble_bench.py [--model ddti] [--frames FILE_LIST] [--repeats 2] [--json F]
+
+--frames: a text file of frame paths (default: 120 phantom frames at DDTI's 560x360).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
+from common import median, phantom_archive, record  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="ddti")
+    parser.add_argument("--frames", default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    from raythyroid import infer, model, runtime
+
+    workdir = tempfile.mkdtemp(prefix="raythyroid-ensemble-bench-")
+    if args.frames:
+        listing = args.frames
+    else:
+        archive = phantom_archive(os.path.join(workdir, "phantoms"), 120, seed=9)
+        listing = os.path.join(archive, "images")
+    count = (sum(1 for line in open(listing) if line.strip()) if os.path.isfile(listing)
+             else len(os.listdir(listing)))
+    folder = model.resolve(args.model)
+    _, meta = model.load(folder)
+    members = len(meta.get("members") or [meta["weights"]])
+    rates: dict[str, list[float]] = {"ensemble": [], "fast": []}
+    with runtime.session():
+        for repeat in range(args.repeats):
+            for name in rates:
+                out = os.path.join(workdir, f"{name}-{repeat}")
+                started = time.time()
+                infer.run(folder, listing, out, options=infer.InferOptions(fast=name == "fast"),
+                          log=lambda *_: None)
+                rates[name].append(count / (time.time() - started))
+                shutil.rmtree(out)
+    ensemble, fast = median(rates["ensemble"]), median(rates["fast"])
+    figures = {"frames": count, "members": members, "tta": bool(meta.get("tta")),
+               "ensemble_images_per_s": ensemble, "fast_images_per_s": fast}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    record(f"infer: {members}-model ensemble vs --fast, {count} frames", [
+        "| inference | images/s (median of runs, job start included) | ratio |",
+        "| --- | ---: | ---: |",
+        f"| ensemble of {members}, TTA {'on' if meta.get('tta') else 'off'} | {ensemble:.2f} "
+        f"| 1.00x |",
+        f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"],
+        [f"each figure: frames / wall seconds of one `infer.run` on a local Ray (listing, "
+         f"decoding, model, post-processing, writing), {args.repeats} runs each, alternating"])
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The last step of bench/ship_ddti.sh: the cv ensemble's weights and model.json into the
+package, with a model card (CARD.md, and its headline inside model.json for `raythyroid models`)
+written from the figures the earlier steps measured.
+
+    python bench/ship_card.py WORKDIR DEST
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import machine  # noqa: E402
+
+DATA = "DDTI (../shared/data/ddti: 300 frames of 248 patients, 297 after removing duplicates)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir")
+    parser.add_argument("dest")
+    args = parser.parse_args()
+    work = args.workdir
+
+    def read(path: str) -> dict:
+        with open(os.path.join(work, path)) as f:
+            return json.load(f)
+
+    cv, meta, manifest = read("cv/cv.json"), read("cv/model/model.json"), read(
+        "prepared/manifest.json")
+    test, fast, speed = (read("test-ensemble/metrics.json"), read("test-fast/metrics.json"),
+                         read("throughput.json"))
+    seconds = {}
+    with open(os.path.join(work, "timings.txt")) as f:
+        for line in f:
+            step, value = line.split()
+            seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
+    folds = cv["folds"]
+    counts = manifest["counts"]
+    epochs = max(r["epochs"] for r in folds)  # what the folds ran, whatever EPOCHS says now
+    headline = (f"{len(folds)}-fold ensemble on DDTI: CV n_IoU {cv['last_n_iou_mean']:.3f} "
+                f"± {cv['last_n_iou_std']:.3f}, test split n_IoU {test['n_iou']:.3f} "
+                f"({test['images']} frames); research use only")
+    # no path of the machine that built it travels with the model
+    meta["data"]["uri"] = meta["training"]["cross_validation"]["data"] = DATA
+    meta["card"] = {"headline": headline, "cv": {k: v for k, v in cv.items()
+                                                 if k.endswith(("_mean", "_std"))},
+                    "test": {k: test[k] for k in ("n_iou", "n_iou_per_image", "dice",
+                                                  "precision", "recall", "images")},
+                    "test_fast": {k: fast[k] for k in ("n_iou", "n_iou_per_image", "dice")}}
+    os.makedirs(args.dest, exist_ok=True)
+    for name in os.listdir(args.dest):  # a new version replaces the old files
+        os.remove(os.path.join(args.dest, name))
+    for name in meta["members"]:
+        shutil.copy(os.path.join(work, "cv", "model", name), os.path.join(args.dest, name))
+    with open(os.path.join(args.dest, "model.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    size_mb = sum(os.path.getsize(os.path.join(args.dest, n)) for n in meta["members"]) / 1e6
+
+    def row(name: str, m: dict) -> str:
+        return (f"| {name} | {m['n_iou']:.4f} | {m['n_iou_per_image'] or 0:.4f} | "
+                f"{m['dice']:.4f} |")
+
+    fold_rows = [f"| {r['fold']} | {r['val_images']} | {r['epochs']} | {r['last']['n_iou']:.4f} | "
+                 f"{r['last']['n_iou_per_image'] or 0:.4f} | {r['last']['dice']:.4f} | "
+                 f"{r['best']['n_iou']:.4f} (epoch {r['best_epoch']}) |" for r in folds]
+    config = meta["training"]["config"]
+    minutes = {k: v / 60 for k, v in seconds.items()}
+    card = f"""# raythyroid model `ddti`: thyroid nodule segmentation in ultrasound frames
+
+{headline}.
+
+`raythyroid infer ddti INPUT OUTPUT` uses it; `raythyroid infer ddti INPUT OUTPUT --fast` uses
+its first member alone without TTA. Built {meta['created']} by `bench/ship_ddti.sh`.
+
+## Intended use and limits
+
+- **Research use only. Not a medical device**; not validated for diagnosis, screening or any
+  clinical decision. A person reviews every mask.
+- Trained on one small public dataset: frames of one country's scanners (Colombia, DDTI), 8-bit
+  B-mode frames as the scanners exported them. Other scanners, presets, Doppler overlays,
+  children, other organs: unknown behaviour.
+- One nodule class. A frame without a nodule is not in the training data: the model tends to
+  find one anyway.
+- Data terms: DDTI was published for research and education, without an explicit licence.
+  Cite Pedraza L, Vargas C, Narvaez F, Duran O, Munoz E, Romero E. "An open access thyroid
+  ultrasound image database." Proc. SPIE 9287, 92870W (2015), doi:10.1117/12.2073532. The
+  weights are raythyroid's (Apache-2.0); no frame of the dataset is in the package.
+
+## Data
+
+- {DATA}.
+- Split by case (patient), never by frame, seed 0: train {counts.get('train')}, validation
+  {counts.get('val')}, test {counts.get('test')} frames. The test split trained nothing and chose
+  nothing; it is scored once, at the end.
+- Cross-validation pools train + validation ({sum(r['val_images'] for r in folds)} frames) into
+  {len(folds)} case-disjoint folds; each fold model trains on four folds and validates on the
+  fifth.
+- Preparation (the same function in training and inference): desensitize (everything outside
+  the scan region blanked, burned-in text with it; cropped to that region), CLAHE (clip {meta['prep'].get('clahe_clip')},
+  tile {meta['prep'].get('clahe_tile')}), resize to {meta['prep']['size']} px.
+
+## Model and inference
+
+- {len(meta['members'])} U-Nets (base width {meta['architecture']['base']}, depth
+  {meta['architecture']['depth']}, {size_mb:.1f} MB of fp16 weights in all), one per fold: the
+  weights of each fold's best validation epoch.
+- Training recipe: `{config['loss']}` loss, {config['optimizer']} (lr
+  {config['lr'] or ('1e-3' if config['optimizer'] == 'adamw' else '1e-2')}, {config['schedule']}
+  schedule), batch size {config['batch_size']}, `{config['augment']}` augmentation,
+  {epochs} epochs per fold, precision {config['precision']}.
+- Inference: the members' nodule probabilities are averaged; flip TTA {'on' if meta['tta'] else
+  'off'}; threshold {meta['threshold']}; keep the {meta['postprocess']['keep_largest'] or 'all'}
+  largest component(s). These were chosen as the variant with the best mean validation n_IoU
+  over the folds, each fold scored by its own model.
+
+## Figures
+
+Cross-validation (each fold model on its held-out fold, at its last epoch: no selection on the
+fold itself):
+
+| fold | frames | epochs | n_IoU | n_IoU/img | Dice | best epoch's n_IoU |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{chr(10).join(fold_rows)}
+
+Mean ± spread (population standard deviation) over folds: n_IoU {cv['last_n_iou_mean']:.4f} ±
+{cv['last_n_iou_std']:.4f}, n_IoU/img {cv['last_n_iou_per_image_mean']:.4f} ±
+{cv['last_n_iou_per_image_std']:.4f}. The members are each fold's best-epoch weights, chosen on
+that fold's own validation cases, so their figure ({cv['best_n_iou_mean']:.4f} ±
+{cv['best_n_iou_std']:.4f}) is a little optimistic; the last-epoch one is not.
+
+The ensemble cannot be scored on the folds that trained it; the test split scores it
+({test['images']} frames, original geometry, against the original masks, pooled over pixels):
+
+| inference | n_IoU | n_IoU/img | Dice |
+| --- | ---: | ---: | ---: |
+{row(f"ensemble of {len(meta['members'])}", test)}
+{row("`--fast` (first member, no TTA)", fast)}
+
+Images per second on the machine that built it ({machine()}), the infer job end to end on
+{speed['frames']} frames: ensemble {speed['ensemble_images_per_s']:.1f}, `--fast`
+{speed['fast_images_per_s']:.1f}.
+
+## Rebuilding
+
+`bench/ship_ddti.sh` (EPOCHS={epochs}) from `../shared/data/ddti`; on that machine its
+completed runs took {minutes.get('cv', 0):.0f} minutes of cross-validation (folds two at a time
+on two cores) and {minutes.get('preprocess', 0):.1f} of preprocessing.
+"""
+    with open(os.path.join(args.dest, "CARD.md"), "w") as f:
+        f.write(card)
+    print(headline)
+    print(f"{args.dest}: {len(meta['members'])} members, {size_mb:.1f} MB, CARD.md")
+
+
+if __name__ == "__main__":
+    main()

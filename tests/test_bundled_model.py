@@ -1,0 +1,72 @@
+"""The model shipped inside the package: `raythyroid infer ddti` right after installation."""
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+from raythyroid import model, split
+
+from conftest import run_cli
+
+HELD_OUT_FRAMES = 6
+
+
+def held_out_frames(ddti) -> list:
+    """DDTI frames of the cases the bundled model never trained on: its rebuild script
+    (bench/ship_ddti.sh) cross-validates on the train and val splits of the default split."""
+    images = sorted((ddti / "images").glob("*.jpg"))
+    splits = split.assign((p.stem, p.stem.split("_")[0], None) for p in images)
+    return [p for p in images if splits[p.stem] == "test"][:HELD_OUT_FRAMES]
+
+
+def test_the_bundled_model_is_listed_with_its_card(tmp_path, monkeypatch):
+    shipped = model.bundled()
+    assert "ddti" in shipped
+    meta = shipped["ddti"]
+    assert len(meta["members"]) == 5
+    folder = Path(model.resolve("ddti"))
+    assert folder.parent == Path(model.BUNDLED)  # a name, not a path: the package's model
+    # a folder of that name holding no model (the user's own data) does not shadow it
+    (tmp_path / "ddti" / "images").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert model.resolve("ddti") == str(folder)
+    assert model.resolve("./ddti") == "./ddti"  # a path, when written as one
+    listed = run_cli("models")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("ddti: ") and meta["card"]["headline"] in listed.stdout
+    assert sum((folder / name).stat().st_size for name in meta["members"]) < 40e6
+    card = (folder / model.CARD).read_text()
+    assert "5-fold" in card and "research use" in card.lower()
+
+
+@pytest.mark.timeout(600)
+def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
+    frames = held_out_frames(ddti)
+    assert len(frames) == HELD_OUT_FRAMES
+    listing = tmp_path / "frames.txt"
+    listing.write_text("".join(f"{p}\n" for p in frames))
+    outputs = {}
+    for name, extra in (("ensemble", []), ("fast", ["--fast"])):
+        out = tmp_path / name
+        done = run_cli("infer", "ddti", str(listing), str(out), "--labels", str(ddti / "masks"),
+                       *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = out
+    for frame in frames:
+        image = cv2.imread(str(frame), cv2.IMREAD_GRAYSCALE)
+        masks = {name: cv2.imread(str(out / "masks" / f"{frame.stem}.png"),
+                                  cv2.IMREAD_GRAYSCALE) > 0 for name, out in outputs.items()}
+        for mask in masks.values():
+            assert mask.shape == image.shape  # the original frame's geometry
+            assert mask.any(), frame.stem  # every DDTI frame shows a nodule
+        # the single member without TTA finds the same nodule as the whole ensemble
+        both = masks["ensemble"] & masks["fast"]
+        assert both.sum() / (masks["ensemble"] | masks["fast"]).sum() > 0.5, frame.stem
+    metrics = json.loads((outputs["ensemble"] / "metrics.json").read_text())
+    # a floor for plausibility, not the model's accuracy (CV and the model card measure that)
+    assert metrics["images"] == HELD_OUT_FRAMES and metrics["n_iou"] > 0.3
+    # the job remembers which weights ran: a rerun with the other flag cannot mix them
+    again = run_cli("infer", "ddti", str(listing), str(outputs["fast"]),
+                    "--labels", str(ddti / "masks"))
+    assert again.returncode == 2 and "holds the results of another job" in again.stderr
