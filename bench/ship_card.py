@@ -34,6 +34,7 @@ def main() -> None:
         "prepared/manifest.json")
     test, fast, speed = (read("test-ensemble/metrics.json"), read("test-fast/metrics.json"),
                          read("throughput.json"))
+    members = [read(f"test-member-{r['fold']}/metrics.json") for r in cv["folds"]]
     seconds = {}
     with open(os.path.join(work, "timings.txt")) as f:
         for line in f:
@@ -51,7 +52,8 @@ def main() -> None:
                                                  if k.endswith(("_mean", "_std"))},
                     "test": {k: test[k] for k in ("n_iou", "n_iou_per_image", "dice",
                                                   "precision", "recall", "images")},
-                    "test_fast": {k: fast[k] for k in ("n_iou", "n_iou_per_image", "dice")}}
+                    "test_fast": {k: fast[k] for k in ("n_iou", "n_iou_per_image", "dice")},
+                    "test_members_n_iou": [m["n_iou"] for m in members]}
     os.makedirs(args.dest, exist_ok=True)
     for name in os.listdir(args.dest):  # a new version replaces the old files
         os.remove(os.path.join(args.dest, name))
@@ -140,6 +142,10 @@ The ensemble cannot be scored on the folds that trained it; the test split score
 | --- | ---: | ---: | ---: |
 {row(f"ensemble of {len(meta['members'])}", test)}
 {row("`--fast` (first member, no TTA)", fast)}
+{chr(10).join(row(f"member {k} alone, its fold's chosen inference", m)
+              for k, m in enumerate(members))}
+{row("mean of the members alone", {key: sum(m[key] or 0 for m in members) / len(members)
+                                   for key in ("n_iou", "n_iou_per_image", "dice")})}
 
 Images per second on the machine that built it ({machine()}), the infer job end to end on
 {speed['frames']} frames: ensemble {speed['ensemble_images_per_s']:.1f}, `--fast`
@@ -149,7 +155,7 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 
 `bench/ship_ddti.sh` (EPOCHS={epochs}) from `../shared/data/ddti`; on that machine its
 completed runs took {minutes.get('cv', 0):.0f} minutes of cross-validation (folds two at a time
-on two cores) and {minutes.get('preprocess', 0):.1f} of preprocessing.
+on two cores) and {minutes.get('preprocess', 0):.1f} minutes of preprocessing.
 """
     with open(os.path.join(args.dest, "CARD.md"), "w") as f:
         f.write(card)

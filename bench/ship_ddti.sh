@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Rebuild the bundled model raythyroid/models/ddti from ../shared/data/ddti, end to end:
 # preprocess (default settings) -> 5-fold case-disjoint cv on the train + val splits (each fold
-# model trained EPOCHS epochs; cv saves the five as one ensemble) -> the ensemble and --fast
-# scored on the untouched test split, original frames against original masks -> images/s of
-# both -> weights (fp16) + model.json + CARD.md into the package.
+# model trained EPOCHS epochs; cv saves the five as one ensemble) -> the ensemble, --fast and
+# each member alone scored on the untouched test split, original frames against original
+# masks -> images/s of the ensemble and --fast -> weights (fp16) + model.json + CARD.md into
+# the package.
 #
 #   bench/ship_ddti.sh [WORKDIR]    # default .cache/ship-ddti
 #
@@ -44,6 +45,11 @@ for variant in ensemble fast; do
   [ "$variant" = fast ] && flag="--fast"
   "$bin/raythyroid" infer "$work/cv/model" "$work/test-frames.txt" "$work/test-$variant" \
     --labels "$ddti/masks" $flag
+done
+# each member alone, with the inference its own fold chose: what the ensemble adds
+for fold in "$work"/cv/fold-*; do
+  "$bin/raythyroid" infer "$fold/model" "$work/test-frames.txt" \
+    "$work/test-member-${fold##*-}" --labels "$ddti/masks"
 done
 "$bin/python" "$root/bench/ensemble_bench.py" --model "$work/cv/model" \
   --frames "$work/test-frames.txt" --json "$work/throughput.json"

@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="average with a mirrored prediction (default: as chosen on "
                           "validation when the model was trained)")
     inf.add_argument("--fast", action="store_true",
-                     help="one model without TTA: an ensemble's first member alone (about 10x "
-                          "the images per second of a 5-model ensemble with TTA)")
+                     help="one model without TTA: an ensemble's first member alone, one "
+                          "model pass per frame (images/s in bench/BENCHMARKS.md)")
     inf.add_argument("--compile", action="store_true",
                      help="torch.compile the model in each Predictor (pays off on GPUs)")
     inf.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
