@@ -540,9 +540,10 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
 
     started = time.time()
     # a bundled model travels by name: each node resolves it inside its own installation
-    bundled = model_lib.resolve(model_uri) != model_uri
+    resolved = model_lib.resolve(model_uri)
+    bundled = resolved != model_uri
     model_ref = model_uri if bundled else storage.normalize(model_uri)
-    model_uri, output = storage.normalize(model_lib.resolve(model_uri)), storage.normalize(output)
+    model_uri, output = storage.normalize(resolved), storage.normalize(output)
     if dicomweb.is_dicomweb(input_uri):
         # the server and the filters as written (a relative date window moves night to night
         # within one job), patient filters only as hashes
