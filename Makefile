@@ -12,10 +12,11 @@ PYTEST_ARGS ?=
 PROMETHEUS_DIR := .cache/prometheus
 PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
 
-# DICOM tools the tests write and validate files with (dcmtk, GDCM, dicom3tools' dciodvfy):
+# DICOM tools the tests write and validate files with (dcmtk, GDCM, dicom3tools' dciodvfy), a
+# PACS (Orthanc) and the browser the reports are opened in (Chromium and its WebDriver):
 # installed when running as root, as CI does; elsewhere those tests skip and say why
-DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb
-DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc
+DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
+DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc chromium chromedriver
 # the PACS tests also need Orthanc's DICOMweb plugin, a file rather than a command
 DICOMWEB_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 

@@ -29,7 +29,7 @@ def write_folder(output: str, rows: int, per_file: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from raythyroid import infer
+    from raythyroid import results
 
     rng = np.random.default_rng(0)
     for start in range(0, rows, per_file):
@@ -38,8 +38,9 @@ def write_folder(output: str, rows: int, per_file: int) -> None:
         status = np.where(index % 50 == 7, "error", np.where(index % 100 == 3, "skipped", "ok"))
         ok = status == "ok"
         tp = np.where(ok, rng.integers(0, 4000, n), 0)
-        columns = {name: pa.nulls(n, infer.RESULT_SCHEMA.field(name).type)
-                   for name in infer.RESULT_SCHEMA.names}
+        columns = {name: pa.nulls(n, results.RESULT_SCHEMA.field(name).type)
+                   for name in results.RESULT_SCHEMA.names}
+        area = np.where(ok & (tp > 0), rng.integers(50, 20_000, n), 0)
         columns.update(
             key=pa.array([f"archive/{i // 1000:04d}/frame-{i:07d}" for i in index]),
             source_uri=pa.array([f"s3://bucket/archive/{i // 1000:04d}/frame-{i:07d}.dcm"
@@ -51,17 +52,24 @@ def write_folder(output: str, rows: int, per_file: int) -> None:
             tp=pa.array(np.where(ok, tp, None).tolist(), pa.int64()),
             fp=pa.array(np.where(ok, rng.integers(0, 500, n), None).tolist(), pa.int64()),
             fn=pa.array(np.where(ok, rng.integers(0, 500, n), None).tolist(), pa.int64()),
-            tn=pa.array(np.where(ok, 200_000 - tp, None).tolist(), pa.int64()))
-        infer.write_results(output, pa.table(columns, schema=infer.RESULT_SCHEMA))
+            tn=pa.array(np.where(ok, 200_000 - tp, None).tolist(), pa.int64()),
+            n_components=pa.array(np.where(ok, (area > 0) * rng.integers(1, 3, n), None).tolist(),
+                                  pa.int32()),
+            area_px=pa.array(np.where(ok, area, None).tolist(), pa.int64()),
+            aspect_ratio=pa.array(np.where(ok & (area > 0), rng.lognormal(-0.2, 0.3, n),
+                                           None).tolist(), pa.float64()),
+            confidence=pa.array(np.where(ok, rng.beta(8, 2, n), None).tolist(), pa.float64()),
+            iou=pa.array(np.where(ok, rng.beta(5, 2, n), None).tolist(), pa.float64()))
+        results.write_results(output, pa.table(columns, schema=results.RESULT_SCHEMA))
 
 
 def summarize_once(output: str) -> None:
     """In a fresh process, as the job's driver: the sources it expects, then summarize."""
     import pyarrow as pa
 
-    from raythyroid import infer
+    from raythyroid import infer, results
 
-    sources = infer.read_results(output, ["source_uri"]).column("source_uri")
+    sources = results.read_results(output, ["source_uri"]).column("source_uri")
     table = pa.table({"key": sources, "source_uri": sources})
     started = time.time()
     summary = infer.summarize(output, table, [], labelled=True)

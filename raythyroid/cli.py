@@ -17,12 +17,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
     return value
 
@@ -201,8 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--cpus-per-worker", type=_positive_float, default=None)
     inf.add_argument("--block-size", type=_positive_int, default=64,
                      help="inputs per read task and per results file")
+    inf.add_argument("--review", type=_non_negative_int, default=24, metavar="N",
+                     help="frames in the report's review queue, least confident first (0: "
+                          "keep no overlays)")
     _add_cluster_flag(inf)
     inf.set_defaults(handler=_infer)
+
+    rep = commands.add_parser("report", help="(re)write the HTML report of an infer OUTPUT or "
+                                             "a train or cv RUN")
+    rep.add_argument("folder", help="an infer OUTPUT, or a train or cv RUN (local or s3://)")
+    rep.add_argument("--review", type=_positive_int, default=24, metavar="N",
+                     help="frames in an infer report's review queues")
+    rep.set_defaults(handler=_report)
 
     mod = commands.add_parser("models", help="the models shipped inside the package")
     mod.set_defaults(handler=_models)
@@ -305,14 +322,14 @@ def _infer(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.output)
     if args.fast and args.tta:
         raise UserError("--fast runs one model without TTA: give one of --fast and --tta")
-    model.load(model.resolve(args.model))  # a wrong MODEL is reported before Ray starts
+    model.read_metadata(model.resolve(args.model))  # a wrong MODEL is reported before Ray starts
     options = infer.InferOptions(
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu,
         tta=False if args.fast else args.tta, fast=args.fast,
         precision=args.precision, max_pixels=args.max_pixels, dicom_seg=args.dicom_seg,
         max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
         block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
-        stow=stow)
+        stow=stow, review=args.review)
     with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)
@@ -322,6 +339,14 @@ def _infer(args: argparse.Namespace) -> int:
         print(f"raythyroid: error: error rate {summary['error_rate']:.2%} is above "
               f"--max-error-rate {args.max_error_rate:.2%}", file=sys.stderr)
         return EXIT_TOO_MANY_ERRORS
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report, storage
+
+    storage.check_readable_root(args.folder)
+    print(f"report: {report.write(args.folder, args.review)}")
     return 0
 
 

@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 
-from . import runtime, shards, split, storage, telemetry, train
+from . import report, runtime, shards, split, storage, telemetry, train
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
@@ -97,7 +97,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
                                     relay)
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
     for which in ("last", "best"):
-        for key in ("n_iou", "n_iou_per_image"):
+        for key in ("n_iou", "n_iou_per_image", "dice"):
             values = [r[which][key] for r in results if r[which][key] is not None]
             summary[f"{which}_{key}_mean"] = statistics.fmean(values) if values else None
             summary[f"{which}_{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
@@ -108,6 +108,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
         f"(tta={inference['tta']}, threshold={inference['threshold']}, keep_largest="
         f"{inference['keep_largest']}: the best mean validation n_IoU over the folds, "
         f"{inference['mean_val_n_iou']:.4f})")
+    log(f"cv: report: {report.write_at_end(run_uri)}")
     return summary
 
 

@@ -1,7 +1,8 @@
 """`raythyroid demo`: the whole pipeline on generated phantoms, on local Ray and local disk.
 
 phantoms -> preprocess -> a short train -> infer with labels on the test split -> the paper's
-table, report/overlays.png (image | label | prediction) and report/curves.png.
+table and two reports: the infer run's (what it found, the frames to review first) and the
+training's (curves, the chosen inference, the worst validation frames).
 """
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import os
 import time
 
 
-from . import imaging, infer, phantom, preprocess, report, shards, storage, train
-from .imaging import Geometry, PrepConfig
+from . import infer, phantom, preprocess, shards, storage, train
+from .imaging import PrepConfig
 
 DEMO_FRAMES = 200
 DEMO_SIZE = 128  # small enough to train well in a couple of minutes on two cores
 TRAIN_MINUTES = 2.5
-OVERLAY_ROWS = 6
 
 
 def _test_rows(prepared: str, manifest: dict) -> list[dict]:
@@ -28,7 +28,7 @@ def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,
     started = time.time()
     workdir = os.path.abspath(workdir)
     data, prepared = f"{workdir}/phantoms", f"{workdir}/prepared"
-    run_dir, predictions, report_dir = f"{workdir}/run", f"{workdir}/predictions", f"{workdir}/report"
+    run_dir, predictions = f"{workdir}/run", f"{workdir}/predictions"
 
     log(f"demo 1/4: {frames} phantom ultrasound frames with nodule masks -> {data}")
     if not storage.exists(f"{data}/images"):
@@ -47,19 +47,11 @@ def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,
     storage.write_text(manifest_uri, "".join(r["source_uri"] + "\n" for r in test_rows))
     summary = infer.run(f"{run_dir}/model", manifest_uri, predictions, labels=f"{data}/masks",
                         options=infer.InferOptions(workers=1), log=log)
-
-    # overlays in the prepared geometry: what the model saw, with the text already removed
-    lines = []
-    for row in test_rows[:OVERLAY_ROWS]:
-        geometry = Geometry.from_dict(row["geometry"])
-        pred = imaging.decode_png(storage.read_bytes(f"{predictions}/masks/{row['key']}.png")) > 0
-        lines.append((row["key"], imaging.decode_png(row["image"]),
-                      imaging.decode_png(row["mask"]) > 0, geometry.to_model(pred) > 0))
-    storage.write_bytes(f"{report_dir}/overlays.png", report.overlays(lines))
     history = [json.loads(line) for line in
                storage.read_text(f"{run_dir}/history.jsonl").splitlines()]
-    storage.write_bytes(f"{report_dir}/curves.png", report.curves(history))
-    log(f"demo: done in {time.time() - started:.0f} s. Look at {report_dir}/overlays.png and "
-        f"{report_dir}/curves.png; metrics in {predictions}/metrics.json")
-    return {"metrics": summary.get("metrics"), "report": report_dir, "history": history,
+    reports = {"infer": summary["report"], "train": f"{run_dir}/report/index.html"}
+    log(f"demo: done in {time.time() - started:.0f} s. Open the reports in a browser:\n"
+        f"  what the run found:   {reports['infer']}\n"
+        f"  how the model trained: {reports['train']}")
+    return {"metrics": summary.get("metrics"), "reports": reports, "history": history,
             "seconds": time.time() - started}

@@ -25,11 +25,17 @@ def index_labels(labels_uri: str) -> dict[str, str]:
             for page in storage.list_pages(root, LABEL_SUFFIXES) for u in page}
 
 
-def label_counts(label_uri: str, mask: np.ndarray, max_pixels: int) -> dict:
+def read_label(label_uri: str, shape: tuple[int, ...], max_pixels: int) -> np.ndarray:
+    """A label mask (bool) that must match the predicted mask's frame size."""
     label = imaging.decode_mask(storage.read_bytes(label_uri), max_pixels)
-    if label.shape != mask.shape:
+    if label.shape != shape:
         raise DecodeError(f"label is {label.shape[1]}x{label.shape[0]}, "
-                          f"image is {mask.shape[1]}x{mask.shape[0]}")
+                          f"image is {shape[1]}x{shape[0]}")
+    return label > 0
+
+
+def label_counts(label: np.ndarray, mask: np.ndarray) -> dict:
+    """tp, fp, fn, tn, iou and dice of one mask against its label."""
     counts = metrics.counts(label, mask)
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     counts["iou"] = metrics.image_iou(tp, fp, fn)
@@ -51,7 +57,8 @@ def evaluate_folders(pred_uri: str, labels_uri: str, max_pixels: int = DEFAULT_M
             if key not in labels:
                 raise DecodeError("no label for this prediction")
             pred = imaging.decode_mask(storage.read_bytes(preds[key]), max_pixels)
-            counts = label_counts(labels[key], pred, max_pixels)
+            counts = label_counts(read_label(labels[key], pred.shape, max_pixels),
+                                  pred)
             return dict(counts, key=key, status="ok", error=None)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)

@@ -13,8 +13,7 @@ together, so an interrupted-then-resumed run ends with exactly the metrics of a 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
+import datetime as dt
 import io
 import json
 import posixpath
@@ -27,40 +26,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import (dicom, dicomweb, evaluate, imaging, metrics, postprocess, runtime, storage,
-               telemetry)
+from . import (dicom, dicomweb, evaluate, figures, imaging, metrics, postprocess, report,
+               results, runtime, storage, telemetry)
 from .errors import UserError
 from .imaging import DecodeError, Geometry, PrepConfig, SkipInput
 
-RESULTS = "results"
-MASKS = "masks"
-DICOM_SEG = "dicom-seg"
-SUCCESS = "_SUCCESS"
-METRICS = "metrics.json"
 RUN_LEASE = "_RUN"  # id of the run that owns OUTPUT; only its tasks may commit results
-JOB_FILE = "_JOB.json"  # the INPUT, MODEL and LABELS whose results OUTPUT holds
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", "")
 URIS_PER_BLOCK = 64
 ROWS_PER_CHUNK = 32  # rows a read task yields at a time, so a long cine loop streams
 READ_THREADS = 8
 READ_TASK_MEMORY = 256 * 1024 * 1024
-RESULTS_PER_READ = 1000
 
-RESULT_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source_uri", pa.string()), ("frame", pa.int32()),
-    ("status", pa.string()), ("error", pa.string()),
-    ("nodule", pa.bool_()), ("n_components", pa.int32()), ("area_px", pa.int64()),
-    ("area_mm2", pa.float64()), ("bbox_x", pa.int32()), ("bbox_y", pa.int32()),
-    ("bbox_w", pa.int32()), ("bbox_h", pa.int32()), ("aspect_ratio", pa.float64()),
-    ("confidence", pa.float64()), ("height", pa.int32()), ("width", pa.int32()),
-    ("node_id", pa.string()),
-    ("tp", pa.int64()), ("fp", pa.int64()), ("fn", pa.int64()), ("tn", pa.int64()),
-    ("iou", pa.float64()), ("dice", pa.float64()),
-    # DICOM sources: where the frame is in the archive (UIDs only, never who it shows), and
-    # the SOP Instance UID of the SEG written (and stored, with --stow) for it
-    ("study_uid", pa.string()), ("series_uid", pa.string()), ("sop_uid", pa.string()),
-    ("seg_uid", pa.string()),
-])
 
 
 @dataclass(frozen=True)
@@ -80,6 +57,7 @@ class InferOptions:
     fast: bool = False  # an ensemble's first member alone
     # STOW-RS every SEG to this DICOMweb server (http(s)://host:port/prefix); implies dicom_seg
     stow: str | None = None
+    review: int = report.REVIEW_SIZE  # frames in the report's review queues (0: no overlays)
 
 
 # ---------------------------------------------------------------- keys
@@ -165,36 +143,7 @@ def list_inputs(input_uri: str, log=print) -> tuple[pa.Table, list[dict]]:
 
 def done_sources(output: str) -> set[str]:
     """Sources already committed by a results file; what a rerun skips."""
-    return set(read_results(output, ["source_uri"]).column("source_uri").to_pylist())
-
-
-def read_results(output: str, columns: list[str] | None = None,
-                 with_files: bool = False) -> pa.Table:
-    """Every results file as one table, read by columns on a thread pool (pyarrow datasets);
-    `with_files` adds `__filename`, the file each row came from."""
-    import pyarrow.dataset as pads
-
-    uris = storage.list_files(storage.join(output, RESULTS), (".parquet",))
-    wanted = list(columns or RESULT_SCHEMA.names)
-    if not uris:
-        schema = pa.schema([RESULT_SCHEMA.field(c) for c in wanted])
-        if with_files:
-            schema = schema.append(pa.field("__filename", pa.string()))
-        return schema.empty_table()
-    fs, _ = storage.filesystem(output)
-    paths = [storage.filesystem(u)[1] for u in uris]
-    tables = []
-    # a thousand files at a time, each group made contiguous: one table of 15,000 tiny chunks
-    # holds several times its data in per-chunk buffers
-    def read_group(group: list[str]) -> pa.Table:
-        dataset = pads.dataset(group, filesystem=fs, format="parquet", schema=RESULT_SCHEMA)
-        return dataset.to_table(
-            columns=wanted + (["__filename"] if with_files else [])).combine_chunks()
-
-    for start in range(0, len(paths), RESULTS_PER_READ):
-        group = paths[start:start + RESULTS_PER_READ]
-        tables.append(storage.retry_transient(functools.partial(read_group, group)))
-    return pa.concat_tables(tables)
+    return set(results.read_results(output, ["source_uri"]).column("source_uri").to_pylist())
 
 
 # ---------------------------------------------------------------- stage 1: read + prepare
@@ -337,7 +286,8 @@ class Predictor:
     """Loads the model once per actor; predicts nodule probabilities for the ok rows."""
 
     def __init__(self, model_uri: str, gpu: bool, tta: bool, threads: int, precision: str,
-                 batch_size: int, compile_model: bool = False, fast: bool = False):
+                 batch_size: int, compile_model: bool = False, fast: bool = False,
+                 keep_images: bool = False):
         import ray
         import torch
 
@@ -352,6 +302,7 @@ class Predictor:
         self.bf16 = model_lib.resolve_bf16(precision, self.device)
         self.tta = tta
         self.batch_size = batch_size
+        self.keep_images = keep_images  # for the review overlays finish_block draws
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
@@ -378,7 +329,8 @@ class Predictor:
                 predicted.append(out[:len(part)].cpu().numpy().astype(np.float16))
             prob[ok] = np.concatenate(predicted)
             telemetry.count("predicted", int(ok.sum()))
-        out = {name: column for name, column in batch.items() if name != "image"}
+        out = {name: column for name, column in batch.items()
+               if name != "image" or self.keep_images}
         out["prob"] = prob
         out["node_id"] = np.array([self.node_id] * len(ok), dtype=object)
         return out
@@ -387,12 +339,13 @@ class Predictor:
 # ---------------------------------------------------------------- stage 3: finish + write
 
 def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: str,
-                 seg: dict | None = None) -> dict:
+                 seg: dict | None = None, review: dict | None = None) -> dict:
     """Post-process, write masks (and with `seg`, each DICOM source's SEG, stored over
-    DICOMweb when seg["stow"] names a server), then this block's results file: the commit
-    record, written last, so a block retried or redone leaves one copy of everything."""
+    DICOMweb when seg["stow"] names a server), the overlays of the frames worth reviewing
+    (`review`), then this block's results file: the commit record, written last, so a block
+    retried or redone leaves one copy of everything."""
     config = postprocess.PostConfig(**post)
-    columns = {name: [None] * len(batch["key"]) for name in RESULT_SCHEMA.names}
+    columns = {name: [None] * len(batch["key"]) for name in results.RESULT_SCHEMA.names}
     frames = batch["frame"]
     columns.update(key=_text(batch["key"]), source_uri=_text(batch["source_uri"]),
                    frame=[int(f) if f else None for f in frames], status=_text(batch["status"]),
@@ -401,22 +354,27 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
                                                             "sop_uid")})
     labels = _text(batch["label_uri"])
     masks: dict[int, np.ndarray] = {}
+    label_masks: dict[int, np.ndarray] = {}
     timer = telemetry.timed("postprocess").__enter__()
     for i in np.flatnonzero(batch["ok"]):
         try:
-            described, masks[i] = _finish_frame(batch, i, labels[i], output, config,
-                                                max_pixels)
+            described, masks[i], label = _finish_frame(batch, i, labels[i], output, config,
+                                                       max_pixels)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
             columns["status"][i], columns["error"][i] = "error", reason
             telemetry.failed("postprocess", reason)
             continue
+        if label is not None:
+            label_masks[i] = label
         for name, value in described.items():
             columns[name][i] = value
     if seg is not None:
         _segmentations(batch, columns, masks, output, seg)
     if _current_run(output) == run_id:
-        write_results(output, pa.Table.from_pydict(columns, schema=RESULT_SCHEMA))
+        if review is not None:
+            _keep_for_review(batch, columns, masks, label_masks, output, review)
+        results.write_results(output, pa.Table.from_pydict(columns, schema=results.RESULT_SCHEMA))
     timer.__exit__(None, None, None)
     # else a newer run owns OUTPUT (this task outlived its driver): it redoes these sources,
     # and committing them here too would count them twice
@@ -431,20 +389,75 @@ def _text(column) -> list[str | None]:
 
 
 def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, config,
-                  max_pixels: int) -> dict:
-    """One frame's probabilities -> its mask (written) and its results columns."""
+                  max_pixels: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """One frame's probabilities -> its mask (written), its results columns and its label."""
     geometry = Geometry.from_row(batch["geometry"][i])
     full = geometry.restore(batch["prob"][i].astype(np.float32))
     mask = postprocess.clean_mask(full, config)
     spacing = batch["spacing"][i]
     described = dict(postprocess.describe(mask, full, None if np.isnan(spacing[0])
-                                          else (float(spacing[0]), float(spacing[1]))),
+                                          else (float(spacing[0]), float(spacing[1])),
+                                          config.threshold),
                      height=geometry.height, width=geometry.width)
+    label = None
     if label_uri:
-        described.update(evaluate.label_counts(label_uri, mask, max_pixels))
-    storage.write_bytes(storage.join(output, MASKS, f"{batch['key'][i]}.png"),
+        label = evaluate.read_label(label_uri, mask.shape, max_pixels)
+        described.update(evaluate.label_counts(label, mask))
+    storage.write_bytes(storage.join(output, results.MASKS, f"{batch['key'][i]}.png"),
                         imaging.encode_png(mask.astype(np.uint8) * 255))
-    return described, mask
+    return described, mask, label
+
+
+class ReviewBar:
+    """The lowest confidences (and IoUs) this run has met so far, `size` of each.
+
+    A block keeps an overlay only for a frame at or under the bar: every frame of the final
+    queue is kept (no frame below the run's `size`-th lowest can be above the bar of a subset),
+    yet an archive of N frames keeps about size x ln(N / size) overlays, not a share of N.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.lowest: dict[str, list[float]] = {"confidence": [], "iou": []}
+
+    def offer(self, values: dict[str, list[float]]) -> dict[str, float]:
+        bars = {}
+        for name, found in values.items():
+            merged = sorted(self.lowest[name] + list(found))[:self.size]
+            self.lowest[name] = merged
+            bars[name] = merged[-1] if len(merged) >= self.size else float("inf")
+        return bars
+
+
+def _keep_for_review(batch: dict, columns: dict, masks: dict, label_masks: dict, output: str,
+                     review: dict) -> None:
+    """The block's frames under the run's bars, each as an overlay on the frame the model saw
+    (desensitized and cropped: no burned-in text, no header value) in the review sidecar."""
+    import ray
+
+    size = review["size"]
+    scored = {"confidence": {i: columns["confidence"][i] for i in masks},
+              "iou": {i: columns["iou"][i] for i in label_masks}}
+    bars = ray.get(review["bar"].offer.remote(
+        {name: sorted(values.values())[:size] for name, values in scored.items()}))
+    chosen: set[int] = set()
+    for name, values in scored.items():
+        under = sorted((v, columns["key"][i], i) for i, v in values.items() if v <= bars[name])
+        chosen.update(i for _, _, i in under[:size])
+    if not chosen:
+        return
+    rows = []
+    for i in sorted(chosen):
+        geometry = Geometry.from_row(batch["geometry"][i])
+        label = label_masks.get(i)
+        rows.append({"key": columns["key"][i], "confidence": columns["confidence"][i],
+                     "iou": columns["iou"][i], "area_px": columns["area_px"][i],
+                     "area_mm2": columns["area_mm2"][i],
+                     "thumbnail": figures.thumbnail(
+                         batch["image"][i], geometry.to_model(masks[i]),
+                         None if label is None else geometry.to_model(label))})
+    results.write_review(output, columns["key"],
+                         pa.Table.from_pylist(rows, schema=results.REVIEW_SCHEMA))
 
 
 def _segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], output: str,
@@ -471,7 +484,7 @@ def _segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], out
             for i in rows:
                 columns["error"][i] = f"no DICOM SEG: {storage.describe_error(exc)}"[:300]
             continue
-        storage.write_bytes(storage.join(output, DICOM_SEG, f"{base}.seg.dcm"), data)
+        storage.write_bytes(storage.join(output, results.DICOM_SEG, f"{base}.seg.dcm"), data)
         built.append((rows, data))
     if seg.get("stow") and built:
         dicomweb.store(seg["stow"], [data for _, data in built])
@@ -486,15 +499,6 @@ def _current_run(output: str) -> str | None:
         return storage.read_text(storage.join(output, RUN_LEASE)).strip()
     except (FileNotFoundError, OSError):
         return None
-
-
-def write_results(output: str, table: pa.Table) -> None:
-    """A results file named after the keys it holds (the same block always gets one name)."""
-    if not table.num_rows:
-        return
-    keys = sorted(table.column("key").to_pylist())
-    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
-    storage.write_parquet(storage.join(output, RESULTS, f"part-{digest[:24]}.parquet"), table)
 
 
 # ---------------------------------------------------------------- driver
@@ -551,7 +555,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     else:
         input_uri = identity = storage.normalize(input_uri)
     # fail fast, before listing millions of files
-    _, meta = model_lib.load(model_uri, first_member_only=options.fast)
+    meta = model_lib.read_metadata(model_uri, first_member_only=options.fast)
     prep = PrepConfig.from_dict(meta["prep"])
     post = postprocess.PostConfig.from_model(meta)
     if options.fast:
@@ -569,7 +573,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
            "model": (f"{model_ref} (bundled, weights {meta['weights_sha256'][:16]})" if bundled
                      else model_uri)}
     _claim_output(output, dict(job, fast=True) if options.fast else job)
-    storage.delete(storage.join(output, SUCCESS))
+    storage.delete(storage.join(output, results.SUCCESS))
     run_id = uuid.uuid4().hex
     storage.write_text(storage.join(output, RUN_LEASE), run_id)  # before reading what is done
     done = done_sources(output)
@@ -578,17 +582,21 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     problems = [p for p in problems if p["source_uri"] not in done]
     log(f"infer: {table.num_rows + len(problems)} inputs, {len(done)} already done, "
         f"{pending.num_rows + len(problems)} to process")
+    record = {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(
+                  timespec="seconds"),
+              "processed": pending.num_rows + len(problems),
+              "model_card": model_lib.headline(meta)}
     with telemetry.tracked("infer", run_id, options.metrics_port,
                            pending.num_rows + len(problems)) as progress:
         _process(model_ref, output, label_index, options, pending, problems, prep, post,
                  _seg_settings(meta, options), run_id, progress, log)
-        return _finish(output, table, problems, labels, options, started, log)
+        return _finish(output, table, problems, labels, options, started, record, log)
 
 
 def _claim_output(output: str, job: dict) -> None:
     """A rerun resumes only the job that OUTPUT holds: keys of another input could collide
     with committed ones and mix two archives in one results table."""
-    uri = storage.join(output, JOB_FILE)
+    uri = storage.join(output, results.JOB_FILE)
     if storage.exists(uri):
         held = json.loads(storage.read_text(uri))
         changed = [name for name in {**held, **job} if held.get(name) != job.get(name)]
@@ -612,9 +620,9 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
     import ray
 
     if problems:
-        write_results(output, pa.Table.from_pylist(
-            [dict({n: None for n in RESULT_SCHEMA.names}, status="error", **p) for p in problems],
-            schema=RESULT_SCHEMA))
+        results.write_results(output, pa.Table.from_pylist(
+            [dict({n: None for n in results.RESULT_SCHEMA.names}, status="error", **p) for p in problems],
+            schema=results.RESULT_SCHEMA))
         progress.advance(len(problems), len(problems))
 
     if pending.num_rows:
@@ -623,6 +631,9 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                   for i in range(0, pending.num_rows, options.block_size)]
         cpus, threads = runtime.plan_workers(options.workers, options.gpu,
                                              options.cpus_per_worker)
+        review = ({"size": options.review,
+                   "bar": ray.remote(ReviewBar).options(num_cpus=0).remote(options.review)}
+                  if options.review > 0 else None)
         ds = (ray.data.from_arrow(blocks)
               .map_batches(read_and_prepare, fn_kwargs={"prep": prep.to_dict(),
                                                         "max_pixels": options.max_pixels,
@@ -639,7 +650,8 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                                                   "precision": options.precision,
                                                   "batch_size": options.batch_size,
                                                   "compile_model": options.compile,
-                                                  "fast": options.fast},
+                                                  "fast": options.fast,
+                                                  "keep_images": review is not None},
                            compute=ray.data.ActorPoolStrategy(size=options.workers),
                            # whole read chunks (the actor batches them itself), so the chunk
                            # reaches finish_block with every frame of its sources together
@@ -647,7 +659,8 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                            num_cpus=cpus, num_gpus=1 if options.gpu else 0)
               .map_batches(finish_block, fn_kwargs={"output": output, "post": post.to_dict(),
                                                     "max_pixels": options.max_pixels,
-                                                    "run_id": run_id, "seg": seg},
+                                                    "run_id": run_id, "seg": seg,
+                                                    "review": review},
                            batch_size=None, batch_format="numpy"))
         printer = telemetry.ProgressPrinter(progress, log)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -657,14 +670,15 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
             printer.update()
 
 
-def _finish(output, table, problems, labels, options, started, log) -> dict:
+def _finish(output, table, problems, labels, options, started, record, log) -> dict:
     summary = summarize(output, table, problems, labels is not None)
-    storage.write_text(storage.join(output, SUCCESS), json.dumps(
+    storage.write_text(storage.join(output, results.SUCCESS), json.dumps(
         {"images": summary["rows"], "errors": summary["errors"], "skipped": summary["skipped"],
-         "seconds": round(time.time() - started, 1)}))
+         "seconds": round(time.time() - started, 1), **record}))
+    summary["report"] = report.write_at_end(output, options.review or report.REVIEW_SIZE)
     log(f"infer: {summary['rows']} results, {summary['errors']} errors, "
         f"{summary['skipped']} skipped (not images), {summary['nodules']} with a nodule; "
-        f"masks in {storage.join(output, MASKS)}")
+        f"masks in {storage.join(output, results.MASKS)}; report: {summary['report']}")
     if summary.get("metrics"):
         log(metrics.table(summary["metrics"], "infer, pooled over all labelled images"))
     # skipped rows (reports, plans, waveforms) are neither failures nor inputs to segment
@@ -681,30 +695,30 @@ def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool
     import pyarrow.compute as pc
 
     compact_results(output)
-    results = read_results(output, ["source_uri", "status", "error", "nodule", "seg_uid",
+    rows = results.read_results(output, ["source_uri", "status", "error", "nodule", "seg_uid",
                                     "tp", "fp", "fn", "tn"])
     expected = pa.concat_arrays([table.column("source_uri").combine_chunks().cast(pa.string()),
                                  pa.array([p["source_uri"] for p in problems], pa.string())])
-    present = pc.is_in(expected, value_set=pc.unique(results.column("source_uri")))
+    present = pc.is_in(expected, value_set=pc.unique(rows.column("source_uri")))
     missing = expected.filter(pc.invert(present))
     if len(missing):
         raise RuntimeError(f"{len(missing)} inputs have no results row, e.g. {missing[0]}")
-    status = results.column("status")
-    errors = results.filter(pc.equal(status, "error"))
-    skipped = results.filter(pc.equal(status, "skipped"))
-    summary = {"rows": results.num_rows, "errors": errors.num_rows,
+    status = rows.column("status")
+    errors = rows.filter(pc.equal(status, "error"))
+    skipped = rows.filter(pc.equal(status, "skipped"))
+    summary = {"rows": rows.num_rows, "errors": errors.num_rows,
                "skipped": skipped.num_rows,
-               "nodules": int(pc.sum(results.column("nodule")).as_py() or 0),
+               "nodules": int(pc.sum(rows.column("nodule")).as_py() or 0),
                "error_reasons": _reason_classes(_count_reasons(errors)),
                "skip_reasons": _count_reasons(skipped),
-               "dicom_seg": pc.count_distinct(results.column("seg_uid")).as_py()}
+               "dicom_seg": pc.count_distinct(rows.column("seg_uid")).as_py()}
     if labelled:
         ok = pc.equal(status, "ok")
-        scored = results.filter(pc.and_(ok, pc.is_valid(results.column("tp"))))
+        scored = rows.filter(pc.and_(ok, pc.is_valid(rows.column("tp"))))
         result = metrics.summarize(*(scored.column(c).to_numpy() for c in ("tp", "fp", "fn",
                                                                               "tn")),
                                    errors=errors.num_rows, skipped=skipped.num_rows)
-        storage.write_text(storage.join(output, METRICS), json.dumps(result, indent=2))
+        storage.write_text(storage.join(output, results.METRICS), json.dumps(result, indent=2))
         summary["metrics"] = result
         summary["unlabelled"] = int(pc.sum(ok).as_py() or 0) - scored.num_rows
     return summary
@@ -720,7 +734,7 @@ def compact_results(output: str) -> int:
     """
     import pyarrow.compute as pc
 
-    located = read_results(output, ["key"], with_files=True)
+    located = results.read_results(output, ["key"], with_files=True)
     counted = located.group_by("key").aggregate([("key", "count")])
     repeated = counted.filter(pc.greater(counted.column("key_count"), 1)).column("key")
     if not len(repeated):
@@ -731,7 +745,7 @@ def compact_results(output: str) -> int:
     for row in sorted(copies, key=lambda r: r["__filename"]):
         if first.setdefault(row["key"], row["__filename"]) != row["__filename"]:
             dropped.setdefault(row["__filename"], set()).add(row["key"])
-    folder = storage.join(output, RESULTS)
+    folder = storage.join(output, results.RESULTS)
     for path, keys in sorted(dropped.items()):
         uri = storage.join(folder, path.rsplit("/", 1)[-1])
         table = storage.read_parquet(uri)

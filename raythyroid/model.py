@@ -204,11 +204,14 @@ def bundled() -> dict[str, dict]:
     return found
 
 
-def load(folder: str, device: torch.device | str = "cpu",
-         first_member_only: bool = False) -> tuple[nn.Module, dict]:
-    """A model folder (local or s3://) -> (model in eval mode on `device`, model.json plus
-    `weights_sha256`, the identity of the weights, read while loading them). An ensemble's
-    folder gives an Ensemble, or its first member alone when asked (infer --fast)."""
+def read_metadata(folder: str, first_member_only: bool = False) -> dict:
+    """model.json of a model folder (local or s3://) plus `weights_sha256`, the identity of
+    the weights it names (an ensemble's first member alone when asked: infer --fast); the
+    weights are read to hash them, not built into a network."""
+    return _read_folder(folder, first_member_only)[0]
+
+
+def _read_folder(folder: str, first_member_only: bool) -> tuple[dict, list[bytes]]:
     from . import storage
     from .errors import UserError
 
@@ -222,19 +225,42 @@ def load(folder: str, device: torch.device | str = "cpu",
         raise UserError(f"cannot read the model at {folder}: "
                         f"{storage.describe_error(exc)}") from None
     files = meta.get("members") or [meta["weights"]]
-    if first_member_only:
-        files = files[:1]
     digest = hashlib.sha256()
+    weights = []
+    for name in files[:1] if first_member_only else files:
+        weights.append(storage.read_bytes(storage.join(folder, name)))
+        digest.update(weights[-1])
+    meta["weights_sha256"] = digest.hexdigest()
+    return meta, weights
+
+
+def headline(meta: dict) -> str:
+    """One line on how good a model is: its card's for a shipped model, else its training's."""
+    card = meta.get("card") or {}
+    if card.get("headline"):
+        return card["headline"]
+    training = meta.get("training") or {}
+    best = (training.get("best_val") or {}).get("n_iou")
+    parts = [f"validation n_IoU {best:.3f}" if isinstance(best, (int, float)) else None,
+             f"{training['epochs_run']} epochs" if training.get("epochs_run") else None,
+             f"trained {meta['created'][:10]}" if meta.get("created") else None,
+             f"ensemble of {len(meta['members'])}" if meta.get("members") else None]
+    return ", ".join(p for p in parts if p) or "no training record"
+
+
+def load(folder: str, device: torch.device | str = "cpu",
+         first_member_only: bool = False) -> tuple[nn.Module, dict]:
+    """A model folder (local or s3://) -> (model in eval mode on `device`, its metadata as
+    read_metadata gives it). An ensemble's folder gives an Ensemble, or its first member alone
+    when asked (infer --fast)."""
+    meta, blobs = _read_folder(folder, first_member_only)
     nets = []
-    for name in files:
-        weights = storage.read_bytes(storage.join(folder, name))
-        digest.update(weights)
+    for weights in blobs:
         net = build(UNetConfig.from_dict(meta["architecture"]))
         # fp16-stored weights are copied into the fp32 parameters
         net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
                                        weights_only=True))
         nets.append(net)
-    meta["weights_sha256"] = digest.hexdigest()
     model = nets[0] if len(nets) == 1 else Ensemble(nets)
     return model.to(device).eval(), meta
 

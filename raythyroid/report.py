@@ -1,91 +1,421 @@
-"""Pictures a person checks: overlay rows (image | label | prediction, as in the paper's figure 3),
-drawn with OpenCV, and training curves, plotted with matplotlib."""
+"""The morning-after reports: one static HTML page per run, opened from its output folder.
+
+`write_infer(OUTPUT)` reads the results table by columns, opens only the overlays it shows (the
+review sidecars the blocks kept while they had the frames: never the archive or a PACS) and
+writes OUTPUT/report/index.html with its pictures. Train and cv runs get theirs from their own
+records. Pages are self-contained: relative links, inline CSS, no script, nothing fetched, so a
+downloaded folder or a static bucket shows them as they are. Nothing a page shows comes from a
+header or a burned-in text region: keys, numbers and overlays of the desensitized frame.
+"""
 from __future__ import annotations
 
-import cv2
+import datetime as dt
+import html
+import json
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-GREEN = (80, 220, 80)  # label outline
-RED = (60, 60, 240)  # prediction outline
-TILE = 256
+from . import figures, metrics, results, storage
 
+INDEX = "index.html"
+REVIEW_SIZE = 24  # frames in a review queue
+FAILURE_IOU = 0.5  # a labelled frame under this IoU is a failure the queue should catch
+REASONS_SHOWN = 30
 
-def _tile(gray: np.ndarray, outline: np.ndarray | None, colour, title: str) -> np.ndarray:
-    scale = TILE / max(gray.shape)
-    size = (max(1, int(gray.shape[1] * scale)), max(1, int(gray.shape[0] * scale)))
-    canvas = np.zeros((TILE, TILE, 3), np.uint8)
-    small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-    canvas[:size[1], :size[0]] = small[:, :, None]
-    if outline is not None:
-        mask = cv2.resize(outline.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas[:size[1], :size[0]], contours, -1, colour, 2)
-    cv2.putText(canvas, title, (6, TILE - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1,
-                cv2.LINE_AA)
-    return canvas
-
-
-def overlays(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
-    """rows of (key, image shown to the model, label mask, predicted mask) -> PNG bytes.
-
-    The image is the prepared (desensitized) one: burned-in text never reaches a report.
-    """
-    lines = []
-    for key, image, label, pred in rows:
-        inter = np.logical_and(label, pred).sum()
-        union = np.logical_or(label, pred).sum()
-        iou = inter / union if union else 1.0
-        lines.append(np.hstack([_tile(image, None, None, key),
-                                _tile(image, label, GREEN, "label"),
-                                _tile(image, pred, RED, f"prediction IoU {iou:.2f}")]))
-    ok, buf = cv2.imencode(".png", np.vstack(lines))
-    return buf.tobytes()
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1180px; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 0.92em; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; }
+figure { margin: 0; width: 164px; font-size: 0.78em; overflow-wrap: anywhere; }
+figure img { width: 160px; height: 160px; border: 2px solid #ddd; display: block; }
+.note { color: #555; font-size: 0.9em; }
+.plot { max-width: 100%; }
+"""
 
 
-def curves(history: list[dict], best_epoch: int | None = None) -> bytes:
-    """Training curves as PNG: loss on one axis, validation IoU on another, epochs on x, the
-    best epoch (by validation n_IoU unless given) marked."""
-    import io
+def write(folder: str, queue_size: int = REVIEW_SIZE) -> str:
+    """The report of whatever run `folder` holds: an infer OUTPUT, a cv RUN or a train RUN."""
+    from .errors import UserError
 
-    # the figure API with the Agg canvas: no pyplot global state, no display needed
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    folder = storage.normalize(folder)
+    if storage.exists(storage.join(folder, results.JOB_FILE)):
+        return write_infer(folder, queue_size)
+    if storage.exists(storage.join(folder, "cv.json")):
+        return write_cv(folder)
+    if storage.exists(storage.join(folder, "model", "model.json")):
+        return write_train(folder)
+    raise UserError(f"{folder} holds no infer OUTPUT (no {results.JOB_FILE}), cv RUN (no "
+                    f"cv.json) or finished train RUN (no model/model.json)")
 
-    rows = [row for row in history if isinstance(row.get("epoch"), (int, float))
-            and "train_loss" in row]
-    figure = Figure(figsize=(10, 6.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    loss_axis, iou_axis = figure.subplots(2, 1, sharex=True)
-    epochs = [row["epoch"] for row in rows]
-    if best_epoch is None:
-        scored = [row for row in rows if isinstance(row.get("val_n_iou"), (int, float))]
-        best_epoch = max(scored, key=lambda r: r["val_n_iou"])["epoch"] if scored else None
-    loss_axis.plot(epochs, [row["train_loss"] for row in rows], marker=".", color="tab:red",
-                   label="training loss")
-    loss_axis.set_ylabel("loss")
-    for key, label, colour in (("val_n_iou", "validation n_IoU (pooled)", "tab:green"),
-                               ("val_n_iou_per_image", "validation n_IoU per image",
-                                "tab:blue")):
-        points = [(row["epoch"], row[key]) for row in rows
-                  if isinstance(row.get(key), (int, float))]
-        if points:
-            iou_axis.plot(*zip(*points), marker=".", color=colour, label=label)
-    iou_axis.set_ylabel("IoU")
-    iou_axis.set_ylim(0, 1)  # the same scale for every run, so two runs' curves compare
-    iou_axis.set_xlabel("epoch")
-    iou_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if best_epoch is not None:
-        for axis in (loss_axis, iou_axis):
-            axis.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1,
-                         label=f"best epoch ({best_epoch})" if axis is iou_axis else None)
-    for axis in (loss_axis, iou_axis):
-        axis.grid(True, alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            # beside the plot area, so the legend never hides a line
-            axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
-                        fontsize="small")
-    loss_axis.set_title("training")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+
+def write_at_end(folder: str, queue_size: int = REVIEW_SIZE) -> str:
+    """The report a job writes as it ends, or why it could not: the job's outputs are complete
+    and committed by then, and `raythyroid report FOLDER` can write the page again."""
+    try:
+        return write(folder, queue_size)
+    except Exception as exc:
+        return (f"not written ({storage.describe_error(exc)}); `raythyroid report {folder}` "
+                f"writes it")
+
+
+def write_infer(output: str, queue_size: int = REVIEW_SIZE) -> str:
+    """OUTPUT/report/index.html and its pictures; returns the page's URI."""
+    output = storage.normalize(output)
+    folder = storage.join(output, results.REPORT)
+    _clear(folder)
+    table = results.read_results(output, ["key", "status", "error", "n_components", "area_px",
+                                          "area_mm2", "aspect_ratio", "confidence", "iou"])
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    labelled = ok.filter(pc.is_valid(ok.column("iou")))
+    kept = results.read_review(output)
+    parts = [_run_section(output, table)]
+    if labelled.num_rows:
+        parts.append(_metrics_section(output, ok, labelled, queue_size))
+    parts.append(_queue_section(folder, "review queue: the least confident frames",
+                                "review-queue", _least(ok, "confidence", queue_size), kept,
+                                "queue"))
+    if labelled.num_rows:
+        parts.append(_queue_section(folder, "the worst frames by IoU", "worst-iou",
+                                    _least(labelled, "iou", queue_size), kept, "worst"))
+    parts.append(_distributions_section(folder, ok, labelled))
+    parts.append(_problems_section(table))
+    return _write_page(folder, "raythyroid infer report", parts)
+
+
+# ---------------------------------------------------------------- infer sections
+
+def _run_section(output: str, table: pa.Table) -> str:
+    job = _read_json(storage.join(output, results.JOB_FILE)) or {}
+    done = _read_json(storage.join(output, results.SUCCESS))
+    status = table.column("status")
+    counts = {name: int(pc.sum(pc.equal(status, name)).as_py() or 0)
+              for name in ("ok", "error", "skipped")}
+    rows = [("input", job.get("input")), ("labels", job.get("labels")),
+            ("model", job.get("model")), ("model's record", (done or {}).get("model_card"))]
+    if job.get("fast"):
+        rows.append(("inference", "--fast: one model, no TTA"))
+    if done:
+        seconds = done.get("seconds") or 0
+        processed = done.get("processed", done.get("images"))
+        rows += [("started", done.get("started")), ("duration", _duration(seconds)),
+                 ("images/s", f"{processed / seconds:.2f} ({processed:,} frames this run)"
+                  if seconds and processed is not None else None)]
+    else:
+        rows.append(("state", "not finished (no _SUCCESS): the rows committed so far"))
+    rows += [("frames", f"{table.num_rows:,}: {counts['ok']:,} ok, {counts['error']:,} "
+                        f"error, {counts['skipped']:,} skipped (not images)")]
+    return "<h2>the run</h2>" + _table([(name, value) for name, value in rows
+                                        if value is not None])
+
+
+def _metrics_section(output: str, ok: pa.Table, labelled: pa.Table, queue_size: int) -> str:
+    scores = _read_json(storage.join(output, results.METRICS)) or {}
+    header = [name for name, _ in metrics.TABLE_COLUMNS]
+    values = [_number(scores.get(key)) for _, key in metrics.TABLE_COLUMNS]
+    caught = review_catch(labelled, queue_size)
+    lines = [f"<h2>against the labels ({labelled.num_rows:,} frames)</h2>",
+             _table([values], header, numeric=True),
+             f"<p id=\"queue-catch\">The least confident quarter ({caught['quarter']:,} frames) "
+             f"holds {caught['in_quarter']:,} of the {caught['failures']:,} failures "
+             f"(IoU &lt; {FAILURE_IOU}); the queue's first {caught['shown']} frames hold "
+             f"{caught['in_queue']:,}.</p>"]
+    if ok.num_rows > labelled.num_rows:
+        lines.append(f"<p class=\"note\">{ok.num_rows - labelled.num_rows:,} frames had no "
+                     f"label and are not scored.</p>")
+    return "\n".join(lines)
+
+
+def review_catch(labelled: pa.Table, queue_size: int = REVIEW_SIZE) -> dict:
+    """How many failures (IoU < FAILURE_IOU) the least confident quarter and the queue hold."""
+    order = pc.sort_indices(labelled, sort_keys=[("confidence", "ascending"),
+                                                 ("key", "ascending")])
+    failed = pc.less(labelled.column("iou"), FAILURE_IOU).to_numpy(zero_copy_only=False)
+    ordered = failed[order.to_numpy()]
+    quarter = max(1, int(round(len(ordered) / 4))) if len(ordered) else 0
+    shown = min(queue_size, len(ordered))
+    return {"failures": int(failed.sum()), "quarter": quarter,
+            "in_quarter": int(ordered[:quarter].sum()), "shown": shown,
+            "in_queue": int(ordered[:shown].sum())}
+
+
+def _least(table: pa.Table, column: str, count: int) -> pa.Table:
+    """The `count` rows lowest in `column`, ties by key: the order the queue is shown in."""
+    order = pc.sort_indices(table, sort_keys=[(column, "ascending"), ("key", "ascending")])
+    return table.take(order[:count])
+
+
+def _queue_section(folder: str, title: str, anchor: str, chosen: pa.Table, kept: pa.Table,
+                   images: str) -> str:
+    """The chosen frames in order, each with its overlay where a block kept one."""
+    by_key = {}
+    if kept.num_rows:
+        wanted = kept.filter(pc.is_in(kept.column("key"), value_set=chosen.column("key")))
+        by_key = {row["key"]: row["thumbnail"] for row in wanted.to_pylist()}
+    cells = []
+    for rank, row in enumerate(chosen.to_pylist(), 1):
+        picture = "<div class=\"note\">no overlay kept</div>"
+        if row["key"] in by_key:
+            name = f"{images}/{rank:03d}.jpg"
+            storage.write_bytes(storage.join(folder, name), by_key[row["key"]])
+            picture = f"<img src=\"{name}\" alt=\"overlay of {html.escape(row['key'])}\">"
+        facts = [f"confidence {row['confidence']:.3f}"]
+        if row.get("iou") is not None:
+            facts.append(f"IoU {row['iou']:.3f}")
+        facts.append(_area(row))
+        cells.append(f"<figure data-key=\"{html.escape(row['key'])}\" data-rank=\"{rank}\">"
+                     f"{picture}<figcaption><b>{html.escape(row['key'])}</b><br>"
+                     f"{' · '.join(facts)}</figcaption></figure>")
+    legend = ("red: the model's outline; green: the label's" if anchor == "worst-iou"
+              else "red: the model's outline, on the frame the model saw (desensitized, "
+                   "cropped, equalised)")
+    body = "\n".join(cells) or "<p>no frame</p>"
+    return (f"<h2 id=\"{anchor}-title\">{title}</h2><p class=\"note\">{legend}</p>"
+            f"<div class=\"grid\" id=\"{anchor}\">\n{body}\n</div>")
+
+
+def _distributions_section(folder: str, ok: pa.Table, labelled: pa.Table) -> str:
+    def values(column: str) -> np.ndarray:
+        return ok.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    area_mm2, area_px = values("area_mm2"), values("area_px")
+    with_nodule = area_px > 0
+    calibrated = np.isfinite(area_mm2) & with_nodule
+    # one unit per picture: mm² when every frame with a nodule is calibrated
+    if with_nodule.any() and calibrated.sum() == with_nodule.sum():
+        area, unit = area_mm2[calibrated], "mm²"
+    else:
+        area, unit = area_px[with_nodule], "px (frames without a pixel spacing)"
+    storage.write_bytes(storage.join(folder, "distributions.png"), figures.distributions(
+        area, unit, values("aspect_ratio"), values("confidence"), values("n_components")))
+    parts = ["<h2>what the run found</h2>",
+             "<img class=\"plot\" src=\"distributions.png\" alt=\"distributions of nodule area, "
+             "aspect ratio, confidence and components per frame\">"]
+    if labelled.num_rows:
+        iou = labelled.column("iou").to_numpy(zero_copy_only=False).astype(np.float64)
+        storage.write_bytes(storage.join(folder, "iou.png"),
+                            figures.iou_histogram(iou, FAILURE_IOU))
+        parts.append("<img class=\"plot\" src=\"iou.png\" alt=\"histogram of IoU per frame\">")
+    return "\n".join(parts)
+
+
+def _problems_section(table: pa.Table) -> str:
+    """Errors and skips by reason, most frequent first, one example key each."""
+    problems = table.filter(pc.not_equal(table.column("status"), "ok"))
+    if not problems.num_rows:
+        return "<h2>errors and skips</h2><p>none</p>"
+    grouped = problems.group_by(["status", "error"]).aggregate([("key", "count"),
+                                                               ("key", "min")])
+    grouped = grouped.take(pc.sort_indices(grouped, sort_keys=[("key_count", "descending"),
+                                                               ("error", "ascending")]))
+    rows = [(r["status"], r["error"] or "", f"{r['key_count']:,}", r["key_min"])
+            for r in grouped.slice(0, REASONS_SHOWN).to_pylist()]
+    more = grouped.num_rows - len(rows)
+    note = (f"<p class=\"note\">{more:,} other reasons, "
+            f"{int(pc.sum(grouped.column('key_count').slice(len(rows))).as_py()):,} frames: "
+            f"the results table has every one</p>" if more > 0 else "")
+    return ("<h2>errors and skips</h2>" + _table(rows, ["status", "reason", "frames",
+                                                         "example key"]) + note)
+
+
+# ---------------------------------------------------------------- train and cv
+
+WORST_VALIDATION = 12
+
+
+def write_train(run_uri: str) -> str:
+    """RUN/report/index.html: curves, validation and test tables, the chosen inference and
+    every variant's validation score, and the worst validation frames."""
+    run_uri = storage.normalize(run_uri)
+    folder = storage.join(run_uri, results.REPORT)
+    _clear(folder)
+    meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
+    training = meta.get("training") or {}
+    history = _read_lines(storage.join(run_uri, "history.jsonl"))
+    storage.write_bytes(storage.join(folder, "curves.png"),
+                        figures.curves(history, training.get("best_epoch")))
+    test = _read_json(storage.join(run_uri, "metrics.json")) or {}
+    facts = [("data", (meta.get("data") or {}).get("uri")),
+             ("epochs", f"{training.get('epochs_run')} run, best {training.get('best_epoch')}"),
+             ("workers", training.get("workers")),
+             ("recipe", ", ".join(f"{k}={v}" for k, v in (training.get("config") or {}).items()
+                                  if v is not None))]
+    sections = ["<h2>the run</h2>" + _table([f for f in facts if f[1] is not None]),
+                "<h2>learning curves</h2><img class=\"plot\" src=\"curves.png\" "
+                "alt=\"training loss and validation IoU by epoch\">",
+                _scores_section([("validation, best epoch", training.get("best_val") or {}),
+                                 ("test split", test)]),
+                _variants_section(meta),
+                _worst_validation_section(run_uri, meta, folder)]
+    return _write_page(folder, "raythyroid train report", sections)
+
+
+def write_cv(run_uri: str) -> str:
+    """RUN/report/index.html of a cross-validation: the per-fold table, mean and spread, each
+    fold's validation curve, and the ensemble's chosen inference."""
+    run_uri = storage.normalize(run_uri)
+    folder = storage.join(run_uri, results.REPORT)
+    _clear(folder)
+    summary = json.loads(storage.read_text(storage.join(run_uri, "cv.json")))
+    rows = []
+    for fold in summary["folds"]:
+        rows.append([fold["fold"], fold.get("val_images"), fold.get("epochs"),
+                     fold.get("best_epoch")] + [_number(fold[when].get(key))
+                                                for when in ("last", "best")
+                                                for key in ("n_iou", "n_iou_per_image", "dice")])
+    for name, pick in (("mean", "mean"), ("spread (sd)", "std")):
+        rows.append([name, "", "", ""] + [_number(summary.get(f"{when}_{key}_{pick}"))
+                                          for when in ("last", "best")
+                                          for key in ("n_iou", "n_iou_per_image", "dice")])
+    header = ["fold", "val frames", "epochs", "best epoch", "last n_IoU", "last n_IoU/img",
+              "last Dice", "best n_IoU", "best n_IoU/img", "best Dice"]
+    histories = {f"fold {fold['fold']}": _read_lines(storage.join(
+        run_uri, f"fold-{fold['fold']}", "history.jsonl")) for fold in summary["folds"]}
+    storage.write_bytes(storage.join(folder, "folds.png"), figures.fold_curves(histories))
+    sections = [f"<h2>{summary['k']}-fold cross-validation</h2>"
+                f"<p class=\"note\">data: {html.escape(str(summary.get('data')))}; each fold "
+                f"validates on cases no other fold has; last: the fold's final epoch (no "
+                f"selection on the fold itself), best: its best epoch</p>"
+                + _table(rows, header),
+                "<img class=\"plot\" src=\"folds.png\" alt=\"validation n_IoU by epoch, one "
+                "line per fold\">"]
+    model_json = storage.join(run_uri, "model", "model.json")
+    if storage.exists(model_json):
+        sections.append(_variants_section(json.loads(storage.read_text(model_json))))
+    return _write_page(folder, "raythyroid cv report", sections)
+
+
+def _scores_section(named: list[tuple[str, dict]]) -> str:
+    header = ["split"] + [name for name, _ in metrics.TABLE_COLUMNS] + ["frames"]
+    rows = [[name] + [_number(scores.get(key)) for _, key in metrics.TABLE_COLUMNS]
+            + [scores.get("images", "")] for name, scores in named if scores]
+    return "<h2>scores</h2>" + _table(rows, header)
+
+
+def _variants_section(meta: dict) -> str:
+    """The inference the model ships with and why: every variant's validation score."""
+    variants = (meta.get("training") or {}).get("inference_variants") or []
+    chosen = {"tta": meta.get("tta"), "threshold": meta.get("threshold"),
+              "keep_largest": (meta.get("postprocess") or {}).get("keep_largest", 0)}
+    lines = [f"<h2>inference</h2><p>chosen on validation: TTA {chosen['tta']}, threshold "
+             f"{chosen['threshold']}, components kept {chosen['keep_largest'] or 'all'}</p>"]
+    if variants:
+        rows = [["chosen" if all(v.get(k) == chosen[k] for k in chosen) else "", v.get("tta"),
+                 v.get("threshold"), v.get("keep_largest") or "all",
+                 _number(v.get("val_n_iou")), _number(v.get("val_n_iou_per_image"))]
+                for v in sorted(variants, key=lambda v: -(v.get("val_n_iou") or 0))]
+        lines.append(_table(rows, ["", "TTA", "threshold", "components kept",
+                                   "val n_IoU", "val n_IoU/img"]))
+    return "\n".join(lines)
+
+
+def _worst_validation_section(run_uri: str, meta: dict, folder: str) -> str:
+    """The validation frames the shipped model does worst on, redrawn from the prepared data
+    with the chosen inference (label green, prediction red)."""
+    try:
+        worst = _validation_scores(run_uri, meta)[:WORST_VALIDATION]
+    except Exception as exc:  # the data moved or is unreadable: the rest of the page stands
+        return (f"<h2>the worst validation frames</h2><p class=\"note\">not drawn: "
+                f"{html.escape(storage.describe_error(exc))}</p>")
+    cells = []
+    for rank, (iou, key, picture) in enumerate(worst, 1):
+        name = f"worst/{rank:03d}.jpg"
+        storage.write_bytes(storage.join(folder, name), picture)
+        cells.append(f"<figure data-key=\"{html.escape(key)}\"><img src=\"{name}\" "
+                     f"alt=\"overlay of {html.escape(key)}\"><figcaption><b>"
+                     f"{html.escape(key)}</b><br>IoU {iou:.3f}</figcaption></figure>")
+    return ("<h2>the worst validation frames</h2><p class=\"note\">red: the model's outline; "
+            "green: the label's</p><div class=\"grid\" id=\"worst-validation\">"
+            + "\n".join(cells) + "</div>")
+
+
+def _validation_scores(run_uri: str, meta: dict) -> list[tuple[float, str, bytes]]:
+    """(IoU in original geometry, key, overlay) of every validation frame, worst first."""
+    import torch
+
+    from . import imaging, model, postprocess, shards
+
+    data = meta["data"]["uri"]
+    rows = shards.read_rows(data, shards.read_manifest(data), "val",
+                            ["key", "image", "geometry", "full_mask"])
+    net, _ = model.load(storage.join(run_uri, "model"))
+    post = postprocess.PostConfig.from_model(meta)
+    scored = []
+    for start in range(0, len(rows), 16):
+        part = rows[start:start + 16]
+        images = np.stack([imaging.decode_png(r["image"]) for r in part])
+        with torch.no_grad():
+            prob = model.nodule_probability(net, torch.from_numpy(images), torch.device("cpu"),
+                                            flip_tta=bool(meta.get("tta"))).numpy()
+        for row, image, p in zip(part, images, prob):
+            geometry = imaging.Geometry.from_dict(row["geometry"])
+            mask = postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)
+            label = imaging.decode_png(row["full_mask"]) > 0
+            counts = metrics.counts(label, mask)
+            iou = metrics.image_iou(counts["tp"], counts["fp"], counts["fn"])
+            scored.append((iou, row["key"], figures.thumbnail(
+                image, geometry.to_model(mask), geometry.to_model(label))))
+    return sorted(scored, key=lambda s: (s[0], s[1]))
+
+
+# ---------------------------------------------------------------- page helpers
+
+def _write_page(folder: str, title: str, sections: list[str]) -> str:
+    made = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+            f"<h1>{html.escape(title)}</h1><p class=\"note\">written {made}</p>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+    uri = storage.join(folder, INDEX)
+    storage.write_bytes(uri, page.encode("utf-8"))
+    return uri
+
+
+def _table(rows, header: list[str] | None = None, numeric: bool = False) -> str:
+    head = ("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            if header else "")
+    cell = "<td class=\"n\">{}</td>" if numeric else "<td>{}</td>"
+    body = "".join("<tr>" + "".join(cell.format(html.escape(str(v))) for v in row) + "</tr>"
+                   for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _clear(folder: str) -> None:
+    """A rebuilt report holds only what this build wrote (a smaller queue leaves no strays)."""
+    for uri in storage.list_files(folder):
+        storage.delete(uri)
+
+
+def _read_lines(uri: str) -> list[dict]:
+    try:
+        return [json.loads(line) for line in storage.read_text(uri).splitlines() if line]
+    except FileNotFoundError:
+        return []
+
+
+def _read_json(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_text(uri))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _area(row: dict) -> str:
+    if row.get("area_mm2") is not None:
+        return f"{row['area_mm2']:.1f} mm²"
+    return f"{row['area_px']:,} px" if row.get("area_px") else "no nodule"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s"

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import pyarrow as pa
 
-from . import imaging, losses, metrics, runtime, shards, storage, telemetry
+from . import imaging, losses, metrics, report, runtime, shards, storage, telemetry
 from .errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -693,6 +693,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
         f"{chosen['postprocess']['keep_largest']} (chosen on validation); model in "
         f"{storage.join(run_uri, 'model')}")
     log(metrics.table(test_metrics, "test split, best model"))
+    log(f"train: report: {report.write_at_end(run_uri)}")
     return test_metrics
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from raythyroid import infer, phantom, storage, train
+from raythyroid import phantom, results, storage, train
 
 
 FRAMES = 40
@@ -28,7 +28,7 @@ def infer_outputs(output: str) -> tuple[dict, dict, dict]:
     """(rows by key without the node, mask bytes by name, metrics) of an infer OUTPUT: what two
     runs of one archive must agree on, bit for bit."""
     rows = {r["key"]: {k: v for k, v in r.items() if k != "node_id"}
-            for r in infer.read_results(output).to_pylist()}
+            for r in results.read_results(output).to_pylist()}
     masks = {uri.rsplit("/masks/", 1)[1]: storage.read_bytes(uri)
              for uri in storage.list_files(storage.join(output, "masks"))}
     return rows, masks, json.loads(storage.read_text(storage.join(output, "metrics.json")))

@@ -407,3 +407,28 @@ def make_dicom_with_corrupt_frame(frames, corrupt_index: int) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every page test, driven by Selenium through Debian's
+    chromedriver (no driver download: the machine may be offline)."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no chromium and chromedriver: `make test` installs Debian's chromium and "
+                    "chromium-driver when it runs as root")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # as root Chromium needs --no-sandbox; a tall window shows whole pages in one screenshot
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,3000"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(options=options,
+                               service=webdriver.ChromeService(executable_path=driver))
+    session.set_page_load_timeout(60)
+    yield session
+    session.quit()

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raythyroid import imaging, infer, phantom, storage
+from raythyroid import imaging, infer, phantom, results, storage
 
 from conftest import (INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom,
                       make_dicom_with_corrupt_frame, run_cli)
@@ -77,7 +77,7 @@ def test_infer_corpus_every_bad_kind_is_a_specific_error_row(s3, trained_run):
         proxy.stop()
     assert result.returncode == 0, result.stderr[-3000:]
     assert proxy.counts["denied"] >= 1
-    rows = {r["key"]: r for r in infer.read_results(output).to_pylist()}
+    rows = {r["key"]: r for r in results.read_results(output).to_pylist()}
     expected_errors = {
         "empty": "empty file (0 bytes)",
         "truncated": None,  # truncated.png and truncated.jpg share the key: see dup below
@@ -176,7 +176,7 @@ def test_hostile_names_stay_inside_output(s3, trained_run):
     summary = infer.run(storage.join(run_uri, "model"), storage.join(bucket, "in"), output,
                         log=lambda *_: None)
     assert summary["rows"] == len(names) and summary["errors"] == 0
-    keys = [r["key"] for r in infer.read_results(output).to_pylist()]
+    keys = [r["key"] for r in results.read_results(output).to_pylist()]
     for key in keys:
         assert ".." not in key.split("/") and not key.startswith("/") and len(key) <= 180
     written = storage.list_files(bucket[:])

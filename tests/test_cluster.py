@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raythyroid import infer, model, shards, storage, train
+from raythyroid import model, results, shards, storage, train
 
 from cluster_jobs import (BATCH_SIZE, EMA, EPOCHS, FRAMES, WORKERS, cluster_processes,
                           infer_outputs, run_pipeline, wait_for)
@@ -69,7 +69,7 @@ def test_preprocess_train_infer_through_the_jobs_api_on_three_nodes(cluster_pipe
     assert set(json.loads(storage.read_text(storage.join(pipeline.run, "metrics.json")))) \
         >= {"n_iou"}
 
-    rows = infer.read_results(pipeline.predictions).to_pylist()
+    rows = results.read_results(pipeline.predictions).to_pylist()
     assert len(rows) == FRAMES and all(r["status"] == "ok" for r in rows)
     assert storage.exists(storage.join(pipeline.predictions, "_SUCCESS"))
     assert storage.exists(storage.join(pipeline.predictions, "metrics.json"))

@@ -38,6 +38,9 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
         assert storage.exists(f"{run_uri}/fold-{k}/model/model.json")
     assert "n_IoU" in cv.table(summary)
     check_fold_ensemble(run_uri, prepared, folds=2)
+    page = storage.read_text(f"{run_uri}/report/index.html")  # the per-fold table and spread
+    assert page.count("<tr><td>") >= 2 + 2 and "spread (sd)" in page and "chosen" in page
+    assert storage.read_bytes(f"{run_uri}/report/folds.png").startswith(b"\x89PNG")
 
     # a rerun trains only the folds that did not finish
     os.remove(f"{run_uri}/fold-1/fold.json")

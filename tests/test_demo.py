@@ -14,7 +14,11 @@ def test_demo_runs_to_the_end_and_writes_the_report(ray_local, tmp_path):
     assert "n_IoU" in text and "demo: done" in text
     assert set(result["metrics"]) >= {"n_iou", "n_iou_per_image", "hist"}
     assert result["metrics"]["images"] > 0
-    for name in ("overlays.png", "curves.png"):
-        data = storage.read_bytes(f"{result['report']}/{name}")
-        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    assert result["reports"]["infer"] in text and result["reports"]["train"] in text
+    infer_page = storage.read_text(result["reports"]["infer"])
+    assert 'id="review-queue"' in infer_page and "against the labels" in infer_page
+    train_page = storage.read_text(result["reports"]["train"])
+    assert 'src="curves.png"' in train_page and 'id="worst-validation"' in train_page
+    curves = storage.read_bytes(result["reports"]["train"].replace("index.html", "curves.png"))
+    assert curves.startswith(b"\x89PNG") and len(curves) > 10_000
     assert [h["epoch"] for h in result["history"]] == [1, 2]

@@ -217,6 +217,7 @@ def test_infer_dicom_archive_masks_seg_and_skipped(dicom_corpus, ddti, trained_r
     import pydicom
 
     from raythyroid import infer
+    from raythyroid import results as infer_results
 
     jpegs, files = dicom_corpus
     archive, labels, output = tmp_path / "archive", tmp_path / "labels", tmp_path / "out"
@@ -248,7 +249,7 @@ def test_infer_dicom_archive_masks_seg_and_skipped(dicom_corpus, ddti, trained_r
                         options=infer.InferOptions(batch_size=8, dicom_seg=True,
                                                    max_error_rate=0.0),
                         log=lambda *_: None)
-    rows = {r["key"]: r for r in infer.read_results(str(output)).to_pylist()}
+    rows = {r["key"]: r for r in infer_results.read_results(str(output)).to_pylist()}
     errors = {k: r["error"] for k, r in rows.items() if r["status"] == "error"}
     # a broken DICOM: its good frames go through, each bad one is an error row saying why
     assert errors == {

@@ -9,7 +9,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from raythyroid import infer, model, phantom, shards, storage
+from raythyroid import infer, model, phantom, results, shards, storage
 
 from cluster_jobs import infer_outputs, wait_for
 from conftest import ROOT, run_cli
@@ -69,18 +69,18 @@ def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
     (the nightly infer died summarising its results)."""
     output = storage.join(s3.bucket("sustained"), "out")
     for i in range(30):
-        row = {name: [None] for name in infer.RESULT_SCHEMA.names}
+        row = {name: [None] for name in results.RESULT_SCHEMA.names}
         row.update(key=[f"case-{i:02d}"], source_uri=[f"s3://archive/{i}.png"], status=["ok"])
-        storage.write_parquet(storage.join(output, infer.RESULTS, f"part-{i:03d}.parquet"),
-                              pa.table(row, schema=infer.RESULT_SCHEMA))
-    uris = storage.list_files(storage.join(output, infer.RESULTS))
-    clean = infer.read_results(output).sort_by("key")
+        storage.write_parquet(storage.join(output, results.RESULTS, f"part-{i:03d}.parquet"),
+                              pa.table(row, schema=results.RESULT_SCHEMA))
+    uris = storage.list_files(storage.join(output, results.RESULTS))
+    clean = results.read_results(output).sort_by("key")
     objects = {uri: storage.read_bytes(uri) for uri in uris}
     proxy = FaultyS3Proxy(s3.url, seed=3, fault_rate=0.3, cut_rate=0.1)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     try:
         for _ in range(6):
-            assert infer.read_results(output).sort_by("key").equals(clean)
+            assert results.read_results(output).sort_by("key").equals(clean)
         assert {uri: storage.read_bytes(uri) for uri in uris} == objects
     finally:
         proxy.stop()

@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raythyroid import imaging, infer, phantom, storage
+from raythyroid import imaging, infer, phantom, results, storage
 
 from conftest import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
                       make_dicom, ray_processes, run_cli, start_cli)
 
 
 def results_rows(output):
-    return infer.read_results(output).to_pylist()
+    return results.read_results(output).to_pylist()
 
 
 def all_output_bytes(output):
@@ -161,6 +161,12 @@ def test_ctrl_c_stops_and_the_rerun_resumes_exactly_once_with_identical_metrics(
     resumed_metrics = json.loads(storage.read_text(f"{resumed}/metrics.json"))
     clean_metrics = json.loads(storage.read_text(f"{clean}/metrics.json"))
     assert resumed_metrics == clean_metrics
+    # the report's review queue spans both runs: the least confident of all 120, each drawn
+    queue = re.findall(r'<figure data-key="([^"]+)" data-rank="\d+"><img ',
+                       storage.read_text(f"{resumed}/report/index.html").split(
+                           'id="worst-iou"')[0])
+    assert queue == [r["key"] for r in sorted(rows, key=lambda r: (r["confidence"], r["key"]))
+                     ][:24]
 
 
 @pytest.mark.timeout(900)
@@ -244,18 +250,18 @@ def test_max_error_rate_turns_errors_into_exit_3(trained_run, tmp_path):
 
 def test_compaction_keeps_each_key_once(tmp_path):
     output = str(tmp_path)
-    row = {n: None for n in infer.RESULT_SCHEMA.names}
+    row = {n: None for n in results.RESULT_SCHEMA.names}
 
     def write(*keys):
-        infer.write_results(output, pa.Table.from_pylist(
+        results.write_results(output, pa.Table.from_pylist(
             [dict(row, key=k, source_uri=f"s/{k}", status="ok") for k in keys],
-            schema=infer.RESULT_SCHEMA))
+            schema=results.RESULT_SCHEMA))
 
     write("a", "b")
     write("b", "c")
     write("a")
     assert infer.compact_results(output) == 2
-    keys = infer.read_results(output, ["key"]).column("key").to_pylist()
+    keys = results.read_results(output, ["key"]).column("key").to_pylist()
     assert sorted(keys) == ["a", "b", "c"]
     assert len(storage.list_files(f"{output}/results")) == 2
 

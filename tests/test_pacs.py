@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from raythyroid import dicom, dicomweb, infer
+from raythyroid import dicom, dicomweb, infer, results
 
 import dicom_corpus as corpus
 import pacs as pacs_lib
@@ -57,7 +57,7 @@ def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, 
 
     first = run_cli(*command)
     assert first.returncode == 0, first.stderr[-3000:]
-    rows = infer.read_results(str(output)).to_pylist()
+    rows = results.read_results(str(output)).to_pylist()
     frames = sum(int(dicom.read_dataset(d, True).get("NumberOfFrames", 1)) for d in
                  sources.values())
     assert len(rows) == frames and all(r["status"] == "ok" for r in rows), rows
@@ -94,7 +94,7 @@ def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, 
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"{len(sources)} already done, 1 to process" in third.stdout
     assert len(pacs.instances("SEG")) == len(sources) + 1
-    assert len(infer.read_results(str(output))) == frames + 1
+    assert len(results.read_results(str(output))) == frames + 1
 
     # identifiers stay in the PACS: none in any output, log or job record; no credential either
     job = json.loads((output / "_JOB.json").read_text())

@@ -1,0 +1,109 @@
+"""The infer output contract: its folders, the results table, and the review sidecars.
+
+A results file is the commit record of one block of inputs, named after the keys it holds, so a
+retried block writes the same name again. Its review sidecar (review/, same name, written just
+before it) holds small overlays of the block's frames most worth a person's eye, so the report
+never has to read the archive again. Readers here go by columns: a million rows in seconds.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import pyarrow as pa
+
+from . import storage
+
+RESULTS = "results"
+MASKS = "masks"
+REVIEW = "review"
+REPORT = "report"
+DICOM_SEG = "dicom-seg"
+SUCCESS = "_SUCCESS"  # the last run's record, written once every input has a row
+JOB_FILE = "_JOB.json"  # the INPUT, MODEL and LABELS whose results OUTPUT holds
+METRICS = "metrics.json"
+FILES_PER_READ = 1000
+
+RESULT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source_uri", pa.string()), ("frame", pa.int32()),
+    ("status", pa.string()), ("error", pa.string()),
+    ("nodule", pa.bool_()), ("n_components", pa.int32()), ("area_px", pa.int64()),
+    ("area_mm2", pa.float64()), ("bbox_x", pa.int32()), ("bbox_y", pa.int32()),
+    ("bbox_w", pa.int32()), ("bbox_h", pa.int32()), ("aspect_ratio", pa.float64()),
+    ("confidence", pa.float64()), ("height", pa.int32()), ("width", pa.int32()),
+    ("node_id", pa.string()),
+    ("tp", pa.int64()), ("fp", pa.int64()), ("fn", pa.int64()), ("tn", pa.int64()),
+    ("iou", pa.float64()), ("dice", pa.float64()),
+    # DICOM sources: where the frame is in the archive (UIDs only, never who it shows), and
+    # the SOP Instance UID of the SEG written (and stored, with --stow) for it
+    ("study_uid", pa.string()), ("series_uid", pa.string()), ("sop_uid", pa.string()),
+    ("seg_uid", pa.string()),
+])
+
+# one row per frame a block kept for review: its overlay (JPEG) and what orders the queues
+REVIEW_SCHEMA = pa.schema([
+    ("key", pa.string()), ("confidence", pa.float64()), ("iou", pa.float64()),
+    ("area_px", pa.int64()), ("area_mm2", pa.float64()), ("thumbnail", pa.binary()),
+])
+
+
+def block_name(keys) -> str:
+    """The file name of the block holding these keys: the same block always gets one name."""
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+    return f"part-{digest[:24]}.parquet"
+
+
+def write_results(output: str, table: pa.Table) -> None:
+    if table.num_rows:
+        storage.write_parquet(storage.join(
+            output, RESULTS, block_name(table.column("key").to_pylist())), table)
+
+
+def write_review(output: str, block_keys, table: pa.Table) -> None:
+    """A block's review rows, under the name of the results file that will commit them."""
+    if table.num_rows:
+        storage.write_parquet(storage.join(output, REVIEW, block_name(block_keys)), table)
+
+
+def read_results(output: str, columns: list[str] | None = None,
+                 with_files: bool = False) -> pa.Table:
+    """Every results file as one table, read by columns on a thread pool (pyarrow datasets);
+    `with_files` adds `__filename`, the file each row came from."""
+    return _read(output, RESULTS, RESULT_SCHEMA, columns, with_files)
+
+
+def read_review(output: str, columns: list[str] | None = None) -> pa.Table:
+    """Every review row of committed blocks (a sidecar whose results file never landed was
+    left by a block that failed: its frames are redone and kept again)."""
+    committed = {uri.rsplit("/", 1)[-1] for uri in
+                 storage.list_files(storage.join(output, RESULTS), (".parquet",))}
+    table = _read(output, REVIEW, REVIEW_SCHEMA, columns, with_files=True)
+    names = [name.rsplit("/", 1)[-1] for name in table.column("__filename").to_pylist()]
+    keep = pa.array([name in committed for name in names], pa.bool_())
+    return table.filter(keep).drop_columns(["__filename"])
+
+
+def _read(output: str, folder: str, schema: pa.Schema, columns: list[str] | None,
+          with_files: bool) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    uris = storage.list_files(storage.join(output, folder), (".parquet",))
+    wanted = list(columns or schema.names)
+    if not uris:
+        empty = pa.schema([schema.field(c) for c in wanted])
+        if with_files:
+            empty = empty.append(pa.field("__filename", pa.string()))
+        return empty.empty_table()
+    fs, _ = storage.filesystem(output)
+    paths = [storage.filesystem(u)[1] for u in uris]
+
+    # a thousand files at a time, each group made contiguous: one table of 15,000 tiny chunks
+    # holds several times its data in per-chunk buffers
+    def read_group(group: list[str]) -> pa.Table:
+        dataset = pads.dataset(group, filesystem=fs, format="parquet", schema=schema)
+        return dataset.to_table(
+            columns=wanted + (["__filename"] if with_files else [])).combine_chunks()
+
+    return pa.concat_tables([
+        storage.retry_transient(functools.partial(read_group, paths[i:i + FILES_PER_READ]))
+        for i in range(0, len(paths), FILES_PER_READ)])

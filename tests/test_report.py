@@ -1,0 +1,139 @@
+"""The morning-after reports, opened in a real browser (headless Chromium over file://, as a
+person opens a downloaded output folder), and the review queue they lead with."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from raythyroid import imaging, infer, phantom, report, results, storage
+
+from conftest import INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom, run_cli
+
+QUEUE = 5
+FRAMES = 18
+
+
+def rendered(browser, page) -> dict:
+    """What the browser made of the page: every image and each queue's keys in page order."""
+    browser.get(page.as_uri())
+    return browser.execute_script("""
+        const keys = id => Array.from(document.querySelectorAll('#' + id + ' figure'))
+                                .map(f => f.dataset.key);
+        return {images: Array.from(document.images).map(
+                    i => [i.getAttribute('src'), i.complete, i.naturalWidth]),
+                queue: keys('review-queue'), worst: keys('worst-iou'),
+                validation: keys('worst-validation'),
+                catch: (document.getElementById('queue-catch') || {}).textContent || '',
+                text: document.body.innerText};""")
+
+
+def download(prefix: str, folder) -> None:
+    for uri in storage.list_files(prefix):
+        target = folder / uri[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(uri))
+
+
+@pytest.fixture(scope="module")
+def labelled_run(trained_run, s3):
+    """A labelled infer run on S3 (the CLI, small blocks) over phantom PNGs and DICOM files
+    with made-up patient values; its OUTPUT."""
+    run_uri, _ = trained_run
+    bucket = s3.bucket("report")
+    archive, labels = storage.join(bucket, "archive"), storage.join(bucket, "labels")
+    for i, frame in enumerate(phantom.generate(FRAMES, seed=70, height=180, width=280)):
+        gray = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY)
+        name = f"case-{i:02d}"
+        data = make_dicom([gray]) if i % 6 == 0 else imaging.encode_png(frame.image)
+        storage.write_bytes(storage.join(archive, name + (".dcm" if i % 6 == 0 else ".png")),
+                            data)
+        storage.write_bytes(storage.join(labels, name + ".png"), imaging.encode_png(frame.mask))
+    storage.write_bytes(storage.join(archive, "broken.png"), b"\x89PNG\r\n\x1a\n truncated")
+    output = storage.join(bucket, "out")
+    done = run_cli("infer", storage.join(run_uri, "model"), archive, output, "--labels", labels,
+                   "--block-size", "4", "--review", str(QUEUE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report: " + storage.join(output, "report", "index.html") in done.stdout
+    return output
+
+
+@pytest.mark.timeout(600)
+def test_infer_report_in_a_browser(labelled_run, browser, tmp_path):
+    """Downloaded from S3 and opened over file://: every image loads, both queues hold the
+    expected frames in order, and the page says how many failures the queue catches."""
+    download(labelled_run, tmp_path / "out")
+    page = tmp_path / "out" / "report" / "index.html"
+    seen = rendered(browser, page)
+    browser.save_screenshot(str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+    assert seen["images"] and all(width > 0 for _, _, width in seen["images"]), seen["images"]
+    table = results.read_results(labelled_run)
+    ok = table.filter(pc.equal(table.column("status"), "ok")).to_pylist()
+    assert len(ok) == FRAMES
+    by_confidence = sorted(ok, key=lambda r: (r["confidence"], r["key"]))
+    by_iou = sorted(ok, key=lambda r: (r["iou"], r["key"]))
+    assert seen["queue"] == [r["key"] for r in by_confidence[:QUEUE]]
+    assert seen["worst"] == [r["key"] for r in by_iou[:QUEUE]]
+    assert len(seen["images"]) == 2 * QUEUE + 2  # overlays, distributions, IoU histogram
+
+    failures = [r["iou"] < report.FAILURE_IOU for r in by_confidence]
+    quarter = round(len(ok) / 4)
+    assert (f"The least confident quarter ({quarter} frames) holds {sum(failures[:quarter])} "
+            f"of the {sum(failures)} failures") in seen["catch"]
+    assert "broken" in seen["text"] and "error" in seen["text"]  # errors by reason
+    assert "images/s" in seen["text"] and "19 frames this run" in seen["text"]
+
+
+@pytest.mark.timeout(300)
+def test_no_patient_value_in_the_report_or_the_overlays(labelled_run):
+    forbidden = [PATIENT_NAME, PATIENT_ID, INSTITUTION, "Doe^Jane", "ACC-99"]
+    places = {uri: storage.read_bytes(uri)
+              for folder in (results.REPORT, results.REVIEW)
+              for uri in storage.list_files(storage.join(labelled_run, folder))}
+    assert any(p.endswith("index.html") for p in places) and \
+        any(f"/{results.REVIEW}/" in p for p in places)
+    for place, data in places.items():
+        for value in forbidden:
+            assert value.encode() not in data, f"{value!r} found in {place}"
+
+
+@pytest.mark.timeout(300)
+def test_report_command_rewrites_the_page_on_s3(labelled_run):
+    before = set(storage.list_files(storage.join(labelled_run, results.REPORT)))
+    done = run_cli("report", labelled_run, "--review", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = set(storage.list_files(storage.join(labelled_run, results.REPORT)))
+    assert {u.rsplit("/", 1)[-1] for u in after if "/queue/" in u} == {"001.jpg", "002.jpg"}
+    assert len(after) < len(before)  # no stale overlays of the longer queue
+
+
+def test_the_review_bar_keeps_every_queued_frame_and_few_others():
+    """Blocks of a long run keep an overlay only under the bar: every one of the run's lowest
+    values is kept, while an archive of 20,000 frames keeps a few hundred overlays."""
+    rng = np.random.default_rng(3)
+    values = rng.random(20_000)
+    bar = infer.ReviewBar(24)
+    kept = []
+    for start in range(0, len(values), 64):
+        block = values[start:start + 64]
+        limit = bar.offer({"confidence": sorted(block)[:24], "iou": []})["confidence"]
+        kept += sorted(v for v in block if v <= limit)[:24]
+    assert set(np.sort(values)[:24]) <= set(kept)
+    assert len(kept) < 800
+
+
+@pytest.mark.timeout(300)
+def test_train_report_in_a_browser(trained_run, browser):
+    run_uri, _ = trained_run
+    page = storage.join(run_uri, "report", "index.html")
+    assert os.path.exists(page)
+    seen = rendered(browser, __import__("pathlib").Path(page))
+    assert seen["images"] and all(width > 0 for _, _, width in seen["images"]), seen["images"]
+    meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
+    assert len(seen["validation"]) == min(report.WORST_VALIDATION,
+                                          meta["data"]["counts"]["val"])
+    assert "chosen" in seen["text"] and "test split" in seen["text"]
