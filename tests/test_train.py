@@ -145,7 +145,7 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
     run_uri = storage.join(s3.bucket("stopped"), "run")
     # three epochs under a 10-minute budget: the rerun always has epochs left to train, and
     # each epoch's elapsed seconds show which clock it ran on
-    args = ["train", prepared, run_uri, "--workers", "2", "--batch-size", "8",
+    args = ["train", prepared, run_uri, "--workers", "1", "--batch-size", "8",
             "--epochs", "3", "--time-limit", "10"]
     checkpoints_uri = storage.join(run_uri, train.CHECKPOINT_DIR)
 
