@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import record  # noqa: E402
-from results_bench import write_folder  # noqa: E402
+from results_bench import cached_folder  # noqa: E402
 
 
 def write_review_sidecars(output: str, size: int) -> int:
@@ -86,21 +85,14 @@ def main() -> None:
     if args.report:
         report_once(args.report)
         return
-    output = os.path.join(args.workdir, f"out-{args.rows}-{args.rows_per_file}")
-    if not os.path.exists(os.path.join(output, "_written")):
-        shutil.rmtree(output, ignore_errors=True)
-        started = time.time()
-        write_folder(output, args.rows, args.rows_per_file)
-        kept = write_review_sidecars(output, args.review)
+    def finish(output: str) -> str:
         with open(os.path.join(output, "_JOB.json"), "w") as f:
             json.dump({"input": "s3://bucket/archive", "labels": "s3://bucket/labels",
                        "model": "ddti (bundled)"}, f)
-        with open(os.path.join(output, "_written"), "w") as f:
-            f.write(str(kept))
-        print(f"wrote {args.rows} rows and {kept} overlays in {time.time() - started:.0f} s",
-              flush=True)
-    with open(os.path.join(output, "_written")) as f:
-        kept = int(f.read() or 0)
+        return str(write_review_sidecars(output, args.review))
+
+    output, kept = cached_folder(args.workdir, args.rows, args.rows_per_file, finish)
+    kept = int(kept)
     done = subprocess.run([sys.executable, __file__, "--report", output], check=True,
                           capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -63,6 +63,24 @@ def write_folder(output: str, rows: int, per_file: int) -> None:
         results.write_results(output, pa.table(columns, schema=results.RESULT_SCHEMA))
 
 
+def cached_folder(workdir: str, rows: int, per_file: int, finish=None) -> tuple[str, str]:
+    """(the synthetic results folder of these sizes, its note): written once and reused by
+    later runs; `finish(output)` adds what a bench needs beyond the results and returns the
+    note kept with them."""
+    output = os.path.join(workdir, f"out-{rows}-{per_file}")
+    marker = os.path.join(output, "_written")
+    if not os.path.exists(marker):
+        shutil.rmtree(output, ignore_errors=True)
+        started = time.time()
+        write_folder(output, rows, per_file)
+        note = finish(output) if finish else ""
+        with open(marker, "w") as f:
+            f.write(note)
+        print(f"wrote {rows} rows in {time.time() - started:.0f} s {note}", flush=True)
+    with open(marker) as f:
+        return output, f.read()
+
+
 def summarize_once(output: str) -> None:
     """In a fresh process, as the job's driver: the sources it expects, then summarize."""
     import pyarrow as pa
@@ -91,13 +109,7 @@ def main() -> None:
     if args.summarize:
         summarize_once(args.summarize)
         return
-    output = os.path.join(args.workdir, f"out-{args.rows}-{args.rows_per_file}")
-    if not os.path.exists(os.path.join(output, "_written")):
-        shutil.rmtree(output, ignore_errors=True)
-        started = time.time()
-        write_folder(output, args.rows, args.rows_per_file)
-        open(os.path.join(output, "_written"), "w").close()
-        print(f"wrote {args.rows} rows in {time.time() - started:.0f} s", flush=True)
+    output, _ = cached_folder(args.workdir, args.rows, args.rows_per_file)
     done = subprocess.run([sys.executable, __file__, "--summarize", output], check=True,
                           capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
