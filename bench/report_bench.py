@@ -43,11 +43,12 @@ def write_review_sidecars(output: str, size: int) -> int:
         block = storage.read_parquet(uri, ["key", "status", "confidence", "iou", "area_px",
                                            "area_mm2"])
         ok = block.filter(pc.equal(block.column("status"), "ok")).to_pylist()
-        bars = bar.offer({name: sorted(r[name] for r in ok)[:size]
-                          for name in ("confidence", "iou")})
-        chosen = {r["key"]: r for name in ("confidence", "iou")
-                  for r in sorted((r for r in ok if r[name] <= bars[name]),
-                                  key=lambda r: (r[name], r["key"]))[:size]}
+        ranked = {name: sorted(ok, key=lambda r: (r[name], r["key"]))[:size]
+                  for name in ("confidence", "iou")}
+        bars = bar.offer({name: [(r[name], r["key"]) for r in rows]
+                          for name, rows in ranked.items()})
+        chosen = {r["key"]: r for name, rows in ranked.items() for r in rows
+                  if bars[name] is None or (r[name], r["key"]) <= bars[name]}
         if chosen:
             rows = [dict(r, thumbnail=overlay) for r in chosen.values()]
             for row in rows:

@@ -346,6 +346,7 @@ def _report(args: argparse.Namespace) -> int:
     from . import report, storage
 
     storage.check_readable_root(args.folder)
+    storage.check_writable_root(args.folder)
     print(f"report: {report.write(args.folder, args.review)}")
     return 0
 

@@ -371,9 +371,11 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
             columns[name][i] = value
     if seg is not None:
         _segmentations(batch, columns, masks, output, seg)
+    kept = _review_rows(batch, columns, masks, label_masks, review) if review else None
+    # the lease is checked after the wait on the review bar, right before the commit
     if _current_run(output) == run_id:
-        if review is not None:
-            _keep_for_review(batch, columns, masks, label_masks, output, review)
+        if kept is not None:
+            results.write_review(output, columns["key"], kept)
         results.write_results(output, pa.Table.from_pydict(columns, schema=results.RESULT_SCHEMA))
     timer.__exit__(None, None, None)
     # else a newer run owns OUTPUT (this task outlived its driver): it redoes these sources,
@@ -409,7 +411,9 @@ def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, confi
 
 
 class ReviewBar:
-    """The lowest confidences (and IoUs) this run has met so far, `size` of each.
+    """The lowest confidences (and IoUs) this run has met so far, `size` of each, as
+    (value, key) pairs: a retried block offers the same frames again and they count once, and
+    ties are broken by key as the report's queue breaks them.
 
     A block keeps an overlay only for a frame at or under the bar: every frame of the final
     queue is kept (no frame below the run's `size`-th lowest can be above the bar of a subset),
@@ -418,34 +422,52 @@ class ReviewBar:
 
     def __init__(self, size: int):
         self.size = size
-        self.lowest: dict[str, list[float]] = {"confidence": [], "iou": []}
+        self.lowest: dict[str, dict[str, float]] = {"confidence": {}, "iou": {}}
 
-    def offer(self, values: dict[str, list[float]]) -> dict[str, float]:
+    def offer(self, values: dict[str, list[tuple[float, str]]]) -> dict[str, tuple | None]:
+        """Merge a block's (value, key) pairs; return each bar, None until `size` are known."""
         bars = {}
         for name, found in values.items():
-            merged = sorted(self.lowest[name] + list(found))[:self.size]
-            self.lowest[name] = merged
-            bars[name] = merged[-1] if len(merged) >= self.size else float("inf")
+            merged = dict(self.lowest[name], **{key: value for value, key in found})
+            kept = sorted((value, key) for key, value in merged.items())[:self.size]
+            self.lowest[name] = {key: value for value, key in kept}
+            bars[name] = tuple(kept[-1]) if len(kept) >= self.size else None
         return bars
 
 
-def _keep_for_review(batch: dict, columns: dict, masks: dict, label_masks: dict, output: str,
-                     review: dict) -> None:
-    """The block's frames under the run's bars, each as an overlay on the frame the model saw
-    (desensitized and cropped: no burned-in text, no header value) in the review sidecar."""
+def _review_bar(size: int):
+    """The run's ReviewBar, on the driver's node (it shares the driver's fate, not a worker
+    node's)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(ReviewBar).remote(size)
+
+
+def _review_rows(batch: dict, columns: dict, masks: dict, label_masks: dict, review: dict
+                 ) -> pa.Table | None:
+    """The block's frames under the run's bars, each with an overlay on the frame the model saw
+    (desensitized and cropped: no burned-in text, no header value): its review sidecar."""
     import ray
 
     size = review["size"]
-    scored = {"confidence": {i: columns["confidence"][i] for i in masks},
-              "iou": {i: columns["iou"][i] for i in label_masks}}
-    bars = ray.get(review["bar"].offer.remote(
-        {name: sorted(values.values())[:size] for name, values in scored.items()}))
+    scored = {name: sorted((columns[name][i], columns["key"][i], i) for i in frames)
+              for name, frames in (("confidence", masks), ("iou", label_masks))}
+    try:
+        bars = ray.get(review["bar"].offer.remote(
+            {name: [(v, key) for v, key, _ in ranked[:size]] for name, ranked in scored.items()}),
+            timeout=60)
+    except (ray.exceptions.RayError, TimeoutError):
+        # the bar is lost (its node died): keeping the block's lowest is still correct, only
+        # more than needed; the overlays must never cost a block its commit
+        bars = {name: None for name in scored}
     chosen: set[int] = set()
-    for name, values in scored.items():
-        under = sorted((v, columns["key"][i], i) for i, v in values.items() if v <= bars[name])
-        chosen.update(i for _, _, i in under[:size])
+    for name, ranked in scored.items():
+        bar = bars[name]
+        chosen.update(i for v, key, i in ranked[:size] if bar is None or (v, key) <= tuple(bar))
     if not chosen:
-        return
+        return None
     rows = []
     for i in sorted(chosen):
         geometry = Geometry.from_row(batch["geometry"][i])
@@ -456,8 +478,7 @@ def _keep_for_review(batch: dict, columns: dict, masks: dict, label_masks: dict,
                      "thumbnail": figures.thumbnail(
                          batch["image"][i], geometry.to_model(masks[i]),
                          None if label is None else geometry.to_model(label))})
-    results.write_review(output, columns["key"],
-                         pa.Table.from_pylist(rows, schema=results.REVIEW_SCHEMA))
+    return pa.Table.from_pylist(rows, schema=results.REVIEW_SCHEMA)
 
 
 def _segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], output: str,
@@ -631,9 +652,8 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                   for i in range(0, pending.num_rows, options.block_size)]
         cpus, threads = runtime.plan_workers(options.workers, options.gpu,
                                              options.cpus_per_worker)
-        review = ({"size": options.review,
-                   "bar": ray.remote(ReviewBar).options(num_cpus=0).remote(options.review)}
-                  if options.review > 0 else None)
+        review = {"size": options.review, "bar": _review_bar(options.review)} \
+            if options.review > 0 else None
         ds = (ray.data.from_arrow(blocks)
               .map_batches(read_and_prepare, fn_kwargs={"prep": prep.to_dict(),
                                                         "max_pixels": options.max_pixels,

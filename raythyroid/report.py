@@ -102,9 +102,9 @@ def _run_section(output: str, table: pa.Table) -> str:
         rows.append(("inference", "--fast: one model, no TTA"))
     if done:
         seconds = done.get("seconds") or 0
-        processed = done.get("processed", done.get("images"))
+        processed = done.get("processed")  # absent from the records of older versions
         rows += [("started", done.get("started")), ("duration", _duration(seconds)),
-                 ("images/s", f"{processed / seconds:.2f} ({processed:,} frames this run)"
+                 ("images/s", f"{processed / seconds:.2f} ({processed:,} inputs this run)"
                   if seconds and processed is not None else None)]
     else:
         rows.append(("state", "not finished (no _SUCCESS): the rows committed so far"))
@@ -115,12 +115,15 @@ def _run_section(output: str, table: pa.Table) -> str:
 
 
 def _metrics_section(output: str, ok: pa.Table, labelled: pa.Table, queue_size: int) -> str:
-    scores = _read_json(storage.join(output, results.METRICS)) or {}
+    # metrics.json belongs to the last finished run: a run under way has not written its own
+    finished = storage.exists(storage.join(output, results.SUCCESS))
+    scores = (_read_json(storage.join(output, results.METRICS)) if finished else None) or {}
     header = [name for name, _ in metrics.TABLE_COLUMNS]
     values = [_number(scores.get(key)) for _, key in metrics.TABLE_COLUMNS]
     caught = review_catch(labelled, queue_size)
     lines = [f"<h2>against the labels ({labelled.num_rows:,} frames)</h2>",
-             _table([values], header, numeric=True),
+             _table([values], header, numeric=True) if scores else
+             "<p class=\"note\">the pooled table comes when the run finishes</p>",
              f"<p id=\"queue-catch\">The least confident quarter ({caught['quarter']:,} frames) "
              f"holds {caught['in_quarter']:,} of the {caught['failures']:,} failures "
              f"(IoU &lt; {FAILURE_IOU}); the queue's first {caught['shown']} frames hold "
@@ -162,7 +165,7 @@ def _queue_section(folder: str, title: str, anchor: str, chosen: pa.Table, kept:
         picture = "<div class=\"note\">no overlay kept</div>"
         if row["key"] in by_key:
             name = f"{images}/{rank:03d}.jpg"
-            storage.write_bytes(storage.join(folder, name), by_key[row["key"]])
+            _put(folder, name, by_key[row["key"]])
             picture = f"<img src=\"{name}\" alt=\"overlay of {html.escape(row['key'])}\">"
         facts = [f"confidence {row['confidence']:.3f}"]
         if row.get("iou") is not None:
@@ -191,15 +194,14 @@ def _distributions_section(folder: str, ok: pa.Table, labelled: pa.Table) -> str
         area, unit = area_mm2[calibrated], "mm²"
     else:
         area, unit = area_px[with_nodule], "px (frames without a pixel spacing)"
-    storage.write_bytes(storage.join(folder, "distributions.png"), figures.distributions(
+    _put(folder, "distributions.png", figures.distributions(
         area, unit, values("aspect_ratio"), values("confidence"), values("n_components")))
     parts = ["<h2>what the run found</h2>",
              "<img class=\"plot\" src=\"distributions.png\" alt=\"distributions of nodule area, "
              "aspect ratio, confidence and components per frame\">"]
     if labelled.num_rows:
         iou = labelled.column("iou").to_numpy(zero_copy_only=False).astype(np.float64)
-        storage.write_bytes(storage.join(folder, "iou.png"),
-                            figures.iou_histogram(iou, FAILURE_IOU))
+        _put(folder, "iou.png", figures.iou_histogram(iou, FAILURE_IOU))
         parts.append("<img class=\"plot\" src=\"iou.png\" alt=\"histogram of IoU per frame\">")
     return "\n".join(parts)
 
@@ -237,8 +239,7 @@ def write_train(run_uri: str) -> str:
     meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
     training = meta.get("training") or {}
     history = _read_lines(storage.join(run_uri, "history.jsonl"))
-    storage.write_bytes(storage.join(folder, "curves.png"),
-                        figures.curves(history, training.get("best_epoch")))
+    _put(folder, "curves.png", figures.curves(history, training.get("best_epoch")))
     test = _read_json(storage.join(run_uri, "metrics.json")) or {}
     facts = [("data", (meta.get("data") or {}).get("uri")),
              ("epochs", f"{training.get('epochs_run')} run, best {training.get('best_epoch')}"),
@@ -276,8 +277,8 @@ def write_cv(run_uri: str) -> str:
               "last Dice", "best n_IoU", "best n_IoU/img", "best Dice"]
     histories = {f"fold {fold['fold']}": _read_lines(storage.join(
         run_uri, f"fold-{fold['fold']}", "history.jsonl")) for fold in summary["folds"]}
-    storage.write_bytes(storage.join(folder, "folds.png"), figures.fold_curves(histories))
-    sections = [f"<h2>{summary['k']}-fold cross-validation</h2>"
+    _put(folder, "folds.png", figures.fold_curves(histories))
+    sections = [f"<h2>{html.escape(str(summary['k']))}-fold cross-validation</h2>"
                 f"<p class=\"note\">data: {html.escape(str(summary.get('data')))}; each fold "
                 f"validates on cases no other fold has; last: the fold's final epoch (no "
                 f"selection on the fold itself), best: its best epoch</p>"
@@ -302,8 +303,9 @@ def _variants_section(meta: dict) -> str:
     variants = (meta.get("training") or {}).get("inference_variants") or []
     chosen = {"tta": meta.get("tta"), "threshold": meta.get("threshold"),
               "keep_largest": (meta.get("postprocess") or {}).get("keep_largest", 0)}
-    lines = [f"<h2>inference</h2><p>chosen on validation: TTA {chosen['tta']}, threshold "
-             f"{chosen['threshold']}, components kept {chosen['keep_largest'] or 'all'}</p>"]
+    said = html.escape(f"TTA {chosen['tta']}, threshold {chosen['threshold']}, components "
+                       f"kept {chosen['keep_largest'] or 'all'}")
+    lines = [f"<h2>inference</h2><p>chosen on validation: {said}</p>"]
     if variants:
         rows = [["chosen" if all(v.get(k) == chosen[k] for k in chosen) else "", v.get("tta"),
                  v.get("threshold"), v.get("keep_largest") or "all",
@@ -318,14 +320,14 @@ def _worst_validation_section(run_uri: str, meta: dict, folder: str) -> str:
     """The validation frames the shipped model does worst on, redrawn from the prepared data
     with the chosen inference (label green, prediction red)."""
     try:
-        worst = _validation_scores(run_uri, meta)[:WORST_VALIDATION]
+        worst = _validation_scores(run_uri, meta)
     except Exception as exc:  # the data moved or is unreadable: the rest of the page stands
         return (f"<h2>the worst validation frames</h2><p class=\"note\">not drawn: "
                 f"{html.escape(storage.describe_error(exc))}</p>")
     cells = []
     for rank, (iou, key, picture) in enumerate(worst, 1):
         name = f"worst/{rank:03d}.jpg"
-        storage.write_bytes(storage.join(folder, name), picture)
+        _put(folder, name, picture)
         cells.append(f"<figure data-key=\"{html.escape(key)}\"><img src=\"{name}\" "
                      f"alt=\"overlay of {html.escape(key)}\"><figcaption><b>"
                      f"{html.escape(key)}</b><br>IoU {iou:.3f}</figcaption></figure>")
@@ -335,7 +337,7 @@ def _worst_validation_section(run_uri: str, meta: dict, folder: str) -> str:
 
 
 def _validation_scores(run_uri: str, meta: dict) -> list[tuple[float, str, bytes]]:
-    """(IoU in original geometry, key, overlay) of every validation frame, worst first."""
+    """(IoU in original geometry, key, overlay) of the worst validation frames, worst first."""
     import torch
 
     from . import imaging, model, postprocess, shards
@@ -358,9 +360,12 @@ def _validation_scores(run_uri: str, meta: dict) -> list[tuple[float, str, bytes
             label = imaging.decode_png(row["full_mask"]) > 0
             counts = metrics.counts(label, mask)
             iou = metrics.image_iou(counts["tp"], counts["fp"], counts["fn"])
-            scored.append((iou, row["key"], figures.thumbnail(
-                image, geometry.to_model(mask), geometry.to_model(label))))
-    return sorted(scored, key=lambda s: (s[0], s[1]))
+            # kept small: the prepared square and both masks mapped into it
+            scored.append((iou, row["key"], image, geometry.to_model(mask),
+                           geometry.to_model(label)))
+    worst = sorted(scored, key=lambda s: (s[0], s[1]))[:WORST_VALIDATION]
+    return [(iou, key, figures.thumbnail(image, mask, label))
+            for iou, key, image, mask, label in worst]
 
 
 # ---------------------------------------------------------------- page helpers
@@ -372,8 +377,14 @@ def _write_page(folder: str, title: str, sections: list[str]) -> str:
             f"<h1>{html.escape(title)}</h1><p class=\"note\">written {made}</p>\n"
             + "\n".join(sections) + "\n</body></html>\n")
     uri = storage.join(folder, INDEX)
-    storage.write_bytes(uri, page.encode("utf-8"))
+    storage.write_bytes(uri, page.encode("utf-8"), "text/html; charset=utf-8")
     return uri
+
+
+def _put(folder: str, name: str, data: bytes) -> None:
+    """A picture of the page, typed for a browser served from a bucket."""
+    kind = "image/png" if name.endswith(".png") else "image/jpeg"
+    storage.write_bytes(storage.join(folder, name), data, kind)
 
 
 def _table(rows, header: list[str] | None = None, numeric: bool = False) -> str:
@@ -392,16 +403,18 @@ def _clear(folder: str) -> None:
 
 
 def _read_lines(uri: str) -> list[dict]:
-    try:
-        return [json.loads(line) for line in storage.read_text(uri).splitlines() if line]
-    except FileNotFoundError:
+    # exists first: a missing S3 object raises the SDK's own error, not FileNotFoundError
+    if not storage.exists(uri):
         return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line]
 
 
 def _read_json(uri: str) -> dict | None:
+    if not storage.exists(uri):
+        return None
     try:
         return json.loads(storage.read_text(uri))
-    except (FileNotFoundError, ValueError):
+    except ValueError:
         return None
 
 

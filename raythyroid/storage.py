@@ -182,17 +182,19 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     """Write all or nothing: a reader never sees a half-written object.
 
     Local files go to a hidden temporary name in the same folder and are renamed into place;
-    an S3 object only appears once its upload completes.
+    an S3 object only appears once its upload completes, with `content_type` when given (a
+    bucket served as a static site hands a browser the type stored with the object).
     """
     if is_s3(uri):
         fs, path = filesystem(uri)
+        metadata = {"Content-Type": content_type} if content_type else None
 
         def upload():
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, metadata=metadata) as f:
                 f.write(data)
 
         retry_transient(upload)
