@@ -38,9 +38,20 @@ def median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _portable(arg: str) -> str:
+    """A command-line argument as BENCHMARKS.md may show it: no path of the measuring machine
+    (inside the repository relative to it, elsewhere its last two parts under WORKDIR)."""
+    if not os.path.isabs(arg):
+        return arg
+    path = Path(arg)
+    if path.is_relative_to(HERE.parent):
+        return str(path.relative_to(HERE.parent))
+    return "WORKDIR/" + "/".join(path.parts[-2:])
+
+
 def record(title: str, table_lines: list[str], notes: list[str] = ()) -> None:
     """Print the table and append it, with machine, date and command, to BENCHMARKS.md."""
-    command = "python " + " ".join(shlex.quote(a) for a in [
+    command = "python " + " ".join(shlex.quote(_portable(a)) for a in [
         os.path.relpath(sys.argv[0], HERE.parent)] + sys.argv[1:])
     block = [f"### {title}", "",
              f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
