@@ -3,7 +3,7 @@
 Out of fold: every fold model of a `raythyroid cv` RUN segments its own held-out cases (the
 frames no model of that fold saw), in original geometry with the fold's chosen inference; the
 test split: the shipped ensemble segments frames no fold saw. For every frame, each candidate
-score is computed from what infer has in hand (the views' probabilities: flips, members) and
+score is computed from what infer has in hand (the probability map and the mask) and
 compared with the frame's IoU: Spearman correlation, and the share of the failures (IoU < 0.5)
 that the least confident quarter holds.
 
@@ -24,28 +24,19 @@ from raythyroid.imaging import Geometry  # noqa: E402
 FAILURE_IOU = 0.5
 
 
-def view_probabilities(net, images: np.ndarray, tta: bool) -> np.ndarray:
-    """(views, N, H, W): each member's (and, with TTA, each flip's) nodule probability."""
+def probabilities(net, images: np.ndarray, tta: bool) -> np.ndarray:
+    """(N, H, W) nodule probabilities as infer computes them (an ensemble's mean, flip TTA)."""
     import torch
 
-    members = list(net.members) if isinstance(net, model.Ensemble) else [net]
-    x = torch.from_numpy(images)
-    views = []
     with torch.no_grad():
-        for member in members:
-            member.eval()
-            views.append(model.nodule_probability(member, x, torch.device("cpu")).numpy())
-            if tta:
-                flipped = model.nodule_probability(member, torch.flip(x, dims=[2]),
-                                                   torch.device("cpu"))
-                views.append(torch.flip(flipped, dims=[2]).numpy())
-    return np.stack(views)
+        return model.nodule_probability(net, torch.from_numpy(images), torch.device("cpu"),
+                                        flip_tta=tta).numpy()
 
 
-def frame_record(views: np.ndarray, row: dict, post: postprocess.PostConfig) -> dict:
+def frame_record(prob: np.ndarray, row: dict, post: postprocess.PostConfig) -> dict:
     """One frame's IoU and every candidate score, in original geometry as infer has them."""
     geometry = Geometry.from_dict(row["geometry"])
-    prob = geometry.restore(views.mean(axis=0).astype(np.float16))  # infer keeps float16
+    prob = geometry.restore(prob.astype(np.float16))  # infer keeps float16
     mask = postprocess.clean_mask(prob, post)
     label = imaging.decode_png(row["full_mask"]) > 0
     counts = metrics.counts(label, mask)
@@ -108,8 +99,8 @@ def out_of_fold(cv_run: str, prepared: str, limit: int | None) -> list[dict]:
         held = [r for r in rows if case_fold[r["case_id"]] == fold][:limit]
         post = postprocess.PostConfig.from_model(meta)
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
-        views = view_probabilities(net, images, bool(meta.get("tta")))
-        records += [frame_record(views[:, i], r, post) for i, r in enumerate(held)]
+        prob = probabilities(net, images, bool(meta.get("tta")))
+        records += [frame_record(p, r, post) for p, r in zip(prob, held)]
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
     return records
 
@@ -120,8 +111,8 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     net, meta = model.load(model.resolve(model_uri))
     post = postprocess.PostConfig.from_model(meta)
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
-    views = view_probabilities(net, images, bool(meta.get("tta")))
-    return [frame_record(views[:, i], r, post) for i, r in enumerate(rows)]
+    prob = probabilities(net, images, bool(meta.get("tta")))
+    return [frame_record(p, r, post) for p, r in zip(prob, rows)]
 
 
 def main() -> int:
