@@ -43,9 +43,8 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
 
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
     manifest = shards.read_manifest(data)
-    fs, paths = shards.shard_paths(data, manifest, ["train", "val"])
-    rows = ray.data.read_parquet(paths, filesystem=fs).select_columns(
-        ["key", "case_id"]).take_all()
+    rows = train.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
+                             ["key", "case_id"]).take_all()
     case_fold = split.folds((r["case_id"] for r in rows), folds, config.seed)
     if len(case_fold) < folds:
         raise UserError(f"{len(case_fold)} cases cannot fill {folds} folds")

@@ -34,12 +34,6 @@ def shard_uris(data: str, manifest: dict, names) -> list[str]:
     return [storage.join(data, s) for name in names for s in manifest["shards"].get(name) or []]
 
 
-def shard_paths(data: str, manifest: dict, names) -> tuple:
-    """(pyarrow filesystem, paths on it) of those shards, for Ray Data's read_parquet."""
-    fs, _ = storage.filesystem(data)
-    return fs, [storage.filesystem(uri)[1] for uri in shard_uris(data, manifest, names)]
-
-
 def read_rows(data: str, manifest: dict, names, columns: list[str] | None = None) -> list[dict]:
     """Every row of the named splits, in shard order (small data: demos, benches, tests)."""
     return [row for uri in shard_uris(data, manifest, names)

@@ -58,20 +58,35 @@ def _region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that pickles as the endpoint and region it was built from, so
+    the copy a Ray process unpickles (Ray Train's controller and workers get the run's
+    filesystem that way) keeps S3_MAX_ATTEMPTS: pyarrow's own pickling drops the retry
+    strategy, and its default (3 attempts, with a quota) failed a checkpoint upload on a
+    flaky store."""
+
+    def __init__(self, endpoint: str | None, region: str):
+        self._built_from = (endpoint, region)
+        kwargs = {}
+        if endpoint:
+            parsed = urllib.parse.urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        super().__init__(
+            region=region,
+            connect_timeout=S3_CONNECT_TIMEOUT_S,
+            request_timeout=S3_REQUEST_TIMEOUT_S,
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+            **kwargs,
+        )
+
+    def __reduce__(self):
+        return _s3_filesystem, self._built_from
+
+
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs = {}
-    if endpoint:
-        parsed = urllib.parse.urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(
-        region=region,
-        connect_timeout=S3_CONNECT_TIMEOUT_S,
-        request_timeout=S3_REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-        **kwargs,
-    )
+    return _S3FileSystem(endpoint, region)
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,6 +22,10 @@ os.environ.pop("RAY_ADDRESS", None)
 # up in a 1 s Prometheus scrape; the agent keeps a gauge for two of these intervals after its
 # last push, so Ray Data's iterator gauges (set every 5 s) are seen most of the time.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+# Ray Train's controller sees a finished worker group at its next 2 s health check, and every
+# run starts a preemption-watcher process: a second and a process per run, ten runs a session
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

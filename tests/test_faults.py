@@ -2,6 +2,8 @@
 training worker and a job's driver killed on the multi-node cluster: test_cluster). Every
 image stays accounted for and the outputs match an undisturbed run."""
 import json
+import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -86,6 +88,39 @@ def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
         proxy.stop()
     assert proxy.counts["slow_down"] + proxy.counts["reset"] >= 100, proxy.counts
     assert proxy.counts["cut"] >= 10, proxy.counts
+
+
+UNPICKLED_WRITES = """
+import pickle, sys
+fs = pickle.loads(sys.stdin.buffer.read())
+for i in range(40):
+    with fs.open_output_stream(f"{sys.argv[1]}/object-{i:02d}.json") as out:
+        out.write(b'{"epoch": %d}' % i)
+print(sum(1 for info in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(sys.argv[1]))
+          if info.is_file))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_filesystem_ray_train_unpickles_keeps_the_retries(s3, monkeypatch):
+    """Ray Train's controller and workers write checkpoints through the run's filesystem as
+    they unpickle it in their own processes: three in ten requests throttled or reset still
+    write every object there (pyarrow's own pickling dropped the retry strategy, and its
+    default gave up within three attempts)."""
+    bucket = s3.bucket("unpickled")
+    proxy = FaultyS3Proxy(s3.url, seed=5, fault_rate=0.3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        fs, path = storage.filesystem(storage.join(bucket, "checkpoints"))
+        written = subprocess.run([sys.executable, "-c", UNPICKLED_WRITES, path],
+                                 input=pickle.dumps(fs), capture_output=True, cwd=ROOT,
+                                 timeout=240, env={k: v for k, v in os.environ.items()
+                                                   if k != "AWS_ENDPOINT_URL"})
+    finally:
+        proxy.stop()
+    assert written.returncode == 0, written.stderr.decode()[-2000:]
+    assert written.stdout.decode().split() == ["40"]
+    assert proxy.counts["slow_down"] + proxy.counts["reset"] >= 20, proxy.counts
 
 
 WRITE = """
