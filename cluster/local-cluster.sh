@@ -69,18 +69,24 @@ PY
   return 1
 }
 
-stop_group() {
-  local pidfile=$1 signal=${2:-TERM}
-  [ -f "$pidfile" ] || return 0
-  local pid
-  pid=$(cat "$pidfile")
-  kill "-$signal" -- "-$pid" 2>/dev/null || true
+stop_group() {  # stop_group SIGNAL PIDFILE...: signal every node at once, then wait for all
+  local signal=$1 pidfile pid
+  shift
+  local pids=()
+  for pidfile in "$@"; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "-$signal" -- "-$pid" 2>/dev/null || true
+    pids+=("$pid")
+  done
   for _ in $(seq 1 50); do
-    kill -0 "$pid" 2>/dev/null || break
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
     sleep 0.2
   done
-  kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$pidfile"
+  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  rm -f "$@"
 }
 
 start_worker() {
@@ -128,12 +134,11 @@ EOF
     echo "use it with: source $state/env"
     ;;
   stop)
-    for pidfile in "$state"/worker*.pid; do stop_group "$pidfile"; done
-    stop_group "$state/head.pid"
+    stop_group TERM "$state"/worker*.pid "$state/head.pid"
     echo "local cluster stopped"
     ;;
   kill-node)
-    stop_group "$state/worker$node.pid" KILL
+    stop_group KILL "$state/worker$node.pid"
     echo "worker node $node killed"
     ;;
   add-node)

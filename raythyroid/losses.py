@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+# torch only inside the loss functions: decoding tasks import this module for the weight map,
+# and each Ray worker process that runs one would otherwise spend ~2 s importing torch
 
 W0 = 10.0
 SIGMA = 5.0
@@ -56,6 +57,8 @@ def boundary_weight_map(mask: np.ndarray, w0: float = W0, sigma: float = SIGMA) 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                            weight: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     per_pixel = F.cross_entropy(logits.float(), target, reduction="none")
     return (per_pixel * weight).sum() / weight.sum().clamp_min(1e-6)
 
@@ -63,6 +66,9 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
 def dice_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0
                        ) -> torch.Tensor:
     """Soft Dice of the nodule class over the whole batch, plus plain cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
     logits = logits.float()
     ce = F.cross_entropy(logits, target)
     prob = torch.softmax(logits, dim=1)[:, 1]
@@ -77,6 +83,8 @@ def supervised(name: str, outputs, target: torch.Tensor,
     """The loss of a network's output: one logits tensor, or a deep-supervision list (full
     resolution first, then 1/2, 1/4, ...) scored against nearest-downsampled targets with
     weights halving per level (nnU-Net's), normalised to sum to one."""
+    import torch
+
     if isinstance(outputs, torch.Tensor):
         return loss(name, outputs, target, weight)
     total, norm = 0.0, 0.0

@@ -28,11 +28,12 @@ def init(address: str | None = None, verbose: bool = False) -> bool:
     if address == "local" and os.environ.get("RAYTHYROID_RAY_METRICS_PORT"):
         # a fixed port for Ray's metrics agent, so a local Prometheus can scrape worker metrics
         options["_metrics_export_port"] = int(os.environ["RAYTHYROID_RAY_METRICS_PORT"])
+    storage_env = storage_environment()
     ray.init(address=address, logging_level=logging.WARNING,
              # workers' output (Ray Train's and Ray Data's own lines, actor prefixes) stays in
              # Ray's log files unless asked for; what a person needs the driver says itself
              log_to_driver=verbose,
-             runtime_env={"env_vars": storage_environment()} if storage_environment() else None,
+             runtime_env={"env_vars": storage_env} if storage_env else None,
              **options)
     context = ray.data.DataContext.get_current()
     # bars on a terminal; in job logs and CI they are only noise
@@ -68,8 +69,23 @@ STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "A
 
 
 def storage_environment() -> dict:
-    """The driver's object-storage location, for workers on nodes started without it."""
-    return {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
+    """The driver's object-storage location, for workers on nodes started without it. Inside
+    a Ray job, less what the job's own runtime env sets (its workers get that anyway, and Ray
+    refuses a driver that sets a job's variable again: a RayJob pointing AWS_ENDPOINT_URL at
+    its MinIO failed to start)."""
+    variables = {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
+    return {k: v for k, v in variables.items() if k not in _job_env_vars()}
+
+
+def _job_env_vars() -> dict:
+    """The env_vars of the runtime env this process's Ray job was submitted with, if any."""
+    import json
+
+    try:  # set by Ray's job manager for a submitted job's driver
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return {}
+    return ((config.get("runtime_env") or {}).get("env_vars")) or {}
 
 
 def command_log(pid: int | None = None) -> str:

@@ -150,51 +150,27 @@ def reference(cluster_pipeline):
 
 @pytest.mark.timeout(1500)
 def test_worker_node_then_driver_killed_mid_infer_then_rerun(local_cluster, cluster_pipeline,
-                                                             reference):
+                                                             reference, s3):
     """One infer job of the archive loses a worker node (and the Predictor on it, if it was
     there) and goes on committing blocks; then its driver is killed; the same job again
-    finishes it. Nothing committed is redone, nothing is missing, and masks, rows and metrics
-    are bit-identical to the undisturbed run. (One job for both faults: each cluster job costs
-    a driver's and a pool's start-up.)"""
+    finishes it. Both jobs reach S3 through a proxy that answers a fifth of all requests with
+    503 SlowDown or a reset connection. Nothing committed is redone, nothing is missing, and
+    masks, rows and metrics are bit-identical to the undisturbed run. (One job for all three
+    faults: each cluster job costs a driver's and a pool's start-up.)"""
+    from s3proxy import FaultyS3Proxy
+
     # One Predictor actor of one CPU: the cluster has three one-CPU nodes, so losing one still
     # leaves a CPU for the read and write tasks wherever the actor restarts. (Two half-CPU
     # actors could leave half a CPU free on each node and no room for a one-CPU task.)
     output = storage.join(cluster_pipeline.bucket, "disturbed")
     entry = cluster_pipeline.infer_entry(output, workers=1, cpus_per_worker=1)
-    job = local_cluster.submit(entry)
-    client = local_cluster.client()
-
-    def committed() -> int:
-        return len(storage.list_files(f"{output}/results", (".parquet",)))
-
-    def at_least(count: int):
-        return lambda: "ended" if client.get_job_status(job).is_terminal() else \
-            committed() >= count
-
+    proxy = FaultyS3Proxy(s3.url, seed=7, fault_rate=0.2)
+    flaky = {"AWS_ENDPOINT_URL": proxy.url}
     try:
-        assert wait_for(at_least(1)) is True, client.get_job_logs(job)[-3000:]
-        # found now so that it dies the moment the run is seen going on without the node: the
-        # blocks left after the first few commit in seconds, and the rerun needs some left
-        drivers = wait_for(lambda: [p for p in cluster_processes(local_cluster, "jobs/infer.py")
-                                    if "python" in p.name()])
-        killed = local_cluster.script("kill-node", "1")
-        assert killed.returncode == 0, killed.stderr
-        # the run outlived the node: a block committed after it
-        assert wait_for(at_least(committed() + 1), every=0.05) is True, \
-            client.get_job_logs(job)[-3000:]
-        for driver in drivers:
-            driver.kill()
-        local_cluster.wait(job, timeout=120)
+        before, logs = disturbed_then_rerun(local_cluster, entry, output, flaky)
     finally:
-        local_cluster.script("add-node", "1")
-    time.sleep(3)  # let tasks the driver left behind die or commit
-    before = {uri: storage.read_bytes(uri)
-              for uri in storage.list_files(f"{output}/results", (".parquet",))}
-    assert 0 < sum(pq.read_table(io.BytesIO(d)).num_rows for d in before.values()) < FRAMES
-    assert not storage.exists(f"{output}/_SUCCESS")
-
-    status, logs = local_cluster.run_job(entry)
-    assert status == "SUCCEEDED", logs[-3000:]
+        proxy.stop()
+    assert proxy.counts["slow_down"] >= 10 and proxy.counts["reset"] >= 10, proxy.counts
     done = int(re.search(r"(\d+) already done", logs).group(1))
     assert done == sum(pq.read_table(io.BytesIO(d)).num_rows for d in before.values())
     after = {uri: storage.read_bytes(uri)
@@ -209,3 +185,43 @@ def test_worker_node_then_driver_killed_mid_infer_then_rerun(local_cluster, clus
     clean_rows, clean_masks, clean_metrics = reference
     assert rows == clean_rows and masks == clean_masks
     assert metrics == clean_metrics  # bit for bit: the same JSON numbers
+
+
+def disturbed_then_rerun(cluster, entry: str, output: str, env_vars: dict) -> tuple[dict, str]:
+    """Submit the infer job, kill a worker node once a block is committed and the job's driver
+    once another is, then run the same job again: (result files before the rerun, its logs)."""
+    job = cluster.submit(entry, env_vars=env_vars)
+    client = cluster.client()
+
+    def committed() -> int:
+        return len(storage.list_files(f"{output}/results", (".parquet",)))
+
+    def at_least(count: int):
+        return lambda: "ended" if client.get_job_status(job).is_terminal() else \
+            committed() >= count
+
+    try:
+        assert wait_for(at_least(1)) is True, client.get_job_logs(job)[-3000:]
+        # found now so that it dies the moment the run is seen going on without the node: the
+        # blocks left after the first few commit in seconds, and the rerun needs some left
+        drivers = wait_for(lambda: [p for p in cluster_processes(cluster, "jobs/infer.py")
+                                    if "python" in p.name()])
+        killed = cluster.script("kill-node", "1")
+        assert killed.returncode == 0, killed.stderr
+        # the run outlived the node: a block committed after it
+        assert wait_for(at_least(committed() + 1), every=0.05) is True, \
+            client.get_job_logs(job)[-3000:]
+        for driver in drivers:
+            driver.kill()
+        cluster.wait(job, timeout=120)
+    finally:
+        cluster.script("add-node", "1")
+    time.sleep(3)  # let tasks the driver left behind die or commit
+    before = {uri: storage.read_bytes(uri)
+              for uri in storage.list_files(f"{output}/results", (".parquet",))}
+    assert 0 < sum(pq.read_table(io.BytesIO(d)).num_rows for d in before.values()) < FRAMES
+    assert not storage.exists(f"{output}/_SUCCESS")
+
+    status, logs = cluster.run_job(entry, env_vars=env_vars)
+    assert status == "SUCCEEDED", logs[-3000:]
+    return before, logs

@@ -7,13 +7,16 @@ import io
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 import dicom_corpus as corpus
-from raythyroid import imaging
+from raythyroid import imaging, phantom
 from raythyroid.imaging import DecodeError, PrepConfig, SkipInput
+
+from conftest import PATIENT_ID, PATIENT_NAME, make_dicom
 
 
 def pydicom_file(name: str) -> Path:
@@ -233,6 +236,10 @@ def test_infer_dicom_archive_masks_seg_and_skipped(dicom_corpus, ddti, trained_r
     (archive / "other").mkdir()
     for key, name in skipped.items():
         (archive / f"{key}.dcm").write_bytes(pydicom_file(name).read_bytes())
+    # a still with a calibrated ultrasound region, named without a suffix as PACS exports are
+    still = next(phantom.generate(1, seed=21, height=200, width=300)).image
+    (archive / "still").write_bytes(make_dicom([cv2.cvtColor(still, cv2.COLOR_BGR2GRAY)],
+                                               ultrasound_region=True))
     (archive / "broken").mkdir()
     (archive / "broken" / "short.dcm").write_bytes(_native_cine(3, cut=64 * 64 * 2 + 100))
     (archive / "broken" / "liar.dcm").write_bytes(_native_cine(3, declared=5))
@@ -313,12 +320,26 @@ def test_infer_dicom_archive_masks_seg_and_skipped(dicom_corpus, ddti, trained_r
                 assert np.array_equal(got > 0, want), (kind, stem)
             checked += 1
     assert checked == 2 * len(SEG_KINDS) + 1
+    # the cine's SEG belongs to its source's patient and study, and names the source instance
+    # and each frame it was derived from
+    source = pydicom.dcmread(archive / "cine" / "cine.dcm", stop_before_pixels=True)
+    seg = pydicom.dcmread(seg_dir / "cine" / "cine.seg.dcm")
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.PatientID == source.PatientID and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert [ref.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+            for ref in series.ReferencedInstanceSequence] == [source.SOPInstanceUID]
+    assert sorted((r.ReferencedSOPInstanceUID, int(r.ReferencedFrameNumber)) for r in (
+        item.DerivationImageSequence[0].SourceImageSequence[0]
+        for item in seg.PerFrameFunctionalGroupsSequence)) == \
+        [(source.SOPInstanceUID, n) for n in range(1, len(cine_keys) + 1)]
+    assert rows["still"]["status"] == "ok" and rows["still"]["area_mm2"] is not None
+    assert corpus.dciodvfy_errors(seg_dir / "still.seg.dcm") == []
     # the SEGs of the frames a broken cine still gave (an MR cine: a source in patient space)
     partial = sorted((seg_dir / "broken").glob("*.seg.dcm"))
     assert partial and {p.name: corpus.dciodvfy_errors(p) for p in partial} == {
         p.name: [] for p in partial}
 
-    leaks = [v for v in corpus.PATIENT.values()]
+    leaks = [v for v in corpus.PATIENT.values()] + [PATIENT_ID, PATIENT_NAME]
     for path in output.rglob("*"):
         if path.is_file() and "dicom-seg" not in path.parts:
             data = path.read_bytes()

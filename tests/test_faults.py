@@ -13,7 +13,7 @@ import pytest
 
 from raythyroid import infer, model, phantom, results, shards, storage
 
-from cluster_jobs import infer_outputs, wait_for
+from cluster_jobs import wait_for
 from conftest import ROOT, run_cli
 from s3proxy import FaultyS3Proxy
 
@@ -23,43 +23,32 @@ def shard_rows(prepared: str) -> dict:
     return {r["key"]: r for r in shards.read_rows(prepared, manifest, list(manifest["shards"]))}
 
 
-@pytest.mark.timeout(1500)
-def test_flaky_s3_changes_no_output(s3, trained_run, ray_local):
-    """503 SlowDown and reset connections on a fifth of all requests: preprocess and infer
-    still succeed, with outputs identical to a clean run (training's checkpoints through the
-    same faults: test_train.py, stopped and resumed)."""
+@pytest.mark.timeout(900)
+def test_flaky_s3_changes_no_preprocess_output(s3, ray_local):
+    """503 SlowDown and reset connections on a fifth of all requests: preprocess still
+    succeeds, with shards identical to a clean run's. (Infer through the same faults, with a
+    worker node and its driver killed too: test_cluster; training's checkpoints: test_train,
+    stopped and resumed.)"""
     from raythyroid import preprocess
     from raythyroid.imaging import PrepConfig
 
-    run_uri, _ = trained_run
     bucket = s3.bucket("flaky")
     raw = storage.join(bucket, "raw")
     phantom.write_folders(raw, 20, seed=51, height=180, width=280)
     clean, flaky = storage.join(bucket, "clean"), storage.join(bucket, "flaky")
-    model_uri = storage.join(run_uri, "model")
 
-    def quiet(*_):
-        pass
-
-    # the clean reference on the session's Ray; the faulty runs as users run them, each a CLI
-    # process with its own Ray (and S3 clients), through a proxy that fails a fifth of requests
-    preprocess.run(raw, f"{clean}/prepared", config=PrepConfig(size=64), log=quiet)
-    infer.run(model_uri, f"{raw}/images", f"{clean}/out", labels=f"{raw}/masks",
-              options=infer.InferOptions(batch_size=4, block_size=8), log=quiet)
+    # the clean reference on the session's Ray; the faulty run as users run it, a CLI process
+    # whose job (and S3 clients) reach the store through a proxy that fails a fifth of requests
+    preprocess.run(raw, f"{clean}/prepared", config=PrepConfig(size=64), log=lambda *_: None)
     proxy = FaultyS3Proxy(s3.url, seed=7, fault_rate=0.2)
     try:
-        for args in (["preprocess", raw, f"{flaky}/prepared", "--size", "64"],
-                     ["infer", model_uri, f"{raw}/images", f"{flaky}/out", "--labels",
-                      f"{raw}/masks", "--batch-size", "4", "--block-size", "8"]):
-            result = run_cli(*args, env={"AWS_ENDPOINT_URL": proxy.url})
-            assert result.returncode == 0, result.stderr[-3000:]
+        result = run_cli("preprocess", raw, f"{flaky}/prepared", "--size", "64",
+                         env={"AWS_ENDPOINT_URL": proxy.url})
     finally:
         proxy.stop()
-    counts = proxy.counts
-    assert counts["slow_down"] >= 10 and counts["reset"] >= 10, counts
-
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.counts["slow_down"] >= 5 and proxy.counts["reset"] >= 5, proxy.counts
     assert shard_rows(f"{flaky}/prepared") == shard_rows(f"{clean}/prepared")
-    assert infer_outputs(f"{flaky}/out") == infer_outputs(f"{clean}/out")
 
 
 @pytest.mark.timeout(300)

@@ -266,47 +266,6 @@ def test_compaction_keeps_each_key_once(tmp_path):
     assert len(storage.list_files(f"{output}/results")) == 2
 
 
-@pytest.mark.timeout(600)
-def test_dicom_seg_references_its_source_and_matches_the_masks(trained_run, tmp_path):
-    import pydicom
-
-    run_uri, _ = trained_run
-    frames = list(phantom.generate(3, seed=21, height=200, width=300))
-    gray = [cv2.cvtColor(f.image, cv2.COLOR_BGR2GRAY) for f in frames]
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    (archive / "cine.dcm").write_bytes(make_dicom(gray))
-    (archive / "still").write_bytes(make_dicom(gray[:1], ultrasound_region=True))  # no suffix
-    source = pydicom.dcmread(archive / "cine.dcm")
-    output = str(tmp_path / "out")
-    result = run_cli("infer", storage.join(run_uri, "model"), str(archive), output,
-                     "--dicom-seg")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    seg = pydicom.dcmread(tmp_path / "out" / "dicom-seg" / "cine.seg.dcm")
-    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
-    assert seg.PatientID == source.PatientID and seg.StudyInstanceUID == source.StudyInstanceUID
-    referenced = [ref.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
-                  for ref in series.ReferencedInstanceSequence]
-    assert referenced == [source.SOPInstanceUID]
-    per_frame = [item.DerivationImageSequence[0].SourceImageSequence[0]
-                 for item in seg.PerFrameFunctionalGroupsSequence]
-    assert [(r.ReferencedSOPInstanceUID, int(r.ReferencedFrameNumber)) for r in per_frame] == \
-        [(source.SOPInstanceUID, i) for i in (1, 2, 3)]
-    pixels = seg.pixel_array
-    for i in range(3):
-        mask = imaging.decode_png(storage.read_bytes(f"{output}/masks/cine#{i + 1}.png")) > 0
-        assert mask.any()
-        assert np.array_equal(pixels[i] > 0, mask)
-    rows = {r["key"]: r for r in results_rows(output)}
-    assert rows["still"]["status"] == "ok" and rows["still"]["area_mm2"] is not None
-    assert storage.exists(f"{output}/dicom-seg/still.seg.dcm")
-    # identifiers only ever in the opt-in SEG objects
-    for uri, data in all_output_bytes(output):
-        if "/dicom-seg/" not in uri:
-            assert PATIENT_ID.encode() not in data and PATIENT_NAME.encode() not in data, uri
-
-
 @pytest.mark.timeout(300)
 def test_labels_matching_no_input_stop_the_run_and_a_partial_match_warns(trained_run, ray_local,
                                                                         tmp_path, capsys):

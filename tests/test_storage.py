@@ -93,3 +93,20 @@ def test_missing_object_is_described_as_not_found(s3):
     with pytest.raises(Exception) as info:
         storage.read_bytes(storage.join(bucket, "absent.png"))
     assert storage.describe_error(info.value) == "not found"
+
+
+def test_a_job_driver_leaves_its_jobs_storage_variables_to_the_job(monkeypatch):
+    """A job submitted with AWS_ENDPOINT_URL in its runtime env: the driver passes Ray only the
+    storage variables the job does not set (Ray refuses a driver that sets one again)."""
+    import json
+
+    from raythyroid import runtime
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert runtime.storage_environment()["AWS_ENDPOINT_URL"] == "http://minio.example:9000"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip",
+                         "env_vars": {"AWS_ENDPOINT_URL": "http://minio.example:9000"}}}))
+    passed = runtime.storage_environment()
+    assert "AWS_ENDPOINT_URL" not in passed and passed["AWS_DEFAULT_REGION"] == "eu-west-1"
