@@ -9,8 +9,13 @@ the decoded dataset) and warped along with image and mask by augmentation.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # torch only inside the loss functions: decoding tasks import this module for the weight map,
 # and each Ray worker process that runs one would otherwise spend ~2 s importing torch
