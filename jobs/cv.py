@@ -8,6 +8,7 @@ arguments (see `raythyroid cv --help`).
 import sys
 
 from raythyroid.jobspec import main
+from raythyroid.stopping import leave
 
 if __name__ == "__main__":
-    sys.exit(main("cv", sys.argv[1:]))
+    leave(main("cv", sys.argv[1:]))

@@ -8,6 +8,7 @@ arguments (see `raythyroid train --help`).
 import sys
 
 from raythyroid.jobspec import main
+from raythyroid.stopping import leave
 
 if __name__ == "__main__":
-    sys.exit(main("train", sys.argv[1:]))
+    leave(main("train", sys.argv[1:]))

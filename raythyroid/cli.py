@@ -470,5 +470,11 @@ def _main(argv: list[str] | None) -> int:
         return stopping.exit_code()
 
 
+def console() -> None:
+    """The `raythyroid` command (and `python -m raythyroid.cli`): main() in a process of its
+    own, left without Python's finalization (stopping.leave)."""
+    stopping.leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -9,8 +9,10 @@ committed stays committed, so the same command resumes. A second signal exits at
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -83,3 +85,20 @@ def message() -> str:
     then = "to resume" if job in RESUMABLE else "to run it again"
     return (f"{job} interrupted ({name}) after {done} of {total} {unit}; rerun the same command "
             f"{then}")
+
+
+def leave(code: int) -> None:
+    """End a command's process with `code`: disconnect from Ray, flush, and exit without
+    Python's finalization. Native libraries can crash in it when their objects outlive their own
+    shutdown (pyarrow's S3 clients after the AWS SDK is finalized: a train stopped by SIGTERM
+    printed its line and then died of SIGSEGV instead of exiting 143), and a finished command
+    has nothing left for it to do. For processes that are only the command (the console script,
+    job entrypoints); a caller that goes on uses main()'s return value instead."""
+    try:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
