@@ -401,11 +401,17 @@ def write_parquet(uri: str, table) -> None:
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):
+    """A Parquet file, or only `columns` of it: those are read through pyarrow's filesystem,
+    which fetches the footer and just their column chunks (the keys of a prepared shard
+    without its images), where a whole file is one GET."""
     import io
 
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+    if columns is None:
+        return pq.read_table(io.BytesIO(read_bytes(uri)))
+    fs, path = filesystem(uri)
+    return retry_transient(lambda: pq.read_table(path, columns=columns, filesystem=fs))
 
 
 # ---------------------------------------------------------------- keys
