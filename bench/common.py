@@ -40,13 +40,14 @@ def median(values) -> float:
 
 def _portable(arg: str) -> str:
     """A command-line argument as BENCHMARKS.md may show it: no path of the measuring machine
-    (inside the repository relative to it, elsewhere its last two parts under WORKDIR)."""
+    (inside the repository relative to it, elsewhere its name under WORKDIR, the folder the
+    bench was pointed at: `/data/ship/cv` -> `WORKDIR/cv`, as BENCHMARKS.md's lines read)."""
     if not os.path.isabs(arg):
         return arg
     path = Path(arg)
     if path.is_relative_to(HERE.parent):
         return str(path.relative_to(HERE.parent))
-    return "WORKDIR/" + "/".join(path.parts[-2:])
+    return "WORKDIR/" + path.name
 
 
 def record(title: str, table_lines: list[str], notes: list[str] = ()) -> None:
