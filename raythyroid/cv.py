@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 
-from . import report, runtime, shards, split, storage, telemetry, train
+from . import report, runtime, shards, split, stopping, storage, telemetry, train
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
@@ -164,13 +164,17 @@ def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, para
 def _in_parallel(one_fold, folds: int, parallel: int) -> list[dict]:
     """one_fold(k) for every fold, `parallel` at a time. Daemon threads, not a thread pool:
     a stopped job must not wait at exit for folds still training on a cluster it does not
-    shut down."""
+    shut down. Once a fold has failed or the job is stopping, folds still waiting for a slot
+    do not start: they would train for hours before the failure is reported, or start on a
+    Ray already shut down."""
     results: list = [None] * folds
     failures: list = []
     slots = threading.Semaphore(parallel)
 
     def fold_in_a_slot(k: int) -> None:
         with slots:
+            if failures or stopping.state.signal is not None:
+                return
             try:
                 results[k] = one_fold(k)
             except BaseException as exc:

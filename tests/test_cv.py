@@ -2,6 +2,8 @@
 import json
 import os
 import statistics
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,26 @@ def test_folds_are_case_disjoint_balanced_and_seeded():
     assert sizes == [4, 4, 5, 5, 5]
     assert folds == split.folds(reversed(cases), 5, seed=1)
     assert folds != split.folds(cases, 5, seed=2)
+
+
+def test_a_failed_fold_keeps_waiting_folds_from_starting():
+    """Folds run two at a time: once one fails, those still waiting for a slot must not start
+    (each would train for hours before the job reports the failure)."""
+    started = []
+    second_running = threading.Event()
+
+    def one_fold(k: int) -> dict:
+        started.append(k)
+        if k == 0:
+            second_running.wait(10)
+            raise RuntimeError("fold 0 broke")
+        second_running.set()
+        time.sleep(0.2)  # still running when fold 0 fails
+        return {"fold": k}
+
+    with pytest.raises(RuntimeError, match="fold 0 broke"):
+        cv._in_parallel(one_fold, folds=5, parallel=2)
+    assert sorted(started) == [0, 1]
 
 
 @pytest.mark.timeout(1200)
