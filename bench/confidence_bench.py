@@ -33,17 +33,29 @@ def probabilities(net, images: np.ndarray, tta: bool) -> np.ndarray:
                                         flip_tta=tta).numpy()
 
 
-def frame_record(prob: np.ndarray, row: dict, post: postprocess.PostConfig) -> dict:
-    """One frame's IoU and every candidate score, in original geometry as infer has them."""
+def frame_record(prob: np.ndarray, row: dict, post: postprocess.PostConfig,
+                 member_probs: np.ndarray | None = None) -> dict:
+    """One frame's IoU and every candidate score, in original geometry as infer has them;
+    with an ensemble's per-member probabilities also how far its members' masks agree."""
     geometry = Geometry.from_dict(row["geometry"])
     prob = geometry.restore(prob.astype(np.float16))  # infer keeps float16
     mask = postprocess.clean_mask(prob, post)
     label = imaging.decode_png(row["full_mask"]) > 0
     counts = metrics.counts(label, mask)
+    scores = {name: score(mask, prob, post.threshold) for name, score in CANDIDATES.items()}
+    if member_probs is not None:
+        members = [postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)
+                   for p in member_probs]
+        scores[MEMBER_AGREEMENT] = float(np.mean([
+            _iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
     return {"key": row["key"],
             "iou": metrics.image_iou(counts["tp"], counts["fp"], counts["fn"]),
-            "scores": {name: score(mask, prob, post.threshold)
-                       for name, score in CANDIDATES.items()}}
+            "scores": scores}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
 
 
 def _mean_inside(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
@@ -53,6 +65,8 @@ def _mean_inside(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
 
 CANDIDATES = {"mean probability inside the mask (before)": _mean_inside,
               "soft IoU of mask and probabilities (now)": postprocess.confidence}
+# only where an ensemble's members segment frames none of them trained on: the test split
+MEMBER_AGREEMENT = "mean IoU between the members' masks"
 
 
 def spearman(a, b) -> float:
@@ -76,7 +90,7 @@ def evaluate_scores(records: list[dict]) -> list[tuple[str, float, int, int, int
     failures = iou < FAILURE_IOU
     quarter = max(1, int(round(len(records) / 4)))
     out = []
-    for name in CANDIDATES:
+    for name in records[0]["scores"]:
         values = np.array([r["scores"][name] for r in records])
         order = np.argsort(values, kind="stable")  # least confident first
         out.append((name, spearman(values, iou), int(failures[order[:quarter]].sum()),
@@ -111,8 +125,12 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     net, meta = model.load(model.resolve(model_uri))
     post = postprocess.PostConfig.from_model(meta)
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
-    prob = probabilities(net, images, bool(meta.get("tta")))
-    return [frame_record(p, r, post) for p, r in zip(prob, rows)]
+    tta = bool(meta.get("tta"))
+    if not isinstance(net, model.Ensemble):
+        return [frame_record(p, r, post) for p, r in zip(probabilities(net, images, tta), rows)]
+    # the members one by one: their mean is exactly what the ensemble computes
+    members = np.stack([probabilities(m, images, tta) for m in net.members], axis=1)
+    return [frame_record(p.mean(0), r, post, p) for p, r in zip(members, rows)]
 
 
 def main() -> int:
