@@ -119,6 +119,10 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                         default=TrainConfig.deep_supervision, metavar="LEVELS",
                         help="also supervise the decoder at 1/2, 1/4, ... resolution "
                              f"(default {TrainConfig.deep_supervision})")
+    parser.add_argument("--init", metavar="MODEL", default=None,
+                        help="start from this model's weights, not random ones: a model folder "
+                             "(local or s3://) or a bundled model's name; an ensemble gives its "
+                             "first member (pretraining, or fine-tuning on your own frames)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus-per-worker", type=_positive_float, default=None)
 
@@ -133,7 +137,7 @@ def _train_config(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         schedule=args.schedule, loss=args.loss, base=args.base, augment=args.augment,
         precision=args.precision, seed=args.seed, time_limit_min=args.time_limit, ema=args.ema,
-        deep_supervision=args.deep_supervision)
+        deep_supervision=args.deep_supervision, init=args.init)
 
 
 def build_parser() -> argparse.ArgumentParser:

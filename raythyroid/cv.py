@@ -43,6 +43,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
 
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
     manifest = shards.read_manifest(data)
+    train.initial_weights(config)  # a wrong --init stops the job before the folds' data loads
     rows = train.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
                              ["key", "case_id"]).take_all()
     case_fold = split.folds((r["case_id"] for r in rows), folds, config.seed)

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +63,8 @@ class TrainConfig:
     # (0 = the trained weights themselves); it smooths the noise of small batches
     ema: float = 0.0
     deep_supervision: int = 0  # extra losses at 1/2, 1/4, ... resolution (model.UNetConfig)
+    # a model (folder, s3:// or bundled name) whose weights the run starts from, not random ones
+    init: str | None = None
 
     @property
     def architecture(self):
@@ -145,6 +147,27 @@ def check_resume(run_uri: str, config: TrainConfig) -> None:
         return
     storage.make_dirs(run_uri)
     storage.write_text(settings_uri, json.dumps(fixed, indent=2))
+
+
+def initial_weights(config: TrainConfig) -> bytes | None:
+    """The state dict a run starts from with --init (an ensemble's first member), serialized
+    for the workers; refused with the flag to use when its U-Net is not this run's."""
+    if not config.init:
+        return None
+    import torch
+
+    from . import model as model_lib
+
+    net, _ = model_lib.load(model_lib.resolve(config.init), first_member_only=True)
+    wanted = replace(config.architecture, deep_supervision=0)  # shipped models have none
+    if net.config != wanted:
+        raise UserError(f"--init {config.init} is a U-Net of base {net.config.base}, depth "
+                        f"{net.config.depth}, {net.config.classes} classes; this run's is base "
+                        f"{wanted.base}, depth {wanted.depth}, {wanted.classes} classes: train "
+                        f"with --base {net.config.base}, or without --init")
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- data (driver side)
@@ -402,6 +425,7 @@ class WorkerConfig:
     deadline: float | None
     has_test: bool
     fold: int | None = None  # cv's fold, for the progress the driver shows
+    initial_weights: bytes | None = None  # initial_weights(): --init, for a run's first start
 
 
 @dataclass
@@ -484,7 +508,11 @@ def _set_up(cfg: WorkerConfig, board=None) -> tuple[Worker, TrainState, int | No
     torch.set_num_threads(cfg.threads)
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
-    net = model_lib.build(config.architecture).to(device)
+    net = model_lib.build(config.architecture)
+    if cfg.initial_weights is not None:  # deep supervision's heads (aux.*) start fresh
+        net.load_state_dict(torch.load(io.BytesIO(cfg.initial_weights), weights_only=True),
+                            strict=False)
+    net = net.to(device)
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=0.99,
                                     nesterov=True, weight_decay=config.weight_decay)
@@ -759,7 +787,9 @@ def fit(datasets: dict, run_uri: str, config: TrainConfig, workers: int, gpu: bo
         train_loop_per_worker,
         train_loop_config=dict(asdict(WorkerConfig(
             train=config.to_dict(), threads=threads, run_name=storage.basename(run_uri),
-            started=started, deadline=deadline, has_test="test" in datasets, fold=fold)),
+            started=started, deadline=deadline, has_test="test" in datasets, fold=fold,
+            # a checkpoint outranks --init; a resumed run need not find that model again
+            initial_weights=None if has_checkpoint(run_uri) else initial_weights(config))),
             board=board),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
                                                resources_per_worker=resources),

@@ -1,4 +1,5 @@
 """Case-disjoint k-fold cross-validation as one Ray job."""
+import io
 import json
 import os
 import statistics
@@ -8,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from raythyroid import cv, split, storage, train
+from raythyroid import cv, model, split, storage, train
+from raythyroid.errors import UserError
 
 
 def test_folds_are_case_disjoint_balanced_and_seeded():
@@ -41,13 +43,28 @@ def test_a_failed_fold_keeps_waiting_folds_from_starting():
     assert sorted(started) == [0, 1]
 
 
+
+def test_init_from_a_model_of_another_width_is_refused_with_the_flag():
+    with pytest.raises(UserError, match="--base 16"):
+        train.initial_weights(train.TrainConfig(base=8, init="ddti"))
+    assert train.initial_weights(train.TrainConfig()) is None
+    weights = train.initial_weights(train.TrainConfig(init="ddti", deep_supervision=2))
+    net = model.build(model.UNetConfig(deep_supervision=2))
+    import torch
+    missing, unexpected = net.load_state_dict(torch.load(io.BytesIO(weights)), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("aux.") for k in missing)
+
+
 @pytest.mark.timeout(1200)
 def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     _, prepared = phantom_dataset
     run_uri = str(tmp_path / "cv")
-    # two folds; the dealing for any k is checked by the test above
-    summary = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=2,
-                     workers=1, cpus_per_worker=0.5, log=lambda *_: None)
+    # two folds; the dealing for any k is checked by the test above. Every fold starts from
+    # the bundled model's first member (--init; its frames are 256 px, these 128: a U-Net
+    # does not mind)
+    config = train.TrainConfig(epochs=1, batch_size=8, init="ddti")
+    summary = cv.run(prepared, run_uri, config, folds=2, workers=1, cpus_per_worker=0.5,
+                     log=lambda *_: None)
     assert [r["fold"] for r in summary["folds"]] == list(range(2))
     assert sum(r["val_images"] for r in summary["folds"]) == 85 + 21  # train + val, each once
     for key in ("n_iou", "n_iou_per_image"):
@@ -56,8 +73,14 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
         assert summary[f"last_{key}_std"] == pytest.approx(statistics.pstdev(values))
     saved = json.loads(storage.read_text(f"{run_uri}/cv.json"))
     assert saved["k"] == 2
+    start, _ = model.load(model.resolve("ddti"), first_member_only=True)
+    random = model.build(start.config).down[0][0].weight
     for k in range(2):
-        assert storage.exists(f"{run_uri}/fold-{k}/model/model.json")
+        fold_model, meta = model.load(f"{run_uri}/fold-{k}/model")
+        assert meta["training"]["config"]["init"] == "ddti"
+        # one epoch of a few AdamW steps moves a weight by about the learning rate each
+        moved = (fold_model.down[0][0].weight - start.down[0][0].weight).abs().max()
+        assert moved < 0.03 < (random - start.down[0][0].weight).abs().mean()
     assert "n_IoU" in cv.table(summary)
     check_fold_ensemble(run_uri, prepared, folds=2)
     page = storage.read_text(f"{run_uri}/report/index.html")  # the per-fold table and spread
@@ -67,8 +90,8 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     # a rerun trains only the folds that did not finish
     os.remove(f"{run_uri}/fold-1/fold.json")
     kept = {k: os.path.getmtime(f"{run_uri}/fold-{k}/fold.json") for k in (0,)}
-    again = cv.run(prepared, run_uri, train.TrainConfig(epochs=1, batch_size=8), folds=2,
-                   workers=1, cpus_per_worker=0.5, log=lambda *_: None)
+    again = cv.run(prepared, run_uri, config, folds=2, workers=1, cpus_per_worker=0.5,
+                   log=lambda *_: None)
     assert {k: os.path.getmtime(f"{run_uri}/fold-{k}/fold.json") for k in kept} == kept
     assert storage.exists(f"{run_uri}/fold-1/fold.json")
     assert [r["val_images"] for r in again["folds"]] == [r["val_images"]
@@ -87,13 +110,14 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
     members = [model.load(f"{run_uri}/fold-{k}/model")[0] for k in range(folds)]
     rows = shards.read_rows(prepared, shards.read_manifest(prepared), "test")[:4]
     images = torch.from_numpy(np.stack([imaging.decode_png(r["image"]) for r in rows]))
-    mean = sum(model.nodule_probability(m, images, torch.device("cpu")) for m in members) / folds
+    each = [model.nodule_probability(m, images, torch.device("cpu")) for m in members]
+    # the members differ by more than fp16 storage moves them (5e-3), or this proves nothing
+    assert (each[0] - each[1]).abs().max() > 0.05
     together = model.nodule_probability(ensemble, images, torch.device("cpu"))
-    assert torch.allclose(together, mean, atol=2e-3)  # fp16 storage moves them a little
+    assert torch.allclose(together, sum(each) / folds, atol=5e-3)
     first, _ = model.load(f"{run_uri}/model", first_member_only=True)
-    assert torch.allclose(model.nodule_probability(first, images, torch.device("cpu")),
-                          model.nodule_probability(members[0], images, torch.device("cpu")),
-                          atol=2e-3)
+    assert torch.allclose(model.nodule_probability(first, images, torch.device("cpu")), each[0],
+                          atol=5e-3)
     variants = meta["training"]["cross_validation"]["inference_variants"]
     chosen = max(variants, key=lambda v: v["mean_val_n_iou"])
     assert (meta["tta"], meta["threshold"], meta["postprocess"]["keep_largest"]) == (
