@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine  # noqa: E402
 
 DATA = "DDTI (../shared/data/ddti: 300 frames of 248 patients, 297 after removing duplicates)"
+PRETRAIN_DATA = "TG3K (../shared/data/tg3k: 3,585 thyroid-gland frames)"
 
 
 def main() -> None:
@@ -48,6 +49,13 @@ def main() -> None:
                 f"({test['images']} frames); research use only")
     # no path of the machine that built it travels with the model
     meta["data"]["uri"] = meta["training"]["cross_validation"]["data"] = DATA
+    pretrained = bool(meta["training"]["config"].get("init"))
+    if pretrained:
+        gland = read("pretrain/model/model.json")
+        pre_counts = read("tg3k-prepared/manifest.json")["counts"]
+        meta["training"]["config"]["init"] = (
+            f"a U-Net trained {gland['training']['epochs_run']} epochs on {PRETRAIN_DATA}' gland "
+            f"masks (bench/ship_ddti.sh PRETRAIN_EPOCHS)")
     meta["card"] = {"headline": headline, "cv": {k: v for k, v in cv.items()
                                                  if k.endswith(("_mean", "_std"))},
                     "test": {k: test[k] for k in ("n_iou", "n_iou_per_image", "dice",
@@ -72,6 +80,18 @@ def main() -> None:
                  f"{r['best']['n_iou']:.4f} (epoch {r['best_epoch']}) |" for r in folds]
     config = meta["training"]["config"]
     minutes = {k: v / 60 for k, v in seconds.items()}
+    pretraining = "" if not pretrained else f"""- Pretraining: every fold started from one U-Net first trained on {PRETRAIN_DATA}, to
+  segment the thyroid **gland** (not nodules): {pre_counts.get('train')} frames trained, {pre_counts.get('val')}
+  watched the gland loss (a random split: its frames are near-duplicates from a few videos, so
+  it measures nothing here), {gland['training']['epochs_run']} epochs, the same preparation. TG3K is from Gong H. et al.,
+  "Multi-Task Learning for Thyroid Nodule Segmentation with Thyroid Region Prior", IEEE ISBI
+  2021, released for research use without an explicit licence; cite it. No TG3K frame is in
+  the package either.
+"""
+    rebuilt_with = f"EPOCHS={epochs}" + (
+        f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "")
+    pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
+                     f"(two workers)" if pretrained else "")
     card = f"""# raythyroid model `ddti`: thyroid nodule segmentation in ultrasound frames
 
 {headline}.
@@ -105,7 +125,7 @@ its first member alone without TTA. Built {meta['created']} by `bench/ship_ddti.
 - Preparation (the same function in training and inference): desensitize (everything outside
   the scan region blanked, burned-in text with it; cropped to that region), CLAHE (clip {meta['prep'].get('clahe_clip')},
   tile {meta['prep'].get('clahe_tile')}), resize to {meta['prep']['size']} px.
-
+{pretraining}
 ## Model and inference
 
 - {len(meta['members'])} U-Nets (base width {meta['architecture']['base']}, depth
@@ -153,9 +173,9 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 
 ## Rebuilding
 
-`bench/ship_ddti.sh` (EPOCHS={epochs}) from `../shared/data/ddti`; on that machine its
+`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`; on that machine its
 completed runs took {minutes.get('cv', 0):.0f} minutes of cross-validation (folds two at a time
-on two cores) and {minutes.get('preprocess', 0):.1f} minutes of preprocessing.
+on two cores){pretrain_time} and {minutes.get('preprocess', 0):.1f} minutes of preprocessing.
 """
     with open(os.path.join(args.dest, "CARD.md"), "w") as f:
         f.write(card)

@@ -8,15 +8,25 @@
 #
 #   bench/ship_ddti.sh [WORKDIR]    # default .cache/ship-ddti
 #
+# With PRETRAIN_EPOCHS > 0 every fold starts from a U-Net first trained that many epochs on
+# TG3K's thyroid-gland masks (cv --init), not from random weights.
+#
 # Resumable: rerun the same command after a stop; finished folds and steps are kept.
-# Environment: DDTI (the frames' folder), EPOCHS (default 50).
+# Environment: DDTI and TG3K (the frames' folders), EPOCHS (default 50), PRETRAIN_EPOCHS
+# (default 0: none), DEST (default the package's raythyroid/models/ddti; another folder keeps
+# a candidate out of the package until it is chosen).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ddti="${DDTI:-$root/../shared/data/ddti}"
+tg3k="${TG3K:-$root/../shared/data/tg3k}"
 work="${1:-$root/.cache/ship-ddti}"
 epochs="${EPOCHS:-50}"
+pretrain_epochs="${PRETRAIN_EPOCHS:-0}"
+dest="${DEST:-$root/raythyroid/models/ddti}"
 bin="$root/.venv/bin"
 [ -d "$ddti/images" ] || { echo "ship_ddti: no DDTI frames at $ddti (set DDTI)" >&2; exit 2; }
+[ "$pretrain_epochs" = 0 ] || [ -d "$tg3k/images" ] ||
+  { echo "ship_ddti: no TG3K frames at $tg3k (set TG3K, or PRETRAIN_EPOCHS=0)" >&2; exit 2; }
 mkdir -p "$work"
 timings="$work/timings.txt"
 
@@ -30,8 +40,19 @@ timed() {  # step name, command...: seconds of a completed run appended to timin
 
 [ -f "$work/prepared/manifest.json" ] ||
   timed preprocess "$bin/raythyroid" preprocess "$ddti" "$work/prepared"
+init=()
+if [ "$pretrain_epochs" != 0 ]; then
+  # TG3K is pretraining only, never a measure (its frames are near-duplicates from a few
+  # videos): a random 90/10 split whose validation just watches the gland loss
+  [ -f "$work/tg3k-prepared/manifest.json" ] ||
+    timed preprocess-tg3k "$bin/raythyroid" preprocess "$tg3k" "$work/tg3k-prepared" \
+      --split 0.9,0.1,0
+  timed pretrain "$bin/raythyroid" train "$work/tg3k-prepared" "$work/pretrain" --workers 2 \
+    --epochs "$pretrain_epochs"
+  init=(--init "$work/pretrain/model")
+fi
 timed cv "$bin/raythyroid" cv "$work/prepared" "$work/cv" --folds 5 --workers 1 \
-  --epochs "$epochs"
+  --epochs "$epochs" "${init[@]}"
 "$bin/python" - "$work" <<'PY'
 import sys
 from raythyroid import shards
@@ -53,4 +74,4 @@ for fold in "$work"/cv/fold-*; do
 done
 "$bin/python" "$root/bench/ensemble_bench.py" --model "$work/cv/model" \
   --frames "$work/test-frames.txt" --json "$work/throughput.json"
-"$bin/python" "$root/bench/ship_card.py" "$work" "$root/raythyroid/models/ddti"
+"$bin/python" "$root/bench/ship_card.py" "$work" "$dest"
