@@ -54,8 +54,8 @@ def main() -> None:
         gland = read("pretrain/model/model.json")
         pre_counts = read("tg3k-prepared/manifest.json")["counts"]
         meta["training"]["config"]["init"] = (
-            f"a U-Net trained {gland['training']['epochs_run']} epochs on {PRETRAIN_DATA}' gland "
-            f"masks (bench/ship_ddti.sh PRETRAIN_EPOCHS)")
+            f"a U-Net trained {gland['training']['epochs_run']} epochs on the gland masks of "
+            f"{PRETRAIN_DATA} (bench/ship_ddti.sh PRETRAIN_EPOCHS)")
     meta["card"] = {"headline": headline, "cv": {k: v for k, v in cv.items()
                                                  if k.endswith(("_mean", "_std"))},
                     "test": {k: test[k] for k in ("n_iou", "n_iou_per_image", "dice",
@@ -80,14 +80,16 @@ def main() -> None:
                  f"{r['best']['n_iou']:.4f} (epoch {r['best_epoch']}) |" for r in folds]
     config = meta["training"]["config"]
     minutes = {k: v / 60 for k, v in seconds.items()}
-    pretraining = "" if not pretrained else f"""- Pretraining: every fold started from one U-Net first trained on {PRETRAIN_DATA}, to
-  segment the thyroid **gland** (not nodules): {pre_counts.get('train')} frames trained, {pre_counts.get('val')}
-  watched the gland loss (a random split: its frames are near-duplicates from a few videos, so
-  it measures nothing here), {gland['training']['epochs_run']} epochs, the same preparation. TG3K is from Gong H. et al.,
-  "Multi-Task Learning for Thyroid Nodule Segmentation with Thyroid Region Prior", IEEE ISBI
-  2021, released for research use without an explicit licence; cite it. No TG3K frame is in
-  the package either.
+    pretraining = "" if not pretrained else f"""- Pretraining: every fold started from one U-Net first trained to segment the thyroid
+  **gland** (not nodules) on {PRETRAIN_DATA}: {pre_counts.get('train')} frames trained,
+  {pre_counts.get('val')} watched the gland loss (a random split: its frames are near-duplicates
+  from a few videos, so it measures nothing here), {gland['training']['epochs_run']} epochs, the
+  same preparation. TG3K is from Gong H. et al., "Multi-Task Learning for Thyroid Nodule
+  Segmentation with Thyroid Region Prior", IEEE ISBI 2021, released for research use without an
+  explicit licence; cite it. No TG3K frame is in the package either.
 """
+    gland_too = ("; its starting point learned the gland on TG3K's frames (another public set)"
+                 if pretrained else "")
     rebuilt_with = f"EPOCHS={epochs}" + (
         f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "")
     pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
@@ -104,8 +106,8 @@ its first member alone without TTA. Built {meta['created']} by `bench/ship_ddti.
 - **Research use only. Not a medical device**; not validated for diagnosis, screening or any
   clinical decision. A person reviews every mask.
 - Trained on one small public dataset: frames of one country's scanners (Colombia, DDTI), 8-bit
-  B-mode frames as the scanners exported them. Other scanners, presets, Doppler overlays,
-  children, other organs: unknown behaviour.
+  B-mode frames as the scanners exported them{gland_too}. Other scanners, presets, Doppler
+  overlays, children, other organs: unknown behaviour.
 - One nodule class. A frame without a nodule is not in the training data: the model tends to
   find one anyway.
 - Data terms: DDTI was published for research and education, without an explicit licence.

@@ -8,12 +8,12 @@
 #
 #   bench/ship_ddti.sh [WORKDIR]    # default .cache/ship-ddti
 #
-# With PRETRAIN_EPOCHS > 0 every fold starts from a U-Net first trained that many epochs on
-# TG3K's thyroid-gland masks (cv --init), not from random weights.
+# Every fold starts from a U-Net first trained PRETRAIN_EPOCHS epochs on TG3K's thyroid-gland
+# masks (cv --init), not from random weights (+0.026 CV n_IoU on DDTI; 0 skips it).
 #
 # Resumable: rerun the same command after a stop; finished folds and steps are kept.
 # Environment: DDTI and TG3K (the frames' folders), EPOCHS (default 50), PRETRAIN_EPOCHS
-# (default 0: none), DEST (default the package's raythyroid/models/ddti; another folder keeps
+# (default 8; 0: none), DEST (default the package's raythyroid/models/ddti; another folder keeps
 # a candidate out of the package until it is chosen).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +21,7 @@ ddti="${DDTI:-$root/../shared/data/ddti}"
 tg3k="${TG3K:-$root/../shared/data/tg3k}"
 work="${1:-$root/.cache/ship-ddti}"
 epochs="${EPOCHS:-50}"
-pretrain_epochs="${PRETRAIN_EPOCHS:-0}"
+pretrain_epochs="${PRETRAIN_EPOCHS:-8}"
 dest="${DEST:-$root/raythyroid/models/ddti}"
 bin="$root/.venv/bin"
 [ -d "$ddti/images" ] || { echo "ship_ddti: no DDTI frames at $ddti (set DDTI)" >&2; exit 2; }
