@@ -47,15 +47,15 @@ def frame_record(prob: np.ndarray, row: dict, post: postprocess.PostConfig,
         members = [postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)
                    for p in member_probs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
-            _iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
+            _mask_iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
     return {"key": row["key"],
             "iou": metrics.image_iou(counts["tp"], counts["fp"], counts["fn"]),
             "scores": scores}
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else 1.0
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    pair = metrics.counts(a, b)
+    return metrics.image_iou(pair["tp"], pair["fp"], pair["fn"])
 
 
 def _mean_inside(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
