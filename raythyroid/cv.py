@@ -64,9 +64,16 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     per_fold = workers * (1.0 if gpu else cpus_per_worker)
     capacity = total_gpus if gpu else total_cpus
     parallel = max(1, min(folds, int(capacity // per_fold)))
-    threads = max(1, int(total_cpus // (parallel * workers)))
-    log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads} thread(s)")
     board = telemetry.board()
+    threads = {"now": 0}
+
+    def share_cores(unfinished: int) -> None:
+        threads["now"] = threads_per_worker(total_cpus, workers, parallel, unfinished)
+        board.set_threads.remote(threads["now"])
+
+    share_cores(folds)
+    log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads['now']} "
+        f"thread(s), more as folds finish")
     relay = _relay(progress, log, config, key_fold, folds, workers, parallel)
 
     def one_fold(k: int) -> dict:
@@ -84,7 +91,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
         train.check_resume(fold_uri, fold_config)
         state = train.finished_state(fold_uri) or train.fit(
             datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker, time.time(),
-            log=lambda *_: None, threads=threads, board=board, fold=k)
+            log=lambda *_: None, threads=threads["now"], board=board, fold=k)
         train.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
         result = dict(_fold_metrics(state), fold=k,
                       val_images=int(datasets["val"].count()))
@@ -93,8 +100,8 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
             f"{result['last']['n_iou_per_image'] or 0:.4f} ({result['epochs']} epochs)")
         return result
 
-    results = telemetry.run_watched(lambda: _in_parallel(one_fold, folds, parallel), board,
-                                    relay)
+    results = telemetry.run_watched(
+        lambda: _in_parallel(one_fold, folds, parallel, share_cores), board, relay)
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
     for which in ("last", "best"):
         for key in ("n_iou", "n_iou_per_image", "dice"):
@@ -162,8 +169,15 @@ def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, para
     return relay
 
 
-def _in_parallel(one_fold, folds: int, parallel: int) -> list[dict]:
-    """one_fold(k) for every fold, `parallel` at a time. Daemon threads, not a thread pool:
+def threads_per_worker(cpus: float, workers: int, parallel: int, unfinished: int) -> int:
+    """Torch threads for each worker of the folds training now and next: the cores over the
+    folds that can still run side by side, so the last fold runs alone on all of them."""
+    return max(1, int(cpus // (max(1, min(parallel, unfinished)) * workers)))
+
+
+def _in_parallel(one_fold, folds: int, parallel: int, on_unfinished=None) -> list[dict]:
+    """one_fold(k) for every fold, `parallel` at a time; on_unfinished(n) hears how many folds
+    are left whenever one ends. Daemon threads, not a thread pool:
     a stopped job must not wait at exit for folds still training on a cluster it does not
     shut down. Once a fold has failed or the job is stopping, folds still waiting for a slot
     do not start: they would train for hours before the failure is reported, or start on a
@@ -171,6 +185,8 @@ def _in_parallel(one_fold, folds: int, parallel: int) -> list[dict]:
     results: list = [None] * folds
     failures: list = []
     slots = threading.Semaphore(parallel)
+    left = {"folds": folds}
+    counting = threading.Lock()
 
     def fold_in_a_slot(k: int) -> None:
         with slots:
@@ -180,6 +196,10 @@ def _in_parallel(one_fold, folds: int, parallel: int) -> list[dict]:
                 results[k] = one_fold(k)
             except BaseException as exc:
                 failures.append(exc)
+            with counting:  # before the slot is released: the next fold starts with the news
+                left["folds"] -= 1
+                if on_unfinished is not None:
+                    on_unfinished(left["folds"])
 
     threads = [threading.Thread(target=fold_in_a_slot, args=(k,), daemon=True)
                for k in range(folds)]

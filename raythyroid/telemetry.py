@@ -171,10 +171,13 @@ def _keep_epoch_gauges() -> None:
 class ProgressBoard:
     """Where training's rank-0 worker posts its progress (steps within the epoch, finished
     epochs) and the driver collects it: a zero-CPU Ray actor (`board()`), because the driver
-    waits on Ray Train and sees nothing else until it returns."""
+    waits on Ray Train and sees nothing else until it returns. The driver also posts here how
+    many torch threads each worker should run (cv: folds still training take the cores of
+    folds that finished); workers read it every epoch."""
 
     def __init__(self):
         self.events: list[dict] = []
+        self.threads_per_worker: int | None = None
 
     def post(self, event: dict) -> None:
         self.events.append(event)
@@ -182,6 +185,12 @@ class ProgressBoard:
     def take(self) -> list[dict]:
         events, self.events = self.events, []
         return events
+
+    def set_threads(self, threads: int) -> None:
+        self.threads_per_worker = threads
+
+    def threads(self) -> int | None:
+        return self.threads_per_worker
 
 
 def board():

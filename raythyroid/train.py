@@ -468,6 +468,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     epoch_seconds = state.history[-1]["epoch_seconds"] if state.history else None
     while not state.finished and state.epoch < worker.config.epochs:
         epoch_started = time.time()
+        threads = follow_threads(worker.board)
         lr = _learning_rate(worker, state, epoch_seconds)
         if lr is None:
             break
@@ -479,7 +480,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
                "images_per_s": images_per_s, "epoch_seconds": epoch_seconds,
                "elapsed_seconds": time.time() - worker.started, "workers": worker.world,
-               "precision": "bf16" if worker.bf16 else "fp32"}
+               "threads": threads, "precision": "bf16" if worker.bf16 else "fp32"}
         if restored_from is not None:
             row["resumed_from_epoch"], restored_from = restored_from, None
         _record_epoch(worker, state, row, val, steps)
@@ -487,6 +488,24 @@ def train_loop_per_worker(cfg: dict) -> None:
         _report(worker, state, row)
     if not state.finished:
         _finish(worker, state)
+
+
+def follow_threads(board) -> int:
+    """The torch threads this worker runs for its next epoch: what the driver last posted to
+    the board, else what it runs now. cv starts its last folds while others still train; when
+    those finish, the folds left take their cores at the next epoch instead of training on one
+    thread beside an idle core to the end."""
+    import ray
+    import torch
+
+    if board is not None and hasattr(board, "threads"):  # a board of an older driver has none
+        try:
+            wanted = ray.get(board.threads.remote(), timeout=10)
+        except (ray.exceptions.RayError, TimeoutError):
+            wanted = None  # the count stays; the epoch goes on
+        if wanted and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+    return torch.get_num_threads()
 
 
 def _set_up(cfg: WorkerConfig, board=None) -> tuple[Worker, TrainState, int | None]:

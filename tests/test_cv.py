@@ -44,6 +44,45 @@ def test_a_failed_fold_keeps_waiting_folds_from_starting():
 
 
 
+def test_folds_left_training_take_the_cores_of_finished_folds():
+    """Five folds two at a time on 2 cores: one thread per worker while two folds run, both
+    cores for the last fold once the one beside it has finished, not one core idle to the end."""
+    heard, lock = [], threading.Lock()
+
+    def one_fold(k: int) -> dict:
+        time.sleep(0.05 * (k % 3))  # folds end in an order of their own
+        return {"fold": k}
+
+    def on_unfinished(n: int) -> None:
+        with lock:
+            heard.append(n)
+
+    assert cv._in_parallel(one_fold, folds=5, parallel=2, on_unfinished=on_unfinished) == [
+        {"fold": k} for k in range(5)]
+    assert heard == [4, 3, 2, 1, 0]
+    assert [cv.threads_per_worker(2, 1, 2, n) for n in heard] == [1, 1, 1, 2, 2]
+    # 16 cores, two workers per fold, three folds at a time: 2 threads each, then 4, then 8
+    assert [cv.threads_per_worker(16, 2, 3, n) for n in (5, 3, 2, 1)] == [2, 2, 4, 8]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_takes_the_threads_the_driver_posts(ray_local):
+    import torch
+
+    from raythyroid import telemetry
+
+    before = torch.get_num_threads()
+    board = telemetry.board()
+    try:
+        assert train.follow_threads(board) == before  # nothing posted: the count stays
+        wanted = 1 if before > 1 else 2
+        ray_local.get(board.set_threads.remote(wanted))
+        assert train.follow_threads(board) == wanted == torch.get_num_threads()
+        assert train.follow_threads(None) == wanted  # a run without a board keeps its count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_init_from_a_model_of_another_width_is_refused_with_the_flag():
     with pytest.raises(UserError, match="--base 16"):
         train.initial_weights(train.TrainConfig(base=8, init="ddti"))
@@ -81,6 +120,10 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
         # one epoch of a few AdamW steps moves a weight by about the learning rate each
         moved = (fold_model.down[0][0].weight - start.down[0][0].weight).abs().max()
         assert moved < 0.03 < (random - start.down[0][0].weight).abs().mean()
+        history = [json.loads(line) for line in
+                   storage.read_text(f"{run_uri}/fold-{k}/history.jsonl").splitlines()]
+        # the threads it trained with (one per worker here, more once a fold beside it ends)
+        assert all(1 <= row["threads"] <= max(1, os.cpu_count()) for row in history)
     assert "n_IoU" in cv.table(summary)
     check_fold_ensemble(run_uri, prepared, folds=2)
     page = storage.read_text(f"{run_uri}/report/index.html")  # the per-fold table and spread
