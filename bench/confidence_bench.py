@@ -5,7 +5,9 @@ frames no model of that fold saw), in original geometry with the fold's chosen i
 test split: the shipped ensemble segments frames no fold saw. For every frame, each candidate
 score is computed from what infer has in hand (the probability map and the mask) and
 compared with the frame's IoU: Spearman correlation, and the share of the failures (IoU < 0.5)
-that the least confident quarter holds.
+that the least confident quarter holds. The candidates: the scores infer has had, the flip TTA
+views' agreement, the ensemble members' agreement (test split only), and a logistic regression
+over all of them and the mask's shape, fit on the other folds (the tuning the folds allow).
 
     python bench/confidence_bench.py CV_RUN PREPARED [--model MODEL] [--record]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -24,33 +27,59 @@ from raythyroid.imaging import Geometry  # noqa: E402
 FAILURE_IOU = 0.5
 
 
-def probabilities(net, images: np.ndarray, tta: bool) -> np.ndarray:
-    """(N, H, W) nodule probabilities as infer computes them (an ensemble's mean, flip TTA)."""
+def views(net, images: np.ndarray) -> np.ndarray:
+    """(2, N, H, W): the nodule probabilities infer computes for the frames and for their mirror
+    images, mirrored back (flip TTA averages the two; an ensemble's are its members' mean)."""
     import torch
 
+    frames, cpu = torch.from_numpy(images), torch.device("cpu")
     with torch.no_grad():
-        return model.nodule_probability(net, torch.from_numpy(images), torch.device("cpu"),
-                                        flip_tta=tta).numpy()
+        return np.stack([
+            model.nodule_probability(net, frames, cpu).numpy(),
+            model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()])
 
 
-def frame_record(prob: np.ndarray, row: dict, post: postprocess.PostConfig,
-                 member_probs: np.ndarray | None = None) -> dict:
-    """One frame's IoU and every candidate score, in original geometry as infer has them;
-    with an ensemble's per-member probabilities also how far its members' masks agree."""
+def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta: bool,
+                 member_pairs: np.ndarray | None = None) -> dict:
+    """One frame's IoU and every candidate score, in original geometry as infer has them,
+    from its two views' probabilities (2, H, W); with an ensemble's per-member views also
+    how far its members' masks agree."""
     geometry = Geometry.from_dict(row["geometry"])
-    prob = geometry.restore(prob.astype(np.float16))  # infer keeps float16
+
+    def as_infer(views: np.ndarray) -> np.ndarray:  # infer keeps float16
+        return geometry.restore((views.mean(0) if tta else views[0]).astype(np.float16))
+
+    prob = as_infer(pair)
     mask = postprocess.clean_mask(prob, post)
     label = imaging.decode_png(row["full_mask"]) > 0
     counts = metrics.counts(label, mask)
     scores = {name: score(mask, prob, post.threshold) for name, score in CANDIDATES.items()}
-    if member_probs is not None:
-        members = [postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)
-                   for p in member_probs]
+    plain, mirrored = (postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
+                       for v in pair)
+    scores[FLIP_AGREEMENT] = _mask_iou(plain, mirrored) if plain.any() or mirrored.any() else 1.0
+    if member_pairs is not None:
+        members = [postprocess.clean_mask(as_infer(p), post) for p in member_pairs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
             _mask_iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
     return {"key": row["key"],
             "iou": metrics.image_iou(counts["tp"], counts["fp"], counts["fn"]),
-            "scores": scores}
+            "scores": scores, "shape": _shape(mask, prob, post.threshold)}
+
+
+def _shape(mask: np.ndarray, prob: np.ndarray, threshold: float) -> list[float]:
+    """What a learned score may use beside the scores: the strongest probability, the mask's
+    share of the frame (and its log), the regions above the threshold, how much of its box the
+    mask fills, its perimeter squared over its area."""
+    regions = cv2.connectedComponents((prob >= threshold).astype(np.uint8), connectivity=8)[0]
+    area = int(mask.sum())
+    fill = compactness = 0.0
+    if area:
+        ys, xs = np.nonzero(mask)
+        fill = area / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        compactness = float((mask & ~inner).sum()) ** 2 / area
+    return [float(prob.max()), area / mask.size, float(np.log(area / mask.size + 1e-4)),
+            float(regions - 1), fill, compactness]
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,8 +94,50 @@ def _mean_inside(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
 
 CANDIDATES = {"mean probability inside the mask (before)": _mean_inside,
               "soft IoU of mask and probabilities (now)": postprocess.confidence}
+# the mask of the frame against the mask of its mirror image (flip TTA's two views)
+FLIP_AGREEMENT = "IoU between the masks of the frame and of its mirror image"
 # only where an ensemble's members segment frames none of them trained on: the test split
 MEMBER_AGREEMENT = "mean IoU between the members' masks"
+
+
+LEARNED = "logistic regression on the scores above and the mask's shape, fit on other frames"
+
+
+def _features(record: dict, names: list[str]) -> list[float]:
+    return [record["scores"][n] for n in names] + record["shape"]
+
+
+def _fit_failure(x: np.ndarray, failed: np.ndarray, l2: float = 1.0):
+    """A logistic regression of failure on standardized features (gradient descent: a dozen
+    features, a few hundred frames); returns the learned score, high where it expects no
+    failure."""
+    mean, sd = x.mean(0), x.std(0) + 1e-9
+
+    def design(rows: np.ndarray) -> np.ndarray:
+        return np.column_stack([(rows - mean) / sd, np.ones(len(rows))])
+
+    z, w = design(x), np.zeros(x.shape[1] + 1)
+    for _ in range(3000):
+        p = 1 / (1 + np.exp(-z @ w))
+        w -= 0.5 * (z.T @ (p - failed) + l2 * np.r_[w[:-1], 0]) / len(x)
+    return lambda rows: -(design(rows) @ w)
+
+
+def add_learned(records: list[dict], folds: list[int], test: list[dict]) -> None:
+    """LEARNED for every out-of-fold frame from a fit on the other folds' frames (the tuning
+    the folds allow, measured where it was not fit), and for the test split from a fit on
+    every out-of-fold frame."""
+    names = list(records[0]["scores"])
+    x = np.array([_features(r, names) for r in records])
+    failed = np.array([r["iou"] < FAILURE_IOU for r in records], float)
+    folds = np.asarray(folds)
+    for held in np.unique(folds):
+        score = _fit_failure(x[folds != held], failed[folds != held])
+        for i, value in zip(np.nonzero(folds == held)[0], score(x[folds == held])):
+            records[i]["scores"][LEARNED] = float(value)
+    score = _fit_failure(x, failed)
+    for r, value in zip(test, score(np.array([_features(r, names) for r in test]))):
+        r["scores"][LEARNED] = float(value)
 
 
 def spearman(a, b) -> float:
@@ -107,16 +178,18 @@ def out_of_fold(cv_run: str, prepared: str, limit: int | None) -> list[dict]:
     k = len(folds_meta["folds"])
     seed = folds_meta.get("config", {}).get("seed", 0)
     case_fold = split.folds((r["case_id"] for r in rows), k, seed)
-    records = []
+    records, record_folds = [], []
     for fold in range(k):
         net, meta = model.load(storage.join(cv_run, f"fold-{fold}", "model"))
         held = [r for r in rows if case_fold[r["case_id"]] == fold][:limit]
         post = postprocess.PostConfig.from_model(meta)
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
-        prob = probabilities(net, images, bool(meta.get("tta")))
-        records += [frame_record(p, r, post) for p, r in zip(prob, held)]
+        pairs = views(net, images)
+        records += [frame_record(pairs[:, i], r, post, bool(meta.get("tta")))
+                    for i, r in enumerate(held)]
+        record_folds += [fold] * len(held)
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
-    return records
+    return records, record_folds
 
 
 def test_split(model_uri: str, prepared: str) -> list[dict]:
@@ -127,10 +200,12 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
     tta = bool(meta.get("tta"))
     if not isinstance(net, model.Ensemble):
-        return [frame_record(p, r, post) for p, r in zip(probabilities(net, images, tta), rows)]
+        pairs = views(net, images)
+        return [frame_record(pairs[:, i], r, post, tta) for i, r in enumerate(rows)]
     # the members one by one: their mean is exactly what the ensemble computes
-    members = np.stack([probabilities(m, images, tta) for m in net.members], axis=1)
-    return [frame_record(p.mean(0), r, post, p) for p, r in zip(members, rows)]
+    members = np.stack([views(m, images) for m in net.members])  # (M, 2, N, H, W)
+    return [frame_record(members[:, :, i].mean(0), r, post, tta, members[:, :, i])
+            for i, r in enumerate(rows)]
 
 
 def main() -> int:
@@ -142,8 +217,10 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
 
-    found = {"cross-validation, out of fold": out_of_fold(args.cv_run, args.prepared, args.limit),
-             "test split, the ensemble": test_split(args.model, args.prepared)}
+    held_out, folds = out_of_fold(args.cv_run, args.prepared, args.limit)
+    test = test_split(args.model, args.prepared)
+    add_learned(held_out, folds, test)
+    found = {"cross-validation, out of fold": held_out, "test split, the ensemble": test}
     lines = ["| frames | score | Spearman with IoU | failures in the least confident quarter "
              "| the most it could hold |", "|---|---|---|---|---|"]
     for where, records in found.items():
