@@ -169,6 +169,23 @@ def evaluate_scores(records: list[dict]) -> list[tuple[str, float, int, int, int
     return out
 
 
+BANDS = (0.0, 0.1, 0.3, 0.5, 0.7, 1.0)
+
+
+def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
+    """(IoU band, frames in it, how many the least confident quarter by `name` holds): where
+    the failures lie, and which of them the queue finds."""
+    iou = np.array([r["iou"] for r in records])
+    order = np.argsort([r["scores"][name] for r in records], kind="stable")
+    queued = np.zeros(len(records), bool)
+    queued[order[:max(1, int(round(len(records) / 4)))]] = True
+    out = []
+    for low, high in zip(BANDS, BANDS[1:]):
+        inside = (iou >= low) & ((iou < high) if high < 1 else (iou <= high))
+        out.append((f"{low:.1f}-{high:.1f}", int(inside.sum()), int((inside & queued).sum())))
+    return out
+
+
 def out_of_fold(cv_run: str, prepared: str, limit: int | None) -> list[dict]:
     import json
 
@@ -228,6 +245,12 @@ def main() -> int:
             lines.append(f"| {where} ({len(records)}) | {name} | {rho:.2f} | "
                          f"{caught} of {failures} ({caught / max(failures, 1):.0%}) | "
                          f"{ceiling} ({ceiling / max(failures, 1):.0%}) |")
+    now = "soft IoU of mask and probabilities (now)"
+    lines += ["", f"Out of fold, by IoU band: the frames, and those in the least confident "
+              f"quarter by the {now.split(' (')[0]}", "",
+              "| IoU | frames | in the quarter |", "|---|---|---|"]
+    lines += [f"| {band} | {frames} | {queued} |"
+              for band, frames, queued in by_band(held_out, now)]
     print("\n".join(lines))
     if args.record:
         from common import record

@@ -498,7 +498,7 @@ def follow_threads(board) -> int:
     import ray
     import torch
 
-    if board is not None and hasattr(board, "threads"):  # a board of an older driver has none
+    if board is not None:
         try:
             wanted = ray.get(board.threads.remote(), timeout=10)
         except (ray.exceptions.RayError, TimeoutError):
