@@ -7,7 +7,8 @@ score is computed from what infer has in hand (the probability map and the mask)
 compared with the frame's IoU: Spearman correlation, and the share of the failures (IoU < 0.5)
 that the least confident quarter holds. The candidates: the scores infer has had, the flip TTA
 views' agreement, the ensemble members' agreement (test split only), and a logistic regression
-over all of them and the mask's shape, fit on the other folds (the tuning the folds allow).
+over the out-of-fold scores and the mask's shape, fit on the other folds (the tuning the folds
+allow; for the test split, fit on every out-of-fold frame).
 
     python bench/confidence_bench.py CV_RUN PREPARED [--model MODEL] [--record]
 """
@@ -186,7 +187,9 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def out_of_fold(cv_run: str, prepared: str, limit: int | None) -> list[dict]:
+def out_of_fold(cv_run: str, prepared: str, limit: int | None
+                ) -> tuple[list[dict], list[int]]:
+    """Every held-out frame's record, and the fold that held it out."""
     import json
 
     manifest = shards.read_manifest(prepared)

@@ -28,7 +28,9 @@ def mean_sd(values: list[float]) -> str:
 def fold_table(before: dict, after: dict, names: list[str]) -> list[str]:
     """Validation at each fold's last epoch (cv's own figure: no selection on the fold)."""
     a, b = ({r["fold"]: r for r in run["folds"]} for run in (before, after))
-    if sorted(a) != sorted(b) or any(a[k]["val_images"] != b[k]["val_images"] for k in a):
+    dealt = [(run["k"], run.get("config", {}).get("seed")) for run in (before, after)]
+    if (dealt[0] != dealt[1] or sorted(a) != sorted(b)
+            or any(a[k]["val_images"] != b[k]["val_images"] for k in a)):
         raise SystemExit("cv_compare: the two runs' folds differ (another --folds, seed or "
                          "data): their folds do not pair")
     lines = [f"| fold | val frames | n_IoU, {names[0]} | n_IoU, {names[1]} | change | "

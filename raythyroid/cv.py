@@ -69,7 +69,10 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
 
     def share_cores(unfinished: int) -> None:
         threads["now"] = threads_per_worker(total_cpus, workers, parallel, unfinished)
-        board.set_threads.remote(threads["now"])
+        try:  # best effort: a job stopping may have left Ray already
+            board.set_threads.remote(threads["now"])
+        except Exception:
+            pass
 
     share_cores(folds)
     log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads['now']} "

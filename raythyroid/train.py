@@ -15,6 +15,7 @@ plus the epoch history, so the latest checkpoint alone is enough to resume or to
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -503,9 +504,28 @@ def follow_threads(board) -> int:
             wanted = ray.get(board.threads.remote(), timeout=10)
         except (ray.exceptions.RayError, TimeoutError):
             wanted = None  # the count stays; the epoch goes on
+        if wanted:
+            # the driver counts the cluster's CPUs; this node may have fewer
+            wanted = min(wanted, _cores_here())
         if wanted and wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
     return torch.get_num_threads()
+
+
+@functools.cache
+def _cores_here() -> int:
+    """This worker's share of its node's Ray CPUs: the node's over the run's workers on it."""
+    import ray
+    import ray.train
+
+    here = ray.get_runtime_context().get_node_id()
+    cpus = next((node["Resources"].get("CPU", 1.0) for node in ray.nodes()
+                 if node["NodeID"] == here), 1.0)
+    try:
+        beside = ray.train.get_context().get_local_world_size()
+    except RuntimeError:  # not inside a training function: nothing shares the node's CPUs
+        beside = 1
+    return max(1, int(cpus // beside))
 
 
 def _set_up(cfg: WorkerConfig, board=None) -> tuple[Worker, TrainState, int | None]:
