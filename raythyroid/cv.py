@@ -57,25 +57,14 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     # what only validation reads (original-geometry labels) stays out of training folds
     scoring_only = [c for c in train.FULL_COLUMNS if c in pooled.columns()]
 
-    total_cpus = runtime.cluster_cpus()
-    total_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     if cpus_per_worker is None:
         cpus_per_worker = 1.0
     per_fold = workers * (1.0 if gpu else cpus_per_worker)
-    capacity = total_gpus if gpu else total_cpus
+    capacity = float(ray.cluster_resources().get("GPU", 0.0)) if gpu else runtime.cluster_cpus()
     parallel = max(1, min(folds, int(capacity // per_fold)))
     board = telemetry.board()
-    threads = {"now": 0}
-
-    def share_cores(unfinished: int) -> None:
-        threads["now"] = threads_per_worker(total_cpus, workers, parallel, unfinished)
-        try:  # best effort: a job stopping may have left Ray already
-            board.set_threads.remote(threads["now"])
-        except Exception:
-            pass
-
-    share_cores(folds)
-    log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads['now']} "
+    threads = CoreShare(board, runtime.cluster_cpus(), workers, parallel, folds)
+    log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads.now} "
         f"thread(s), more as folds finish")
     relay = _relay(progress, log, config, key_fold, folds, workers, parallel)
 
@@ -94,7 +83,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
         train.check_resume(fold_uri, fold_config)
         state = train.finished_state(fold_uri) or train.fit(
             datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker, time.time(),
-            log=lambda *_: None, threads=threads["now"], board=board, fold=k)
+            log=lambda *_: None, threads=threads.now, board=board, fold=k)
         train.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
         result = dict(_fold_metrics(state), fold=k,
                       val_images=int(datasets["val"].count()))
@@ -104,7 +93,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
         return result
 
     results = telemetry.run_watched(
-        lambda: _in_parallel(one_fold, folds, parallel, share_cores), board, relay)
+        lambda: _in_parallel(one_fold, folds, parallel, threads), board, relay)
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
     for which in ("last", "best"):
         for key in ("n_iou", "n_iou_per_image", "dice"):
@@ -170,6 +159,24 @@ def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, para
         rounds = -(-folds // parallel)
         progress.deadline = time.time() + 60 * config.time_limit_min * rounds
     return relay
+
+
+class CoreShare:
+    """Called with the folds left whenever one ends: sets `now`, the torch threads per worker
+    for the folds training now and next, and posts it to the board the workers read every
+    epoch."""
+
+    def __init__(self, board, cpus: float, workers: int, parallel: int, folds: int):
+        self.board, self.cpus, self.workers, self.parallel = board, cpus, workers, parallel
+        self.now = 0
+        self(folds)
+
+    def __call__(self, unfinished: int) -> None:
+        self.now = threads_per_worker(self.cpus, self.workers, self.parallel, unfinished)
+        try:  # best effort: a job stopping may have left Ray already
+            self.board.set_threads.remote(self.now)
+        except Exception:
+            pass
 
 
 def threads_per_worker(cpus: float, workers: int, parallel: int, unfinished: int) -> int:
