@@ -68,19 +68,18 @@ def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta:
 
 
 def _shape(mask: np.ndarray, prob: np.ndarray, threshold: float) -> list[float]:
-    """What a learned score may use beside the scores: the strongest probability, the mask's
-    share of the frame (and its log), the regions above the threshold, how much of its box the
-    mask fills, its perimeter squared over its area."""
-    regions = cv2.connectedComponents((prob >= threshold).astype(np.uint8), connectivity=8)[0]
-    area = int(mask.sum())
+    """What a learned score may use beside the scores: the results row infer writes for the
+    mask (area as a share of the frame and its log, components, aspect ratio, how much of its
+    box it fills), the strongest probability, and the outline's length squared over the area."""
+    row = postprocess.describe(mask, prob, None, threshold)
+    share = row["area_px"] / mask.size
     fill = compactness = 0.0
-    if area:
-        ys, xs = np.nonzero(mask)
-        fill = area / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    if row["area_px"]:
+        fill = row["area_px"] / (row["bbox_w"] * row["bbox_h"])
         inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        compactness = float((mask & ~inner).sum()) ** 2 / area
-    return [float(prob.max()), area / mask.size, float(np.log(area / mask.size + 1e-4)),
-            float(regions - 1), fill, compactness]
+        compactness = float((mask & ~inner).sum()) ** 2 / row["area_px"]
+    return [share, float(np.log(share + 1e-4)), float(row["n_components"]),
+            row["aspect_ratio"] or 0.0, fill, float(prob.max()), compactness]
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -155,18 +154,25 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
+def least_confident_quarter(records: list[dict], name: str) -> np.ndarray:
+    """Which frames the review queue's first quarter holds when `name` orders it."""
+    order = np.argsort([r["scores"][name] for r in records], kind="stable")
+    queued = np.zeros(len(records), bool)
+    queued[order[:max(1, int(round(len(records) / 4)))]] = True
+    return queued
+
+
 def evaluate_scores(records: list[dict]) -> list[tuple[str, float, int, int, int]]:
     """(name, Spearman with IoU, failures in the least confident quarter, failures, the most
     the quarter can hold)."""
     iou = np.array([r["iou"] for r in records])
     failures = iou < FAILURE_IOU
-    quarter = max(1, int(round(len(records) / 4)))
     out = []
     for name in records[0]["scores"]:
-        values = np.array([r["scores"][name] for r in records])
-        order = np.argsort(values, kind="stable")  # least confident first
-        out.append((name, spearman(values, iou), int(failures[order[:quarter]].sum()),
-                    int(failures.sum()), min(quarter, int(failures.sum()))))
+        queued = least_confident_quarter(records, name)
+        out.append((name, spearman([r["scores"][name] for r in records], iou),
+                    int((failures & queued).sum()), int(failures.sum()),
+                    min(int(queued.sum()), int(failures.sum()))))
     return out
 
 
@@ -177,9 +183,7 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     """(IoU band, frames in it, how many the least confident quarter by `name` holds): where
     the failures lie, and which of them the queue finds."""
     iou = np.array([r["iou"] for r in records])
-    order = np.argsort([r["scores"][name] for r in records], kind="stable")
-    queued = np.zeros(len(records), bool)
-    queued[order[:max(1, int(round(len(records) / 4)))]] = True
+    queued = least_confident_quarter(records, name)
     out = []
     for low, high in zip(BANDS, BANDS[1:]):
         inside = (iou >= low) & ((iou < high) if high < 1 else (iou <= high))

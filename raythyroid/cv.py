@@ -60,10 +60,11 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     if cpus_per_worker is None:
         cpus_per_worker = 1.0
     per_fold = workers * (1.0 if gpu else cpus_per_worker)
-    capacity = float(ray.cluster_resources().get("GPU", 0.0)) if gpu else runtime.cluster_cpus()
+    cpus = runtime.cluster_cpus()
+    capacity = float(ray.cluster_resources().get("GPU", 0.0)) if gpu else cpus
     parallel = max(1, min(folds, int(capacity // per_fold)))
     board = telemetry.board()
-    threads = CoreShare(board, runtime.cluster_cpus(), workers, parallel, folds)
+    threads = CoreShare(board, cpus, workers, parallel, folds)
     log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads.now} "
         f"thread(s), more as folds finish")
     relay = _relay(progress, log, config, key_fold, folds, workers, parallel)
