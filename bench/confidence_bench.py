@@ -62,7 +62,7 @@ def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta:
         members = [postprocess.clean_mask(as_infer(p), post) for p in member_pairs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
             _mask_iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
-    return {"key": row["key"],
+    return {"key": row["key"], "counts": counts,
             "iou": metrics.image_iou(counts["tp"], counts["fp"], counts["fn"]),
             "scores": scores, "shape": _shape(mask, prob, post.threshold)}
 
@@ -138,6 +138,16 @@ def add_learned(records: list[dict], folds: list[int], test: list[dict]) -> None
     score = _fit_failure(x, failed)
     for r, value in zip(test, score(np.array([_features(r, names) for r in test]))):
         r["scores"][LEARNED] = float(value)
+
+
+def pooled(records: list[dict]) -> dict:
+    """The frames' metrics as one set (their counts summed): the figure a pooled score on new
+    frames estimates."""
+    whole = metrics.Totals()
+    for r in records:
+        whole.add_counts(r["counts"]["tp"], r["counts"]["fp"], r["counts"]["fn"],
+                         r["counts"]["tn"])
+    return whole.metrics()
 
 
 def spearman(a, b) -> float:
@@ -252,6 +262,11 @@ def main() -> int:
             lines.append(f"| {where} ({len(records)}) | {name} | {rho:.2f} | "
                          f"{caught} of {failures} ({caught / max(failures, 1):.0%}) | "
                          f"{ceiling} ({ceiling / max(failures, 1):.0%}) |")
+    lines += ["", "| frames | pooled n_IoU | n_IoU/img |", "|---|---|---|"]
+    for where, records in found.items():
+        whole = pooled(records)
+        lines.append(f"| {where} ({len(records)}) | {whole['n_iou']:.4f} | "
+                     f"{whole['n_iou_per_image']:.4f} |")
     now = "soft IoU of mask and probabilities (now)"
     lines += ["", f"Out of fold, by IoU band: the frames, and those in the least confident "
               f"quarter by the {now.split(' (')[0]}", "",

@@ -20,6 +20,20 @@ DATA = "DDTI (../shared/data/ddti: 300 frames of 248 patients, 297 after removin
 PRETRAIN_DATA = "TG3K (../shared/data/tg3k: 3,585 thyroid-gland frames)"
 
 
+def pooled_sentence(cv: dict) -> str:
+    """The out-of-fold frames scored as one set (cv.json from a cv that kept the folds'
+    confusion totals): what to hold against a pooled score on new frames."""
+    last, chosen = cv.get("last_pooled"), cv.get("inference_pooled")
+    if not (last and chosen):
+        return ""
+    frames = sum(r["val_images"] for r in cv["folds"])
+    return f"""
+
+Pooled over all {frames} out-of-fold frames as one set (each frame weighs by its pixels, as in a
+pooled score on new frames): n_IoU {last['n_iou']:.4f} at the last epochs; {chosen['n_iou']:.4f}
+for the members as shipped with the ensemble's inference (optimistic by the same selection)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
@@ -94,6 +108,7 @@ def main() -> None:
         f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "")
     pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
                      f"(two workers)" if pretrained else "")
+    pooled_text = pooled_sentence(cv)
     card = f"""# raythyroid model `ddti`: thyroid nodule segmentation in ultrasound frames
 
 {headline}.
@@ -155,7 +170,7 @@ Mean ± spread (population standard deviation) over folds: n_IoU {cv['last_n_iou
 {cv['last_n_iou_std']:.4f}, n_IoU/img {cv['last_n_iou_per_image_mean']:.4f} ±
 {cv['last_n_iou_per_image_std']:.4f}. The members are each fold's best-epoch weights, chosen on
 that fold's own validation cases, so their figure ({cv['best_n_iou_mean']:.4f} ±
-{cv['best_n_iou_std']:.4f}) is a little optimistic; the last-epoch one is not.
+{cv['best_n_iou_std']:.4f}) is a little optimistic; the last-epoch one is not.{pooled_text}
 
 The ensemble cannot be scored on the folds that trained it; the test split scores it
 ({test['images']} frames, original geometry, against the original masks, pooled over pixels):

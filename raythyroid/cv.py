@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 
-from . import report, runtime, shards, split, stopping, storage, telemetry, train
+from . import metrics, report, runtime, shards, split, stopping, storage, telemetry, train
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
@@ -22,11 +22,23 @@ REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
 
 def _fold_metrics(state: train.TrainState) -> dict:
     """The fold's validation metrics at its last epoch (no selection on the fold itself) and
-    at its best epoch."""
+    at its best epoch, with the confusion totals behind each (for the pooled figures)."""
     last = state.history[-1]
+    best_row = next((r for r in state.history if r["epoch"] == state.best["epoch"]), {})
     return {"last": {k: last.get(f"val_{k}") for k in REPORTED},
             "best": {k: state.best["val"].get(k) for k in REPORTED},
+            "last_totals": last.get("val_totals"), "best_totals": best_row.get("val_totals"),
             "best_epoch": state.best["epoch"], "epochs": state.epoch}
+
+
+def pooled_metrics(totals: list) -> dict | None:
+    """Metrics of the folds' validation frames taken as one set: their confusion totals summed
+    (exact), None unless every fold has them. Pooled n_IoU weighs each frame by its pixels, as
+    a pooled score on new frames does; the mean over folds weighs every fold alike."""
+    if not totals or any(t is None for t in totals):
+        return None
+    summed = metrics.Totals.from_vector([sum(values) for values in zip(*totals)])
+    return {k: v for k, v in summed.metrics().items() if k in REPORTED}
 
 
 def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, workers: int = 1,
@@ -95,20 +107,31 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
 
     results = telemetry.run_watched(
         lambda: _in_parallel(one_fold, folds, parallel, threads), board, relay)
+    summary = summarize(results, folds, data, config)
+    inference = save_ensemble(run_uri, folds, summary)
+    summary["inference_pooled"] = inference["pooled"]
+    storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
+    log(table(summary))
+    log(f"cv: the {folds} fold models as one ensemble in {storage.join(run_uri, 'model')} "
+        f"(tta={inference['tta']}, threshold={inference['threshold']}, keep_largest="
+        f"{inference['keep_largest']}: the best mean validation n_IoU over the folds, "
+        f"{inference['mean_val_n_iou']:.4f}"
+        + (f"; pooled over their frames {inference['pooled']['n_iou']:.4f}, each fold's model "
+           f"at the epoch its own frames chose" if inference["pooled"] else "") + ")")
+    log(f"cv: report: {report.write_at_end(run_uri)}")
+    return summary
+
+
+def summarize(results: list[dict], folds: int, data: str, config: train.TrainConfig) -> dict:
+    """cv.json: the folds, the mean and spread of their figures, and the figures of all their
+    validation frames pooled."""
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
     for which in ("last", "best"):
         for key in ("n_iou", "n_iou_per_image", "dice"):
             values = [r[which][key] for r in results if r[which][key] is not None]
             summary[f"{which}_{key}_mean"] = statistics.fmean(values) if values else None
             summary[f"{which}_{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-    storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
-    log(table(summary))
-    inference = save_ensemble(run_uri, folds, summary)
-    log(f"cv: the {folds} fold models as one ensemble in {storage.join(run_uri, 'model')} "
-        f"(tta={inference['tta']}, threshold={inference['threshold']}, keep_largest="
-        f"{inference['keep_largest']}: the best mean validation n_IoU over the folds, "
-        f"{inference['mean_val_n_iou']:.4f})")
-    log(f"cv: report: {report.write_at_end(run_uri)}")
+        summary[f"{which}_pooled"] = pooled_metrics([r.get(f"{which}_totals") for r in results])
     return summary
 
 
@@ -124,29 +147,34 @@ def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
 
     loaded = [model_lib.load(storage.join(run_uri, f"fold-{k}", "model")) for k in range(folds)]
     scores: dict[tuple, list[float]] = {}
+    totals: dict[tuple, list] = {}
     for _, meta in loaded:
         for v in meta["training"]["inference_variants"]:
-            scores.setdefault((v["tta"], v["threshold"], v["keep_largest"]), []).append(
-                v["val_n_iou"])
+            variant = (v["tta"], v["threshold"], v["keep_largest"])
+            scores.setdefault(variant, []).append(v["val_n_iou"])
+            totals.setdefault(variant, []).append(v.get("val_totals"))
     # only variants every fold scored (folds kept from an older version may have fewer)
     scores = {variant: values for variant, values in scores.items() if len(values) == folds}
     (tta, threshold, keep), best = max(scores.items(), key=lambda item: statistics.fmean(item[1]))
+    chosen_pooled = pooled_metrics(totals[(tta, threshold, keep)])
     first = loaded[0][1]
     model_lib.save_ensemble([net for net, _ in loaded], storage.join(run_uri, "model"), {
         "prep": first["prep"], "classes": first["classes"], "threshold": threshold,
         "tta": tta, "postprocess": {"keep_largest": keep},
         "training": {"config": summary["config"], "cross_validation": {
             "folds": folds, "data": summary["data"],
-            **{k: v for k, v in summary.items() if k.endswith(("_mean", "_std"))},
+            **{k: v for k, v in summary.items() if k.endswith(("_mean", "_std", "_pooled"))},
+            "inference_pooled": chosen_pooled,
             "inference_variants": [
                 {"tta": t, "threshold": th, "keep_largest": kl,
-                 "mean_val_n_iou": statistics.fmean(values), "val_n_iou_by_fold": values}
+                 "mean_val_n_iou": statistics.fmean(values), "val_n_iou_by_fold": values,
+                 "pooled_val_n_iou": (pooled_metrics(totals[(t, th, kl)]) or {}).get("n_iou")}
                 for (t, th, kl), values in scores.items()]}},
         "data": first["data"],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     return {"tta": tta, "threshold": threshold, "keep_largest": keep,
-            "mean_val_n_iou": statistics.fmean(best)}
+            "mean_val_n_iou": statistics.fmean(best), "pooled": chosen_pooled}
 
 
 def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, parallel: int):
@@ -235,6 +263,10 @@ def table(summary: dict) -> str:
                  f"{summary['last_n_iou_per_image_mean'] or 0:9.4f} |")
     lines.append(f"{'std':>5} | {summary['last_n_iou_std']:7.4f} | "
                  f"{summary['last_n_iou_per_image_std']:9.4f} |")
+    whole = summary.get("last_pooled")
+    if whole:  # every fold's frames as one set
+        lines.append(f"{'pooled':>5} | {whole['n_iou']:7.4f} | {whole['n_iou_per_image'] or 0:9.4f}"
+                     f" | {whole['dice']:7.4f}")
     return "\n".join(lines)
 
 

@@ -273,6 +273,11 @@ def write_cv(run_uri: str) -> str:
         rows.append([name, "", "", ""] + [_number(summary.get(f"{when}_{key}_{pick}"))
                                           for when in ("last", "best")
                                           for key in ("n_iou", "n_iou_per_image", "dice")])
+    if summary.get("last_pooled"):  # cv.json from before the folds kept their totals has none
+        rows.append(["pooled", sum(f.get("val_images") or 0 for f in summary["folds"]), "", ""]
+                    + [_number((summary.get(f"{when}_pooled") or {}).get(key))
+                       for when in ("last", "best")
+                       for key in ("n_iou", "n_iou_per_image", "dice")])
     header = ["fold", "val frames", "epochs", "best epoch", "last n_IoU", "last n_IoU/img",
               "last Dice", "best n_IoU", "best n_IoU/img", "best Dice"]
     histories = {f"fold {fold['fold']}": _read_lines(storage.join(
@@ -281,7 +286,8 @@ def write_cv(run_uri: str) -> str:
     sections = [f"<h2>{html.escape(str(summary['k']))}-fold cross-validation</h2>"
                 f"<p class=\"note\">data: {html.escape(str(summary.get('data')))}; each fold "
                 f"validates on cases no other fold has; last: the fold's final epoch (no "
-                f"selection on the fold itself), best: its best epoch</p>"
+                f"selection on the fold itself), best: its best epoch; pooled: every fold's "
+                f"frames scored as one set (each frame weighs by its pixels)</p>"
                 + _table(rows, header),
                 "<img class=\"plot\" src=\"folds.png\" alt=\"validation n_IoU by epoch, one "
                 "line per fold\">"]

@@ -253,19 +253,22 @@ def _lr_factor(schedule: str, progress: float) -> float:
 
 
 def evaluate(net, dataset, rank: int, world: int, device, bf16: bool, batch_size: int,
-             tta: bool = False, post: dict | None = None) -> dict:
+             tta: bool = False, post: dict | None = None, with_totals: bool = False) -> dict:
     """This worker's share of a split -> all-reduced metrics over the whole split.
 
     Without `post` a pixel is nodule where its probability is >= 0.5 (fast, every epoch);
     with it, masks go through infer's post-processing (postprocess.clean_mask) first.
     """
     return evaluate_variants(net, dataset, rank, world, device, bf16, batch_size, tta,
-                             [post])[0]
+                             [post], with_totals)[0]
 
 
 def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
-                      batch_size: int, tta: bool, posts: list) -> list[dict]:
+                      batch_size: int, tta: bool, posts: list, with_totals: bool = False
+                      ) -> list[dict]:
     """Like evaluate, for several post-processing settings at the price of one model pass.
+    With `with_totals` each result also carries its metrics.Totals vector under "totals":
+    what cv sums over its folds into pooled out-of-fold figures.
 
     Where the split carries original-geometry labels, each prediction is first mapped back to
     its frame (float16 probabilities, as infer keeps them) and scored there, exactly as infer
@@ -293,7 +296,11 @@ def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
     reduced = torch.tensor([t.to_vector() for t in totals], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(reduced)
-    return [metrics.Totals.from_vector(row).metrics() for row in reduced.tolist()]
+    scored = [metrics.Totals.from_vector(row).metrics() for row in reduced.tolist()]
+    if with_totals:
+        for result, row in zip(scored, reduced.tolist()):
+            result["totals"] = row
+    return scored
 
 
 def _scored_pairs(batch: dict, mine: np.ndarray, prob: np.ndarray):
@@ -321,9 +328,9 @@ def choose_inference(net, val_set, rank, world, device, bf16, batch_size) -> dic
     scored = []
     for tta in (False, True):
         results = evaluate_variants(net, val_set, rank, world, device, bf16, batch_size, tta,
-                                    posts)
+                                    posts, with_totals=True)
         scored += [{"tta": tta, **post, "val_n_iou": r["n_iou"],
-                    "val_n_iou_per_image": r["n_iou_per_image"]}
+                    "val_n_iou_per_image": r["n_iou_per_image"], "val_totals": r["totals"]}
                    for post, r in zip(posts, results)]
     best = max(scored, key=lambda v: v["val_n_iou"])  # the first of equals
     return {"tta": best["tta"],
@@ -476,7 +483,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         epoch = state.epoch + 1
         train_loss, steps, images_per_s = _train_epoch(worker, epoch, lr)
         val = evaluate(worker.scored, worker.val_set, worker.rank, worker.world, worker.device,
-                       worker.bf16, worker.config.batch_size * 2)
+                       worker.bf16, worker.config.batch_size * 2, with_totals=True)
         epoch_seconds = time.time() - epoch_started
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
                "images_per_s": images_per_s, "epoch_seconds": epoch_seconds,
@@ -674,7 +681,8 @@ def _record_epoch(worker: Worker, state: TrainState, row: dict, val: dict, steps
     """The epoch into the history, the best weights so far, and the gauges."""
     from . import model as model_lib
 
-    row.update({f"val_{k}": v for k, v in val.items() if k != "hist"})
+    row.update({f"val_{k}": v for k, v in val.items() if k != "hist"})  # totals included
+    val = {k: v for k, v in val.items() if k != "totals"}
     if math.isnan(row["train_loss"]):
         row["diverged"] = True
     if state.best is None or val["n_iou"] > state.best["val"]["n_iou"]:

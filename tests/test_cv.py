@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from raythyroid import cv, model, runtime, split, storage, train
+from raythyroid import cv, metrics, model, runtime, split, storage, train
 from raythyroid.errors import UserError
 
 
@@ -110,8 +110,22 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
         values = [r["last"][key] for r in summary["folds"]]
         assert summary[f"last_{key}_mean"] == pytest.approx(sum(values) / 2)
         assert summary[f"last_{key}_std"] == pytest.approx(statistics.pstdev(values))
+    # every fold's frames as one set: the folds' confusion totals summed, each fold's own
+    # totals giving back its figures; a pixel-weighted mean lies between the folds' figures
+    for which in ("last", "best"):
+        folds_totals = [metrics.Totals.from_vector(r[f"{which}_totals"])
+                        for r in summary["folds"]]
+        for r, totals in zip(summary["folds"], folds_totals):
+            assert totals.metrics()["n_iou"] == pytest.approx(r[which]["n_iou"])
+        assert sum(t.images for t in folds_totals) == 85 + 21
+        whole = summary[f"{which}_pooled"]
+        assert whole["n_iou"] == pytest.approx(sum(folds_totals[1:], folds_totals[0]).metrics()[
+            "n_iou"])
+        assert min(r[which]["n_iou"] for r in summary["folds"]) <= whole["n_iou"] \
+            <= max(r[which]["n_iou"] for r in summary["folds"])
+    assert "pooled" in cv.table(summary)
     saved = json.loads(storage.read_text(f"{run_uri}/cv.json"))
-    assert saved["k"] == 2
+    assert saved["k"] == 2 and saved["last_pooled"] == summary["last_pooled"]
     start, _ = model.load(model.resolve("ddti"), first_member_only=True)
     random = model.build(start.config).down[0][0].weight
     cpus = runtime.cluster_cpus()
@@ -169,3 +183,8 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
     assert (meta["tta"], meta["threshold"], meta["postprocess"]["keep_largest"]) == (
         chosen["tta"], chosen["threshold"], chosen["keep_largest"])
     assert all(len(v["val_n_iou_by_fold"]) == folds for v in variants)
+    # the chosen inference over every fold's frames at once
+    assert meta["training"]["cross_validation"]["inference_pooled"]["n_iou"] == pytest.approx(
+        chosen["pooled_val_n_iou"])
+    assert min(chosen["val_n_iou_by_fold"]) <= chosen["pooled_val_n_iou"] \
+        <= max(chosen["val_n_iou_by_fold"])
