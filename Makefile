@@ -48,7 +48,7 @@ debian-tools:
 	else echo "not root: $$missing missing, not installed (their tests will skip)"; fi
 
 test: $(STAMP) $(PROMETHEUS) debian-tools
-	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/raythyroid demo $(DEMO_DIR)
