@@ -30,15 +30,16 @@ SECOND_STAGE_SIZES = (256, 384, 512)
 
 
 def frame_room(image: np.ndarray, mask: np.ndarray, size: int, margin: float
-               ) -> tuple[float, float, int]:
-    """(the square's side over the scan region's larger side, the second stage's resolution
-    over the first's at `size` px, nodule pixels)."""
+               ) -> tuple[float, float, float, int]:
+    """(the nodule's larger side and the square's, each over the scan region's larger side,
+    the second stage's resolution over the first's at `size` px, nodule pixels)."""
     _, region = imaging.prepare(image, PrepConfig(size=size))
     rows, cols = np.nonzero(mask)
     nodule_side = max(np.ptp(rows), np.ptp(cols)) + 1
     square = min(math.ceil(nodule_side * (1 + 2 * margin)), max(region.w, region.h))
     region_side = max(region.w, region.h)
-    return square / region_side, region_side / square, int(mask.sum())
+    return (nodule_side / region_side, square / region_side, region_side / square,
+            int(mask.sum()))
 
 
 def main() -> int:
@@ -60,10 +61,11 @@ def main() -> int:
         if mask.any():
             found.append(frame_room(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), mask,
                                     args.size, args.margin))
-    share, gain, pixels = (np.array(column, float) for column in zip(*found))
-    quartiles = np.percentile(share, [25, 50, 75])
-    lines = [f"{len(found)} frames with a nodule; the square around it over the scan region's "
-             f"side: quartiles {quartiles[0]:.2f}, {quartiles[1]:.2f}, {quartiles[2]:.2f}", "",
+    nodule, square, gain, pixels = (np.array(column, float) for column in zip(*found))
+    nodule_q, square_q = np.percentile(nodule, [25, 50, 75]), np.percentile(square, [25, 50, 75])
+    lines = [f"{len(found)} frames with a nodule; over the scan region's larger side, the "
+             f"nodule's larger side: quartiles {', '.join(f'{q:.2f}' for q in nodule_q)}; the "
+             f"square around it with the margin: {', '.join(f'{q:.2f}' for q in square_q)}", "",
              "| second stage input | median resolution over the first stage | "
              + " | ".join(f"nodule pixels in frames gaining >= {g}x" for g in GAINS) + " |",
              "|---|---|" + "---|" * len(GAINS)]

@@ -266,7 +266,7 @@ def main() -> int:
     for where, records in found.items():
         whole = pooled(records)
         lines.append(f"| {where} ({len(records)}) | {whole['n_iou']:.4f} | "
-                     f"{whole['n_iou_per_image']:.4f} |")
+                     f"{whole['n_iou_per_image'] or 0:.4f} |")
     now = "soft IoU of mask and probabilities (now)"
     lines += ["", f"Out of fold, by IoU band: the frames, and those in the least confident "
               f"quarter by the {now.split(' (')[0]}", "",

@@ -31,7 +31,8 @@ def pooled_sentence(cv: dict) -> str:
 
 Pooled over all {frames} out-of-fold frames as one set (each frame weighs by its pixels, as in a
 pooled score on new frames): n_IoU {last['n_iou']:.4f} at the last epochs; {chosen['n_iou']:.4f}
-for the members as shipped with the ensemble's inference (optimistic by the same selection)."""
+for the members as shipped with the ensemble's inference (a little high: their epochs and that
+inference were chosen on these same frames)."""
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ The train and val splits of a preprocess output are pooled (the test split stays
 cases are dealt into k folds, and each fold trains on the others and validates on itself. Folds
 run concurrently as far as the cluster's CPUs (or GPUs) allow; Ray queues the rest. RUN gets
 fold-<i>/ (checkpoints, model/, history.jsonl, fold.json) per fold and cv.json with the mean and
-spread of n_iou and n_iou_per_image.
+spread of n_iou and n_iou_per_image, and the same figures pooled over every fold's validation
+frames (the folds' confusion totals summed).
 """
 from __future__ import annotations
 
@@ -108,6 +109,8 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     results = telemetry.run_watched(
         lambda: _in_parallel(one_fold, folds, parallel, threads), board, relay)
     summary = summarize(results, folds, data, config)
+    # written before the ensemble too: a RUN with model/ but no cv.json would pass for a train run
+    storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     inference = save_ensemble(run_uri, folds, summary)
     summary["inference_pooled"] = inference["pooled"]
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
@@ -253,20 +256,20 @@ def _in_parallel(one_fold, folds: int, parallel: int, on_unfinished=None) -> lis
 
 def table(summary: dict) -> str:
     lines = [f"{summary['k']}-fold cross-validation (validation metrics at each fold's last "
-             f"epoch)", f"{'fold':>5} | {'n_IoU':>7} | {'n_IoU/img':>9} | {'Dice':>7}",
-             "-" * 38]
+             f"epoch)", f"{'fold':>6} | {'n_IoU':>7} | {'n_IoU/img':>9} | {'Dice':>7}",
+             "-" * 39]
     for r in summary["folds"]:
         last = r["last"]
-        lines.append(f"{r['fold']:>5} | {last['n_iou']:7.4f} | "
+        lines.append(f"{r['fold']:>6} | {last['n_iou']:7.4f} | "
                      f"{(last['n_iou_per_image'] or 0):9.4f} | {last['dice']:7.4f}")
-    lines.append(f"{'mean':>5} | {summary['last_n_iou_mean']:7.4f} | "
+    lines.append(f"{'mean':>6} | {summary['last_n_iou_mean']:7.4f} | "
                  f"{summary['last_n_iou_per_image_mean'] or 0:9.4f} |")
-    lines.append(f"{'std':>5} | {summary['last_n_iou_std']:7.4f} | "
+    lines.append(f"{'std':>6} | {summary['last_n_iou_std']:7.4f} | "
                  f"{summary['last_n_iou_per_image_std']:9.4f} |")
     whole = summary.get("last_pooled")
     if whole:  # every fold's frames as one set
-        lines.append(f"{'pooled':>5} | {whole['n_iou']:7.4f} | {whole['n_iou_per_image'] or 0:9.4f}"
-                     f" | {whole['dice']:7.4f}")
+        lines.append(f"{'pooled':>6} | {whole['n_iou']:7.4f} | "
+                     f"{whole['n_iou_per_image'] or 0:9.4f} | {whole['dice']:7.4f}")
     return "\n".join(lines)
 
 

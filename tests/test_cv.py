@@ -65,6 +65,55 @@ def test_folds_left_training_take_the_cores_of_finished_folds():
     assert [cv.threads_per_worker(16, 2, 3, n) for n in (5, 3, 2, 1)] == [2, 2, 4, 8]
 
 
+def fold_rows(*vectors) -> list[dict]:
+    """History rows as training writes them, one per epoch, from Totals vectors (None: a row
+    from before rows kept their totals)."""
+    rows = []
+    for epoch, vector in enumerate(vectors, 1):
+        scored = metrics.Totals.from_vector(vector).metrics() if vector else {"n_iou": 0.5}
+        row = {"epoch": epoch, **{f"val_{k}": scored.get(k) for k in cv.REPORTED}}
+        if vector:
+            row["val_totals"] = vector
+        rows.append(row)
+    return rows
+
+
+def test_a_fold_keeps_the_totals_of_its_last_and_its_best_epoch():
+    first, best, last = ([10, 2, 3, 5, 0.5, 1, 1], [10, 1, 1, 8, 0.8, 1, 1],
+                         [10, 3, 1, 6, 0.6, 1, 1])
+    history = fold_rows(first, best, last)
+    state = train.TrainState(epoch=3, history=history,
+                             best={"epoch": 2, "val": metrics.Totals.from_vector(best).metrics()})
+    fold = cv._fold_metrics(state)
+    assert (fold["last_totals"], fold["best_totals"], fold["best_epoch"]) == (last, best, 2)
+    assert fold["best"]["n_iou"] == pytest.approx(8 / 10)
+    assert fold["last"]["n_iou"] == pytest.approx(6 / 10)
+    # a best epoch trained before rows kept their totals (a run resumed across versions)
+    state.history = fold_rows(first, None, last)
+    assert cv._fold_metrics(state)["best_totals"] is None
+
+
+def test_pooled_figures_sum_the_folds_and_need_every_fold():
+    """Two folds pooled: their pixels summed, not their ratios averaged. A fold kept from a
+    version that had no totals leaves the pooled figures out, not wrong."""
+    small, large = [900, 3, 3, 4, 0.4, 1, 1], [900, 10, 10, 80, 0.8, 1, 1]
+    folds = [{"fold": k, "val_images": 1, "epochs": 1, "best_epoch": 1,
+              "last": {key: metrics.Totals.from_vector(v).metrics().get(key)
+                       for key in cv.REPORTED},
+              "best": {key: None for key in cv.REPORTED},
+              "last_totals": v, "best_totals": None} for k, v in enumerate((small, large))]
+    config = train.TrainConfig()
+    summary = cv.summarize(folds, 2, "data", config)
+    assert summary["last_pooled"]["n_iou"] == pytest.approx((4 + 80) / (4 + 6 + 80 + 20))
+    assert summary["last_n_iou_mean"] == pytest.approx((0.4 + 0.8) / 2)
+    assert summary["last_pooled"]["n_iou_per_image"] == pytest.approx(0.6)
+    assert summary["best_pooled"] is None  # a fold without totals
+    assert "pooled" in cv.table(summary)
+    folds[1]["last_totals"] = None
+    older = cv.summarize(folds, 2, "data", config)
+    assert older["last_pooled"] is None and "pooled" not in cv.table(older)
+
+
 @pytest.mark.timeout(120)
 def test_a_worker_takes_the_threads_the_driver_posts(ray_local):
     import torch
@@ -118,14 +167,13 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
         for r, totals in zip(summary["folds"], folds_totals):
             assert totals.metrics()["n_iou"] == pytest.approx(r[which]["n_iou"])
         assert sum(t.images for t in folds_totals) == 85 + 21
-        whole = summary[f"{which}_pooled"]
-        assert whole["n_iou"] == pytest.approx(sum(folds_totals[1:], folds_totals[0]).metrics()[
-            "n_iou"])
-        assert min(r[which]["n_iou"] for r in summary["folds"]) <= whole["n_iou"] \
-            <= max(r[which]["n_iou"] for r in summary["folds"])
+        tp = sum(t.tp for t in folds_totals)
+        assert summary[f"{which}_pooled"]["n_iou"] == pytest.approx(
+            tp / sum(t.tp + t.fp + t.fn for t in folds_totals))
     assert "pooled" in cv.table(summary)
     saved = json.loads(storage.read_text(f"{run_uri}/cv.json"))
     assert saved["k"] == 2 and saved["last_pooled"] == summary["last_pooled"]
+    assert saved["inference_pooled"] == summary["inference_pooled"]
     start, _ = model.load(model.resolve("ddti"), first_member_only=True)
     random = model.build(start.config).down[0][0].weight
     cpus = runtime.cluster_cpus()
@@ -183,8 +231,17 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
     assert (meta["tta"], meta["threshold"], meta["postprocess"]["keep_largest"]) == (
         chosen["tta"], chosen["threshold"], chosen["keep_largest"])
     assert all(len(v["val_n_iou_by_fold"]) == folds for v in variants)
-    # the chosen inference over every fold's frames at once
-    assert meta["training"]["cross_validation"]["inference_pooled"]["n_iou"] == pytest.approx(
-        chosen["pooled_val_n_iou"])
-    assert min(chosen["val_n_iou_by_fold"]) <= chosen["pooled_val_n_iou"] \
-        <= max(chosen["val_n_iou_by_fold"])
+    # each fold's variants keep the totals behind their scores; the chosen one's, summed over
+    # the folds, give the ensemble's pooled figure
+    summed = np.zeros(7)
+    for k in range(folds):
+        fold_meta = json.loads(storage.read_text(f"{run_uri}/fold-{k}/model/model.json"))
+        for v in fold_meta["training"]["inference_variants"]:
+            assert metrics.Totals.from_vector(v["val_totals"]).metrics()["n_iou"] == \
+                pytest.approx(v["val_n_iou"])
+            if (v["tta"], v["threshold"], v["keep_largest"]) == (
+                    chosen["tta"], chosen["threshold"], chosen["keep_largest"]):
+                summed += v["val_totals"]
+    tn, fp, fn, tp = summed[:4]
+    pooled = meta["training"]["cross_validation"]["inference_pooled"]
+    assert pooled["n_iou"] == pytest.approx(tp / (tp + fp + fn)) == chosen["pooled_val_n_iou"]

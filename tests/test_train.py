@@ -25,6 +25,10 @@ def test_two_cpu_workers_learn_phantoms(trained_run):
     assert [r["epoch"] for r in rows] == list(range(1, 15))
     assert all(r["workers"] == 2 for r in rows)
     assert max(r["val_n_iou"] for r in rows) > 0.7
+    # each epoch keeps the confusion totals behind its validation scores (cv pools them)
+    for row in rows:
+        assert metrics.Totals.from_vector(row["val_totals"]).metrics()["n_iou"] == \
+            pytest.approx(row["val_n_iou"])
     saved = json.loads(storage.read_text(storage.join(run_uri, "metrics.json")))
     assert set(saved) == set(metrics.METRIC_KEYS)
     assert saved == json.loads(json.dumps(result))
@@ -32,6 +36,7 @@ def test_two_cpu_workers_learn_phantoms(trained_run):
     meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
     assert meta["prep"]["size"] == 128 and meta["architecture"]["classes"] == 2
     assert meta["training"]["best_val"]["n_iou"] == max(r["val_n_iou"] for r in rows)
+    assert "totals" not in meta["training"]["best_val"]
 
 
 PREDICT_IN_FRESH_PROCESS = """
