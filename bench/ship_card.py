@@ -106,7 +106,8 @@ def main() -> None:
     gland_too = ("; its starting point learned the gland on TG3K's frames (another public set)"
                  if pretrained else "")
     rebuilt_with = f"EPOCHS={epochs}" + (
-        f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "")
+        f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "") + (
+        f" SIZE={meta['prep']['size']}" if meta["prep"]["size"] != 256 else "")
     pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
                      f"(two workers)" if pretrained else "")
     pooled_text = pooled_sentence(cv)

@@ -13,8 +13,10 @@
 #
 # Resumable: rerun the same command after a stop; finished folds and steps are kept.
 # Environment: DDTI and TG3K (the frames' folders), EPOCHS (default 50), PRETRAIN_EPOCHS
-# (default 8; 0: none), DEST (default the package's raythyroid/models/ddti; another folder keeps
-# a candidate out of the package until it is chosen).
+# (default 8; 0: none), SIZE (the DDTI models' input side, default 256; the TG3K pretraining
+# stays at 256: a U-Net's weights serve any input size), DEST (default the package's
+# raythyroid/models/ddti; another folder keeps a candidate out of the package until it is
+# chosen).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ddti="${DDTI:-$root/../shared/data/ddti}"
@@ -22,6 +24,7 @@ tg3k="${TG3K:-$root/../shared/data/tg3k}"
 work="${1:-$root/.cache/ship-ddti}"
 epochs="${EPOCHS:-50}"
 pretrain_epochs="${PRETRAIN_EPOCHS:-8}"
+size="${SIZE:-256}"
 dest="${DEST:-$root/raythyroid/models/ddti}"
 bin="$root/.venv/bin"
 [ -d "$ddti/images" ] || { echo "ship_ddti: no DDTI frames at $ddti (set DDTI)" >&2; exit 2; }
@@ -39,7 +42,7 @@ timed() {  # step name, command...: seconds of a completed run appended to timin
 }
 
 [ -f "$work/prepared/manifest.json" ] ||
-  timed preprocess "$bin/raythyroid" preprocess "$ddti" "$work/prepared"
+  timed preprocess "$bin/raythyroid" preprocess "$ddti" "$work/prepared" --size "$size"
 init=()
 if [ "$pretrain_epochs" != 0 ]; then
   # TG3K is pretraining only, never a measure (its frames are near-duplicates from a few
