@@ -143,11 +143,8 @@ def add_learned(records: list[dict], folds: list[int], test: list[dict]) -> None
 def pooled(records: list[dict]) -> dict:
     """The frames' metrics as one set (their counts summed): the figure a pooled score on new
     frames estimates."""
-    whole = metrics.Totals()
-    for r in records:
-        whole.add_counts(r["counts"]["tp"], r["counts"]["fp"], r["counts"]["fn"],
-                         r["counts"]["tn"])
-    return whole.metrics()
+    return metrics.Totals.from_arrays(*([r["counts"][k] for r in records]
+                                        for k in ("tp", "fp", "fn", "tn"))).metrics()
 
 
 def spearman(a, b) -> float:

@@ -38,7 +38,7 @@ def pooled_metrics(totals: list) -> dict | None:
     a pooled score on new frames does; the mean over folds weighs every fold alike."""
     if not totals or any(t is None for t in totals):
         return None
-    summed = metrics.Totals.from_vector([sum(values) for values in zip(*totals)])
+    summed = sum((metrics.Totals.from_vector(t) for t in totals), metrics.Totals())
     return {k: v for k, v in summed.metrics().items() if k in REPORTED}
 
 
