@@ -27,7 +27,9 @@ install: $(STAMP)
 # Debian's prometheus + promtool unpacked under .cache (the monitoring tests run them)
 prometheus: $(PROMETHEUS)
 
-$(PROMETHEUS):
+# after debian-tools (order only): both may run apt-get update, which takes a lock, and
+# `make -j` (as CI runs it) would otherwise start them together
+$(PROMETHEUS): | debian-tools
 	cluster/fetch-prometheus.sh $(PROMETHEUS_DIR)
 
 $(STAMP): pyproject.toml Makefile

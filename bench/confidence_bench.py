@@ -92,8 +92,36 @@ def _mean_inside(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
     return float(prob[mask].mean()) if mask.any() else float(1.0 - prob.max())
 
 
+def _outline_bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bands just inside and just outside the mask's outline, each about 8% of the
+    mask's side wide (at least 2 px): where a mask whose outline is off is unsure."""
+    width = max(2, int(round(0.08 * np.sqrt(mask.sum()))))
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    as_byte = mask.astype(np.uint8)
+    inner = mask & ~cv2.erode(as_byte, kernel).astype(bool)
+    outer = cv2.dilate(as_byte, kernel).astype(bool) & ~mask
+    return inner, outer
+
+
+def _outline_margin(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
+    """How far from undecided (|2p - 1|) the probabilities are across the outline's bands."""
+    if not mask.any():
+        return float(1.0 - prob.max())
+    inner, outer = _outline_bands(mask)
+    return float(np.abs(2 * prob[inner | outer].astype(np.float32) - 1).mean())
+
+
+def _left_outside(mask: np.ndarray, prob: np.ndarray, threshold: float) -> float:
+    """1 - the mean probability in the band just outside the mask (nodule left out)."""
+    if not mask.any():
+        return float(1.0 - prob.max())
+    return float(1.0 - prob[_outline_bands(mask)[1]].astype(np.float32).mean())
+
+
 CANDIDATES = {"mean probability inside the mask (before)": _mean_inside,
-              "soft IoU of mask and probabilities (now)": postprocess.confidence}
+              "soft IoU of mask and probabilities (now)": postprocess.confidence,
+              "probability margin across the outline": _outline_margin,
+              "probability left just outside the mask": _left_outside}
 # the mask of the frame against the mask of its mirror image (flip TTA's two views)
 FLIP_AGREEMENT = "IoU between the masks of the frame and of its mirror image"
 # only where an ensemble's members segment frames none of them trained on: the test split
