@@ -20,17 +20,21 @@ DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc chromium chromedri
 # the PACS tests also need Orthanc's DICOMweb plugin, a file rather than a command
 DICOMWEB_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
-.PHONY: install test demo prometheus clean debian-tools
+.PHONY: install test demo prometheus clean debian-tools system-tools
 
 install: $(STAMP)
 
 # Debian's prometheus + promtool unpacked under .cache (the monitoring tests run them)
 prometheus: $(PROMETHEUS)
 
-# after debian-tools (order only): both may run apt-get update, which takes a lock, and
-# `make -j` (as CI runs it) would otherwise start them together
-$(PROMETHEUS): | debian-tools
+$(PROMETHEUS):
 	cluster/fetch-prometheus.sh $(PROMETHEUS_DIR)
+
+# the Debian tools, then Prometheus: both may run apt-get update, which takes a lock, and
+# `make -j` (as CI runs it) would otherwise start them together; the Python packages install
+# alongside
+system-tools: debian-tools
+	@$(MAKE) --no-print-directory $(PROMETHEUS)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,7 +53,7 @@ debian-tools:
 		echo "apt-get install $(DEBIAN_TOOLS) failed: their tests will skip"; \
 	else echo "not root: $$missing missing, not installed (their tests will skip)"; fi
 
-test: $(STAMP) $(PROMETHEUS) debian-tools
+test: $(STAMP) system-tools
 	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 demo: $(STAMP)
