@@ -107,7 +107,9 @@ def main() -> None:
                  if pretrained else "")
     rebuilt_with = f"EPOCHS={epochs}" + (
         f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "") + (
-        f" SIZE={meta['prep']['size']}" if meta["prep"]["size"] != 256 else "")
+        f" SIZE={meta['prep']['size']}" if meta["prep"]["size"] != 256 else "") + (
+        f' CV_FLAGS="--deep-supervision {config["deep_supervision"]}"'
+        if config.get("deep_supervision") else "")
     pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
                      f"(two workers)" if pretrained else "")
     pooled_text = pooled_sentence(cv)

@@ -16,7 +16,8 @@
 # (default 8; 0: none), SIZE (the DDTI models' input side, default 256; the TG3K pretraining
 # stays at 256: a U-Net's weights serve any input size), DEST (default the package's
 # raythyroid/models/ddti; another folder keeps a candidate out of the package until it is
-# chosen).
+# chosen), CV_FLAGS (more `raythyroid cv` flags for the DDTI folds, e.g. "--deep-supervision
+# 2"; the card names the recipe from the folds' own model.json).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ddti="${DDTI:-$root/../shared/data/ddti}"
@@ -25,6 +26,7 @@ work="${1:-$root/.cache/ship-ddti}"
 epochs="${EPOCHS:-50}"
 pretrain_epochs="${PRETRAIN_EPOCHS:-8}"
 size="${SIZE:-256}"
+read -r -a cv_flags <<< "${CV_FLAGS:-}"
 dest="${DEST:-$root/raythyroid/models/ddti}"
 bin="$root/.venv/bin"
 [ -d "$ddti/images" ] || { echo "ship_ddti: no DDTI frames at $ddti (set DDTI)" >&2; exit 2; }
@@ -55,7 +57,7 @@ if [ "$pretrain_epochs" != 0 ]; then
   init=(--init "$work/pretrain/model")
 fi
 timed cv "$bin/raythyroid" cv "$work/prepared" "$work/cv" --folds 5 --workers 1 \
-  --epochs "$epochs" "${init[@]}"
+  --epochs "$epochs" "${init[@]}" "${cv_flags[@]}"
 "$bin/python" - "$work" <<'PY'
 import sys
 from raythyroid import shards
