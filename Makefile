@@ -20,7 +20,7 @@ DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc chromium chromedri
 # the PACS tests also need Orthanc's DICOMweb plugin, a file rather than a command
 DICOMWEB_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
-.PHONY: install test demo prometheus clean debian-tools system-tools
+.PHONY: install test demo prometheus clean debian-tools system-tools test-setup
 
 install: $(STAMP)
 
@@ -53,7 +53,12 @@ debian-tools:
 		echo "apt-get install $(DEBIAN_TOOLS) failed: their tests will skip"; \
 	else echo "not root: $$missing missing, not installed (their tests will skip)"; fi
 
-test: $(STAMP) system-tools
+# everything the tests need, in parallel: the Python packages install while apt-get fetches
+# the Debian tools (pip's disk and CPU against the network and dpkg)
+test-setup:
+	@$(MAKE) --no-print-directory -j3 $(STAMP) system-tools
+
+test: test-setup
 	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 demo: $(STAMP)
