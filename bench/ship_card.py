@@ -56,6 +56,8 @@ def main() -> None:
         for line in f:
             step, value = line.split()
             seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
+    flags_file = os.path.join(work, "cv-flags")  # what ship_ddti.sh passed cv beyond its own
+    cv_flags = open(flags_file).read().strip() if os.path.exists(flags_file) else ""
     folds = cv["folds"]
     counts = manifest["counts"]
     epochs = max(r["epochs"] for r in folds)  # what the folds ran, whatever EPOCHS says now
@@ -108,8 +110,7 @@ def main() -> None:
     rebuilt_with = f"EPOCHS={epochs}" + (
         f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "") + (
         f" SIZE={meta['prep']['size']}" if meta["prep"]["size"] != 256 else "") + (
-        f' CV_FLAGS="--deep-supervision {config["deep_supervision"]}"'
-        if config.get("deep_supervision") else "")
+        f' CV_FLAGS="{cv_flags}"' if cv_flags else "")
     pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
                      f"(two workers)" if pretrained else "")
     pooled_text = pooled_sentence(cv)

@@ -17,7 +17,7 @@
 # stays at 256: a U-Net's weights serve any input size), DEST (default the package's
 # raythyroid/models/ddti; another folder keeps a candidate out of the package until it is
 # chosen), CV_FLAGS (more `raythyroid cv` flags for the DDTI folds, e.g. "--deep-supervision
-# 2"; the card names the recipe from the folds' own model.json).
+# 2"; the card's rebuild line repeats them).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ddti="${DDTI:-$root/../shared/data/ddti}"
@@ -56,6 +56,8 @@ if [ "$pretrain_epochs" != 0 ]; then
     --epochs "$pretrain_epochs"
   init=(--init "$work/pretrain/model")
 fi
+# the card's rebuild line repeats them as given (ship_card.py)
+printf '%s' "${CV_FLAGS:-}" > "$work/cv-flags"
 timed cv "$bin/raythyroid" cv "$work/prepared" "$work/cv" --folds 5 --workers 1 \
   --epochs "$epochs" "${init[@]}" "${cv_flags[@]}"
 "$bin/python" - "$work" <<'PY'
