@@ -6,11 +6,15 @@ test split: the shipped ensemble segments frames no fold saw. For every frame, e
 score is computed from what infer has in hand (the probability map and the mask) and
 compared with the frame's IoU: Spearman correlation, and the share of the failures (IoU < 0.5)
 that the least confident quarter holds. The candidates: the scores infer has had, the flip TTA
-views' agreement, the ensemble members' agreement (test split only), and a logistic regression
-over the out-of-fold scores and the mask's shape, fit on the other folds (the tuning the folds
+views' agreement, the agreement of the masks made from brighter, darker and smaller copies of
+the frame, the ensemble members' agreement (test split only), and a logistic regression over
+the out-of-fold scores and the mask's shape, fit on the other folds (the tuning the folds
 allow; for the test split, fit on every out-of-fold frame).
 
-    python bench/confidence_bench.py CV_RUN PREPARED [--model MODEL] [--record]
+FOLDS is a `raythyroid cv` RUN, or a model cv built (the bundled `ddti`): its members are the
+fold models in fold order, so the out-of-fold frames need no cv run kept on disk.
+
+    python bench/confidence_bench.py FOLDS PREPARED [--model MODEL] [--record]
 """
 from __future__ import annotations
 
@@ -40,11 +44,54 @@ def views(net, images: np.ndarray) -> np.ndarray:
             model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()])
 
 
+def _gamma(value: float):
+    table = np.round((np.arange(256) / 255.0) ** value * 255).astype(np.uint8)
+    return lambda images: table[images]
+
+
+ZOOM_OUT = 0.85
+
+
+def _zoom_out(images: np.ndarray) -> np.ndarray:
+    """The frame shrunk to 85% in the middle of a blank one (the blank is what desensitizing
+    leaves outside a scan region)."""
+    side = images.shape[-1]
+    small, at = int(round(side * ZOOM_OUT)), (side - int(round(side * ZOOM_OUT))) // 2
+    out = np.zeros_like(images)
+    for i, image in enumerate(images):
+        out[i, at:at + small, at:at + small] = cv2.resize(image, (small, small),
+                                                          interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _zoom_back(probs: np.ndarray) -> np.ndarray:
+    side = probs.shape[-1]
+    small, at = int(round(side * ZOOM_OUT)), (side - int(round(side * ZOOM_OUT))) // 2
+    return np.stack([cv2.resize(p[at:at + small, at:at + small], (side, side),
+                                interpolation=cv2.INTER_LINEAR) for p in probs])
+
+
+# (change the frame, map the probabilities back): what an uncertain outline moves under
+PERTURBATIONS = ((_gamma(0.7), lambda p: p), (_gamma(1.4), lambda p: p), (_zoom_out, _zoom_back))
+
+
+def perturbed_views(net, images: np.ndarray) -> np.ndarray:
+    """(P, N, H, W): the nodule probabilities of brighter, darker and smaller copies of the
+    frames, mapped back onto the frames."""
+    import torch
+
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        return np.stack([undo(model.nodule_probability(
+            net, torch.from_numpy(np.ascontiguousarray(change(images))), cpu).numpy())
+            for change, undo in PERTURBATIONS])
+
+
 def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta: bool,
-                 member_pairs: np.ndarray | None = None) -> dict:
+                 perturbed: np.ndarray, member_pairs: np.ndarray | None = None) -> dict:
     """One frame's IoU and every candidate score, in original geometry as infer has them,
-    from its two views' probabilities (2, H, W); with an ensemble's per-member views also
-    how far its members' masks agree."""
+    from its two views' probabilities (2, H, W) and its perturbed copies' (P, H, W); with an
+    ensemble's per-member views also how far its members' masks agree."""
     geometry = Geometry.from_dict(row["geometry"])
 
     def as_infer(views: np.ndarray) -> np.ndarray:  # infer keeps float16
@@ -58,6 +105,10 @@ def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta:
     plain, mirrored = (postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
                        for v in pair)
     scores[FLIP_AGREEMENT] = _mask_iou(plain, mirrored) if plain.any() or mirrored.any() else 1.0
+    moved = [postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
+             for v in perturbed]
+    scores[PERTURBED_AGREEMENT] = float(np.mean([
+        _mask_iou(mask, m) if mask.any() or m.any() else 1.0 for m in moved]))
     if member_pairs is not None:
         members = [postprocess.clean_mask(as_infer(p), post) for p in member_pairs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
@@ -124,6 +175,8 @@ CANDIDATES = {"mean probability inside the mask (before)": _mean_inside,
               "probability left just outside the mask": _left_outside}
 # the mask of the frame against the mask of its mirror image (flip TTA's two views)
 FLIP_AGREEMENT = "IoU between the masks of the frame and of its mirror image"
+PERTURBED_AGREEMENT = ("mean IoU between the frame's mask and the masks of its brighter, "
+                       "darker and smaller copies")
 # only where an ensemble's members segment frames none of them trained on: the test split
 MEMBER_AGREEMENT = "mean IoU between the members' masks"
 
@@ -226,25 +279,39 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def out_of_fold(cv_run: str, prepared: str, limit: int | None
-                ) -> tuple[list[dict], list[int]]:
-    """Every held-out frame's record, and the fold that held it out."""
+def fold_models(source: str) -> tuple[int, list[tuple]]:
+    """(the seed that dealt the folds, [(fold model, its metadata)] in fold order) from a cv
+    RUN, or from an ensemble cv built, whose members are those fold models (each then used
+    with the ensemble's chosen inference)."""
     import json
 
+    if storage.exists(storage.join(source, "cv.json")):
+        folds_meta = json.loads(storage.read_text(storage.join(source, "cv.json")))
+        return (folds_meta.get("config", {}).get("seed", 0),
+                [model.load(storage.join(source, f"fold-{k}", "model"))
+                 for k in range(len(folds_meta["folds"]))])
+    net, meta = model.load(model.resolve(source))
+    training = meta.get("training", {})
+    folds = training.get("cross_validation", {}).get("folds")
+    if not isinstance(net, model.Ensemble) or folds != len(net.members):
+        raise SystemExit(f"confidence_bench: {source} is neither a cv run nor a model cv built")
+    return training.get("config", {}).get("seed", 0), [(m, meta) for m in net.members]
+
+
+def out_of_fold(source: str, prepared: str, limit: int | None
+                ) -> tuple[list[dict], list[int]]:
+    """Every held-out frame's record, and the fold that held it out."""
     manifest = shards.read_manifest(prepared)
     rows = shards.read_rows(prepared, manifest, ["train", "val"])
-    folds_meta = json.loads(storage.read_text(storage.join(cv_run, "cv.json")))
-    k = len(folds_meta["folds"])
-    seed = folds_meta.get("config", {}).get("seed", 0)
-    case_fold = split.folds((r["case_id"] for r in rows), k, seed)
+    seed, fold_nets = fold_models(source)
+    case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     records, record_folds = [], []
-    for fold in range(k):
-        net, meta = model.load(storage.join(cv_run, f"fold-{fold}", "model"))
+    for fold, (net, meta) in enumerate(fold_nets):
         held = [r for r in rows if case_fold[r["case_id"]] == fold][:limit]
         post = postprocess.PostConfig.from_model(meta)
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
-        pairs = views(net, images)
-        records += [frame_record(pairs[:, i], r, post, bool(meta.get("tta")))
+        pairs, perturbed = views(net, images), perturbed_views(net, images)
+        records += [frame_record(pairs[:, i], r, post, bool(meta.get("tta")), perturbed[:, i])
                     for i, r in enumerate(held)]
         record_folds += [fold] * len(held)
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
@@ -258,25 +325,27 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     post = postprocess.PostConfig.from_model(meta)
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
     tta = bool(meta.get("tta"))
+    perturbed = perturbed_views(net, images)
     if not isinstance(net, model.Ensemble):
         pairs = views(net, images)
-        return [frame_record(pairs[:, i], r, post, tta) for i, r in enumerate(rows)]
+        return [frame_record(pairs[:, i], r, post, tta, perturbed[:, i])
+                for i, r in enumerate(rows)]
     # the members one by one: their mean is exactly what the ensemble computes
     members = np.stack([views(m, images) for m in net.members])  # (M, 2, N, H, W)
-    return [frame_record(members[:, :, i].mean(0), r, post, tta, members[:, :, i])
-            for i, r in enumerate(rows)]
+    return [frame_record(members[:, :, i].mean(0), r, post, tta, perturbed[:, i],
+                         members[:, :, i]) for i, r in enumerate(rows)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cv_run")
+    parser.add_argument("folds", help="a raythyroid cv RUN, or a model cv built (ddti)")
     parser.add_argument("prepared")
     parser.add_argument("--model", default="ddti", help="the ensemble scored on the test split")
     parser.add_argument("--limit", type=int, help="held-out frames per fold (a quick look)")
     parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
 
-    held_out, folds = out_of_fold(args.cv_run, args.prepared, args.limit)
+    held_out, folds = out_of_fold(args.folds, args.prepared, args.limit)
     test = test_split(args.model, args.prepared)
     add_learned(held_out, folds, test)
     found = {"cross-validation, out of fold": held_out, "test split, the ensemble": test}
