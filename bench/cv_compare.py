@@ -1,10 +1,14 @@
 """Two builds of the bundled model side by side, fold by fold: is a recipe change worth keeping?
 
-Each WORKDIR is one `bench/ship_ddti.sh` run (its cv over the same case-disjoint folds, then
-the test split scored for the ensemble, --fast and each member). The folds pair up because
-both runs dealt the same cases with the same seed; this refuses runs whose folds differ.
+Each build is a `bench/ship_ddti.sh` WORKDIR (its cv over the same case-disjoint folds, then
+the test split scored for the ensemble, --fast and each member), or a model it built: a model
+folder or a bundled model's name (`ddti`), whose model.json keeps its folds' and test figures,
+so the shipped build is compared with no workdir kept. While a WORKDIR's cv still runs, its
+finished folds are compared (stop a candidate early when they come out lower). The folds pair
+up because both builds dealt the same cases with the same seed; this refuses builds whose
+folds differ.
 
-    python bench/cv_compare.py BEFORE AFTER [--names "from scratch" "pretrained"] [--record TITLE]
+    python bench/cv_compare.py BEFORE AFTER [--names "shipped" "candidate"] [--record TITLE]
 """
 from __future__ import annotations
 
@@ -25,14 +29,47 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.pstdev(values):.4f}"
 
 
+TEST_FOLDERS = {"test": "test-ensemble", "test_fast": "test-fast"}
+
+
+def load_build(where: str) -> dict:
+    """{"k", "seed", "folds": [fold.json records], "test": {test folder: metrics}} of a WORKDIR
+    (k and seed None while its cv runs) or of a model ship_ddti.sh built."""
+    work = Path(where)
+    if (work / "cv").is_dir():
+        test = {folder.name: read(folder / "metrics.json")
+                for folder in sorted(work.glob("test-*")) if (folder / "metrics.json").exists()}
+        if (work / "cv" / "cv.json").exists():
+            summary = read(work / "cv" / "cv.json")
+            return {"k": summary["k"], "seed": summary.get("config", {}).get("seed"),
+                    "folds": summary["folds"], "test": test}
+        return {"k": None, "seed": None, "test": test,
+                "folds": [read(f) for f in sorted(work.glob("cv/fold-*/fold.json"))]}
+    from raythyroid import model
+
+    meta_path = Path(model.resolve(where)) / "model.json"
+    card = read(meta_path).get("card", {}) if meta_path.exists() else {}
+    if not card.get("folds"):
+        raise SystemExit(f"cv_compare: {where} is neither a bench/ship_ddti.sh WORKDIR nor a "
+                         "model it built")
+    training = read(meta_path)["training"]
+    test = {folder: card[key] for key, folder in TEST_FOLDERS.items()}
+    test.update({f"test-member-{k}": m for k, m in enumerate(card["test_members"])})
+    return {"k": training["cross_validation"]["folds"], "seed": training["config"]["seed"],
+            "folds": card["folds"], "test": test}
+
+
 def fold_table(before: dict, after: dict, names: list[str]) -> list[str]:
-    """Validation at each fold's last epoch (cv's own figure: no selection on the fold)."""
+    """Validation at each fold's last epoch (cv's own figure: no selection on the fold), over
+    the folds both builds have finished."""
     a, b = ({r["fold"]: r for r in run["folds"]} for run in (before, after))
-    dealt = [(run["k"], run.get("config", {}).get("seed")) for run in (before, after)]
-    if (dealt[0] != dealt[1] or sorted(a) != sorted(b)
-            or any(a[k]["val_images"] != b[k]["val_images"] for k in a)):
-        raise SystemExit("cv_compare: the two runs' folds differ (another --folds, seed or "
-                         "data): their folds do not pair")
+    dealt = [(run["k"], run["seed"]) for run in (before, after)]
+    both = sorted(set(a) & set(b))
+    if (None not in dealt[0] + dealt[1] and dealt[0] != dealt[1]) or not both or any(
+            a[k]["val_images"] != b[k]["val_images"] for k in both):
+        raise SystemExit("cv_compare: the two builds' folds differ (another --folds, seed or "
+                         "data) or none has finished in both: their folds do not pair")
+    a, b = {k: a[k] for k in both}, {k: b[k] for k in both}
     lines = [f"| fold | val frames | n_IoU, {names[0]} | n_IoU, {names[1]} | change | "
              f"n_IoU/img, {names[0]} | n_IoU/img, {names[1]} |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -51,18 +88,18 @@ def fold_table(before: dict, after: dict, names: list[str]) -> list[str]:
     return lines
 
 
-def test_table(before: Path, after: Path, names: list[str], folds: list[int]) -> list[str]:
+def test_table(before: dict, after: dict, names: list[str], folds: list[int]) -> list[str]:
     """The untouched test split: the ensemble, --fast and every member alone."""
     variants = [("ensemble of the %d" % len(folds), "test-ensemble"),
                 ("`--fast` (member 0, no TTA)", "test-fast")]
     variants += [(f"member {k} alone", f"test-member-{k}") for k in folds]
-    frames = read(before / "test-ensemble" / "metrics.json")["images"]
+    frames = before["test"]["test-ensemble"]["images"]
     header = " | ".join(f"{metric}, {name}" for metric in ("n_IoU", "n_IoU/img", "Dice")
                         for name in names)
     lines = [f"| on the test split ({frames} frames) | {header} |",
              "| --- |" + " ---: |" * 6]
     for label, folder in variants:
-        pair = [read(run / folder / "metrics.json") for run in (before, after)]
+        pair = [run["test"][folder] for run in (before, after)]
         cells = [f"{m[key]:.4f}" for key in ("n_iou", "n_iou_per_image", "dice") for m in pair]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -70,20 +107,17 @@ def test_table(before: Path, after: Path, names: list[str], folds: list[int]) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
+    parser.add_argument("before", help="a bench/ship_ddti.sh WORKDIR, or a model it built")
+    parser.add_argument("after", help="the same")
     parser.add_argument("--names", nargs=2, default=["before", "after"])
     parser.add_argument("--record", metavar="TITLE", help="append to BENCHMARKS.md")
     args = parser.parse_args()
-    for run in (args.before, args.after):
-        if not (run / "cv" / "cv.json").exists():
-            raise SystemExit(f"cv_compare: no finished cv in {run} (run bench/ship_ddti.sh)")
-    before, after = (read(run / "cv" / "cv.json") for run in (args.before, args.after))
+    before, after = load_build(args.before), load_build(args.after)
     lines = fold_table(before, after, args.names)
     folds = [r["fold"] for r in before["folds"]]
-    if all((run / "test-ensemble" / "metrics.json").exists() for run in (args.before,
-                                                                           args.after)):
-        lines += [""] + test_table(args.before, args.after, args.names, folds)
+    wanted = ["test-ensemble", "test-fast"] + [f"test-member-{k}" for k in folds]
+    if all(folder in run["test"] for run in (before, after) for folder in wanted):
+        lines += [""] + test_table(before, after, args.names, folds)
     print("\n".join(lines))
     if args.record:
         from common import record

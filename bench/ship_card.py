@@ -35,6 +35,15 @@ for the members as shipped with the ensemble's inference (a little high: their e
 inference were chosen on these same frames)."""
 
 
+def fold_figures(fold: dict) -> dict:
+    """What cv_compare pairs of a fold: its frames, epochs, last and best epoch's figures."""
+    figures = ("n_iou", "n_iou_per_image", "dice")
+    return {"fold": fold["fold"], "val_images": fold["val_images"], "epochs": fold["epochs"],
+            "best_epoch": fold["best_epoch"],
+            "last": {k: fold["last"][k] for k in figures},
+            "best": {k: fold["best"][k] for k in figures}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
@@ -78,7 +87,11 @@ def main() -> None:
                     "test": {k: test[k] for k in ("n_iou", "n_iou_per_image", "dice",
                                                   "precision", "recall", "images")},
                     "test_fast": {k: fast[k] for k in ("n_iou", "n_iou_per_image", "dice")},
-                    "test_members_n_iou": [m["n_iou"] for m in members]}
+                    "test_members": [{k: m[k] for k in ("n_iou", "n_iou_per_image", "dice")}
+                                     for m in members],
+                    # each fold's own figures: a later build is compared with this one
+                    # (bench/cv_compare.py) without this build's workdir
+                    "folds": [fold_figures(r) for r in folds]}
     os.makedirs(args.dest, exist_ok=True)
     for name in os.listdir(args.dest):  # a new version replaces the old files
         os.remove(os.path.join(args.dest, name))
