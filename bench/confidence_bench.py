@@ -1,7 +1,8 @@
 """How well does `confidence` order a review queue? Measured where the answer is known.
 
 Out of fold: every fold model of a `raythyroid cv` RUN segments its own held-out cases (the
-frames no model of that fold saw), in original geometry with the fold's chosen inference; the
+frames no model of that fold saw), in original geometry with the fold's chosen inference (from
+a bundled model, the ensemble's: see FOLDS below); the
 test split: the shipped ensemble segments frames no fold saw. For every frame, each candidate
 score is computed from what infer has in hand (the probability map and the mask) and
 compared with the frame's IoU: Spearman correlation, and the share of the failures (IoU < 0.5)
@@ -75,16 +76,17 @@ def _zoom_back(probs: np.ndarray) -> np.ndarray:
 PERTURBATIONS = ((_gamma(0.7), lambda p: p), (_gamma(1.4), lambda p: p), (_zoom_out, _zoom_back))
 
 
-def perturbed_views(net, images: np.ndarray) -> np.ndarray:
+def perturbed_views(net, images: np.ndarray, tta: bool) -> np.ndarray:
     """(P, N, H, W): the nodule probabilities of brighter, darker and smaller copies of the
-    frames, mapped back onto the frames."""
+    frames, mapped back onto the frames; with flip TTA where the frame's own mask has it, so
+    an unchanged copy would agree with that mask exactly."""
     import torch
 
     cpu = torch.device("cpu")
     with torch.no_grad():
         return np.stack([undo(model.nodule_probability(
-            net, torch.from_numpy(np.ascontiguousarray(change(images))), cpu).numpy())
-            for change, undo in PERTURBATIONS])
+            net, torch.from_numpy(np.ascontiguousarray(change(images))), cpu,
+            flip_tta=tta).numpy()) for change, undo in PERTURBATIONS])
 
 
 def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta: bool,
@@ -279,23 +281,26 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def fold_models(source: str) -> tuple[int, list[tuple]]:
-    """(the seed that dealt the folds, [(fold model, its metadata)] in fold order) from a cv
-    RUN, or from an ensemble cv built, whose members are those fold models (each then used
-    with the ensemble's chosen inference)."""
+def fold_models(source: str) -> tuple[int, list[tuple], list[int | None]]:
+    """(the seed that dealt the folds, [(fold model, its metadata)] in fold order, each fold's
+    held-out frames where known) from a cv RUN, or from an ensemble cv built, whose members
+    are those fold models (each then used with the ensemble's chosen inference)."""
     import json
 
     if storage.exists(storage.join(source, "cv.json")):
         folds_meta = json.loads(storage.read_text(storage.join(source, "cv.json")))
         return (folds_meta.get("config", {}).get("seed", 0),
                 [model.load(storage.join(source, f"fold-{k}", "model"))
-                 for k in range(len(folds_meta["folds"]))])
+                 for k in range(len(folds_meta["folds"]))],
+                [f.get("val_images") for f in folds_meta["folds"]])
     net, meta = model.load(model.resolve(source))
     training = meta.get("training", {})
     folds = training.get("cross_validation", {}).get("folds")
     if not isinstance(net, model.Ensemble) or folds != len(net.members):
         raise SystemExit(f"confidence_bench: {source} is neither a cv run nor a model cv built")
-    return training.get("config", {}).get("seed", 0), [(m, meta) for m in net.members]
+    held = [f.get("val_images") for f in meta.get("card", {}).get("folds", [])]
+    return (training.get("config", {}).get("seed", 0), [(m, meta) for m in net.members],
+            held or [None] * folds)
 
 
 def out_of_fold(source: str, prepared: str, limit: int | None
@@ -303,15 +308,21 @@ def out_of_fold(source: str, prepared: str, limit: int | None
     """Every held-out frame's record, and the fold that held it out."""
     manifest = shards.read_manifest(prepared)
     rows = shards.read_rows(prepared, manifest, ["train", "val"])
-    seed, fold_nets = fold_models(source)
+    seed, fold_nets, held_counts = fold_models(source)
     case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     records, record_folds = [], []
     for fold, (net, meta) in enumerate(fold_nets):
-        held = [r for r in rows if case_fold[r["case_id"]] == fold][:limit]
+        held = [r for r in rows if case_fold[r["case_id"]] == fold]
+        if held_counts[fold] not in (None, len(held)):
+            raise SystemExit(f"confidence_bench: {prepared} deals fold {fold} {len(held)} "
+                             f"frames where its model held out {held_counts[fold]}: not the "
+                             f"data the folds were trained on")
+        held = held[:limit]
         post = postprocess.PostConfig.from_model(meta)
+        tta = bool(meta.get("tta"))
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
-        pairs, perturbed = views(net, images), perturbed_views(net, images)
-        records += [frame_record(pairs[:, i], r, post, bool(meta.get("tta")), perturbed[:, i])
+        pairs, perturbed = views(net, images), perturbed_views(net, images, tta)
+        records += [frame_record(pairs[:, i], r, post, tta, perturbed[:, i])
                     for i, r in enumerate(held)]
         record_folds += [fold] * len(held)
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
@@ -325,7 +336,7 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     post = postprocess.PostConfig.from_model(meta)
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
     tta = bool(meta.get("tta"))
-    perturbed = perturbed_views(net, images)
+    perturbed = perturbed_views(net, images, tta)
     if not isinstance(net, model.Ensemble):
         pairs = views(net, images)
         return [frame_record(pairs[:, i], r, post, tta, perturbed[:, i])

@@ -5,8 +5,9 @@ the test split scored for the ensemble, --fast and each member), or a model it b
 folder or a bundled model's name (`ddti`), whose model.json keeps its folds' and test figures,
 so the shipped build is compared with no workdir kept. While a WORKDIR's cv still runs, its
 finished folds are compared (stop a candidate early when they come out lower). The folds pair
-up because both builds dealt the same cases with the same seed; this refuses builds whose
-folds differ.
+up because both builds dealt the same cases with the same seed; this refuses builds whose fold
+count, seed or any fold's frames differ (a cv still running has no fold count or seed on
+record yet: its folds' frames are checked).
 
     python bench/cv_compare.py BEFORE AFTER [--names "shipped" "candidate"] [--record TITLE]
 """
@@ -76,8 +77,9 @@ def fold_table(before: dict, after: dict, names: list[str]) -> list[str]:
     columns: dict[str, list[float]] = {"a": [], "b": [], "d": [], "ai": [], "bi": []}
     for k in sorted(a):
         x, y = a[k]["last"], b[k]["last"]
+        # a fold with no nodule pixel in its frames has no per-image figure (cv writes None)
         row = {"a": x["n_iou"], "b": y["n_iou"], "d": y["n_iou"] - x["n_iou"],
-               "ai": x["n_iou_per_image"], "bi": y["n_iou_per_image"]}
+               "ai": x["n_iou_per_image"] or 0.0, "bi": y["n_iou_per_image"] or 0.0}
         for key, value in row.items():
             columns[key].append(value)
         lines.append(f"| {k} | {a[k]['val_images']} | {row['a']:.4f} | {row['b']:.4f} | "
@@ -100,7 +102,8 @@ def test_table(before: dict, after: dict, names: list[str], folds: list[int]) ->
              "| --- |" + " ---: |" * 6]
     for label, folder in variants:
         pair = [run["test"][folder] for run in (before, after)]
-        cells = [f"{m[key]:.4f}" for key in ("n_iou", "n_iou_per_image", "dice") for m in pair]
+        cells = [f"{m[key] or 0:.4f}" for key in ("n_iou", "n_iou_per_image", "dice")
+                 for m in pair]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -63,7 +63,7 @@ def main() -> int:
 
     from raythyroid import model
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     variants = [("fp32, channels_last (the model's layout)", True, False),
                 ("fp32, contiguous", False, False),
                 ("bf16 autocast, channels_last", True, True)]
