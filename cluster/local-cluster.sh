@@ -10,8 +10,9 @@
 #
 # Ports: GCS $GCS_PORT (6390), dashboard + Jobs API $DASHBOARD_PORT (8265), Ray metrics
 # $METRICS_PORT (8080) on the head and the next ones on the workers. Override with those
-# variables. STATE_DIR (default .cache/local-cluster) holds pids, logs, the auth token and Ray's
-# temp dir; keep it short, Ray's socket paths live under it.
+# variables. STATE_DIR (default .cache/local-cluster) holds pids, logs, the auth token and each
+# node's Ray temp dir (ray/ the head's, w<N>.* the workers'); keep it short, Ray's socket paths
+# live under it.
 set -euo pipefail
 
 cmd="${1:-}"
@@ -42,10 +43,10 @@ node_ports() {  # node index -> distinct agent ports and worker port range
        "--metrics-export-port=$((METRICS_PORT + i))"
 }
 
-start_node() {  # name, args...: a process group of its own, so it stops by one pid
-  local name=$1
-  shift
-  setsid "$ray_bin" start --block --node-ip-address=127.0.0.1 --temp-dir="$state/ray" "$@" \
+start_node() {  # name, temp dir, args...: a process group of its own, so it stops by one pid
+  local name=$1 temp=$2
+  shift 2
+  setsid "$ray_bin" start --block --node-ip-address=127.0.0.1 --temp-dir="$temp" "$@" \
     >"$state/$name.log" 2>&1 < /dev/null &
   echo $! > "$state/$name.pid"
 }
@@ -90,8 +91,15 @@ stop_group() {  # stop_group SIGNAL PIDFILE...: signal every node at once, then 
 }
 
 start_worker() {
+  # Every node gets a temp dir of its own, as every machine of a real cluster has its own disk.
+  # Nodes sharing one would share runtime_resources/, where each node's runtime-env agent
+  # unpacks a job's working_dir afresh (deleting what is there) the first time it needs it:
+  # a node added mid-run would pull the working directory from under a running driver. A new
+  # one per start: a killed node's sockets and files stay behind in its old one.
+  local temp
+  temp=$(mktemp -d "$state/w$1.XXX")
   # shellcheck disable=SC2046
-  start_node "worker$1" --address="127.0.0.1:$GCS_PORT" --num-cpus="$WORKER_CPUS" \
+  start_node "worker$1" "$temp" --address="127.0.0.1:$GCS_PORT" --num-cpus="$WORKER_CPUS" \
     --resources="{\"worker_node_$1\": 1}" $(node_ports "$1")
 }
 
@@ -115,12 +123,12 @@ case "$cmd" in
     chmod 600 "$state/auth_token"
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/auth_token" RAY_ENABLE_AUTO_CONNECT=0
     # shellcheck disable=SC2046
-    start_node head --head --port="$GCS_PORT" --dashboard-host=127.0.0.1 \
+    start_node head "$state/ray" --head --port="$GCS_PORT" --dashboard-host=127.0.0.1 \
       --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true --num-cpus="$HEAD_CPUS" \
       --resources='{"head_node": 1}' $(node_ports 0)
     wait_for_nodes 1
     for i in $(seq 1 "$WORKERS"); do
-      start_worker "$i"  # one at a time: nodes on one host pick socket file names in turn
+      start_worker "$i"  # one at a time: each joins a running head
       wait_for_nodes $((i + 1))
     done
     cat > "$state/env" <<EOF
