@@ -31,7 +31,7 @@ $(PROMETHEUS):
 	cluster/fetch-prometheus.sh $(PROMETHEUS_DIR)
 
 # the Debian tools, then Prometheus: both may run apt-get update, which takes a lock, and
-# `make -j` (as CI runs it) would otherwise start them together; the Python packages install
+# test-setup's `make -j` would otherwise start them together; the Python packages install
 # alongside
 system-tools: debian-tools
 	@$(MAKE) --no-print-directory $(PROMETHEUS)

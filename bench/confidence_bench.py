@@ -45,6 +45,8 @@ def views(net, images: np.ndarray) -> np.ndarray:
             model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()])
 
 
+# The copies stay inside the training augmentation's ranges (augment.AugmentConfig: gamma
+# 0.7-1.5, scale 0.85-1.15): views the model has learned to treat as the same frame.
 def _gamma(value: float):
     table = np.round((np.arange(256) / 255.0) ** value * 255).astype(np.uint8)
     return lambda images: table[images]
@@ -53,11 +55,16 @@ def _gamma(value: float):
 ZOOM_OUT = 0.85
 
 
+def _zoom_box(side: int) -> tuple[int, int]:
+    """(side, offset) of the shrunk frame inside the blank one."""
+    small = int(round(side * ZOOM_OUT))
+    return small, (side - small) // 2
+
+
 def _zoom_out(images: np.ndarray) -> np.ndarray:
     """The frame shrunk to 85% in the middle of a blank one (the blank is what desensitizing
     leaves outside a scan region)."""
-    side = images.shape[-1]
-    small, at = int(round(side * ZOOM_OUT)), (side - int(round(side * ZOOM_OUT))) // 2
+    small, at = _zoom_box(images.shape[-1])
     out = np.zeros_like(images)
     for i, image in enumerate(images):
         out[i, at:at + small, at:at + small] = cv2.resize(image, (small, small),
@@ -67,7 +74,7 @@ def _zoom_out(images: np.ndarray) -> np.ndarray:
 
 def _zoom_back(probs: np.ndarray) -> np.ndarray:
     side = probs.shape[-1]
-    small, at = int(round(side * ZOOM_OUT)), (side - int(round(side * ZOOM_OUT))) // 2
+    small, at = _zoom_box(side)
     return np.stack([cv2.resize(p[at:at + small, at:at + small], (side, side),
                                 interpolation=cv2.INTER_LINEAR) for p in probs])
 

@@ -48,12 +48,13 @@ def load_build(where: str) -> dict:
                 "folds": [read(f) for f in sorted(work.glob("cv/fold-*/fold.json"))]}
     from raythyroid import model
 
-    meta_path = Path(model.resolve(where)) / "model.json"
-    card = read(meta_path).get("card", {}) if meta_path.exists() else {}
+    meta_path = Path(model.resolve(where)) / model.MODEL_JSON
+    meta = read(meta_path) if meta_path.exists() else {}
+    card = meta.get("card", {})
     if not card.get("folds"):
         raise SystemExit(f"cv_compare: {where} is neither a bench/ship_ddti.sh WORKDIR nor a "
                          "model it built")
-    training = read(meta_path)["training"]
+    training = meta["training"]
     test = {folder: card[key] for key, folder in TEST_FOLDERS.items()}
     test.update({f"test-member-{k}": m for k, m in enumerate(card["test_members"])})
     return {"k": training["cross_validation"]["folds"], "seed": training["config"]["seed"],

@@ -28,15 +28,15 @@ def images_per_second(channels_last: bool, bf16: bool, train: bool, steps: int) 
     from raythyroid import model
 
     torch.manual_seed(0)
-    net = model.UNet(model.UNetConfig())
-    x = torch.randn(BATCH, 1, SIDE, SIDE)
+    images = torch.randint(0, 256, (BATCH, SIDE, SIDE), dtype=torch.uint8)
     target = torch.randint(0, 2, (BATCH, SIDE, SIDE))
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    if channels_last:  # what training and inference use: the model's build and input
+        net, x = model.build(), model.as_input(images, cpu)
+    else:
+        net, x = model.UNet(model.UNetConfig()), images.unsqueeze(1).float()
     optimizer = torch.optim.AdamW(net.parameters())
     net.train(train)
-    cpu = torch.device("cpu")
     seconds = []
     for _ in range(steps + 1):  # the first step warms up the kernels and is dropped
         started = time.perf_counter()

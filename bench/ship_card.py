@@ -65,8 +65,10 @@ def main() -> None:
         for line in f:
             step, value = line.split()
             seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
-    flags_file = os.path.join(work, "cv-flags")  # what ship_ddti.sh passed cv beyond its own
-    cv_flags = open(flags_file).read().strip() if os.path.exists(flags_file) else ""
+    cv_flags = ""  # what ship_ddti.sh passed cv beyond its own flags
+    if os.path.exists(os.path.join(work, "cv-flags")):
+        with open(os.path.join(work, "cv-flags")) as f:
+            cv_flags = f.read().strip()
     folds = cv["folds"]
     counts = manifest["counts"]
     epochs = max(r["epochs"] for r in folds)  # what the folds ran, whatever EPOCHS says now

@@ -70,3 +70,30 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
     again = run_cli("infer", "ddti", str(listing), str(outputs["fast"]),
                     "--labels", str(ddti / "masks"))
     assert again.returncode == 2 and "holds the results of another job" in again.stderr
+
+
+def test_the_shipped_build_is_a_baseline_later_builds_compare_against():
+    """model.json keeps each fold's figures (bench/ship_card.py), so bench/cv_compare.py judges
+    a candidate against the shipped build without its workdir: the figures agree with the
+    card's own cross-validation summary, and the shipped model pairs with itself fold by fold."""
+    import statistics
+    import subprocess
+    import sys
+
+    card = model.bundled()["ddti"]["card"]
+    folds = card["folds"]
+    assert [f["fold"] for f in folds] == list(range(5))
+    assert len(card["test_members"]) == 5
+    last = [f["last"]["n_iou"] for f in folds]
+    # the per-fold figures are the ones the summary was made of (4 decimals kept)
+    assert abs(statistics.fmean(last) - card["cv"]["last_n_iou_mean"]) < 1e-4
+    assert abs(statistics.pstdev(last) - card["cv"]["last_n_iou_std"]) < 1e-4
+    root = Path(__file__).resolve().parents[1]
+    compared = subprocess.run([sys.executable, str(root / "bench" / "cv_compare.py"), "ddti",
+                               "ddti", "--names", "shipped", "again"],
+                              capture_output=True, text=True, timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    rows = [line for line in compared.stdout.splitlines() if line.startswith("| ")]
+    changes = [row.split("|")[5].strip() for row in rows if row.split("|")[1].strip().isdigit()]
+    assert changes == ["+0.0000"] * 5
+    assert any("ensemble of the 5" in row for row in rows)  # the test split's table too
