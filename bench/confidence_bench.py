@@ -10,7 +10,11 @@ that the least confident quarter holds. The candidates: the scores infer has had
 views' agreement, the agreement of the masks made from brighter, darker and smaller copies of
 the frame, the ensemble members' agreement (test split only), and a logistic regression over
 the out-of-fold scores and the mask's shape, fit on the other folds (the tuning the folds
-allow; for the test split, fit on every out-of-fold frame).
+allow; for the test split, fit on every out-of-fold frame). Two scores look at the frame
+itself rather than the model: whether the outline runs along edges of the image, and whether
+the mask differs in brightness from the ring around it. Last, the out-of-fold failures by how
+their mask sits against the label (too large, too small, outline off...), and how many of
+each the queue holds.
 
 FOLDS is a `raythyroid cv` RUN, or a model cv built (the bundled `ddti`): its members are the
 fold models in fold order, so the out-of-fold frames need no cv run kept on disk.
@@ -111,6 +115,7 @@ def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta:
     label = imaging.decode_png(row["full_mask"]) > 0
     counts = metrics.counts(label, mask)
     scores = {name: score(mask, prob, post.threshold) for name, score in CANDIDATES.items()}
+    scores.update(image_evidence(mask, geometry.restore(imaging.decode_png(row["image"]))))
     plain, mirrored = (postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
                        for v in pair)
     scores[FLIP_AGREEMENT] = _mask_iou(plain, mirrored) if plain.any() or mirrored.any() else 1.0
@@ -182,6 +187,32 @@ CANDIDATES = {"mean probability inside the mask (before)": _mean_inside,
               "soft IoU of mask and probabilities (now)": postprocess.confidence,
               "probability margin across the outline": _outline_margin,
               "probability left just outside the mask": _left_outside}
+EDGES_ON_OUTLINE = "image edges along the outline against edges inside the mask"
+CONTRAST_ACROSS_OUTLINE = "brightness contrast between the mask and the ring around it"
+
+
+def image_evidence(mask: np.ndarray, image: np.ndarray) -> dict[str, float]:
+    """What the prepared frame (as infer feeds the model, in original geometry) says of the
+    outline: a nodule's edge is a change of echo texture, so an outline in the right place
+    should run along the frame's stronger edges and enclose a region brighter or darker than
+    its surroundings. Without a mask, 1 (nothing to doubt)."""
+    if not mask.any():
+        return {EDGES_ON_OUTLINE: 1.0, CONTRAST_ACROSS_OUTLINE: 1.0}
+    smooth = cv2.GaussianBlur(image.astype(np.float32), (5, 5), 1.5)
+    edges = np.hypot(cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1))
+    as_byte = mask.astype(np.uint8)
+    width = max(2, int(round(0.15 * np.sqrt(mask.sum()))))
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    outline = mask & ~cv2.erode(as_byte, np.ones((3, 3), np.uint8)).astype(bool)
+    inner = mask & ~cv2.erode(as_byte, kernel).astype(bool)
+    ring = cv2.dilate(as_byte, kernel).astype(bool) & ~mask & (image > 0)  # scan region only
+    around = image[ring] if ring.any() else image[image > 0]
+    spread = float(np.concatenate([image[mask], around]).std()) + 1e-3
+    return {EDGES_ON_OUTLINE: float(edges[outline].mean() / (edges[inner].mean() + 1e-3)),
+            CONTRAST_ACROSS_OUTLINE: abs(float(image[mask].mean()) - float(around.mean()))
+            / spread}
+
+
 # the mask of the frame against the mask of its mirror image (flip TTA's two views)
 FLIP_AGREEMENT = "IoU between the masks of the frame and of its mirror image"
 PERTURBED_AGREEMENT = ("mean IoU between the frame's mask and the masks of its brighter, "
@@ -288,6 +319,32 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def failure_kind(counts: dict) -> str:
+    """How a failure's mask sits against its label (80% as "nearly all")."""
+    tp, mask, label = counts["tp"], counts["tp"] + counts["fp"], counts["tp"] + counts["fn"]
+    if not mask:
+        return "no mask"
+    if tp >= 0.8 * label:
+        return "covers the nodule, too large"
+    if tp >= 0.8 * mask:
+        return "inside the nodule, too small"
+    return "overlaps the nodule, outline off" if tp else "elsewhere"
+
+
+def by_kind(records: list[dict], name: str) -> list[tuple[str, int, int]]:
+    """(kind, failures of that kind, how many the least confident quarter by `name` holds):
+    which mistakes the queue finds and which the model makes with confidence."""
+    queued = least_confident_quarter(records, name)
+    kinds: dict[str, list[int]] = {}
+    for record, held in zip(records, queued):
+        if record["iou"] < FAILURE_IOU:
+            tally = kinds.setdefault(failure_kind(record["counts"]), [0, 0])
+            tally[0] += 1
+            tally[1] += int(held)
+    return [(kind, total, held) for kind, (total, held) in
+            sorted(kinds.items(), key=lambda item: -item[1][0])]
+
+
 def fold_models(source: str) -> tuple[int, list[tuple], list[int | None]]:
     """(the seed that dealt the folds, [(fold model, its metadata)] in fold order, each fold's
     held-out frames where known) from a cv RUN, or from an ensemble cv built, whose members
@@ -385,6 +442,11 @@ def main() -> int:
               "| IoU | frames | in the quarter |", "|---|---|---|"]
     lines += [f"| {band} | {frames} | {queued} |"
               for band, frames, queued in by_band(held_out, now)]
+    lines += ["", "Out of fold, the failures by how the mask sits against the label (80% of "
+              "it counts as nearly all)", "", "| failure | frames | in the quarter |",
+              "|---|---|---|"]
+    lines += [f"| {kind} | {frames} | {queued} |"
+              for kind, frames, queued in by_kind(held_out, now)]
     print("\n".join(lines))
     if args.record:
         from common import record
