@@ -319,30 +319,14 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def failure_kind(counts: dict) -> str:
-    """How a failure's mask sits against its label (80% as "nearly all")."""
-    tp, mask, label = counts["tp"], counts["tp"] + counts["fp"], counts["tp"] + counts["fn"]
-    if not mask:
-        return "no mask"
-    if tp >= 0.8 * label:
-        return "covers the nodule, too large"
-    if tp >= 0.8 * mask:
-        return "inside the nodule, too small"
-    return "overlaps the nodule, outline off" if tp else "elsewhere"
-
-
 def by_kind(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     """(kind, failures of that kind, how many the least confident quarter by `name` holds):
     which mistakes the queue finds and which the model makes with confidence."""
     queued = least_confident_quarter(records, name)
-    kinds: dict[str, list[int]] = {}
-    for record, held in zip(records, queued):
-        if record["iou"] < FAILURE_IOU:
-            tally = kinds.setdefault(failure_kind(record["counts"]), [0, 0])
-            tally[0] += 1
-            tally[1] += int(held)
-    return [(kind, total, held) for kind, (total, held) in
-            sorted(kinds.items(), key=lambda item: -item[1][0])]
+    failed = np.array([r["iou"] < FAILURE_IOU for r in records])
+    kinds = metrics.failure_kinds(*([r["counts"][c] for r in records] for c in ("tp", "fp", "fn")))
+    return [(kind, int((failed & (kinds == k)).sum()), int((failed & queued & (kinds == k)).sum()))
+            for k, kind in enumerate(metrics.FAILURE_KINDS) if (failed & (kinds == k)).any()]
 
 
 def fold_models(source: str) -> tuple[int, list[tuple], list[int | None]]:

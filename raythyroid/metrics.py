@@ -63,6 +63,25 @@ def image_dice(tp: int, fp: int, fn: int) -> float:
     return _ratio(2 * tp, 2 * tp + fp + fn, tp + fp + fn == 0)
 
 
+NEARLY_ALL = 0.8
+# how a mask that fails sits against its label, in the order a report lists them
+FAILURE_KINDS = ("no mask: the nodule missed", "a mask where the label has none",
+                 "a mask away from the nodule", "outline off the nodule",
+                 "inside the nodule, too small", "covers the nodule, too large")
+
+
+def failure_kinds(tp, fp, fn) -> np.ndarray:
+    """Per image (arrays of its counts), the index into FAILURE_KINDS that describes its mask
+    against its label: a mask holding nearly all of the nodule but much more (the model
+    outlined the gland lobe, or several nodules as one) asks for another remedy than a mask
+    that missed the nodule or cut it short. Meaningful for failing images only."""
+    tp, fp, fn = (np.asarray(v, np.int64) for v in (tp, fp, fn))
+    mask, label = tp + fp, tp + fn
+    return np.select(
+        [mask == 0, label == 0, tp == 0, tp >= NEARLY_ALL * label, tp >= NEARLY_ALL * mask],
+        [0, 1, 2, 5, 4], default=3)
+
+
 @dataclass
 class Totals:
     """Confusion totals over many images: the one record training all-reduces across workers,

@@ -70,7 +70,8 @@ def write_infer(output: str, queue_size: int = REVIEW_SIZE) -> str:
     folder = storage.join(output, results.REPORT)
     _clear(folder)
     table = results.read_results(output, ["key", "status", "error", "n_components", "area_px",
-                                          "area_mm2", "aspect_ratio", "confidence", "iou"])
+                                          "area_mm2", "aspect_ratio", "confidence", "iou", "tp",
+                                          "fp", "fn"])
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     labelled = ok.filter(pc.is_valid(ok.column("iou")))
     kept = results.read_review(output)
@@ -128,6 +129,13 @@ def _metrics_section(output: str, ok: pa.Table, labelled: pa.Table, queue_size: 
              f"holds {caught['in_quarter']:,} of the {caught['failures']:,} failures "
              f"(IoU &lt; {FAILURE_IOU}); the queue's first {caught['shown']} frames hold "
              f"{caught['in_queue']:,}.</p>"]
+    if caught["by_kind"]:
+        lines += ["<p>The failures by how the mask sits against the label (nearly all: "
+                  f"{metrics.NEARLY_ALL:.0%}):</p>",
+                  "<div id=\"failure-kinds\">" + _table(
+                      [(kind, f"{total:,}", f"{held:,}") for kind, total, held in
+                       caught["by_kind"]],
+                      ["failure", "frames", "in the least confident quarter"]) + "</div>"]
     if ok.num_rows > labelled.num_rows:
         lines.append(f"<p class=\"note\">{ok.num_rows - labelled.num_rows:,} frames had no "
                      f"label and are not scored.</p>")
@@ -135,16 +143,26 @@ def _metrics_section(output: str, ok: pa.Table, labelled: pa.Table, queue_size: 
 
 
 def review_catch(labelled: pa.Table, queue_size: int = REVIEW_SIZE) -> dict:
-    """How many failures (IoU < FAILURE_IOU) the least confident quarter and the queue hold."""
+    """How many failures (IoU < FAILURE_IOU) the least confident quarter and the queue hold;
+    by_kind: (kind, failures of that kind, how many of them the quarter holds), the kinds of
+    metrics.FAILURE_KINDS that occur."""
     order = pc.sort_indices(labelled, sort_keys=[("confidence", "ascending"),
-                                                 ("key", "ascending")])
+                                                 ("key", "ascending")]).to_numpy()
     failed = pc.less(labelled.column("iou"), FAILURE_IOU).to_numpy(zero_copy_only=False)
-    ordered = failed[order.to_numpy()]
+    ordered = failed[order]
     quarter = max(1, int(round(len(ordered) / 4))) if len(ordered) else 0
     shown = min(queue_size, len(ordered))
+    in_quarter = np.zeros(len(failed), bool)
+    in_quarter[order[:quarter]] = True
+    kinds = metrics.failure_kinds(*(labelled.column(c).to_numpy(zero_copy_only=False)
+                                    for c in ("tp", "fp", "fn")))
+    by_kind = [(name, int((failed & (kinds == k)).sum()),
+                int((failed & in_quarter & (kinds == k)).sum()))
+               for k, name in enumerate(metrics.FAILURE_KINDS)]
     return {"failures": int(failed.sum()), "quarter": quarter,
             "in_quarter": int(ordered[:quarter].sum()), "shown": shown,
-            "in_queue": int(ordered[:shown].sum())}
+            "in_queue": int(ordered[:shown].sum()),
+            "by_kind": [row for row in by_kind if row[1]]}
 
 
 def _least(table: pa.Table, column: str, count: int) -> pa.Table:

@@ -5,10 +5,11 @@ import os
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from raythyroid import imaging, infer, phantom, report, results, storage
+from raythyroid import imaging, infer, metrics, phantom, report, results, storage
 
 from conftest import INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom, run_cli
 
@@ -27,6 +28,8 @@ def rendered(browser, page) -> dict:
                 queue: keys('review-queue'), worst: keys('worst-iou'),
                 validation: keys('worst-validation'),
                 catch: (document.getElementById('queue-catch') || {}).textContent || '',
+                kinds: Array.from(document.querySelectorAll('#failure-kinds tr')).slice(1)
+                            .map(r => Array.from(r.cells).map(c => c.textContent)),
                 text: document.body.innerText};""")
 
 
@@ -84,6 +87,9 @@ def test_infer_report_in_a_browser(labelled_run, browser, tmp_path):
     quarter = round(len(ok) / 4)
     assert (f"The least confident quarter ({quarter} frames) holds {sum(failures[:quarter])} "
             f"of the {sum(failures)} failures") in seen["catch"]
+    # every failure under one kind, the quarter's among them
+    assert sum(int(row[1]) for row in seen["kinds"]) == sum(failures)
+    assert sum(int(row[2]) for row in seen["kinds"]) == sum(failures[:quarter])
     assert "broken" in seen["text"] and "error" in seen["text"]  # errors by reason
     assert "images/s" in seen["text"] and "19 inputs this run" in seen["text"]
 
@@ -115,6 +121,31 @@ def test_report_command_rewrites_the_page_on_s3(labelled_run, s3):
     assert head["ContentType"].startswith("text/html")
     head = s3.client.head_object(Bucket=bucket, Key=f"{key}/report/queue/001.jpg")
     assert head["ContentType"] == "image/jpeg"
+
+
+def test_the_failures_are_told_apart_by_how_the_mask_sits_against_the_label():
+    """Drawn masks against a drawn nodule (IoU < 0.5 each): the report's table names each kind
+    once and counts those the least confident quarter holds."""
+    label = np.zeros((64, 64), bool)
+    label[20:40, 20:40] = True
+    drawn = {"missed": np.zeros_like(label), "lobe": np.ones_like(label),
+             "sliver": np.zeros_like(label), "beside": np.zeros_like(label),
+             "shifted": np.zeros_like(label), "good": label.copy()}
+    drawn["sliver"][25:32, 25:32] = True
+    drawn["beside"][45:60, 45:60] = True
+    drawn["shifted"][30:50, 30:50] = True
+    rows = []
+    for confidence, (key, mask) in enumerate(drawn.items()):
+        counts = metrics.counts(label, mask)
+        rows.append(dict(key=key, confidence=float(confidence), **counts,
+                         iou=metrics.image_iou(counts["tp"], counts["fp"], counts["fn"])))
+    rows.append(dict(key="no-nodule", confidence=9.0, tp=0, fp=40, fn=0, tn=4056, iou=0.0))
+    caught = report.review_catch(pa.Table.from_pylist(rows))
+    assert caught["failures"] == 6 and caught["quarter"] == 2  # of 7 frames
+    assert caught["by_kind"] == [  # in FAILURE_KINDS' order; missed and lobe lead the queue
+        ("no mask: the nodule missed", 1, 1), ("a mask where the label has none", 1, 0),
+        ("a mask away from the nodule", 1, 0), ("outline off the nodule", 1, 0),
+        ("inside the nodule, too small", 1, 0), ("covers the nodule, too large", 1, 1)]
 
 
 def test_the_review_bar_keeps_every_queued_frame_and_few_others():
