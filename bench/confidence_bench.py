@@ -194,8 +194,9 @@ CONTRAST_ACROSS_OUTLINE = "brightness contrast between the mask and the ring aro
 def image_evidence(mask: np.ndarray, image: np.ndarray) -> dict[str, float]:
     """What the prepared frame (as infer feeds the model, in original geometry) says of the
     outline: a nodule's edge is a change of echo texture, so an outline in the right place
-    should run along the frame's stronger edges and enclose a region brighter or darker than
-    its surroundings. Without a mask, 1 (nothing to doubt)."""
+    should run along the frame's stronger edges (against the band just inside it, the outline
+    included) and enclose a region brighter or darker than its surroundings. Without a mask,
+    1 (nothing to doubt)."""
     if not mask.any():
         return {EDGES_ON_OUTLINE: 1.0, CONTRAST_ACROSS_OUTLINE: 1.0}
     smooth = cv2.GaussianBlur(image.astype(np.float32), (5, 5), 1.5)
@@ -322,11 +323,9 @@ def by_band(records: list[dict], name: str) -> list[tuple[str, int, int]]:
 def by_kind(records: list[dict], name: str) -> list[tuple[str, int, int]]:
     """(kind, failures of that kind, how many the least confident quarter by `name` holds):
     which mistakes the queue finds and which the model makes with confidence."""
-    queued = least_confident_quarter(records, name)
-    failed = np.array([r["iou"] < FAILURE_IOU for r in records])
-    kinds = metrics.failure_kinds(*([r["counts"][c] for r in records] for c in ("tp", "fp", "fn")))
-    return [(kind, int((failed & (kinds == k)).sum()), int((failed & queued & (kinds == k)).sum()))
-            for k, kind in enumerate(metrics.FAILURE_KINDS) if (failed & (kinds == k)).any()]
+    return metrics.failures_by_kind(
+        *([r["counts"][c] for r in records] for c in ("tp", "fp", "fn")),
+        [r["iou"] < FAILURE_IOU for r in records], least_confident_quarter(records, name))
 
 
 def fold_models(source: str) -> tuple[int, list[tuple], list[int | None]]:
@@ -426,8 +425,9 @@ def main() -> int:
               "| IoU | frames | in the quarter |", "|---|---|---|"]
     lines += [f"| {band} | {frames} | {queued} |"
               for band, frames, queued in by_band(held_out, now)]
-    lines += ["", "Out of fold, the failures by how the mask sits against the label (80% of "
-              "it counts as nearly all)", "", "| failure | frames | in the quarter |",
+    lines += ["", "Out of fold, the failures by how the mask sits against the label "
+              f"({metrics.NEARLY_ALL:.0%} of it counts as nearly all)", "",
+              "| failure | frames | in the quarter |",
               "|---|---|---|"]
     lines += [f"| {kind} | {frames} | {queued} |"
               for kind, frames, queued in by_kind(held_out, now)]

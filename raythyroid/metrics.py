@@ -82,6 +82,16 @@ def failure_kinds(tp, fp, fn) -> np.ndarray:
         [0, 1, 2, 5, 4], default=3)
 
 
+def failures_by_kind(tp, fp, fn, failed, queued) -> list[tuple[str, int, int]]:
+    """(kind, failing images of that kind, how many of them are `queued`) for the kinds of
+    FAILURE_KINDS that occur, in that order; all arguments per image."""
+    kinds = failure_kinds(tp, fp, fn)
+    failed, queued = np.asarray(failed, bool), np.asarray(queued, bool)
+    tally = [(name, int((failed & (kinds == k)).sum()), int((failed & queued & (kinds == k)).sum()))
+             for k, name in enumerate(FAILURE_KINDS)]
+    return [row for row in tally if row[1]]
+
+
 @dataclass
 class Totals:
     """Confusion totals over many images: the one record training all-reduces across workers,

@@ -138,7 +138,8 @@ def _metrics_section(output: str, ok: pa.Table, labelled: pa.Table, queue_size: 
                       ["failure", "frames", "in the least confident quarter"]) + "</div>"]
     if ok.num_rows > labelled.num_rows:
         lines.append(f"<p class=\"note\">{ok.num_rows - labelled.num_rows:,} frames had no "
-                     f"label and are not scored.</p>")
+                     f"label and are not scored: the quarter above is of the labelled frames."
+                     f"</p>")
     return "\n".join(lines)
 
 
@@ -154,15 +155,11 @@ def review_catch(labelled: pa.Table, queue_size: int = REVIEW_SIZE) -> dict:
     shown = min(queue_size, len(ordered))
     in_quarter = np.zeros(len(failed), bool)
     in_quarter[order[:quarter]] = True
-    kinds = metrics.failure_kinds(*(labelled.column(c).to_numpy(zero_copy_only=False)
-                                    for c in ("tp", "fp", "fn")))
-    by_kind = [(name, int((failed & (kinds == k)).sum()),
-                int((failed & in_quarter & (kinds == k)).sum()))
-               for k, name in enumerate(metrics.FAILURE_KINDS)]
+    by_kind = metrics.failures_by_kind(*(labelled.column(c).to_numpy(zero_copy_only=False)
+                                         for c in ("tp", "fp", "fn")), failed, in_quarter)
     return {"failures": int(failed.sum()), "quarter": quarter,
             "in_quarter": int(ordered[:quarter].sum()), "shown": shown,
-            "in_queue": int(ordered[:shown].sum()),
-            "by_kind": [row for row in by_kind if row[1]]}
+            "in_queue": int(ordered[:shown].sum()), "by_kind": by_kind}
 
 
 def _least(table: pa.Table, column: str, count: int) -> pa.Table:

@@ -87,7 +87,8 @@ def test_infer_report_in_a_browser(labelled_run, browser, tmp_path):
     quarter = round(len(ok) / 4)
     assert (f"The least confident quarter ({quarter} frames) holds {sum(failures[:quarter])} "
             f"of the {sum(failures)} failures") in seen["catch"]
-    # every failure under one kind, the quarter's among them
+    # every failure under one kind, the quarter's among them; no table without failures
+    assert bool(seen["kinds"]) == any(failures)
     assert sum(int(row[1]) for row in seen["kinds"]) == sum(failures)
     assert sum(int(row[2]) for row in seen["kinds"]) == sum(failures[:quarter])
     assert "broken" in seen["text"] and "error" in seen["text"]  # errors by reason
@@ -124,8 +125,9 @@ def test_report_command_rewrites_the_page_on_s3(labelled_run, s3):
 
 
 def test_the_failures_are_told_apart_by_how_the_mask_sits_against_the_label():
-    """Drawn masks against a drawn nodule (IoU < 0.5 each): the report's table names each kind
-    once and counts those the least confident quarter holds."""
+    """Drawn masks against a drawn nodule (IoU < 0.5 each): review_catch, which the report's
+    table shows, gives each kind once and counts those the least confident quarter holds; a
+    mask holding exactly 80% of the nodule counts as covering it."""
     label = np.zeros((64, 64), bool)
     label[20:40, 20:40] = True
     drawn = {"missed": np.zeros_like(label), "lobe": np.ones_like(label),
@@ -134,6 +136,9 @@ def test_the_failures_are_told_apart_by_how_the_mask_sits_against_the_label():
     drawn["sliver"][25:32, 25:32] = True
     drawn["beside"][45:60, 45:60] = True
     drawn["shifted"][30:50, 30:50] = True
+    # 16 of the nodule's 20 rows (80%) and twice as much beside it: too large, at the boundary
+    drawn["lobe-at-80%"] = np.zeros_like(label)
+    drawn["lobe-at-80%"][24:40, 5:60] = True
     rows = []
     for confidence, (key, mask) in enumerate(drawn.items()):
         counts = metrics.counts(label, mask)
@@ -141,11 +146,11 @@ def test_the_failures_are_told_apart_by_how_the_mask_sits_against_the_label():
                          iou=metrics.image_iou(counts["tp"], counts["fp"], counts["fn"])))
     rows.append(dict(key="no-nodule", confidence=9.0, tp=0, fp=40, fn=0, tn=4056, iou=0.0))
     caught = report.review_catch(pa.Table.from_pylist(rows))
-    assert caught["failures"] == 6 and caught["quarter"] == 2  # of 7 frames
+    assert caught["failures"] == 7 and caught["quarter"] == 2  # of 8 frames
     assert caught["by_kind"] == [  # in FAILURE_KINDS' order; missed and lobe lead the queue
         ("no mask: the nodule missed", 1, 1), ("a mask where the label has none", 1, 0),
         ("a mask away from the nodule", 1, 0), ("outline off the nodule", 1, 0),
-        ("inside the nodule, too small", 1, 0), ("covers the nodule, too large", 1, 1)]
+        ("inside the nodule, too small", 1, 0), ("covers the nodule, too large", 2, 1)]
 
 
 def test_the_review_bar_keeps_every_queued_frame_and_few_others():
