@@ -31,10 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-from raythyroid import imaging, metrics, model, postprocess, shards, split, storage  # noqa: E402
+from raythyroid import (imaging, metrics, model, postprocess, report, shards, split,  # noqa: E402
+                        storage)
 from raythyroid.imaging import Geometry  # noqa: E402
 
-FAILURE_IOU = 0.5
+FAILURE_IOU = report.FAILURE_IOU  # what the report counts as a failure
 
 
 def views(net, images: np.ndarray) -> np.ndarray:
@@ -100,11 +101,13 @@ def perturbed_views(net, images: np.ndarray, tta: bool) -> np.ndarray:
             flip_tta=tta).numpy()) for change, undo in PERTURBATIONS])
 
 
-def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta: bool,
-                 perturbed: np.ndarray, member_pairs: np.ndarray | None = None) -> dict:
+def frame_record(pair: np.ndarray, row: dict, image: np.ndarray, post: postprocess.PostConfig,
+                 tta: bool, perturbed: np.ndarray, member_pairs: np.ndarray | None = None
+                 ) -> dict:
     """One frame's IoU and every candidate score, in original geometry as infer has them,
-    from its two views' probabilities (2, H, W) and its perturbed copies' (P, H, W); with an
-    ensemble's per-member views also how far its members' masks agree."""
+    from its two views' probabilities (2, H, W), its prepared image (the model's input) and
+    its perturbed copies' probabilities (P, H, W); with an ensemble's per-member views also
+    how far its members' masks agree."""
     geometry = Geometry.from_dict(row["geometry"])
 
     def as_infer(views: np.ndarray) -> np.ndarray:  # infer keeps float16
@@ -115,7 +118,7 @@ def frame_record(pair: np.ndarray, row: dict, post: postprocess.PostConfig, tta:
     label = imaging.decode_png(row["full_mask"]) > 0
     counts = metrics.counts(label, mask)
     scores = {name: score(mask, prob, post.threshold) for name, score in CANDIDATES.items()}
-    scores.update(image_evidence(mask, geometry.restore(imaging.decode_png(row["image"]))))
+    scores.update(image_evidence(mask, geometry.restore(image)))
     plain, mirrored = (postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
                        for v in pair)
     scores[FLIP_AGREEMENT] = _mask_iou(plain, mirrored) if plain.any() or mirrored.any() else 1.0
@@ -369,7 +372,7 @@ def out_of_fold(source: str, prepared: str, limit: int | None
         tta = bool(meta.get("tta"))
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
         pairs, perturbed = views(net, images), perturbed_views(net, images, tta)
-        records += [frame_record(pairs[:, i], r, post, tta, perturbed[:, i])
+        records += [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
                     for i, r in enumerate(held)]
         record_folds += [fold] * len(held)
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
@@ -386,11 +389,11 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     perturbed = perturbed_views(net, images, tta)
     if not isinstance(net, model.Ensemble):
         pairs = views(net, images)
-        return [frame_record(pairs[:, i], r, post, tta, perturbed[:, i])
+        return [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
                 for i, r in enumerate(rows)]
     # the members one by one: their mean is exactly what the ensemble computes
     members = np.stack([views(m, images) for m in net.members])  # (M, 2, N, H, W)
-    return [frame_record(members[:, :, i].mean(0), r, post, tta, perturbed[:, i],
+    return [frame_record(members[:, :, i].mean(0), r, images[i], post, tta, perturbed[:, i],
                          members[:, :, i]) for i, r in enumerate(rows)]
 
 

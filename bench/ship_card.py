@@ -65,9 +65,9 @@ def main() -> None:
         for line in f:
             step, value = line.split()
             seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
-    cv_flags = ""  # what ship_ddti.sh passed cv beyond its own flags
-    if os.path.exists(os.path.join(work, "cv-flags")):
-        with open(os.path.join(work, "cv-flags")) as f:
+    cv_flags, flags_file = "", os.path.join(work, "cv-flags")  # ship_ddti.sh's CV_FLAGS
+    if os.path.exists(flags_file):
+        with open(flags_file) as f:
             cv_flags = f.read().strip()
     folds = cv["folds"]
     counts = manifest["counts"]

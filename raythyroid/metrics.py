@@ -65,6 +65,7 @@ def image_dice(tp: int, fp: int, fn: int) -> float:
 
 NEARLY_ALL = 0.8
 # how a mask that fails sits against its label, in the order a report lists them
+MISSED, NO_LABEL, AWAY, OUTLINE_OFF, TOO_SMALL, TOO_LARGE = range(6)
 FAILURE_KINDS = ("no mask: the nodule missed", "a mask where the label has none",
                  "a mask away from the nodule", "outline off the nodule",
                  "inside the nodule, too small", "covers the nodule, too large")
@@ -79,7 +80,7 @@ def failure_kinds(tp, fp, fn) -> np.ndarray:
     mask, label = tp + fp, tp + fn
     return np.select(
         [mask == 0, label == 0, tp == 0, tp >= NEARLY_ALL * label, tp >= NEARLY_ALL * mask],
-        [0, 1, 2, 5, 4], default=3)
+        [MISSED, NO_LABEL, AWAY, TOO_LARGE, TOO_SMALL], default=OUTLINE_OFF)
 
 
 def failures_by_kind(tp, fp, fn, failed, queued) -> list[tuple[str, int, int]]:

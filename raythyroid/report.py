@@ -150,16 +150,15 @@ def review_catch(labelled: pa.Table, queue_size: int = REVIEW_SIZE) -> dict:
     order = pc.sort_indices(labelled, sort_keys=[("confidence", "ascending"),
                                                  ("key", "ascending")]).to_numpy()
     failed = pc.less(labelled.column("iou"), FAILURE_IOU).to_numpy(zero_copy_only=False)
-    ordered = failed[order]
-    quarter = max(1, int(round(len(ordered) / 4))) if len(ordered) else 0
-    shown = min(queue_size, len(ordered))
+    quarter = max(1, int(round(len(failed) / 4))) if len(failed) else 0
+    shown = min(queue_size, len(failed))
     in_quarter = np.zeros(len(failed), bool)
     in_quarter[order[:quarter]] = True
     by_kind = metrics.failures_by_kind(*(labelled.column(c).to_numpy(zero_copy_only=False)
                                          for c in ("tp", "fp", "fn")), failed, in_quarter)
     return {"failures": int(failed.sum()), "quarter": quarter,
-            "in_quarter": int(ordered[:quarter].sum()), "shown": shown,
-            "in_queue": int(ordered[:shown].sum()), "by_kind": by_kind}
+            "in_quarter": int((failed & in_quarter).sum()), "shown": shown,
+            "in_queue": int(failed[order[:shown]].sum()), "by_kind": by_kind}
 
 
 def _least(table: pa.Table, column: str, count: int) -> pa.Table:
