@@ -32,10 +32,13 @@ VARIANTS = [  # name, size, train flags: each row changes one thing from the row
     ("+ 384 px input", 384, ["--loss", "dice-ce", "--augment", "strong"]),
 ]
 DEFAULT_RECIPE = 3  # what `raythyroid train` does without flags
+# what a variant recorded before a setting existed had in its place
+UNSET = {"threshold": 0.5, "tta_zoom": 0.0}
 
 
 def _describe(variant: dict) -> str:
-    return (f"TTA {'on' if variant['tta'] else 'off'}, threshold "
+    zoom = f" + zoom {variant['tta_zoom']:g}" if variant.get("tta_zoom") else ""
+    return (f"TTA {'flip' + zoom if variant['tta'] else 'off'}, threshold "
             f"{variant.get('threshold', 0.5)}, keep largest {variant['keep_largest'] or 'all'}")
 
 
@@ -87,14 +90,15 @@ def main() -> None:
 
         def best_where(**fixed):
             return max((v for v in variants
-                        if all(v.get(k, 0.5) == x for k, x in fixed.items())),
+                        if all(v.get(k, UNSET.get(k)) == x for k, x in fixed.items())),
                        key=lambda v: v["val_n_iou"])
 
         notes.append(f"inference variants of the default recipe ({DEFAULT_RECIPE}.) on "
                      f"validation: plain n_IoU "
                      f"{plain['val_n_iou']:.4f} (n_IoU/img {plain['val_n_iou_per_image']:.4f})")
         for label, v in [
-                ("+ flip TTA", best_where(tta=True, threshold=0.5, keep_largest=0)),
+                ("+ flip TTA", best_where(tta=True, tta_zoom=0.0, threshold=0.5,
+                                         keep_largest=0)),
                 ("keep the 2 largest components", best_where(tta=False, threshold=0.5,
                                                              keep_largest=2)),
                 ("keep the largest component", best_where(tta=False, threshold=0.5,

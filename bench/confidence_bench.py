@@ -38,16 +38,28 @@ from raythyroid.imaging import Geometry  # noqa: E402
 FAILURE_IOU = report.FAILURE_IOU  # what the report counts as a failure
 
 
-def views(net, images: np.ndarray) -> np.ndarray:
+def views(net, images: np.ndarray, zoom: float = 0.0) -> np.ndarray:
     """(2, N, H, W): the nodule probabilities infer computes for the frames and for their mirror
-    images, mirrored back (flip TTA averages the two; an ensemble's are its members' mean)."""
+    images, mirrored back (flip TTA averages the two; an ensemble's are its members' mean);
+    with `zoom` (3, N, H, W): then also TTA's zoomed-out view (itself with flip TTA)."""
     import torch
 
     frames, cpu = torch.from_numpy(images), torch.device("cpu")
     with torch.no_grad():
-        return np.stack([
-            model.nodule_probability(net, frames, cpu).numpy(),
-            model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()])
+        found = [model.nodule_probability(net, frames, cpu).numpy(),
+                 model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()]
+        if zoom:
+            found.append(model.zoomed_out_probability(net, frames, cpu, zoom,
+                                                      flip_tta=True).numpy())
+    return np.stack(found)
+
+
+def as_infer(views: np.ndarray, tta: bool) -> np.ndarray:
+    """The probabilities infer has for a frame, from its views (see `views`): flip TTA averages
+    the frame and its mirror, and that average weighs equally with a zoomed-out view."""
+    if not tta:
+        return views[0]
+    return views[:2].mean(0) if len(views) == 2 else (views[:2].mean(0) + views[2]) / 2
 
 
 # The copies stay inside the training augmentation's ranges (augment.AugmentConfig: gamma
@@ -88,49 +100,52 @@ def _zoom_back(probs: np.ndarray) -> np.ndarray:
 PERTURBATIONS = ((_gamma(0.7), lambda p: p), (_gamma(1.4), lambda p: p), (_zoom_out, _zoom_back))
 
 
-def perturbed_views(net, images: np.ndarray, tta: bool) -> np.ndarray:
+def perturbed_views(net, images: np.ndarray, tta: bool, zoom: float) -> np.ndarray:
     """(P, N, H, W): the nodule probabilities of brighter, darker and smaller copies of the
-    frames, mapped back onto the frames; with flip TTA where the frame's own mask has it, so
-    an unchanged copy would agree with that mask exactly."""
+    frames, mapped back onto the frames; with the TTA the frame's own mask has, so an unchanged
+    copy would agree with that mask exactly."""
     import torch
 
     cpu = torch.device("cpu")
     with torch.no_grad():
         return np.stack([undo(model.nodule_probability(
             net, torch.from_numpy(np.ascontiguousarray(change(images))), cpu,
-            flip_tta=tta).numpy()) for change, undo in PERTURBATIONS])
+            flip_tta=tta, zoom=zoom).numpy()) for change, undo in PERTURBATIONS])
 
 
 def frame_record(pair: np.ndarray, row: dict, image: np.ndarray, post: postprocess.PostConfig,
                  tta: bool, perturbed: np.ndarray, member_pairs: np.ndarray | None = None
                  ) -> dict:
     """One frame's IoU and every candidate score, in original geometry as infer has them,
-    from its two views' probabilities (2, H, W), its prepared image (the model's input) and
-    its perturbed copies' probabilities (P, H, W); with an ensemble's per-member views also
-    how far its members' masks agree."""
+    from its views' probabilities (2 or 3, H, W: see `views`), its prepared image (the model's
+    input) and its perturbed copies' probabilities (P, H, W); with an ensemble's per-member
+    views also how far its members' masks agree. Where TTA has a zoomed-out view, also the
+    counts without it ("flip_counts"): what that view adds."""
     geometry = Geometry.from_dict(row["geometry"])
 
-    def as_infer(views: np.ndarray) -> np.ndarray:  # infer keeps float16
-        return geometry.restore((views.mean(0) if tta else views[0]).astype(np.float16))
+    def restored(views: np.ndarray) -> np.ndarray:  # infer keeps float16
+        return geometry.restore(as_infer(views, tta).astype(np.float16))
 
-    prob = as_infer(pair)
+    prob = restored(pair)
     mask = postprocess.clean_mask(prob, post)
     label = imaging.decode_png(row["full_mask"]) > 0
     counts = metrics.counts(label, mask)
+    flip_counts = (metrics.counts(label, postprocess.clean_mask(restored(pair[:2]), post))
+                   if len(pair) == 3 else counts)
     scores = {name: score(mask, prob, post.threshold) for name, score in CANDIDATES.items()}
     scores.update(image_evidence(mask, geometry.restore(image)))
     plain, mirrored = (postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
-                       for v in pair)
+                       for v in pair[:2])
     scores[FLIP_AGREEMENT] = _mask_iou(plain, mirrored) if plain.any() or mirrored.any() else 1.0
     moved = [postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
              for v in perturbed]
     scores[PERTURBED_AGREEMENT] = float(np.mean([
         _mask_iou(mask, m) if mask.any() or m.any() else 1.0 for m in moved]))
     if member_pairs is not None:
-        members = [postprocess.clean_mask(as_infer(p), post) for p in member_pairs]
+        members = [postprocess.clean_mask(restored(p), post) for p in member_pairs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
             _mask_iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
-    return {"key": row["key"], "counts": counts,
+    return {"key": row["key"], "counts": counts, "flip_counts": flip_counts,
             "iou": metrics.image_iou(counts["tp"], counts["fp"], counts["fn"]),
             "scores": scores, "shape": _shape(mask, prob, post.threshold)}
 
@@ -265,10 +280,10 @@ def add_learned(records: list[dict], folds: list[int], test: list[dict]) -> None
         r["scores"][LEARNED] = float(value)
 
 
-def pooled(records: list[dict]) -> dict:
+def pooled(records: list[dict], counts: str = "counts") -> dict:
     """The frames' metrics as one set (their counts summed): the figure a pooled score on new
     frames estimates."""
-    return metrics.Totals.from_arrays(*([r["counts"][k] for r in records]
+    return metrics.Totals.from_arrays(*([r[counts][k] for r in records]
                                         for k in ("tp", "fp", "fn", "tn"))).metrics()
 
 
@@ -369,9 +384,9 @@ def out_of_fold(source: str, prepared: str, limit: int | None
                              f"data the folds were trained on")
         held = held[:limit]
         post = postprocess.PostConfig.from_model(meta)
-        tta = bool(meta.get("tta"))
+        tta, zoom = bool(meta.get("tta")), model.tta_zoom(meta)
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
-        pairs, perturbed = views(net, images), perturbed_views(net, images, tta)
+        pairs, perturbed = views(net, images, zoom), perturbed_views(net, images, tta, zoom)
         records += [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
                     for i, r in enumerate(held)]
         record_folds += [fold] * len(held)
@@ -385,14 +400,14 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     net, meta = model.load(model.resolve(model_uri))
     post = postprocess.PostConfig.from_model(meta)
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
-    tta = bool(meta.get("tta"))
-    perturbed = perturbed_views(net, images, tta)
+    tta, zoom = bool(meta.get("tta")), model.tta_zoom(meta)
+    perturbed = perturbed_views(net, images, tta, zoom)
     if not isinstance(net, model.Ensemble):
-        pairs = views(net, images)
+        pairs = views(net, images, zoom)
         return [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
                 for i, r in enumerate(rows)]
     # the members one by one: their mean is exactly what the ensemble computes
-    members = np.stack([views(m, images) for m in net.members])  # (M, 2, N, H, W)
+    members = np.stack([views(m, images, zoom) for m in net.members])  # (M, V, N, H, W)
     return [frame_record(members[:, :, i].mean(0), r, images[i], post, tta, perturbed[:, i],
                          members[:, :, i]) for i, r in enumerate(rows)]
 
@@ -417,11 +432,15 @@ def main() -> int:
             lines.append(f"| {where} ({len(records)}) | {name} | {rho:.2f} | "
                          f"{caught} of {failures} ({caught / max(failures, 1):.0%}) | "
                          f"{ceiling} ({ceiling / max(failures, 1):.0%}) |")
-    lines += ["", "| frames | pooled n_IoU | n_IoU/img |", "|---|---|---|"]
+    lines += ["", "| frames | TTA | pooled n_IoU | n_IoU/img | failures |",
+              "|---|---|---|---|---|"]
     for where, records in found.items():
-        whole = pooled(records)
-        lines.append(f"| {where} ({len(records)}) | {whole['n_iou']:.4f} | "
-                     f"{whole['n_iou_per_image'] or 0:.4f} |")
+        for tta, counts in (("as the model chose it", "counts"), ("flip only", "flip_counts")):
+            whole = pooled(records, counts)
+            failures = sum(metrics.image_iou(r[counts]["tp"], r[counts]["fp"], r[counts]["fn"])
+                           < FAILURE_IOU for r in records)
+            lines.append(f"| {where} ({len(records)}) | {tta} | {whole['n_iou']:.4f} | "
+                         f"{whole['n_iou_per_image'] or 0:.4f} | {failures} |")
     now = "soft IoU of mask and probabilities (now)"
     lines += ["", f"Out of fold, by IoU band: the frames, and those in the least confident "
               f"quarter by the {now.split(' (')[0]}", "",

@@ -53,7 +53,8 @@ def main() -> None:
                 rates[name].append(count / (time.time() - started))
                 shutil.rmtree(out)
     ensemble, fast = median(rates["ensemble"]), median(rates["fast"])
-    figures = {"frames": count, "members": members, "tta": bool(meta.get("tta")),
+    tta = model.describe_tta(bool(meta.get("tta")), model.tta_zoom(meta))
+    figures = {"frames": count, "members": members, "tta": tta,
                "ensemble_images_per_s": ensemble, "fast_images_per_s": fast}
     if args.json:
         with open(args.json, "w") as f:
@@ -61,7 +62,7 @@ def main() -> None:
     record(f"infer: {members}-model ensemble vs --fast, {count} frames", [
         "| inference | images/s (median of runs, job start included) | ratio |",
         "| --- | ---: | ---: |",
-        f"| ensemble of {members}, TTA {'on' if meta.get('tta') else 'off'} | {ensemble:.2f} "
+        f"| ensemble of {members}, TTA {tta} | {ensemble:.2f} "
         f"| 1.00x |",
         f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"],
         [f"each figure: frames / wall seconds of one `infer.run` on a local Ray (listing, "

@@ -35,6 +35,14 @@ for the members as shipped with the ensemble's inference (a little high: their e
 inference were chosen on these same frames)."""
 
 
+def tta(meta: dict) -> str:
+    if not meta["tta"]:
+        return "off"
+    zoom = meta.get("tta_zoom") or 0
+    return ("the frame and its mirror image" + (f", each also shrunk to {zoom:g} of its side in "
+            "a blank frame (a zoomed-out view)" if zoom else ""))
+
+
 def fold_figures(fold: dict) -> dict:
     """What cv_compare pairs of a fold: its frames, epochs, last and best epoch's figures."""
     figures = ("n_iou", "n_iou_per_image", "dice")
@@ -172,8 +180,7 @@ its first member alone without TTA. Built {meta['created']} by `bench/ship_ddti.
   {config['lr'] or ('1e-3' if config['optimizer'] == 'adamw' else '1e-2')}, {config['schedule']}
   schedule), batch size {config['batch_size']}, `{config['augment']}` augmentation,
   {epochs} epochs per fold, precision {config['precision']}.
-- Inference: the members' nodule probabilities are averaged; flip TTA {'on' if meta['tta'] else
-  'off'}; threshold {meta['threshold']}; keep the {meta['postprocess']['keep_largest'] or 'all'}
+- Inference: the members' nodule probabilities are averaged; TTA {tta(meta)}; threshold {meta['threshold']}; keep the {meta['postprocess']['keep_largest'] or 'all'}
   largest component(s). These were chosen as the variant with the best mean validation n_IoU
   over the folds, each fold scored by its own model.
 

@@ -112,11 +112,14 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     # written before the ensemble too: a RUN with model/ but no cv.json would pass for a train run
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     inference = save_ensemble(run_uri, folds, summary)
+    from . import model as model_lib  # torch: loaded once there is a model to describe
+
     summary["inference_pooled"] = inference["pooled"]
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     log(table(summary))
     log(f"cv: the {folds} fold models as one ensemble in {storage.join(run_uri, 'model')} "
-        f"(tta={inference['tta']}, threshold={inference['threshold']}, keep_largest="
+        f"(tta={model_lib.describe_tta(inference['tta'], inference['tta_zoom'])}, "
+        f"threshold={inference['threshold']}, keep_largest="
         f"{inference['keep_largest']}: the best mean validation n_IoU over the folds, "
         f"{inference['mean_val_n_iou']:.4f}"
         + (f"; pooled over their frames {inference['pooled']['n_iou']:.4f}, each fold's model "
@@ -138,46 +141,57 @@ def summarize(results: list[dict], folds: int, data: str, config: train.TrainCon
     return summary
 
 
+def shared_inference(fold_variants: list[list[dict]]) -> dict:
+    """The inference one ensemble of these fold models uses: of the variants every fold scored
+    (train.choose_inference, each fold on the cases it did not train on), the one with the best
+    mean validation n_IoU. No case inside the folds is held out from the ensemble itself, so
+    that mean is its only honest guide (the test split scores the ensemble). Returns the choice
+    and every variant's figures, as model.json keeps them."""
+    scores: dict[tuple, list[float]] = {}
+    totals: dict[tuple, list] = {}
+    for variants in fold_variants:
+        for v in variants:
+            variant = (v["tta"], v.get("tta_zoom", 0.0), v["threshold"], v["keep_largest"])
+            scores.setdefault(variant, []).append(v["val_n_iou"])
+            totals.setdefault(variant, []).append(v.get("val_totals"))
+    # only variants every fold scored (folds kept from an older version may have fewer)
+    scores = {variant: values for variant, values in scores.items()
+              if len(values) == len(fold_variants)}
+    (tta, zoom, threshold, keep), best = max(scores.items(),
+                                             key=lambda item: statistics.fmean(item[1]))
+    return {"tta": tta, "tta_zoom": zoom, "threshold": threshold, "keep_largest": keep,
+            "mean_val_n_iou": statistics.fmean(best),
+            "pooled": pooled_metrics(totals[(tta, zoom, threshold, keep)]),
+            "variants": [
+                {"tta": t, "tta_zoom": z, "threshold": th, "keep_largest": kl,
+                 "mean_val_n_iou": statistics.fmean(values), "val_n_iou_by_fold": values,
+                 "pooled_val_n_iou": (pooled_metrics(totals[(t, z, th, kl)]) or {}).get("n_iou")}
+                for (t, z, th, kl), values in scores.items()]}
+
+
 def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
-    """RUN/model: the fold models as one ensemble averaging their probabilities. Its
-    inference (TTA, threshold, components kept) is the variant with the best mean validation
-    n_IoU over the folds, each fold's model scored on the cases it did not train on: no case
-    inside the folds is held out from the ensemble itself, so that mean is its only honest
-    guide (the test split scores the ensemble)."""
+    """RUN/model: the fold models as one ensemble averaging their probabilities, with the
+    inference (TTA, threshold, components kept) `shared_inference` chooses."""
     import datetime as dt
 
     from . import model as model_lib
 
     loaded = [model_lib.load(storage.join(run_uri, f"fold-{k}", "model")) for k in range(folds)]
-    scores: dict[tuple, list[float]] = {}
-    totals: dict[tuple, list] = {}
-    for _, meta in loaded:
-        for v in meta["training"]["inference_variants"]:
-            variant = (v["tta"], v["threshold"], v["keep_largest"])
-            scores.setdefault(variant, []).append(v["val_n_iou"])
-            totals.setdefault(variant, []).append(v.get("val_totals"))
-    # only variants every fold scored (folds kept from an older version may have fewer)
-    scores = {variant: values for variant, values in scores.items() if len(values) == folds}
-    (tta, threshold, keep), best = max(scores.items(), key=lambda item: statistics.fmean(item[1]))
-    chosen_pooled = pooled_metrics(totals[(tta, threshold, keep)])
+    chosen = shared_inference([meta["training"]["inference_variants"] for _, meta in loaded])
     first = loaded[0][1]
     model_lib.save_ensemble([net for net, _ in loaded], storage.join(run_uri, "model"), {
-        "prep": first["prep"], "classes": first["classes"], "threshold": threshold,
-        "tta": tta, "postprocess": {"keep_largest": keep},
+        "prep": first["prep"], "classes": first["classes"], "threshold": chosen["threshold"],
+        "tta": chosen["tta"], "tta_zoom": chosen["tta_zoom"],
+        "postprocess": {"keep_largest": chosen["keep_largest"]},
         "training": {"config": summary["config"], "cross_validation": {
             "folds": folds, "data": summary["data"],
             **{k: v for k, v in summary.items() if k.endswith(("_mean", "_std", "_pooled"))},
-            "inference_pooled": chosen_pooled,
-            "inference_variants": [
-                {"tta": t, "threshold": th, "keep_largest": kl,
-                 "mean_val_n_iou": statistics.fmean(values), "val_n_iou_by_fold": values,
-                 "pooled_val_n_iou": (pooled_metrics(totals[(t, th, kl)]) or {}).get("n_iou")}
-                for (t, th, kl), values in scores.items()]}},
+            "inference_pooled": chosen["pooled"],
+            "inference_variants": chosen["variants"]}},
         "data": first["data"],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
-    return {"tta": tta, "threshold": threshold, "keep_largest": keep,
-            "mean_val_n_iou": statistics.fmean(best), "pooled": chosen_pooled}
+    return chosen
 
 
 def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, parallel: int):

@@ -295,12 +295,13 @@ class Predictor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.net, _ = model_lib.load(model_lib.resolve(model_uri), self.device,
-                                     first_member_only=fast)
+        self.net, meta = model_lib.load(model_lib.resolve(model_uri), self.device,
+                                        first_member_only=fast)
         if compile_model:  # one fixed batch shape (see __call__), so one compilation
             self.net = torch.compile(self.net)
         self.bf16 = model_lib.resolve_bf16(precision, self.device)
         self.tta = tta
+        self.zoom = model_lib.tta_zoom(meta) if tta else 0.0  # TTA as the model chose it
         self.batch_size = batch_size
         self.keep_images = keep_images  # for the review overlays finish_block draws
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -325,7 +326,8 @@ class Predictor:
                 padded[:len(part)] = part
                 with telemetry.timed("predict"):
                     out = model_lib.nodule_probability(self.net, torch.from_numpy(padded),
-                                                       self.device, self.bf16, self.tta)
+                                                       self.device, self.bf16, self.tta,
+                                                       self.zoom)
                 predicted.append(out[:len(part)].cpu().numpy().astype(np.float16))
             prob[ok] = np.concatenate(predicted)
             telemetry.count("predicted", int(ok.sum()))

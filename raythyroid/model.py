@@ -125,17 +125,65 @@ def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+# TTA's zoomed-out view: the frame shrunk to this fraction of its side in the middle of a blank
+# one. Averaged with the frame's own views it raised the bundled members' out-of-fold pooled
+# n_IoU on DDTI by 0.007, in all five folds (bench/BENCHMARKS.md, "zoomed-out view"); models
+# shrink their masks' overreach a little when they see more of the scan's surroundings.
+TTA_ZOOM = 0.8
+
+
+def tta_zoom(meta: dict) -> float:
+    """The zoomed-out view a model.json chose (0: none); it is part of its TTA."""
+    return float(meta.get("tta_zoom") or 0.0) if meta.get("tta") else 0.0
+
+
+def describe_tta(tta: bool, zoom: float) -> str:
+    return ("flip" + (f" + zoom {zoom:g}" if zoom else "")) if tta else "none"
+
+
+def _probability(model: nn.Module, x: torch.Tensor, flip_tta: bool) -> torch.Tensor:
+    prob = torch.softmax(model(x).float(), dim=1)[:, 1]
+    if flip_tta:  # mirror left-right, predict, mirror back, average
+        flipped = torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]
+        prob = (prob + torch.flip(flipped, dims=[2])) / 2
+    return prob
+
+
+def _zoomed_out(model: nn.Module, x: torch.Tensor, flip_tta: bool, zoom: float) -> torch.Tensor:
+    """The probabilities of the frame shrunk to `zoom` of its side (the blank around it is what
+    desensitizing leaves outside a scan region), mapped back onto the frame."""
+    height, width = x.shape[-2:]
+    small_h, small_w = round(height * zoom), round(width * zoom)
+    top, left = (height - small_h) // 2, (width - small_w) // 2
+    canvas = torch.zeros_like(x)
+    canvas[..., top:top + small_h, left:left + small_w] = F.interpolate(
+        x, size=(small_h, small_w), mode="area")
+    prob = _probability(model, canvas, flip_tta)[:, None, top:top + small_h, left:left + small_w]
+    return F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
 @torch.inference_mode()
 def nodule_probability(model: nn.Module, images: torch.Tensor, device: torch.device,
-                       bf16: bool = False, flip_tta: bool = False) -> torch.Tensor:
-    """(N, H, W) uint8 -> (N, H, W) float32 softmax probability of the nodule class."""
+                       bf16: bool = False, flip_tta: bool = False, zoom: float = 0.0
+                       ) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, H, W) float32 softmax probability of the nodule class; with
+    `zoom`, averaged equally with that of the zoomed-out view (each with flip TTA if asked)."""
     x = as_input(images, device)
     with autocast(device, bf16):
-        prob = torch.softmax(model(x).float(), dim=1)[:, 1]
-        if flip_tta:  # mirror left-right, predict, mirror back, average
-            flipped = torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]
-            prob = (prob + torch.flip(flipped, dims=[2])) / 2
+        prob = _probability(model, x, flip_tta)
+        if zoom:
+            prob = (prob + _zoomed_out(model, x, flip_tta, zoom)) / 2
     return prob.float()
+
+
+@torch.inference_mode()
+def zoomed_out_probability(model: nn.Module, images: torch.Tensor, device: torch.device,
+                           zoom: float, bf16: bool = False, flip_tta: bool = False
+                           ) -> torch.Tensor:
+    """The zoomed-out view alone (what nodule_probability averages in), for measuring it."""
+    x = as_input(images, device)
+    with autocast(device, bf16):
+        return _zoomed_out(model, x, flip_tta, zoom).float()
 
 
 class Ensemble(nn.Module):

@@ -318,16 +318,23 @@ def _scores_section(named: list[tuple[str, dict]]) -> str:
     return "<h2>scores</h2>" + _table(rows, header)
 
 
+def _tta(variant: dict) -> str:
+    from . import model
+
+    return model.describe_tta(bool(variant.get("tta")), variant.get("tta_zoom", 0.0))
+
+
 def _variants_section(meta: dict) -> str:
     """The inference the model ships with and why: every variant's validation score."""
     variants = (meta.get("training") or {}).get("inference_variants") or []
-    chosen = {"tta": meta.get("tta"), "threshold": meta.get("threshold"),
+    chosen = {"tta": meta.get("tta"), "tta_zoom": meta.get("tta_zoom", 0.0),
+              "threshold": meta.get("threshold"),
               "keep_largest": (meta.get("postprocess") or {}).get("keep_largest", 0)}
-    said = html.escape(f"TTA {chosen['tta']}, threshold {chosen['threshold']}, components "
+    said = html.escape(f"TTA {_tta(chosen)}, threshold {chosen['threshold']}, components "
                        f"kept {chosen['keep_largest'] or 'all'}")
     lines = [f"<h2>inference</h2><p>chosen on validation: {said}</p>"]
     if variants:
-        rows = [["chosen" if all(v.get(k) == chosen[k] for k in chosen) else "", v.get("tta"),
+        rows = [["chosen" if all(v.get(k, 0.0) == chosen[k] for k in chosen) else "", _tta(v),
                  v.get("threshold"), v.get("keep_largest") or "all",
                  _number(v.get("val_n_iou")), _number(v.get("val_n_iou_per_image"))]
                 for v in sorted(variants, key=lambda v: -(v.get("val_n_iou") or 0))]
@@ -373,7 +380,8 @@ def _validation_scores(run_uri: str, meta: dict) -> list[tuple[float, str, bytes
         images = np.stack([imaging.decode_png(r["image"]) for r in part])
         with torch.no_grad():
             prob = model.nodule_probability(net, torch.from_numpy(images), torch.device("cpu"),
-                                            flip_tta=bool(meta.get("tta"))).numpy()
+                                            flip_tta=bool(meta.get("tta")),
+                                            zoom=model.tta_zoom(meta)).numpy()
         for row, image, p in zip(part, images, prob):
             geometry = imaging.Geometry.from_dict(row["geometry"])
             mask = postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)

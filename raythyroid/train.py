@@ -253,18 +253,20 @@ def _lr_factor(schedule: str, progress: float) -> float:
 
 
 def evaluate(net, dataset, rank: int, world: int, device, bf16: bool, batch_size: int,
-             tta: bool = False, post: dict | None = None, with_totals: bool = False) -> dict:
+             tta: bool = False, post: dict | None = None, with_totals: bool = False,
+             zoom: float = 0.0) -> dict:
     """This worker's share of a split -> all-reduced metrics over the whole split.
 
     Without `post` a pixel is nodule where its probability is >= 0.5 (fast, every epoch);
     with it, masks go through infer's post-processing (postprocess.clean_mask) first.
     """
-    return evaluate_variants(net, dataset, rank, world, device, bf16, batch_size, tta,
+    return evaluate_variants(net, dataset, rank, world, device, bf16, batch_size, tta, zoom,
                              [post], with_totals)[0]
 
 
 def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
-                      batch_size: int, tta: bool, posts: list, with_totals: bool = False
+                      batch_size: int, tta: bool, zoom: float, posts: list,
+                      with_totals: bool = False
                       ) -> list[dict]:
     """Like evaluate, for several post-processing settings at the price of one model pass.
     With `with_totals` each result also carries its metrics.Totals vector under "totals":
@@ -289,7 +291,8 @@ def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
         if not bool(mine.any()):
             continue
         images = torch.from_numpy(np.ascontiguousarray(batch["image"][mine]))
-        prob = model_lib.nodule_probability(module, images, device, bf16, tta).cpu().numpy()
+        prob = model_lib.nodule_probability(module, images, device, bf16, tta,
+                                            zoom).cpu().numpy()
         for label, p in _scored_pairs(batch, mine, prob):
             for total, config in zip(totals, configs):
                 total.add(label, postprocess.clean_mask(p, config) if config else p >= 0.5)
@@ -315,25 +318,27 @@ def _scored_pairs(batch: dict, mine: np.ndarray, prob: np.ndarray):
 
 
 # Inference variants tried on the validation split once training ends: mirrored test-time
-# augmentation, a higher threshold (class-weighted losses over-segment) and keeping only the
-# largest components are kept only where they help. The plain setting is listed first so that
-# it wins ties.
+# augmentation (and with it a zoomed-out view, model.TTA_ZOOM), a higher threshold
+# (class-weighted losses over-segment) and keeping only the largest components are kept only
+# where they help. The plain setting is listed first so that it wins ties.
 INFERENCE_THRESHOLDS = (0.5, 0.6, 0.7, 0.4)
 INFERENCE_KEEP_LARGEST = (0, 2, 1)
 
 
 def choose_inference(net, val_set, rank, world, device, bf16, batch_size) -> dict:
+    from . import model as model_lib
+
     posts = [{"threshold": t, "keep_largest": k}
              for t in INFERENCE_THRESHOLDS for k in INFERENCE_KEEP_LARGEST]
     scored = []
-    for tta in (False, True):
+    for tta, zoom in ((False, 0.0), (True, 0.0), (True, model_lib.TTA_ZOOM)):
         results = evaluate_variants(net, val_set, rank, world, device, bf16, batch_size, tta,
-                                    posts, with_totals=True)
-        scored += [{"tta": tta, **post, "val_n_iou": r["n_iou"],
+                                    zoom, posts, with_totals=True)
+        scored += [{"tta": tta, "tta_zoom": zoom, **post, "val_n_iou": r["n_iou"],
                     "val_n_iou_per_image": r["n_iou_per_image"], "val_totals": r["totals"]}
                    for post, r in zip(posts, results)]
     best = max(scored, key=lambda v: v["val_n_iou"])  # the first of equals
-    return {"tta": best["tta"],
+    return {"tta": best["tta"], "tta_zoom": best["tta_zoom"],
             "postprocess": {"threshold": best["threshold"], "keep_largest": best["keep_largest"]},
             "val_variants": scored}
 
@@ -739,7 +744,8 @@ def _finish(worker: Worker, state: TrainState) -> None:
         post = state.inference["postprocess"]
         state.test = evaluate(worker.scored, worker.test_set, worker.rank, worker.world,
                               worker.device, worker.bf16, batch_size,
-                              tta=state.inference["tta"], post=post)
+                              tta=state.inference["tta"], post=post,
+                              zoom=state.inference.get("tta_zoom", 0.0))
     state.finished = True
     _report(worker, state, {"epoch": state.epoch, "finished": True,
                             **{f"test_{k}": v for k, v in (state.test or {}).items()
@@ -783,9 +789,12 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     save_model(run_uri, state, config, workers, gpu, manifest, data)
     test_metrics = state.test or {}
     storage.write_text(finished, json.dumps(test_metrics, indent=2))
+    from . import model as model_lib
+
     best, chosen = state.best, state.inference
     log(f"train: best epoch {best['epoch']} of {state.epoch} (val n_IoU "
-        f"{best['val']['n_iou']:.4f}); inference: tta={chosen['tta']}, threshold="
+        f"{best['val']['n_iou']:.4f}); inference: tta="
+        f"{model_lib.describe_tta(chosen['tta'], chosen.get('tta_zoom', 0.0))}, threshold="
         f"{chosen['postprocess']['threshold']}, keep_largest="
         f"{chosen['postprocess']['keep_largest']} (chosen on validation); model in "
         f"{storage.join(run_uri, 'model')}")
@@ -932,6 +941,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
         # chosen on the validation split (train.choose_inference); infer applies them
         "threshold": state.inference["postprocess"]["threshold"],
         "tta": state.inference["tta"],
+        "tta_zoom": state.inference.get("tta_zoom", 0.0),
         "postprocess": {k: v for k, v in state.inference["postprocess"].items()
                         if k != "threshold"},
         "training": {"config": config.to_dict(), "workers": workers, "gpu": gpu,

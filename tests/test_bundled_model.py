@@ -3,9 +3,10 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
-from raythyroid import model, split
+from raythyroid import imaging, model, postprocess, split
 
 from conftest import run_cli
 
@@ -63,6 +64,7 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
         # the single member without TTA finds the same nodule as the whole ensemble
         both = masks["ensemble"] & masks["fast"]
         assert both.sum() / (masks["ensemble"] | masks["fast"]).sum() > 0.5, frame.stem
+    assert _masks_follow_the_chosen_tta(frames, outputs["ensemble"])
     metrics = json.loads((outputs["ensemble"] / "metrics.json").read_text())
     # a floor for plausibility, not the model's accuracy (CV and the model card measure that)
     assert metrics["images"] == HELD_OUT_FRAMES and metrics["n_iou"] > 0.3
@@ -97,3 +99,27 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against():
     changes = [row.split("|")[5].strip() for row in rows if row.split("|")[1].strip().isdigit()]
     assert changes == ["+0.0000"] * 5
     assert any("ensemble of the 5" in row for row in rows)  # the test split's table too
+
+
+def _masks_follow_the_chosen_tta(frames: list, out: Path) -> bool:
+    """infer's masks are the ensemble's with the TTA its model.json chose (the zoomed-out view
+    included): they match a direct computation with it better than one without it."""
+    import torch
+
+    net, meta = model.load(model.resolve("ddti"))
+    assert meta["tta"] and model.tta_zoom(meta) > 0
+    prep = imaging.PrepConfig.from_dict(meta["prep"])
+    post = postprocess.PostConfig.from_model(meta)
+    cpu = torch.device("cpu")
+    misses = {"chosen": 0, "mirror alone": 0}
+    for frame in frames:
+        decoded = imaging.open_frames(frame.read_bytes(), 10 ** 8).frame(0)  # as infer reads it
+        image, geometry = imaging.prepare(decoded, prep)
+        made = cv2.imread(str(out / "masks" / f"{frame.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        for name, zoom in (("chosen", model.tta_zoom(meta)), ("mirror alone", 0.0)):
+            prob = model.nodule_probability(net, torch.from_numpy(image[None]), cpu,
+                                            model.resolve_bf16("auto", cpu), True, zoom)
+            mask = postprocess.clean_mask(geometry.restore(prob[0].numpy().astype(np.float16)),
+                                          post)
+            misses[name] += int((mask != made).sum())
+    return misses["chosen"] < misses["mirror alone"]

@@ -228,8 +228,9 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
                           atol=5e-3)
     variants = meta["training"]["cross_validation"]["inference_variants"]
     chosen = max(variants, key=lambda v: v["mean_val_n_iou"])
-    assert (meta["tta"], meta["threshold"], meta["postprocess"]["keep_largest"]) == (
-        chosen["tta"], chosen["threshold"], chosen["keep_largest"])
+    assert (meta["tta"], meta["tta_zoom"], meta["threshold"],
+            meta["postprocess"]["keep_largest"]) == (
+        chosen["tta"], chosen["tta_zoom"], chosen["threshold"], chosen["keep_largest"])
     assert all(len(v["val_n_iou_by_fold"]) == folds for v in variants)
     # each fold's variants keep the totals behind their scores; the chosen one's, summed over
     # the folds, give the ensemble's pooled figure
@@ -239,8 +240,9 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
         for v in fold_meta["training"]["inference_variants"]:
             assert metrics.Totals.from_vector(v["val_totals"]).metrics()["n_iou"] == \
                 pytest.approx(v["val_n_iou"])
-            if (v["tta"], v["threshold"], v["keep_largest"]) == (
-                    chosen["tta"], chosen["threshold"], chosen["keep_largest"]):
+            if (v["tta"], v["tta_zoom"], v["threshold"], v["keep_largest"]) == (
+                    chosen["tta"], chosen["tta_zoom"], chosen["threshold"],
+                    chosen["keep_largest"]):
                 summed += v["val_totals"]
     tn, fp, fn, tp = summed[:4]
     pooled = meta["training"]["cross_validation"]["inference_pooled"]

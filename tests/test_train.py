@@ -123,7 +123,8 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
         assert model_input.tobytes() == imaging.decode_png(row["image"]).tobytes()
 
     chosen = [v for v in meta["training"]["inference_variants"]
-              if v["tta"] == meta["tta"] and v["threshold"] == meta["threshold"]
+              if v["tta"] == meta["tta"] and v["tta_zoom"] == meta["tta_zoom"]
+              and v["threshold"] == meta["threshold"]
               and v["keep_largest"] == meta["postprocess"]["keep_largest"]]
     assert len(chosen) == 1
     listing = tmp_path / "val.txt"
