@@ -180,8 +180,9 @@ its first member alone without TTA. Built {meta['created']} by `bench/ship_ddti.
   {config['lr'] or ('1e-3' if config['optimizer'] == 'adamw' else '1e-2')}, {config['schedule']}
   schedule), batch size {config['batch_size']}, `{config['augment']}` augmentation,
   {epochs} epochs per fold, precision {config['precision']}.
-- Inference: the members' nodule probabilities are averaged; TTA {tta(meta)}; threshold {meta['threshold']}; keep the {meta['postprocess']['keep_largest'] or 'all'}
-  largest component(s). These were chosen as the variant with the best mean validation n_IoU
+- Inference: the members' nodule probabilities are averaged; TTA: {tta(meta)}; threshold
+  {meta['threshold']}; keep the {meta['postprocess']['keep_largest'] or 'all'} largest
+  component(s). These were chosen as the variant with the best mean validation n_IoU
   over the folds, each fold scored by its own model.
 
 ## Figures

@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--gpu", action="store_true", help="one GPU per Predictor actor")
     inf.add_argument("--batch-size", type=_positive_int, default=16)
     inf.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                     help="average with a mirrored prediction (default: as chosen on "
-                          "validation when the model was trained)")
+                     help="average with a mirrored prediction, and with a zoomed-out one "
+                          "where model.json chose it (default: as chosen on validation when "
+                          "the model was trained)")
     inf.add_argument("--fast", action="store_true",
                      help="one model without TTA: an ensemble's first member alone, one "
                           "model pass per frame (images/s in bench/BENCHMARKS.md)")

@@ -595,6 +595,8 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     job = {"input": identity, "labels": storage.normalize(labels) if labels else None,
            "model": (f"{model_ref} (bundled, weights {meta['weights_sha256'][:16]})" if bundled
                      else model_uri)}
+    if options.tta and model_lib.tta_zoom(meta):  # a new version may add the view to a model
+        job["tta_zoom"] = model_lib.tta_zoom(meta)  # (and only then: older OUTPUTs resume)
     _claim_output(output, dict(job, fast=True) if options.fast else job)
     storage.delete(storage.join(output, results.SUCCESS))
     run_id = uuid.uuid4().hex
@@ -626,7 +628,7 @@ def _claim_output(output: str, job: dict) -> None:
         if changed:
             raise UserError(f"{output} holds the results of another job ({changed[0]} "
                             f"{held.get(changed[0])}); to resume, give the same INPUT, MODEL, "
-                            f"--labels and --fast, else use a new OUTPUT")
+                            f"--labels, --fast and TTA, else use a new OUTPUT")
     else:
         storage.write_text(uri, json.dumps(job, indent=2))
 

@@ -127,8 +127,9 @@ def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # TTA's zoomed-out view: the frame shrunk to this fraction of its side in the middle of a blank
 # one. Averaged with the frame's own views it raised the bundled members' out-of-fold pooled
-# n_IoU on DDTI by 0.007, in all five folds (bench/BENCHMARKS.md, "zoomed-out view"); models
-# shrink their masks' overreach a little when they see more of the scan's surroundings.
+# n_IoU on DDTI by 0.005 (3 folds up, 1 level, 1 down by 0.002; bench/BENCHMARKS.md, "zoomed-out
+# view"). Presumably the model, which augments scale only down to 0.85, draws a little less
+# beyond the nodule when it sees more of the surroundings.
 TTA_ZOOM = 0.8
 
 

@@ -93,6 +93,23 @@ def test_a_fold_keeps_the_totals_of_its_last_and_its_best_epoch():
     assert cv._fold_metrics(state)["best_totals"] is None
 
 
+def test_the_ensemble_uses_only_variants_every_fold_scored():
+    """Folds kept from a version before the zoomed-out view scored no zoomed variant: the
+    ensemble then chooses among the variants all folds have, and the best mean wins."""
+    def variant(tta, zoom, score):
+        return {"tta": tta, "tta_zoom": zoom, "threshold": 0.5, "keep_largest": 0,
+                "val_n_iou": score}
+
+    old = [{k: v for k, v in variant(True, 0.0, 0.60).items() if k != "tta_zoom"},
+           variant(False, 0.0, 0.58)]  # no tta_zoom key at all, as written then
+    new = [variant(True, 0.0, 0.62), variant(False, 0.0, 0.66), variant(True, 0.8, 0.90)]
+    chosen = cv.shared_inference([old, new])
+    assert (chosen["tta"], chosen["tta_zoom"]) == (False, 0.0)  # mean 0.62 over 0.61
+    assert len(chosen["variants"]) == 2 and chosen["mean_val_n_iou"] == pytest.approx(0.62)
+    chosen = cv.shared_inference([new, new])
+    assert (chosen["tta"], chosen["tta_zoom"]) == (True, 0.8)
+
+
 def test_pooled_figures_sum_the_folds_and_need_every_fold():
     """Two folds pooled: their pixels summed, not their ratios averaged. A fold kept from a
     version that had no totals leaves the pooled figures out, not wrong."""

@@ -29,6 +29,10 @@ def test_the_zoomed_out_view_lands_back_on_the_frame():
         assert own.sum() > 1000 and _masks_iou(own, back) > 0.97  # 3 px off: < 0.93
     both = model.nodule_probability(net, images, cpu, flip_tta=True, zoom=model.TTA_ZOOM).numpy()
     assert np.allclose(both, (plain + zoomed) / 2, atol=1e-5)  # this net is mirror-symmetric
+    wide = torch.from_numpy(np.ascontiguousarray(frame[0][:192, :]))[None]  # height != width
+    own = model.nodule_probability(net, wide, cpu).numpy()[0] >= 0.5
+    back = model.zoomed_out_probability(net, wide, cpu, model.TTA_ZOOM).numpy()[0] >= 0.5
+    assert back.shape == (192, 256) and _masks_iou(own, back) > 0.97
 
 
 def test_tta_is_what_the_model_chose():

@@ -137,6 +137,51 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
         chosen[0]["val_n_iou_per_image"], abs=0.002)
 
 
+@pytest.mark.timeout(900)
+def test_infer_applies_the_zoomed_out_view_as_training_scored_it(trained_run, phantom_dataset,
+                                                                 tmp_path):
+    """Training scores every TTA (none, mirror, mirror + zoomed-out view) with every threshold
+    and component rule; a model whose model.json chooses the zoomed-out view gets it in infer:
+    other masks than with the mirror alone, scoring what training's variant reported."""
+    import numpy as np
+    import shutil
+
+    from raythyroid import imaging, infer
+
+    raw, prepared = phantom_dataset
+    run_uri, _ = trained_run
+    folder = storage.join(run_uri, "model")
+    meta = json.loads(storage.read_text(storage.join(folder, "model.json")))
+    variants = meta["training"]["inference_variants"]
+    assert sorted({(v["tta"], v["tta_zoom"]) for v in variants}) == [
+        (False, 0.0), (True, 0.0), (True, model.TTA_ZOOM)]
+    assert len(variants) == 3 * len(train.INFERENCE_THRESHOLDS) * len(
+        train.INFERENCE_KEEP_LARGEST)
+    zoomed = next(v for v in variants if v["tta_zoom"] and v["threshold"] == 0.5
+                  and v["keep_largest"] == 0)
+    copy = tmp_path / "zoomed-model"
+    shutil.copytree(folder, copy)
+    meta.update(tta=True, threshold=0.5, postprocess={"keep_largest": 0})
+    rows = shards.read_rows(prepared, shards.read_manifest(prepared), "val")
+    listing = tmp_path / "val.txt"
+    listing.write_text("".join(r["source_uri"] + "\n" for r in rows))
+    masks = {}
+    for name, tta in (("zoomed", None), ("mirror", True)):
+        zoom = model.TTA_ZOOM if name == "zoomed" else 0.0
+        (copy / "model.json").write_text(json.dumps(dict(meta, tta_zoom=zoom)))
+        summary = infer.run(str(copy), str(listing), str(tmp_path / name),
+                            labels=os.path.join(raw, "masks"), log=lambda *_: None,
+                            options=infer.InferOptions(tta=tta))
+        written = sorted((tmp_path / name / "masks").rglob("*.png"))
+        assert len(written) == len(rows)
+        masks[name] = {p.relative_to(tmp_path / name): imaging.decode_png(p.read_bytes())
+                       for p in written}
+        if name == "zoomed":
+            assert summary["metrics"]["n_iou"] == pytest.approx(zoomed["val_n_iou"], abs=0.002)
+    assert masks["zoomed"].keys() == masks["mirror"].keys()
+    assert sum(int(np.sum(masks["zoomed"][k] != masks["mirror"][k])) for k in masks["zoomed"])
+
+
 @pytest.mark.timeout(600)
 def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_dataset, s3):
     """SIGTERM (Kubernetes, `ray job stop`) after the first checkpoint: exit 143 with one line
