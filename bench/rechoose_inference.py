@@ -33,8 +33,8 @@ class HeldOut:
     reads a Ray dataset's iter_batches; one process scores them all)."""
 
     def __init__(self, rows: list[dict]):
-        self.columns = train._decode_block(pa.Table.from_pylist(rows), with_weights=False,
-                                           full=True)
+        self.columns = train.decode_block(pa.Table.from_pylist(rows), with_weights=False,
+                                          full=True)
 
     def iter_batches(self, batch_size: int, **_):
         count = len(self.columns["image"])

@@ -594,9 +594,12 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     # model, and a rerun must not mix the two
     job = {"input": identity, "labels": storage.normalize(labels) if labels else None,
            "model": (f"{model_ref} (bundled, weights {meta['weights_sha256'][:16]})" if bundled
-                     else model_uri)}
-    if options.tta and model_lib.tta_zoom(meta):  # a new version may add the view to a model
-        job["tta_zoom"] = model_lib.tta_zoom(meta)  # (and only then: older OUTPUTs resume)
+                     else model_uri),
+           # the inference applied: a model retrained in place, a model.json chosen again or
+           # another TTA flag would give other masks for the same keys
+           "weights": meta["weights_sha256"][:16], "tta": options.tta,
+           "tta_zoom": model_lib.tta_zoom(meta) if options.tta else 0.0,
+           "postprocess": post.to_dict()}
     _claim_output(output, dict(job, fast=True) if options.fast else job)
     storage.delete(storage.join(output, results.SUCCESS))
     run_id = uuid.uuid4().hex
@@ -618,13 +621,20 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         return _finish(output, table, problems, labels, options, started, record, log)
 
 
+# job.json of an OUTPUT begun by an older version: it wrote tta_zoom whenever the view applied
+# (missing: none), and none of the keys below (missing: unknown, not checked)
+JOB_KEYS_OLDER_VERSIONS_IMPLIED = {"tta_zoom": 0.0}
+JOB_KEYS_OLDER_VERSIONS_LACK = ("weights", "tta", "postprocess")
+
+
 def _claim_output(output: str, job: dict) -> None:
     """A rerun resumes only the job that OUTPUT holds: keys of another input could collide
     with committed ones and mix two archives in one results table."""
     uri = storage.join(output, results.JOB_FILE)
     if storage.exists(uri):
-        held = json.loads(storage.read_text(uri))
-        changed = [name for name in {**held, **job} if held.get(name) != job.get(name)]
+        held = {**JOB_KEYS_OLDER_VERSIONS_IMPLIED, **json.loads(storage.read_text(uri))}
+        changed = [name for name in {**held, **job} if held.get(name) != job.get(name)
+                   and (name in held or name not in JOB_KEYS_OLDER_VERSIONS_LACK)]
         if changed:
             raise UserError(f"{output} holds the results of another job ({changed[0]} "
                             f"{held.get(changed[0])}); to resume, give the same INPUT, MODEL, "

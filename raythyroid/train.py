@@ -173,9 +173,10 @@ def initial_weights(config: TrainConfig) -> bytes | None:
 
 # ---------------------------------------------------------------- data (driver side)
 
-def _decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None,
-                  full: bool = False) -> dict:
-    """Parquet rows -> numpy columns the workers consume (no strings: iter_torch_batches).
+def decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None,
+                 full: bool = False) -> dict:
+    """Parquet rows -> numpy columns the workers consume (no strings: iter_torch_batches);
+    also what scores held-out frames outside Ray (bench/rechoose_inference.py).
 
     `full` adds what scoring in each frame's own geometry needs: the label at its original
     size (PNG bytes, decoded when scored) and the geometry that maps a prediction back.
@@ -212,7 +213,7 @@ def load_split(data: str, manifest: dict, name, with_weights: bool = False,
         return None
     full = full and shards.format_version(manifest) >= 2
     columns = ["key", "image", "mask"] + (FULL_COLUMNS if full else [])
-    return read_shards(uris, columns, _decode_block, with_weights=with_weights, folds=folds,
+    return read_shards(uris, columns, decode_block, with_weights=with_weights, folds=folds,
                        full=full).materialize()
 
 
@@ -437,7 +438,10 @@ class TrainState:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        state = cls(**{k: v for k, v in data.items() if k in names})
+        if state.inference is not None:  # checkpoints of older versions chose no zoomed view
+            state.inference.setdefault("tta_zoom", 0.0)
+        return state
 
 
 @dataclass(frozen=True)
@@ -758,7 +762,7 @@ def _finish(worker: Worker, state: TrainState) -> None:
         state.test = evaluate(worker.scored, worker.test_set, worker.rank, worker.world,
                               worker.device, worker.bf16, batch_size,
                               tta=state.inference["tta"], post=post,
-                              zoom=state.inference.get("tta_zoom", 0.0))
+                              zoom=state.inference["tta_zoom"])
     state.finished = True
     _report(worker, state, {"epoch": state.epoch, "finished": True,
                             **{f"test_{k}": v for k, v in (state.test or {}).items()
@@ -807,7 +811,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     best, chosen = state.best, state.inference
     log(f"train: best epoch {best['epoch']} of {state.epoch} (val n_IoU "
         f"{best['val']['n_iou']:.4f}); inference: tta="
-        f"{model_lib.describe_tta(chosen['tta'], chosen.get('tta_zoom', 0.0))}, threshold="
+        f"{model_lib.describe_tta(chosen['tta'], chosen['tta_zoom'])}, threshold="
         f"{chosen['postprocess']['threshold']}, keep_largest="
         f"{chosen['postprocess']['keep_largest']} (chosen on validation); model in "
         f"{storage.join(run_uri, 'model')}")
@@ -954,7 +958,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
         # chosen on the validation split (train.choose_inference); infer applies them
         "threshold": state.inference["postprocess"]["threshold"],
         "tta": state.inference["tta"],
-        "tta_zoom": state.inference.get("tta_zoom", 0.0),
+        "tta_zoom": state.inference["tta_zoom"],
         "postprocess": {k: v for k, v in state.inference["postprocess"].items()
                         if k != "threshold"},
         "training": {"config": config.to_dict(), "workers": workers, "gpu": gpu,

@@ -234,6 +234,37 @@ def test_max_error_rate_turns_errors_into_exit_3(trained_run, tmp_path):
     again = run_cli("infer", storage.join(run_uri, "model"), str(other), str(tmp_path / "out"))
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "holds the results of another job (input" in again.stderr
+    # the same archive with other TTA would give other masks for keys already written
+    other_tta = run_cli("infer", storage.join(run_uri, "model"), str(archive),
+                        str(tmp_path / "out"), "--no-tta")
+    assert other_tta.returncode == 2 and "another job (tta" in other_tta.stderr
+
+
+def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differs(tmp_path):
+    """Older versions wrote no weights, TTA or post-processing into job.json: those are not
+    checked there, while a zoomed view they did not record means none was applied."""
+    job = {"input": "s3://archive", "labels": None, "model": "s3://models/m",
+           "weights": "0123456789abcdef", "tta": True, "tta_zoom": 0.0,
+           "postprocess": {"threshold": 0.5, "min_area_fraction": 0.0005, "fill_holes": True,
+                           "keep_largest": 2}}
+    older = {k: job[k] for k in ("input", "labels", "model")}
+
+    def claim(held, now):
+        output = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        output.mkdir()
+        (output / results.JOB_FILE).write_text(json.dumps(held))
+        infer._claim_output(str(output), now)
+
+    claim(older, job)  # resumes
+    claim(job, job)
+    with pytest.raises(infer.UserError, match=r"another job \(tta_zoom 0.0\)"):
+        claim(older, dict(job, tta_zoom=0.8))  # begun before the zoomed view existed
+    with pytest.raises(infer.UserError, match=r"another job \(weights"):
+        claim(job, dict(job, weights="fedcba9876543210"))  # retrained in place
+    with pytest.raises(infer.UserError, match=r"another job \(postprocess"):
+        claim(job, dict(job, postprocess=dict(job["postprocess"], keep_largest=0)))
+    with pytest.raises(infer.UserError, match=r"another job \(fast"):
+        claim(older, dict(job, fast=True))
 
 
 def test_compaction_keeps_each_key_once(tmp_path):

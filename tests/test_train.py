@@ -19,6 +19,14 @@ def history(run_uri):
 
 
 @pytest.mark.timeout(900)
+def serving_tolerance(run_uri):
+    """How far infer's n_IoU may be from what validation reported for the same variant: in
+    fp32 only float order (validation scores with rank 0's weights and BatchNorm statistics;
+    the 2-worker skew this catches was 0.0022); bf16 kernels may depend on the batch's shape.
+    Infer on the same machine resolves --precision auto as training did."""
+    return 2e-4 if history(run_uri)[-1]["precision"] == "fp32" else 0.002
+
+
 def test_two_cpu_workers_learn_phantoms(trained_run):
     run_uri, result = trained_run
     rows = history(run_uri)
@@ -132,9 +140,10 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
     summary = infer.run(storage.join(run_uri, "model"), str(listing), str(tmp_path / "out"),
                         labels=os.path.join(raw, "masks"), log=lambda *_: None)
     assert summary["metrics"]["images"] == len(rows)
-    assert summary["metrics"]["n_iou"] == pytest.approx(chosen[0]["val_n_iou"], abs=0.002)
+    tolerance = serving_tolerance(run_uri)
+    assert summary["metrics"]["n_iou"] == pytest.approx(chosen[0]["val_n_iou"], abs=tolerance)
     assert summary["metrics"]["n_iou_per_image"] == pytest.approx(
-        chosen[0]["val_n_iou_per_image"], abs=0.002)
+        chosen[0]["val_n_iou_per_image"], abs=tolerance)
 
 
 @pytest.mark.timeout(900)
@@ -177,7 +186,8 @@ def test_infer_applies_the_zoomed_out_view_as_training_scored_it(trained_run, ph
         masks[name] = {p.relative_to(tmp_path / name): imaging.decode_png(p.read_bytes())
                        for p in written}
         if name == "zoomed":
-            assert summary["metrics"]["n_iou"] == pytest.approx(zoomed["val_n_iou"], abs=0.002)
+            assert summary["metrics"]["n_iou"] == pytest.approx(
+                zoomed["val_n_iou"], abs=serving_tolerance(run_uri))
     assert masks["zoomed"].keys() == masks["mirror"].keys()
     assert sum(int(np.sum(masks["zoomed"][k] != masks["mirror"][k])) for k in masks["zoomed"])
 
