@@ -621,26 +621,36 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         return _finish(output, table, problems, labels, options, started, record, log)
 
 
-# job.json of an OUTPUT begun by an older version: it wrote tta_zoom whenever the view applied
-# (missing: none), and none of the keys below (missing: unknown, not checked)
+# _JOB.json of an OUTPUT begun by an older version. Versions with the zoomed-out view wrote
+# tta_zoom whenever it applied, all but the first; missing reads as none (an OUTPUT of that
+# first one is refused: it cannot be told from one begun before the view). They wrote none of
+# JOB_KEYS_OLDER_VERSIONS_LACK: those are unknown there and not checked.
 JOB_KEYS_OLDER_VERSIONS_IMPLIED = {"tta_zoom": 0.0}
 JOB_KEYS_OLDER_VERSIONS_LACK = ("weights", "tta", "postprocess")
+JOB_KEYS_OF_THE_MODEL = ("weights", "tta_zoom", "postprocess")  # no flag of this run sets them
 
 
 def _claim_output(output: str, job: dict) -> None:
     """A rerun resumes only the job that OUTPUT holds: keys of another input could collide
-    with committed ones and mix two archives in one results table."""
+    with committed ones and mix two archives in one results table, and another model or
+    inference would give other masks for the keys committed."""
     uri = storage.join(output, results.JOB_FILE)
-    if storage.exists(uri):
-        held = {**JOB_KEYS_OLDER_VERSIONS_IMPLIED, **json.loads(storage.read_text(uri))}
-        changed = [name for name in {**held, **job} if held.get(name) != job.get(name)
-                   and (name in held or name not in JOB_KEYS_OLDER_VERSIONS_LACK)]
-        if changed:
-            raise UserError(f"{output} holds the results of another job ({changed[0]} "
-                            f"{held.get(changed[0])}); to resume, give the same INPUT, MODEL, "
-                            f"--labels, --fast and TTA, else use a new OUTPUT")
-    else:
+    if not storage.exists(uri):
         storage.write_text(uri, json.dumps(job, indent=2))
+        return
+    held = {**JOB_KEYS_OLDER_VERSIONS_IMPLIED, **json.loads(storage.read_text(uri))}
+    if "postprocess" in held:  # a setting added later reads as its default
+        held["postprocess"] = {**postprocess.PostConfig().to_dict(), **held["postprocess"]}
+    changed = [name for name in [*job, *(n for n in held if n not in job)]
+               if held.get(name) != job.get(name)
+               and (name in held or name not in JOB_KEYS_OLDER_VERSIONS_LACK)]
+    if changed:
+        name = changed[0]
+        why = ("the model has changed since this OUTPUT began" if name in JOB_KEYS_OF_THE_MODEL
+               else "to resume, give the same INPUT, MODEL, --labels, --fast and TTA flag")
+        raise UserError(f"{output} holds the results of another job ({name}: "
+                        f"{json.dumps(held.get(name))} there, {json.dumps(job.get(name))} in "
+                        f"this run); {why}, else use a new OUTPUT")
 
 
 def _seg_settings(meta: dict, options: InferOptions) -> dict | None:

@@ -20,7 +20,7 @@ REVIEW = "review"
 REPORT = "report"
 DICOM_SEG = "dicom-seg"
 SUCCESS = "_SUCCESS"  # the last run's record, written once every input has a row
-JOB_FILE = "_JOB.json"  # the INPUT, MODEL and LABELS whose results OUTPUT holds
+JOB_FILE = "_JOB.json"  # the job whose results OUTPUT holds: input, model, labels, inference
 METRICS = "metrics.json"
 FILES_PER_READ = 1000
 

@@ -235,14 +235,18 @@ def test_max_error_rate_turns_errors_into_exit_3(trained_run, tmp_path):
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "holds the results of another job (input" in again.stderr
     # the same archive with other TTA would give other masks for keys already written
+    chose_tta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))["tta"]
     other_tta = run_cli("infer", storage.join(run_uri, "model"), str(archive),
-                        str(tmp_path / "out"), "--no-tta")
-    assert other_tta.returncode == 2 and "another job (tta" in other_tta.stderr
+                        str(tmp_path / "out"), "--no-tta" if chose_tta else "--tta")
+    assert other_tta.returncode == 2
+    assert (f"another job (tta: {json.dumps(chose_tta)} there, {json.dumps(not chose_tta)} in "
+            f"this run); to resume") in other_tta.stderr
 
 
 def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differs(tmp_path):
-    """Older versions wrote no weights, TTA or post-processing into job.json: those are not
-    checked there, while a zoomed view they did not record means none was applied."""
+    """Older versions wrote no weights, TTA or post-processing into _JOB.json: those are not
+    checked there, while a zoomed view they did not record means none was applied. What
+    differs is named with both values, and whether a flag or the model changed."""
     job = {"input": "s3://archive", "labels": None, "model": "s3://models/m",
            "weights": "0123456789abcdef", "tta": True, "tta_zoom": 0.0,
            "postprocess": {"threshold": 0.5, "min_area_fraction": 0.0005, "fill_holes": True,
@@ -257,13 +261,21 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
 
     claim(older, job)  # resumes
     claim(job, job)
-    with pytest.raises(infer.UserError, match=r"another job \(tta_zoom 0.0\)"):
+    # as the version before wrote them: tta_zoom only where applied, post-processing without
+    # a setting added since (its default)
+    claim(dict(older, tta_zoom=0.8), dict(job, tta_zoom=0.8))
+    claim(dict(job, postprocess={k: v for k, v in job["postprocess"].items()
+                                 if k != "fill_holes"}), job)
+    model_changed = "the model has changed since this OUTPUT began"
+    with pytest.raises(infer.UserError, match=rf"\(tta_zoom: 0.0 there, 0.8 in this run\); "
+                                              rf"{model_changed}"):
         claim(older, dict(job, tta_zoom=0.8))  # begun before the zoomed view existed
-    with pytest.raises(infer.UserError, match=r"another job \(weights"):
+    with pytest.raises(infer.UserError, match=rf"\(weights: .*; {model_changed}"):
         claim(job, dict(job, weights="fedcba9876543210"))  # retrained in place
-    with pytest.raises(infer.UserError, match=r"another job \(postprocess"):
+    with pytest.raises(infer.UserError, match=r"\(postprocess: .*\"keep_largest\": 2"):
         claim(job, dict(job, postprocess=dict(job["postprocess"], keep_largest=0)))
-    with pytest.raises(infer.UserError, match=r"another job \(fast"):
+    with pytest.raises(infer.UserError, match=r"\(fast: null there, true in this run\); to "
+                                              r"resume, give the same"):
         claim(older, dict(job, fast=True))
 
 

@@ -18,7 +18,6 @@ def history(run_uri):
         storage.join(run_uri, "history.jsonl")).splitlines()]
 
 
-@pytest.mark.timeout(900)
 def serving_tolerance(run_uri):
     """How far infer's n_IoU may be from what validation reported for the same variant: in
     fp32 only float order (validation scores with rank 0's weights and BatchNorm statistics;
@@ -27,6 +26,7 @@ def serving_tolerance(run_uri):
     return 2e-4 if history(run_uri)[-1]["precision"] == "fp32" else 0.002
 
 
+@pytest.mark.timeout(900)
 def test_two_cpu_workers_learn_phantoms(trained_run):
     run_uri, result = trained_run
     rows = history(run_uri)
