@@ -114,13 +114,14 @@ def perturbed_views(net, images: np.ndarray, tta: bool, zoom: float) -> np.ndarr
 
 
 def frame_record(pair: np.ndarray, row: dict, image: np.ndarray, post: postprocess.PostConfig,
-                 tta: bool, perturbed: np.ndarray, member_pairs: np.ndarray | None = None
-                 ) -> dict:
+                 tta: bool, perturbed: np.ndarray | None,
+                 member_pairs: np.ndarray | None = None) -> dict:
     """One frame's IoU and every candidate score, in original geometry as infer has them,
     from its views' probabilities (2 or 3, H, W: see `views`), its prepared image (the model's
     input) and its perturbed copies' probabilities (P, H, W); with an ensemble's per-member
     views also how far its members' masks agree. Where TTA has a zoomed-out view, also the
-    counts without it ("flip_counts"): what that view adds."""
+    counts without it ("flip_counts"): what that view adds. Without perturbed copies (None),
+    no score from them."""
     geometry = Geometry.from_dict(row["geometry"])
 
     def restored(views: np.ndarray) -> np.ndarray:  # infer keeps float16
@@ -137,10 +138,11 @@ def frame_record(pair: np.ndarray, row: dict, image: np.ndarray, post: postproce
     plain, mirrored = (postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
                        for v in pair[:2])
     scores[FLIP_AGREEMENT] = _mask_iou(plain, mirrored) if plain.any() or mirrored.any() else 1.0
-    moved = [postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
-             for v in perturbed]
-    scores[PERTURBED_AGREEMENT] = float(np.mean([
-        _mask_iou(mask, m) if mask.any() or m.any() else 1.0 for m in moved]))
+    if perturbed is not None:
+        moved = [postprocess.clean_mask(geometry.restore(v.astype(np.float16)), post)
+                 for v in perturbed]
+        scores[PERTURBED_AGREEMENT] = float(np.mean([
+            _mask_iou(mask, m) if mask.any() or m.any() else 1.0 for m in moved]))
     if member_pairs is not None:
         members = [postprocess.clean_mask(restored(p), post) for p in member_pairs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
