@@ -1,14 +1,18 @@
-"""Two builds' fold models averaged, scored out of fold: would one ensemble of both builds beat
-either build's?
+"""Two builds' fold models averaged, scored out of fold: what would one ensemble of both builds
+add over either build's own?
 
-Both builds dealt the same cases into the same folds (the same seed; checked by each fold's
-held-out count). Fold k of each build held out the same frames, so averaging the two fold-k
-models' probabilities gives, for every held-out frame, a two-model ensemble none of whose
-members saw it: the out-of-fold estimate of an ensemble of both builds (10 members for two
-5-fold builds). Every model gets the first build's inference (its TTA, zoomed-out view,
-threshold and components kept), so only the weights differ. Also the review queue with the
-two models' agreement, which one build's folds cannot give (its members, each but one, trained
-on the frame).
+Both builds dealt the same cases into the same folds (the same seed, read from each; the
+held-out counts are checked too). Fold k of each build held out the same frames, so averaging
+the two fold-k models' probabilities gives, for every held-out frame, a two-model ensemble
+none of whose members saw it. Every model gets the first build's ensemble inference (its TTA,
+zoomed-out view, threshold and components kept), so only the weights differ.
+
+What it measures is one model against two on each frame. A shipped build serves five members
+and the blend ten, and averaging gains less the more members there already are: the gain here
+is an upper bound on the blend's. Averaging any two models gains something, so a second build
+of the same recipe (another seed) is the control that tells a recipe's gain from averaging's.
+Also the review queue ordered by the two models' agreement, which one build's folds cannot give
+(each of its members but one trained on the frame).
 
 Each build is a model cv built (`ddti`), a `raythyroid cv` RUN, or the cv RUN of a
 `bench/ship_ddti.sh` WORKDIR that is still running: the folds both builds have finished are
@@ -33,23 +37,44 @@ from confidence_bench import (FAILURE_IOU, MEMBER_AGREEMENT, evaluate_scores,  #
 from raythyroid import imaging, metrics, model, postprocess, shards, split, storage  # noqa: E402
 
 
-def finished_folds(source: str) -> tuple[int | None, dict[int, tuple], dict[int, int | None]]:
-    """(seed or None while unknown, {fold: (model, metadata)}, {fold: held-out frames}) of a
-    build, the folds of a cv RUN still running included."""
+BOTH = "both"
+
+
+def finished_folds(source: str) -> tuple[int, int | None, dict[int, tuple], dict[int, int | None]]:
+    """(the seed that dealt the folds, how many folds or None while a cv runs, {fold: (model,
+    metadata)}, {fold: held-out frames}) of a build; of a cv RUN still running, its finished
+    folds (folds run side by side: any may finish first), its seed read from them."""
     import json
 
     if storage.exists(storage.join(source, "cv.json")) or not storage.exists(
             storage.join(source, "fold-0")):
         seed, nets, held = fold_models(source)
-        return seed, dict(enumerate(nets)), dict(enumerate(held))
-    nets, held = {}, {}
-    for k in range(100):
-        fold_json = storage.join(source, f"fold-{k}", "fold.json")
-        if not storage.exists(fold_json):
+        return seed, len(nets), dict(enumerate(nets)), dict(enumerate(held))
+    nets, held, seeds = {}, {}, set()
+    for k in range(1000):
+        fold_uri = storage.join(source, f"fold-{k}")
+        if not storage.exists(fold_uri):
             break
-        nets[k] = model.load(storage.join(source, f"fold-{k}", "model"))
-        held[k] = json.loads(storage.read_text(fold_json)).get("val_images")
-    return None, nets, held
+        if storage.exists(storage.join(fold_uri, "fold.json")):  # written after model/
+            nets[k] = model.load(storage.join(fold_uri, "model"))
+            held[k] = json.loads(storage.read_text(storage.join(fold_uri, "fold.json")))[
+                "val_images"]
+            seeds.add(nets[k][1]["training"]["config"]["seed"] - k)  # cv trains fold k at seed + k
+    if not nets:
+        raise SystemExit(f"blend_builds: {source} has no finished fold yet")
+    if len(seeds) != 1:
+        raise SystemExit(f"blend_builds: {source}'s folds were dealt with seeds {sorted(seeds)}")
+    return seeds.pop(), None, nets, held
+
+
+def inference_of(source: str) -> dict:
+    """The model.json whose inference every model gets: the ensemble's (a cv RUN's own model,
+    or a model cv built), not a fold's (chosen on that fold's held-out frames)."""
+    import json
+
+    folder = (storage.join(source, "model") if storage.exists(storage.join(source, "cv.json"))
+              else model.resolve(source))
+    return json.loads(storage.read_text(storage.join(folder, model.MODEL_JSON)))
 
 
 def main() -> int:
@@ -61,23 +86,26 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="held-out frames per fold (a quick look)")
     parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
+    if len({*args.names, BOTH}) != 3:
+        parser.error(f"--names: two different names, neither {BOTH!r}")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit: at least 1")
 
-    seed, first, first_held = finished_folds(args.first)
-    if seed is None:
+    seed, k, first, first_held = finished_folds(args.first)
+    if k is None:
         raise SystemExit(f"blend_builds: {args.first} is a cv still running; give it second")
-    second_seed, second, second_held = finished_folds(args.second)
-    if second_seed not in (None, seed) or len(second) > len(first):
-        raise SystemExit(f"blend_builds: the builds dealt {len(first)} and {len(second)}+ "
-                         f"folds with seeds {seed} and {second_seed}: other frames per fold")
+    second_seed, second_k, second, second_held = finished_folds(args.second)
+    if second_seed != seed or second_k not in (None, k) or max(second) >= k:
+        raise SystemExit(f"blend_builds: {args.first} dealt {k} folds with seed {seed}, "
+                         f"{args.second} {second_k or 'at least ' + str(max(second) + 1)} with "
+                         f"seed {second_seed}: their folds hold other frames")
     common = sorted(set(first) & set(second))
-    if not common:
-        raise SystemExit("blend_builds: the builds have no finished fold in common")
     rows = shards.read_rows(args.prepared, shards.read_manifest(args.prepared), ["train", "val"])
-    case_fold = split.folds((r["case_id"] for r in rows), len(first), seed)
-    meta = first[common[0]][1]
+    case_fold = split.folds((r["case_id"] for r in rows), k, seed)
+    meta = inference_of(args.first)
     post = postprocess.PostConfig.from_model(meta)
     tta, zoom = bool(meta.get("tta")), model.tta_zoom(meta)
-    found = {name: [] for name in (*args.names, "both")}
+    found = {name: [] for name in (*args.names, BOTH)}
     for fold in common:
         held = [r for r in rows if case_fold[r["case_id"]] == fold]
         if {first_held[fold], second_held[fold]} - {None, len(held)}:
@@ -90,11 +118,11 @@ def main() -> int:
         for i, row in enumerate(held):
             for name, member in zip(args.names, pair[:, :, i]):
                 found[name].append(frame_record(member, row, images[i], post, tta, None))
-            found["both"].append(frame_record(pair[:, :, i].mean(0), row, images[i], post, tta,
+            found[BOTH].append(frame_record(pair[:, :, i].mean(0), row, images[i], post, tta,
                                               None, pair[:, :, i]))
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
 
-    frames = len(found["both"])
+    frames = len(found[BOTH])
     lines = [f"| models | pooled n_IoU | n_IoU/img | Dice/img | failures (IoU < {FAILURE_IOU}) |",
              "|---|---|---|---|---|"]
     for name, records in found.items():
@@ -102,12 +130,12 @@ def main() -> int:
         dice = np.mean([metrics.image_dice(r["counts"]["tp"], r["counts"]["fp"],
                                            r["counts"]["fn"]) for r in records])
         failures = sum(r["iou"] < FAILURE_IOU for r in records)
-        label = "both: the two fold models averaged" if name == "both" else f"{name} alone"
-        lines.append(f"| {label} | {whole['n_iou']:.4f} | {whole['n_iou_per_image']:.4f} | "
+        label = "both: the two fold models averaged" if name == BOTH else f"{name} alone"
+        lines.append(f"| {label} | {whole['n_iou']:.4f} | {whole['n_iou_per_image'] or 0:.4f} | "
                      f"{dice:.4f} | {failures} |")
     lines += ["", "| both builds' queue, ordered by | Spearman with IoU | failures in the least "
               "confident quarter |", "|---|---|---|"]
-    for name, rho, caught, failures, _ in evaluate_scores(found["both"]):
+    for name, rho, caught, failures, _ in evaluate_scores(found[BOTH]):
         if name == MEMBER_AGREEMENT or "(now)" in name:
             lines.append(f"| {name} | {rho:.2f} | {caught} of {failures} "
                          f"({caught / max(failures, 1):.0%}) |")
@@ -117,7 +145,8 @@ def main() -> int:
 
         record(f"bundled DDTI model: {args.names[0]} and {args.names[1]} averaged, out of fold",
                lines, [f"folds {', '.join(map(str, common))}: {frames} held-out frames, each "
-                       f"segmented by fold models that never saw it; every model with "
+                       f"segmented by fold models that never saw it (one against two: an upper "
+                       f"bound on what ten members add over five); every model with "
                        f"{args.names[0]}'s inference ({model.describe_tta(tta, zoom)}, "
                        f"threshold {post.threshold}, keep {post.keep_largest or 'all'}), "
                        f"in original geometry, fp32"])

@@ -238,7 +238,8 @@ def image_evidence(mask: np.ndarray, image: np.ndarray) -> dict[str, float]:
 FLIP_AGREEMENT = "IoU between the masks of the frame and of its mirror image"
 PERTURBED_AGREEMENT = ("mean IoU between the frame's mask and the masks of its brighter, "
                        "darker and smaller copies")
-# only where an ensemble's members segment frames none of them trained on: the test split
+# only where an ensemble's members segment frames none of them trained on: the test split, or
+# two builds' fold models on the frames their folds held out (bench/blend_builds.py)
 MEMBER_AGREEMENT = "mean IoU between the members' masks"
 
 
