@@ -40,33 +40,6 @@ from raythyroid import imaging, metrics, model, postprocess, shards, split, stor
 BOTH = "both"
 
 
-def finished_folds(source: str) -> tuple[int, int | None, dict[int, tuple], dict[int, int | None]]:
-    """(the seed that dealt the folds, how many folds or None while a cv runs, {fold: (model,
-    metadata)}, {fold: held-out frames}) of a build; of a cv RUN still running, its finished
-    folds (folds run side by side: any may finish first), its seed read from them."""
-    import json
-
-    if storage.exists(storage.join(source, "cv.json")) or not storage.exists(
-            storage.join(source, "fold-0")):
-        seed, nets, held = fold_models(source)
-        return seed, len(nets), dict(enumerate(nets)), dict(enumerate(held))
-    nets, held, seeds = {}, {}, set()
-    for k in range(1000):
-        fold_uri = storage.join(source, f"fold-{k}")
-        if not storage.exists(fold_uri):
-            break
-        if storage.exists(storage.join(fold_uri, "fold.json")):  # written after model/
-            nets[k] = model.load(storage.join(fold_uri, "model"))
-            held[k] = json.loads(storage.read_text(storage.join(fold_uri, "fold.json")))[
-                "val_images"]
-            seeds.add(nets[k][1]["training"]["config"]["seed"] - k)  # cv trains fold k at seed + k
-    if not nets:
-        raise SystemExit(f"blend_builds: {source} has no finished fold yet")
-    if len(seeds) != 1:
-        raise SystemExit(f"blend_builds: {source}'s folds were dealt with seeds {sorted(seeds)}")
-    return seeds.pop(), None, nets, held
-
-
 def inference_of(source: str) -> dict:
     """The model.json whose inference every model gets: the ensemble's (a cv RUN's own model,
     or a model cv built), not a fold's (chosen on that fold's held-out frames)."""
@@ -91,10 +64,10 @@ def main() -> int:
     if args.limit is not None and args.limit < 1:
         parser.error("--limit: at least 1")
 
-    seed, k, first, first_held = finished_folds(args.first)
+    seed, k, first, first_held = fold_models(args.first)
     if k is None:
         raise SystemExit(f"blend_builds: {args.first} is a cv still running; give it second")
-    second_seed, second_k, second, second_held = finished_folds(args.second)
+    second_seed, second_k, second, second_held = fold_models(args.second)
     if second_seed != seed or second_k not in (None, k) or max(second) >= k:
         raise SystemExit(f"blend_builds: {args.first} dealt {k} folds with seed {seed}, "
                          f"{args.second} {second_k or 'at least ' + str(max(second) + 1)} with "

@@ -349,26 +349,58 @@ def by_kind(records: list[dict], name: str) -> list[tuple[str, int, int]]:
         [r["iou"] < FAILURE_IOU for r in records], least_confident_quarter(records, name))
 
 
-def fold_models(source: str) -> tuple[int, list[tuple], list[int | None]]:
-    """(the seed that dealt the folds, [(fold model, its metadata)] in fold order, each fold's
-    held-out frames where known) from a cv RUN, or from an ensemble cv built, whose members
-    are those fold models (each then used with the ensemble's chosen inference)."""
+def fold_models(source: str) -> tuple[int, int | None, dict[int, tuple], dict[int, int | None]]:
+    """(the seed that dealt the folds, how many folds or None while a cv runs, {fold: (model,
+    metadata)}, {fold: held-out frames where known}) from a cv RUN, from an ensemble cv built
+    (its members are the fold models, each then used with the ensemble's chosen inference), or
+    from a cv RUN still running: its finished folds (run side by side, any may finish first),
+    its seed read from them."""
     import json
 
     if storage.exists(storage.join(source, "cv.json")):
         folds_meta = json.loads(storage.read_text(storage.join(source, "cv.json")))
-        return (folds_meta.get("config", {}).get("seed", 0),
-                [model.load(storage.join(source, f"fold-{k}", "model"))
-                 for k in range(len(folds_meta["folds"]))],
-                [f.get("val_images") for f in folds_meta["folds"]])
+        count = len(folds_meta["folds"])
+        return (folds_meta.get("config", {}).get("seed", 0), count,
+                {k: model.load(storage.join(source, f"fold-{k}", "model")) for k in range(count)},
+                {k: f.get("val_images") for k, f in enumerate(folds_meta["folds"])})
+    if storage.exists(storage.join(source, "fold-0")):
+        return running_cv_folds(source)
     net, meta = model.load(model.resolve(source))
     training = meta.get("training", {})
-    folds = training.get("cross_validation", {}).get("folds")
-    if not isinstance(net, model.Ensemble) or folds != len(net.members):
-        raise SystemExit(f"confidence_bench: {source} is neither a cv run nor a model cv built")
+    count = training.get("cross_validation", {}).get("folds")
+    if not isinstance(net, model.Ensemble) or count != len(net.members):
+        raise SystemExit(f"{source} is neither a cv run nor a model cv built")
     held = [f.get("val_images") for f in meta.get("card", {}).get("folds", [])]
-    return (training.get("config", {}).get("seed", 0), [(m, meta) for m in net.members],
-            held or [None] * folds)
+    return (training.get("config", {}).get("seed", 0), count,
+            {k: (m, meta) for k, m in enumerate(net.members)},
+            dict(enumerate(held or [None] * count)))
+
+
+def running_cv_folds(source: str) -> tuple[int, None, dict[int, tuple], dict[int, int]]:
+    import json
+
+    nets, held, seeds = {}, {}, set()
+    k = 0
+    while storage.exists(fold_uri := storage.join(source, f"fold-{k}")):
+        if storage.exists(storage.join(fold_uri, "fold.json")):  # written after model/
+            nets[k] = model.load(storage.join(fold_uri, "model"))
+            held[k] = json.loads(storage.read_text(storage.join(fold_uri, "fold.json")))[
+                "val_images"]
+            seeds.add(nets[k][1]["training"]["config"]["seed"] - k)  # cv trains fold k at seed + k
+        k += 1
+    if not nets:
+        raise SystemExit(f"{source} has no finished fold yet")
+    if len(seeds) != 1:
+        raise SystemExit(f"{source}'s folds were dealt with seeds {sorted(seeds)}")
+    return seeds.pop(), None, nets, held
+
+
+def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
+    """fold_models of a finished cv: (seed, [(model, metadata)] in fold order, held-out counts)."""
+    seed, count, nets, held = fold_models(source)
+    if count is None:
+        raise SystemExit(f"{source} is a cv still running: its folds {sorted(nets)} are done")
+    return seed, [nets[k] for k in range(count)], [held[k] for k in range(count)]
 
 
 def out_of_fold(source: str, prepared: str, limit: int | None
@@ -376,7 +408,7 @@ def out_of_fold(source: str, prepared: str, limit: int | None
     """Every held-out frame's record, and the fold that held it out."""
     manifest = shards.read_manifest(prepared)
     rows = shards.read_rows(prepared, manifest, ["train", "val"])
-    seed, fold_nets, held_counts = fold_models(source)
+    seed, fold_nets, held_counts = every_fold(source)
     case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     records, record_folds = [], []
     for fold, (net, meta) in enumerate(fold_nets):

@@ -23,7 +23,7 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from confidence_bench import fold_models  # noqa: E402
+from confidence_bench import every_fold  # noqa: E402
 
 from raythyroid import cv, model, shards, split, storage, train  # noqa: E402
 
@@ -52,7 +52,7 @@ def main() -> int:
     import torch
 
     rows = shards.read_rows(args.prepared, shards.read_manifest(args.prepared), ["train", "val"])
-    seed, fold_nets, held_counts = fold_models(args.model)
+    seed, fold_nets, held_counts = every_fold(args.model)
     case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     cpu, fold_variants = torch.device("cpu"), []
     for fold, (net, _) in enumerate(fold_nets):

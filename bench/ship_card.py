@@ -43,6 +43,13 @@ def tta(meta: dict) -> str:
             "a blank frame (a zoomed-out view)" if zoom else ""))
 
 
+def training_seconds(run: str) -> float:
+    """A training run's time across every stop and resume: its last epoch's elapsed_seconds."""
+    with open(os.path.join(run, "history.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[-1]["elapsed_seconds"] if rows else 0.0
+
+
 def fold_figures(fold: dict) -> dict:
     """What cv_compare pairs of a fold: its frames, epochs, last and best epoch's figures."""
     figures = ("n_iou", "n_iou_per_image", "dice")
@@ -73,6 +80,11 @@ def main() -> None:
         for line in f:
             step, value = line.split()
             seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
+    # timings.txt holds only runs that completed; a training stopped and resumed kept its clock
+    # in history.jsonl (elapsed_seconds carries over a resume), so training time comes from there
+    seconds["pretrain"] = training_seconds(os.path.join(work, "pretrain"))
+    fold_seconds = [training_seconds(os.path.join(work, "cv", f"fold-{r['fold']}"))
+                    for r in cv["folds"]]
     cv_flags, flags_file = "", os.path.join(work, "cv-flags")  # ship_ddti.sh's CV_FLAGS
     if os.path.exists(flags_file):
         with open(flags_file) as f:
@@ -219,8 +231,9 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 ## Rebuilding
 
 `bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`; on that machine its
-completed runs took {minutes.get('cv', 0):.0f} minutes of cross-validation (folds two at a time
-on two cores){pretrain_time} and {minutes.get('preprocess', 0):.1f} minutes of preprocessing.
+folds trained {sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, resumed runs
+included; the longest {max(fold_seconds) / 3600:.1f} h; folds two at a time on two
+cores){pretrain_time} and {minutes.get('preprocess', 0):.1f} minutes of preprocessing.
 """
     with open(os.path.join(args.dest, "CARD.md"), "w") as f:
         f.write(card)

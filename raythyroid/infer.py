@@ -591,7 +591,8 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     label_index = _labels_by_source(table, labels, log)  # a mistake here claims no OUTPUT
     # a bundled model's path moves with the installation and its weights with a new version:
     # its identity is its name and its weights; --fast runs other weights than the whole
-    # model, and a rerun must not mix the two
+    # model, and a rerun must not mix the two. "weights" says it again; the name keeps the hash
+    # because OUTPUTs begun before "weights" existed hold it that way and must still resume
     job = {"input": identity, "labels": storage.normalize(labels) if labels else None,
            "model": (f"{model_ref} (bundled, weights {meta['weights_sha256'][:16]})" if bundled
                      else model_uri),

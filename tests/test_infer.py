@@ -109,6 +109,27 @@ def test_infer_archive_on_s3_with_dicom_broken_files_and_labels(s3, ddti, traine
         for secret in (PATIENT_NAME, PATIENT_ID, "Doe^Jane"):
             assert secret.encode() not in data, uri
 
+    # resume on S3: a block whose commit record is lost is done again, and only that block
+    def committed_sources():
+        return set(results.read_results(output, ["source_uri"]).column("source_uri").to_pylist())
+
+    every_source = committed_sources()
+    storage.delete(storage.list_files(storage.join(output, "results"))[0])
+    lost = every_source - committed_sources()
+    assert lost
+    rerun = run_cli("infer", storage.join(run_uri, "model"), archive, output,
+                    "--labels", labels, "--batch-size", "8")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(every_source) - len(lost)} already done, {len(lost)} to process" in (
+        rerun.stdout + rerun.stderr)
+    assert sorted(r["key"] for r in results_rows(output)) == sorted(expected)
+    assert json.loads(storage.read_text(storage.join(output, "metrics.json")))["hist"] == \
+        hist.tolist()
+    applied_tta = json.loads(storage.read_text(storage.join(output, results.JOB_FILE)))["tta"]
+    other = run_cli("infer", storage.join(run_uri, "model"), archive, output,
+                    "--labels", labels, "--no-tta" if applied_tta else "--tta")
+    assert other.returncode == 2 and "holds the results of another job (tta:" in other.stderr
+
 
 @pytest.fixture(scope="module")
 def phantom_inference(phantom_dataset, trained_run, tmp_path_factory):

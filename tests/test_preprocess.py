@@ -2,6 +2,8 @@
 import io
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -61,9 +63,12 @@ def test_preprocess_ddti_on_s3_end_to_end(s3, ddti):
 
     output = storage.join(bucket, "prepared")
     # standalone, as on a workstation: the command starts and stops a Ray of its own
+    logs_before = set(Path(tempfile.gettempdir()).glob("raythyroid-*.log"))
     result = run_cli("preprocess", dataset, output, "--seed", "3", own_ray=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_clean_terminal(result.stdout + result.stderr)
+    # Ray's native output went to the command's own log, removed when the command succeeded
+    assert set(Path(tempfile.gettempdir()).glob("raythyroid-*.log")) <= logs_before
     assert re.search(r"preprocess: (\d+)/\1 inputs \(100%\)", result.stdout)  # progress
     manifest = json.loads(storage.read_text(storage.join(output, "manifest.json")))
     rows = read_split_rows(output, manifest)
