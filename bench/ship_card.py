@@ -82,7 +82,8 @@ def main() -> None:
             seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
     # timings.txt holds only runs that completed; a training stopped and resumed kept its clock
     # in history.jsonl (elapsed_seconds carries over a resume), so training time comes from there
-    seconds["pretrain"] = training_seconds(os.path.join(work, "pretrain"))
+    if os.path.exists(os.path.join(work, "pretrain", "history.jsonl")):  # PRETRAIN_EPOCHS=0: none
+        seconds["pretrain"] = training_seconds(os.path.join(work, "pretrain"))
     fold_seconds = [training_seconds(os.path.join(work, "cv", f"fold-{r['fold']}"))
                     for r in cv["folds"]]
     cv_flags, flags_file = "", os.path.join(work, "cv-flags")  # ship_ddti.sh's CV_FLAGS
