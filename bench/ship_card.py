@@ -76,14 +76,12 @@ def main() -> None:
                          read("throughput.json"))
     members = [read(f"test-member-{r['fold']}/metrics.json") for r in cv["folds"]]
     seconds = {}
-    with open(os.path.join(work, "timings.txt")) as f:
+    with open(os.path.join(work, "timings.txt")) as f:  # preprocessing: steps that completed
         for line in f:
             step, value = line.split()
-            seconds[step] = seconds.get(step, 0) + int(value)  # a resumed step adds up
-    # timings.txt holds only runs that completed; a training stopped and resumed kept its clock
-    # in history.jsonl (elapsed_seconds carries over a resume), so training time comes from there
-    if os.path.exists(os.path.join(work, "pretrain", "history.jsonl")):  # PRETRAIN_EPOCHS=0: none
-        seconds["pretrain"] = training_seconds(os.path.join(work, "pretrain"))
+            seconds[step] = seconds.get(step, 0) + int(value)
+    # training time from training's own clock, which a stop and resume carries on
+    # (timings.txt loses a stopped run's time and counts a rerun that had nothing left to do)
     fold_seconds = [training_seconds(os.path.join(work, "cv", f"fold-{r['fold']}"))
                     for r in cv["folds"]]
     cv_flags, flags_file = "", os.path.join(work, "cv-flags")  # ship_ddti.sh's CV_FLAGS
@@ -132,7 +130,6 @@ def main() -> None:
                  f"{r['last']['n_iou_per_image'] or 0:.4f} | {r['last']['dice']:.4f} | "
                  f"{r['best']['n_iou']:.4f} (epoch {r['best_epoch']}) |" for r in folds]
     config = meta["training"]["config"]
-    minutes = {k: v / 60 for k, v in seconds.items()}
     pretraining = "" if not pretrained else f"""- Pretraining: every fold started from one U-Net first trained to segment the thyroid
   **gland** (not nodules) on {PRETRAIN_DATA}: {pre_counts.get('train')} frames trained,
   {pre_counts.get('val')} watched the gland loss (a random split: its frames are near-duplicates
@@ -147,8 +144,10 @@ def main() -> None:
         f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "") + (
         f" SIZE={meta['prep']['size']}" if meta["prep"]["size"] != 256 else "") + (
         f' CV_FLAGS="{cv_flags}"' if cv_flags else "")
-    pretrain_time = (f" after {minutes.get('pretrain', 0):.0f} minutes of TG3K pretraining "
-                     f"(two workers)" if pretrained else "")
+    preprocessing = seconds.get("preprocess", 0) + seconds.get("preprocess-tg3k", 0)
+    pretrain_minutes = training_seconds(os.path.join(work, "pretrain")) / 60 if pretrained else 0
+    pretrain_time = (f" TG3K pretraining took {pretrain_minutes:.0f} minutes (two workers), then"
+                     if pretrained else "")
     pooled_text = pooled_sentence(cv)
     card = f"""# raythyroid model `ddti`: thyroid nodule segmentation in ultrasound frames
 
@@ -231,10 +230,11 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 
 ## Rebuilding
 
-`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`; on that machine its
-folds trained {sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, resumed runs
-included; the longest {max(fold_seconds) / 3600:.1f} h; folds two at a time on two
-cores){pretrain_time} and {minutes.get('preprocess', 0):.1f} minutes of preprocessing.
+`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`. On that machine preprocessing
+took {preprocessing / 60:.1f} minutes,{pretrain_time} the {len(fold_seconds)} folds trained
+{sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, stopped and resumed runs
+included; the longest {max(fold_seconds) / 3600:.1f} h; two folds at a time on two cores, so
+about half that in wall time).
 """
     with open(os.path.join(args.dest, "CARD.md"), "w") as f:
         f.write(card)

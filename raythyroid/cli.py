@@ -478,15 +478,7 @@ def _main(argv: list[str] | None) -> int:
 def console() -> None:
     """The `raythyroid` command (and `python -m raythyroid.cli`): main() in a process of its
     own, left without Python's finalization (stopping.leave)."""
-    code = main()
-    if code == 0:  # its log holds only Ray's warnings then; one per run would pile up in /tmp
-        from .runtime import command_log
-
-        try:
-            os.remove(command_log())
-        except OSError:
-            pass
-    stopping.leave(code)
+    stopping.leave(main())
 
 
 if __name__ == "__main__":

@@ -93,6 +93,15 @@ def command_log(pid: int | None = None) -> str:
     return os.path.join(tempfile.gettempdir(), f"raythyroid-{pid or os.getpid()}.log")
 
 
+def forget_command_log() -> None:
+    """After a command that succeeded, the log it diverted native stderr to holds only Ray's
+    warnings (Ray's own log files keep them too): one per run would pile up in TMPDIR. A log
+    this process did not divert to (a --verbose run) may be an earlier failure's: kept."""
+    if _native_stderr_diverted:
+        with contextlib.suppress(OSError):
+            os.remove(command_log())
+
+
 def divert_native_stderr() -> bool:
     """Point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal.
 

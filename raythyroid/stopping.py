@@ -101,4 +101,8 @@ def leave(code: int) -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        if code == 0:  # after Ray's shutdown, the last thing that could write there
+            from .runtime import forget_command_log
+
+            forget_command_log()
         os._exit(code)

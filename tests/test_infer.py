@@ -116,7 +116,7 @@ def test_infer_archive_on_s3_with_dicom_broken_files_and_labels(s3, ddti, traine
     every_source = committed_sources()
     storage.delete(storage.list_files(storage.join(output, "results"))[0])
     lost = every_source - committed_sources()
-    assert lost
+    assert lost and lost != every_source  # one block of several
     rerun = run_cli("infer", storage.join(run_uri, "model"), archive, output,
                     "--labels", labels, "--batch-size", "8")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
