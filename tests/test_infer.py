@@ -299,6 +299,20 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
                                               r"resume, give the same"):
         claim(older, dict(job, fast=True))
 
+    # a bundled model's name carries its weights: a new version of it is a model change, another
+    # name is another MODEL given
+    def bundled(name, weights, **more):
+        return dict(job, model=f"{name}{infer.BUNDLED_WEIGHTS}{weights})", weights=weights, **more)
+
+    with pytest.raises(infer.UserError, match=rf"\(weights: \"aaaa\" there, \"bbbb\" in this "
+                                              rf"run\); {model_changed}"):
+        claim(bundled("ddti", "aaaa"), bundled("ddti", "bbbb"))
+    with pytest.raises(infer.UserError, match=rf"\(model: .*; {model_changed}"):
+        claim({k: v for k, v in bundled("ddti", "aaaa").items() if k != "weights"},
+              bundled("ddti", "bbbb"))  # begun before "weights" was kept
+    with pytest.raises(infer.UserError, match=r"\(model: .*; to resume, give the same"):
+        claim(bundled("ddti", "aaaa"), bundled("ddti-small", "bbbb"))
+
 
 def test_compaction_keeps_each_key_once(tmp_path):
     output = str(tmp_path)
