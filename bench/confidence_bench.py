@@ -377,17 +377,19 @@ def fold_models(source: str) -> tuple[int, int | None, dict[int, tuple], dict[in
 
 
 def running_cv_folds(source: str) -> tuple[int, None, dict[int, tuple], dict[int, int]]:
+    """fold_models of a cv RUN still running: the folds whose fold.json is written (after
+    their model/), whichever finished first."""
     import json
+    import re
 
     nets, held, seeds = {}, {}, set()
-    k = 0
-    while storage.exists(fold_uri := storage.join(source, f"fold-{k}")):
-        if storage.exists(storage.join(fold_uri, "fold.json")):  # written after model/
-            nets[k] = model.load(storage.join(fold_uri, "model"))
-            held[k] = json.loads(storage.read_text(storage.join(fold_uri, "fold.json")))[
-                "val_images"]
+    for uri in storage.list_files(source, ["fold.json"]):
+        found = re.fullmatch(r"fold-(\d+)/fold\.json", storage.relative(uri, source))
+        if found:
+            k = int(found.group(1))
+            nets[k] = model.load(storage.join(source, f"fold-{k}", "model"))
+            held[k] = json.loads(storage.read_text(uri))["val_images"]
             seeds.add(nets[k][1]["training"]["config"]["seed"] - k)  # cv trains fold k at seed + k
-        k += 1
     if not nets:
         raise SystemExit(f"{source} has no finished fold yet")
     if len(seeds) != 1:
