@@ -97,13 +97,22 @@ def _read(output: str, folder: str, schema: pa.Schema, columns: list[str] | None
     fs, _ = storage.filesystem(output)
     paths = [storage.filesystem(u)[1] for u in uris]
 
-    # a thousand files at a time, each group made contiguous: one table of 15,000 tiny chunks
-    # holds several times its data in per-chunk buffers
-    def read_group(group: list[str]) -> pa.Table:
+    def read_files(group: list[str]) -> pa.Table:
         dataset = pads.dataset(group, filesystem=fs, format="parquet", schema=schema)
         return dataset.to_table(
             columns=wanted + (["__filename"] if with_files else [])).combine_chunks()
 
-    return pa.concat_tables([
-        storage.retry_transient(functools.partial(read_group, paths[i:i + FILES_PER_READ]))
-        for i in range(0, len(paths), FILES_PER_READ)])
+    def read_group(group: list[str]) -> pa.Table:
+        try:
+            return read_files(group)
+        except Exception:
+            # one file's fault (a body cut off mid-stream, which no SDK retries) fails the whole
+            # group: retried as a group, a flaky store fails some file on every attempt
+            return pa.concat_tables([
+                storage.retry_transient(functools.partial(read_files, [path]))
+                for path in group]).combine_chunks()
+
+    # a thousand files at a time, each group made contiguous: one table of 15,000 tiny chunks
+    # holds several times its data in per-chunk buffers
+    return pa.concat_tables([read_group(paths[i:i + FILES_PER_READ])
+                             for i in range(0, len(paths), FILES_PER_READ)])

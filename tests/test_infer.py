@@ -60,7 +60,7 @@ def test_infer_archive_on_s3_with_dicom_broken_files_and_labels(s3, ddti, traine
     archive, labels, names = upload_case(s3, ddti)
     output = storage.join(storage.normalize(archive).rsplit("/", 1)[0], "out")
     result = run_cli("infer", storage.join(run_uri, "model"), archive, output,
-                     "--labels", labels, "--batch-size", "8")
+                     "--labels", labels, "--batch-size", "8", "--block-size", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5 error(s)" in result.stdout  # exit 0 and the error count printed
 
@@ -116,9 +116,9 @@ def test_infer_archive_on_s3_with_dicom_broken_files_and_labels(s3, ddti, traine
     every_source = committed_sources()
     storage.delete(storage.list_files(storage.join(output, "results"))[0])
     lost = every_source - committed_sources()
-    assert lost and lost != every_source  # one block of several
+    assert lost and lost != every_source  # one block of several (16 inputs each)
     rerun = run_cli("infer", storage.join(run_uri, "model"), archive, output,
-                    "--labels", labels, "--batch-size", "8")
+                    "--labels", labels, "--batch-size", "8", "--block-size", "16")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{len(every_source) - len(lost)} already done, {len(lost)} to process" in (
         rerun.stdout + rerun.stderr)
