@@ -35,6 +35,7 @@ bin="$root/.venv/bin"
 mkdir -p "$work"
 timings="$work/timings.txt"
 
+# preprocessing's time (training's own clock, history.jsonl, counts every resume: ship_card.py)
 timed() {  # step name, command...: seconds of a completed run appended to timings.txt
   local step=$1 started
   shift
@@ -52,13 +53,13 @@ if [ "$pretrain_epochs" != 0 ]; then
   [ -f "$work/tg3k-prepared/manifest.json" ] ||
     timed preprocess-tg3k "$bin/raythyroid" preprocess "$tg3k" "$work/tg3k-prepared" \
       --split 0.9,0.1,0
-  timed pretrain "$bin/raythyroid" train "$work/tg3k-prepared" "$work/pretrain" --workers 2 \
+  "$bin/raythyroid" train "$work/tg3k-prepared" "$work/pretrain" --workers 2 \
     --epochs "$pretrain_epochs"
   init=(--init "$work/pretrain/model")
 fi
 # the card's rebuild line repeats them as given (ship_card.py)
 printf '%s' "${CV_FLAGS:-}" > "$work/cv-flags"
-timed cv "$bin/raythyroid" cv "$work/prepared" "$work/cv" --folds 5 --workers 1 \
+"$bin/raythyroid" cv "$work/prepared" "$work/cv" --folds 5 --workers 1 \
   --epochs "$epochs" "${init[@]}" "${cv_flags[@]}"
 "$bin/python" - "$work" <<'PY'
 import sys
