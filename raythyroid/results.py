@@ -105,7 +105,9 @@ def _read(output: str, folder: str, schema: pa.Schema, columns: list[str] | None
     def read_group(group: list[str]) -> pa.Table:
         try:
             return read_files(group)
-        except Exception:
+        except Exception as exc:
+            if not storage.is_transient(exc):
+                raise  # a damaged file fails alike however it is read
             # one file's fault (a body cut off mid-stream, which no SDK retries) fails the whole
             # group: retried as a group, a flaky store fails some file on every attempt
             return pa.concat_tables([

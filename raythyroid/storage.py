@@ -125,12 +125,13 @@ def retry_transient(operation, attempts: int = S3_MAX_ATTEMPTS, first_wait_s: fl
         try:
             return operation()
         except Exception as exc:
-            if attempt == attempts - 1 or not _is_transient(exc):
+            if attempt == attempts - 1 or not is_transient(exc):
                 raise
             time.sleep(min(first_wait_s * 2 ** attempt, 5.0))
 
 
-def _is_transient(exc: Exception) -> bool:
+def is_transient(exc: Exception) -> bool:
+    """Whether an S3 failure may pass if the same operation is tried again."""
     if isinstance(exc, OSError):
         return any(text in str(exc) for text in _TRANSIENT_S3_ERRORS)
     # boto3's body stream cut off: botocore's own exceptions, not OSErrors
