@@ -591,11 +591,9 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     label_index = _labels_by_source(table, labels, log)  # a mistake here claims no OUTPUT
     # a bundled model's path moves with the installation and its weights with a new version:
     # its identity is its name and its weights; --fast runs other weights than the whole
-    # model, and a rerun must not mix the two. "weights" says it again; the name keeps the hash
-    # because OUTPUTs begun before "weights" existed hold it that way and must still resume
+    # model, and a rerun must not mix the two
     job = {"input": identity, "labels": storage.normalize(labels) if labels else None,
-           "model": (f"{model_ref}{BUNDLED_WEIGHTS}{meta['weights_sha256'][:16]})" if bundled
-                     else model_uri),
+           "model": model_ref if bundled else model_uri,
            # the inference applied: a model retrained in place, a model.json chosen again or
            # another TTA flag would give other masks for the same keys
            "weights": meta["weights_sha256"][:16], "tta": options.tta,
@@ -629,12 +627,8 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
 JOB_KEYS_OLDER_VERSIONS_IMPLIED = {"tta_zoom": 0.0}
 JOB_KEYS_OLDER_VERSIONS_LACK = ("weights", "tta", "postprocess")
 JOB_KEYS_OF_THE_MODEL = ("weights", "tta_zoom", "postprocess")  # no flag of this run sets them
-BUNDLED_WEIGHTS = " (bundled, weights "  # in a bundled model's "model": its name, then this
-
-
-def _bundled_name(model: object) -> str | None:
-    return model.split(BUNDLED_WEIGHTS)[0] if isinstance(model, str) and \
-        BUNDLED_WEIGHTS in model else None
+# how versions before "weights" was kept wrote a bundled model: "NAME (bundled, weights HASH)"
+OLDER_BUNDLED_WEIGHTS = " (bundled, weights "
 
 
 def _claim_output(output: str, job: dict) -> None:
@@ -648,18 +642,15 @@ def _claim_output(output: str, job: dict) -> None:
     held = {**JOB_KEYS_OLDER_VERSIONS_IMPLIED, **json.loads(storage.read_text(uri))}
     if "postprocess" in held:  # a setting added later reads as its default
         held["postprocess"] = {**postprocess.PostConfig().to_dict(), **held["postprocess"]}
+    if OLDER_BUNDLED_WEIGHTS in str(held.get("model")):  # its name, and its weights apart
+        held["model"], weights = held["model"].split(OLDER_BUNDLED_WEIGHTS)
+        held.setdefault("weights", weights.rstrip(")"))
     changed = [name for name in [*job, *(n for n in held if n not in job)]
                if held.get(name) != job.get(name)
                and (name in held or name not in JOB_KEYS_OLDER_VERSIONS_LACK)]
-    # the same bundled model under a new version: its weights changed, not the MODEL given
-    new_version = ("model" in changed and _bundled_name(job.get("model")) is not None
-                   and _bundled_name(held.get("model")) == _bundled_name(job.get("model")))
-    if new_version and "weights" in changed:
-        changed.remove("model")
     if changed:
         name = changed[0]
-        why = ("the model has changed since this OUTPUT began"
-               if name in JOB_KEYS_OF_THE_MODEL or (name == "model" and new_version)
+        why = ("the model has changed since this OUTPUT began" if name in JOB_KEYS_OF_THE_MODEL
                else "to resume, give the same INPUT, MODEL, --labels, --fast and TTA flag")
         raise UserError(f"{output} holds the results of another job ({name}: "
                         f"{json.dumps(held.get(name))} there, {json.dumps(job.get(name))} in "

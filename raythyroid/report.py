@@ -98,7 +98,10 @@ def _run_section(output: str, table: pa.Table) -> str:
     counts = {name: int(pc.sum(pc.equal(status, name)).as_py() or 0)
               for name in ("ok", "error", "skipped")}
     rows = [("input", job.get("input")), ("labels", job.get("labels")),
-            ("model", job.get("model")), ("model's record", (done or {}).get("model_card"))]
+            # a bundled model's name stays while a new version changes its weights
+            ("model", f"{job['model']}, weights {job['weights']}" if job.get("weights")
+             else job.get("model")),
+            ("model's record", (done or {}).get("model_card"))]
     if job.get("fast"):
         rows.append(("inference", "--fast: one model, no TTA"))
     if done:

@@ -299,19 +299,24 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
                                               r"resume, give the same"):
         claim(older, dict(job, fast=True))
 
-    # a bundled model's name carries its weights: a new version of it is a model change, another
-    # name is another MODEL given
-    def bundled(name, weights, **more):
-        return dict(job, model=f"{name}{infer.BUNDLED_WEIGHTS}{weights})", weights=weights, **more)
+    # a bundled model is its name and its weights: a new version of it is a model change,
+    # another name is another MODEL given. Older versions wrote the weights into the name
+    def older_bundled(name, weights, kept_weights=True):  # before "weights" was kept: False
+        held = dict(job, model=f"{name}{infer.OLDER_BUNDLED_WEIGHTS}{weights})", weights=weights)
+        return held if kept_weights else {k: v for k, v in held.items() if k != "weights"}
 
-    with pytest.raises(infer.UserError, match=rf"\(weights: \"aaaa\" there, \"bbbb\" in this "
-                                              rf"run\); {model_changed}"):
-        claim(bundled("ddti", "aaaa"), bundled("ddti", "bbbb"))
-    with pytest.raises(infer.UserError, match=rf"\(model: .*; {model_changed}"):
-        claim({k: v for k, v in bundled("ddti", "aaaa").items() if k != "weights"},
-              bundled("ddti", "bbbb"))  # begun before "weights" was kept
-    with pytest.raises(infer.UserError, match=r"\(model: .*; to resume, give the same"):
-        claim(bundled("ddti", "aaaa"), bundled("ddti-small", "bbbb"))
+    def bundled(name, weights):
+        return dict(job, model=name, weights=weights)
+
+    for held in (bundled("ddti", "aaaa"), older_bundled("ddti", "aaaa"),
+                 older_bundled("ddti", "aaaa", kept_weights=False)):
+        claim(held, bundled("ddti", "aaaa"))  # resumes
+        with pytest.raises(infer.UserError, match=rf"\(weights: \"aaaa\" there, \"bbbb\" in "
+                                                  rf"this run\); {model_changed}"):
+            claim(held, bundled("ddti", "bbbb"))
+        with pytest.raises(infer.UserError, match=r"\(model: \"ddti\" there, \"ddti-small\" "
+                                                  r"in this run\); to resume, give the same"):
+            claim(held, bundled("ddti-small", "bbbb"))
 
 
 def test_compaction_keeps_each_key_once(tmp_path):

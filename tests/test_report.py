@@ -93,6 +93,8 @@ def test_infer_report_in_a_browser(labelled_run, browser, tmp_path):
     assert sum(int(row[2]) for row in seen["kinds"]) == sum(failures[:quarter])
     assert "broken" in seen["text"] and "error" in seen["text"]  # errors by reason
     assert "images/s" in seen["text"] and "19 inputs this run" in seen["text"]
+    job = json.loads(storage.read_text(storage.join(labelled_run, results.JOB_FILE)))
+    assert f"weights {job['weights']}" in seen["text"]
 
 
 @pytest.mark.timeout(300)
