@@ -146,11 +146,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
 
     While the session's Ray runtime is up the command joins it (RAY_ADDRESS), as a job does on
     a cluster, instead of starting and stopping a Ray of its own (10-15 s each here);
-    `own_ray` keeps the standalone path.
+    `own_ray` keeps the standalone path. The result's `pid` names the command's files (its
+    log: runtime.command_log).
     """
-    return subprocess.run([sys.executable, "-m", "raythyroid.cli", *args], capture_output=True,
-                          text=True, env=_cli_env(env, own_ray), timeout=timeout,
-                          cwd=cwd or ROOT)
+    with subprocess.Popen([sys.executable, "-m", "raythyroid.cli", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_cli_env(env, own_ray), cwd=cwd or ROOT) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    result.pid = process.pid
+    return result
 
 
 def start_cli(*args: str, env: dict | None = None, own_ray: bool = False) -> subprocess.Popen:

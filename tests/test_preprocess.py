@@ -2,7 +2,6 @@
 import io
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -13,7 +12,7 @@ import pytest
 from raythyroid import imaging, phantom, preprocess, runtime, split, storage
 from raythyroid.imaging import PrepConfig
 
-from conftest import assert_clean_terminal, start_cli
+from conftest import assert_clean_terminal, run_cli
 
 BROKEN = {  # key -> (stage, words the reason must contain)
     "broken-empty_1": ("decode", "empty file"),
@@ -63,13 +62,11 @@ def test_preprocess_ddti_on_s3_end_to_end(s3, ddti):
 
     output = storage.join(bucket, "prepared")
     # standalone, as on a workstation: the command starts and stops a Ray of its own
-    process = start_cli("preprocess", dataset, output, "--seed", "3", own_ray=True)
-    stdout, stderr = process.communicate(timeout=600)
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    result = run_cli("preprocess", dataset, output, "--seed", "3", own_ray=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_clean_terminal(result.stdout + result.stderr)
     # Ray's native output went to the command's own log, removed when the command succeeded
-    assert not Path(runtime.command_log(process.pid)).exists()
+    assert not Path(runtime.command_log(result.pid)).exists()
     assert re.search(r"preprocess: (\d+)/\1 inputs \(100%\)", result.stdout)  # progress
     manifest = json.loads(storage.read_text(storage.join(output, "manifest.json")))
     rows = read_split_rows(output, manifest)
