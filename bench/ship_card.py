@@ -7,6 +7,7 @@ written from the figures the earlier steps measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -75,8 +76,9 @@ def main() -> None:
     test, fast, speed = (read("test-ensemble/metrics.json"), read("test-fast/metrics.json"),
                          read("throughput.json"))
     members = [read(f"test-member-{r['fold']}/metrics.json") for r in cv["folds"]]
-    seconds = {}
-    with open(os.path.join(work, "timings.txt")) as f:  # preprocessing: steps that completed
+    seconds, timings = {}, os.path.join(work, "timings.txt")
+    # preprocessing: steps that completed (none in a WORKDIR whose frames were prepared before)
+    with open(timings) if os.path.exists(timings) else contextlib.nullcontext([]) as f:
         for line in f:
             step, value = line.split()
             seconds[step] = seconds.get(step, 0) + int(value)
@@ -144,7 +146,9 @@ def main() -> None:
         f" PRETRAIN_EPOCHS={gland['training']['epochs_run']}" if pretrained else "") + (
         f" SIZE={meta['prep']['size']}" if meta["prep"]["size"] != 256 else "") + (
         f' CV_FLAGS="{cv_flags}"' if cv_flags else "")
-    preprocessing = seconds.get("preprocess", 0) + seconds.get("preprocess-tg3k", 0)
+    prepared_in = seconds.get("preprocess", 0) + seconds.get("preprocess-tg3k", 0)
+    preprocessing = (f"preprocessing took {prepared_in / 60:.1f} minutes" if seconds
+                     else "preprocessing's time was not recorded (frames prepared before)")
     pretrain_minutes = training_seconds(os.path.join(work, "pretrain")) / 60 if pretrained else 0
     pretrain_time = (f" TG3K pretraining took {pretrain_minutes:.0f} minutes (two workers), then"
                      if pretrained else "")
@@ -230,8 +234,7 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 
 ## Rebuilding
 
-`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`. On that machine preprocessing
-took {preprocessing / 60:.1f} minutes,{pretrain_time} the {len(fold_seconds)} folds trained
+`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`. On that machine {preprocessing},{pretrain_time} the {len(fold_seconds)} folds trained
 {sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, stopped and resumed runs
 included; the longest {max(fold_seconds) / 3600:.1f} h; two folds at a time on two cores, so
 about half that in wall time).

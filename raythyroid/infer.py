@@ -627,24 +627,19 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
 JOB_KEYS_OLDER_VERSIONS_IMPLIED = {"tta_zoom": 0.0}
 JOB_KEYS_OLDER_VERSIONS_LACK = ("weights", "tta", "postprocess")
 JOB_KEYS_OF_THE_MODEL = ("weights", "tta_zoom", "postprocess")  # no flag of this run sets them
-# how versions before "weights" was kept wrote a bundled model: "NAME (bundled, weights HASH)"
-OLDER_BUNDLED_WEIGHTS = " (bundled, weights "
 
 
 def _claim_output(output: str, job: dict) -> None:
     """A rerun resumes only the job that OUTPUT holds: keys of another input could collide
     with committed ones and mix two archives in one results table, and another model or
     inference would give other masks for the keys committed."""
-    uri = storage.join(output, results.JOB_FILE)
-    if not storage.exists(uri):
-        storage.write_text(uri, json.dumps(job, indent=2))
+    held = results.read_job(output)
+    if held is None:
+        storage.write_text(storage.join(output, results.JOB_FILE), json.dumps(job, indent=2))
         return
-    held = {**JOB_KEYS_OLDER_VERSIONS_IMPLIED, **json.loads(storage.read_text(uri))}
+    held = {**JOB_KEYS_OLDER_VERSIONS_IMPLIED, **held}
     if "postprocess" in held:  # a setting added later reads as its default
         held["postprocess"] = {**postprocess.PostConfig().to_dict(), **held["postprocess"]}
-    if OLDER_BUNDLED_WEIGHTS in str(held.get("model")):  # its name, and its weights apart
-        held["model"], weights = held["model"].split(OLDER_BUNDLED_WEIGHTS)
-        held.setdefault("weights", weights.rstrip(")"))
     changed = [name for name in [*job, *(n for n in held if n not in job)]
                if held.get(name) != job.get(name)
                and (name in held or name not in JOB_KEYS_OLDER_VERSIONS_LACK)]

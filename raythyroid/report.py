@@ -92,7 +92,10 @@ def write_infer(output: str, queue_size: int = REVIEW_SIZE) -> str:
 # ---------------------------------------------------------------- infer sections
 
 def _run_section(output: str, table: pa.Table) -> str:
-    job = _read_json(storage.join(output, results.JOB_FILE)) or {}
+    try:
+        job = results.read_job(output) or {}
+    except ValueError:  # a damaged record still leaves a report of the rows
+        job = {}
     done = _read_json(storage.join(output, results.SUCCESS))
     status = table.column("status")
     counts = {name: int(pc.sum(pc.equal(status, name)).as_py() or 0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import re
 
 import pyarrow as pa
 
@@ -23,6 +25,10 @@ SUCCESS = "_SUCCESS"  # the last run's record, written once every input has a ro
 JOB_FILE = "_JOB.json"  # the job whose results OUTPUT holds: input, model, labels, inference
 METRICS = "metrics.json"
 FILES_PER_READ = 1000
+
+# how the versions before the weights were kept apart wrote a bundled model's "model": its
+# name (never a path) and its weights' hash
+_OLDER_BUNDLED_MODEL = re.compile(r"([^/\\]+) \(bundled, weights ([0-9a-f]+)\)")
 
 RESULT_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_uri", pa.string()), ("frame", pa.int32()),
@@ -118,3 +124,17 @@ def _read(output: str, folder: str, schema: pa.Schema, columns: list[str] | None
     # holds several times its data in per-chunk buffers
     return pa.concat_tables([read_group(paths[i:i + FILES_PER_READ])
                              for i in range(0, len(paths), FILES_PER_READ)])
+
+
+def read_job(output: str) -> dict | None:
+    """OUTPUT's _JOB.json (None if it has none), a bundled model as this version writes it:
+    "model" its name, "weights" its hash."""
+    uri = storage.join(output, JOB_FILE)
+    if not storage.exists(uri):
+        return None
+    job = json.loads(storage.read_text(uri))
+    older = _OLDER_BUNDLED_MODEL.fullmatch(str(job.get("model")))
+    if older:
+        job["model"] = older.group(1)
+        job.setdefault("weights", older.group(2))  # an OUTPUT begun before "weights" was kept
+    return job

@@ -302,7 +302,7 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
     # a bundled model is its name and its weights: a new version of it is a model change,
     # another name is another MODEL given. Older versions wrote the weights into the name
     def older_bundled(name, weights, kept_weights=True):  # before "weights" was kept: False
-        held = dict(job, model=f"{name}{infer.OLDER_BUNDLED_WEIGHTS}{weights})", weights=weights)
+        held = dict(job, model=f"{name} (bundled, weights {weights})", weights=weights)
         return held if kept_weights else {k: v for k, v in held.items() if k != "weights"}
 
     def bundled(name, weights):
@@ -317,6 +317,8 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
         with pytest.raises(infer.UserError, match=r"\(model: \"ddti\" there, \"ddti-small\" "
                                                   r"in this run\); to resume, give the same"):
             claim(held, bundled("ddti-small", "bbbb"))
+    odd_path = dict(job, model="/models/ddti (bundled, weights aaaa)/model")  # not bundled
+    claim(odd_path, odd_path)
 
 
 def test_compaction_keeps_each_key_once(tmp_path):
