@@ -234,8 +234,9 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 
 ## Rebuilding
 
-`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`. On that machine {preprocessing},{pretrain_time} the {len(fold_seconds)} folds trained
-{sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, stopped and resumed runs
+`bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`. On that machine
+{preprocessing},{pretrain_time}
+the {len(fold_seconds)} folds trained {sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, stopped and resumed runs
 included; the longest {max(fold_seconds) / 3600:.1f} h; two folds at a time on two cores, so
 about half that in wall time).
 """
