@@ -79,6 +79,34 @@ def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
     assert proxy.counts["cut"] >= 10, proxy.counts
 
 
+@pytest.mark.timeout(300)
+def test_a_damaged_results_file_fails_the_read_without_reading_each_file_again(s3, monkeypatch):
+    """Only a transient fault sends a group read back file by file: a damaged file fails at
+    once, as it would at the end of that detour: the failing read makes about as many requests
+    as a healthy read of as many files, where the detour doubles them."""
+    output = storage.join(s3.bucket("damaged"), "out")
+    for i in range(30):
+        row = {name: [None] for name in results.RESULT_SCHEMA.names}
+        row.update(key=[f"case-{i:02d}"], status=["ok"])
+        storage.write_parquet(storage.join(output, results.RESULTS, f"part-{i:03d}.parquet"),
+                              pa.table(row, schema=results.RESULT_SCHEMA))
+    proxy = FaultyS3Proxy(s3.url)  # no faults: it counts the requests
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        assert len(results.read_results(output)) == 30
+        healthy = proxy.counts["forwarded"]
+        # the last file in the group's order: a detour would read all the others again first
+        storage.write_bytes(storage.join(output, results.RESULTS, "part-029.parquet"),
+                            b"not a parquet file")
+        before = proxy.counts["forwarded"]
+        with pytest.raises(pa.ArrowInvalid, match="part-029"):
+            results.read_results(output)
+        failing = proxy.counts["forwarded"] - before
+    finally:
+        proxy.stop()
+    assert 0 < failing < 1.5 * healthy, (failing, healthy)
+
+
 UNPICKLED_WRITES = """
 import pickle, sys
 import pyarrow.fs
