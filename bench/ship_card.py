@@ -132,7 +132,11 @@ def main() -> None:
                  f"{r['last']['n_iou_per_image'] or 0:.4f} | {r['last']['dice']:.4f} | "
                  f"{r['best']['n_iou']:.4f} (epoch {r['best_epoch']}) |" for r in folds]
     config = meta["training"]["config"]
-    pretraining = "" if not pretrained else f"""- Pretraining: every fold started from one U-Net first trained to segment the thyroid
+    clip, tile, side = (meta["prep"].get("clahe_clip"), meta["prep"].get("clahe_tile"),
+                        meta["prep"]["size"])
+    fold_hours, longest_hours = sum(fold_seconds) / 3600, max(fold_seconds) / 3600
+    pretraining = "" if not pretrained else f"""\
+- Pretraining: every fold started from one U-Net first trained to segment the thyroid
   **gland** (not nodules) on {PRETRAIN_DATA}: {pre_counts.get('train')} frames trained,
   {pre_counts.get('val')} watched the gland loss (a random split: its frames are near-duplicates
   from a few videos, so it measures nothing here), {gland['training']['epochs_run']} epochs, the
@@ -184,8 +188,8 @@ its first member alone without TTA. Built {meta['created']} by `bench/ship_ddti.
   {len(folds)} case-disjoint folds; each fold model trains on four folds and validates on the
   fifth.
 - Preparation (the same function in training and inference): desensitize (everything outside
-  the scan region blanked, burned-in text with it; cropped to that region), CLAHE (clip {meta['prep'].get('clahe_clip')},
-  tile {meta['prep'].get('clahe_tile')}), resize to {meta['prep']['size']} px.
+  the scan region blanked, burned-in text with it; cropped to that region), CLAHE (clip {clip},
+  tile {tile}), resize to {side} px.
 {pretraining}
 ## Model and inference
 
@@ -236,9 +240,9 @@ Images per second on the machine that built it ({machine()}), the infer job end 
 
 `bench/ship_ddti.sh` ({rebuilt_with}) from `../shared/data`. On that machine
 {preprocessing},{pretrain_time}
-the {len(fold_seconds)} folds trained {sum(fold_seconds) / 3600:.1f} hours in all (each fold's own clock, stopped and resumed runs
-included; the longest {max(fold_seconds) / 3600:.1f} h; two folds at a time on two cores, so
-about half that in wall time).
+the {len(fold_seconds)} folds trained {fold_hours:.1f} hours in all
+(each fold's own clock, stopped and resumed runs included; the longest {longest_hours:.1f} h;
+two folds at a time on two cores, so about half that in wall time).
 """
     with open(os.path.join(args.dest, "CARD.md"), "w") as f:
         f.write(card)
