@@ -51,6 +51,16 @@ def test_flaky_s3_changes_no_preprocess_output(s3, ray_local):
     assert shard_rows(f"{flaky}/prepared") == shard_rows(f"{clean}/prepared")
 
 
+def write_results_files(output: str, count: int) -> str:
+    """`count` results files of one ok row each under OUTPUT, as infer's blocks write them."""
+    for i in range(count):
+        row = {name: [None] for name in results.RESULT_SCHEMA.names}
+        row.update(key=[f"case-{i:02d}"], source_uri=[f"s3://archive/{i}.png"], status=["ok"])
+        storage.write_parquet(storage.join(output, results.RESULTS, f"part-{i:03d}.parquet"),
+                              pa.table(row, schema=results.RESULT_SCHEMA))
+    return output
+
+
 @pytest.mark.timeout(300)
 def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
     """Three in ten requests throttled or reset, and one in ten responses cut off mid-body, for
@@ -58,12 +68,7 @@ def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
     (objects) alike. pyarrow's "standard" retry quota ran dry a few hundred requests in and
     failed every read after, and no SDK retries a body cut off after the request succeeded
     (the nightly infer died summarising its results)."""
-    output = storage.join(s3.bucket("sustained"), "out")
-    for i in range(30):
-        row = {name: [None] for name in results.RESULT_SCHEMA.names}
-        row.update(key=[f"case-{i:02d}"], source_uri=[f"s3://archive/{i}.png"], status=["ok"])
-        storage.write_parquet(storage.join(output, results.RESULTS, f"part-{i:03d}.parquet"),
-                              pa.table(row, schema=results.RESULT_SCHEMA))
+    output = write_results_files(storage.join(s3.bucket("sustained"), "out"), 30)
     uris = storage.list_files(storage.join(output, results.RESULTS))
     clean = results.read_results(output).sort_by("key")
     objects = {uri: storage.read_bytes(uri) for uri in uris}
@@ -81,21 +86,16 @@ def test_sustained_s3_faults_never_exhaust_the_retries(s3, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_a_damaged_results_file_fails_the_read_without_reading_each_file_again(s3, monkeypatch):
-    """Only a transient fault sends a group read back file by file: a damaged file fails at
-    once, as it would at the end of that detour: the failing read makes about as many requests
-    as a healthy read of as many files, where the detour doubles them."""
-    output = storage.join(s3.bucket("damaged"), "out")
-    for i in range(30):
-        row = {name: [None] for name in results.RESULT_SCHEMA.names}
-        row.update(key=[f"case-{i:02d}"], status=["ok"])
-        storage.write_parquet(storage.join(output, results.RESULTS, f"part-{i:03d}.parquet"),
-                              pa.table(row, schema=results.RESULT_SCHEMA))
+    """Only a transient fault sends a group read back file by file. A damaged file fails at
+    once: the failing read makes about as many requests as a healthy read, where reading each
+    file again first would double them."""
+    output = write_results_files(storage.join(s3.bucket("damaged"), "out"), 30)
     proxy = FaultyS3Proxy(s3.url)  # no faults: it counts the requests
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     try:
         assert len(results.read_results(output)) == 30
         healthy = proxy.counts["forwarded"]
-        # the last file in the group's order: a detour would read all the others again first
+        # the last file in the group's order: a file-by-file retry would read all the others
         storage.write_bytes(storage.join(output, results.RESULTS, "part-029.parquet"),
                             b"not a parquet file")
         before = proxy.counts["forwarded"]
