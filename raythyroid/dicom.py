@@ -31,6 +31,7 @@ NODULE_CODE = "27925004"  # SNOMED CT "Nodule", the segmented property type our 
 # SOP classes that hold no image to segment: a UID itself or the root of a family of UIDs (the
 # first entry that matches wins, so KO comes before the SR family). RT Dose and SEG carry pixel
 # data, so the SOP class decides, never the presence of pixels.
+_IMAGES_IN_THOSE_FAMILIES = ("1.2.840.10008.5.1.4.1.1.481.1",)  # RT Image: a radiograph
 _NON_IMAGE_CLASSES = (
     ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),
     ("1.2.840.10008.5.1.4.1.1.88", "SR"),
@@ -97,6 +98,8 @@ def non_image_reason(sop_class: str | None) -> str | None:
     if not sop_class:
         return None
     sop_class = str(sop_class)
+    if sop_class in _IMAGES_IN_THOSE_FAMILIES:
+        return None
     for root, name in _NON_IMAGE_CLASSES:
         if sop_class == root or sop_class.startswith(root + "."):
             return f"not an image ({name})"

@@ -154,6 +154,14 @@ def test_non_images_are_skipped_by_sop_class():
         with pytest.raises(SkipInput) as caught:
             frames_of(pydicom_file(name))
         assert str(caught.value) == reason, name
+    # RT Image is a radiograph inside the RT family: segmented as CT and MR frames are
+    from pydicom import dcmread
+
+    ds = dcmread(pydicom_file("MR_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.1"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    assert imaging.open_frames(buffer.getvalue()).frame(0).shape == (64, 64)
 
 
 def _native_cine(frames: int, declared: int | None = None, cut: int = 0) -> bytes:
