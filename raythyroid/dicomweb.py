@@ -29,7 +29,7 @@ from .errors import UserError
 from .storage import S3_MAX_ATTEMPTS as MAX_ATTEMPTS  # one retry budget for every store
 
 SCHEMES = ("dicomweb+http://", "dicomweb+https://")
-PAGE_SIZE = 500
+PAGE_SIZE = 200  # the largest QIDO-RS limit every server we know accepts (Azure's: 200)
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 120.0
 DICOM_PART = 'multipart/related; type="application/dicom"'
 # filters that name or identify a patient (by keyword or tag): kept and logged only as hashes
@@ -40,8 +40,9 @@ _RELATIVE_DATE = re.compile(r"-(\d+)d")
 
 
 class Unreachable(Exception):
-    """The server did not answer (refused, timed out, DNS): a temporary failure (exit 75), for
-    the scheduler to retry, not a mistake in the command."""
+    """The server did not answer (refused, timed out, DNS, cut off mid-answer) or said it is
+    busy for longer than the retries wait: a temporary failure (exit 75), for the scheduler to
+    retry, not a mistake in the command nor a fault of one instance."""
 
 
 class RetrieveError(Exception):
@@ -98,7 +99,8 @@ def parse(uri: str) -> Query:
     if parsed.username or parsed.password:
         raise UserError("credentials in a DICOMweb URL would end up in logs and outputs; "
                         "set DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN instead")
-    netloc = parsed.hostname + (f":{port}" if port else "")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname  # IPv6
+    netloc = host + (f":{port}" if port else "")
     filters = tuple(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
     return Query(f"{parsed.scheme}://{netloc}{parsed.path.rstrip('/')}", filters)
 
@@ -142,15 +144,24 @@ def session():
                     os.environ.get("DICOMWEB_PASSWORD") or None)
 
 
+# what a server answers when it is overloaded or behind a gateway that lost it; still so
+# after the retries, the run stops for a later retry rather than record an error row
+BUSY = (429, 502, 503, 504)
+
+
 def _request(method: str, url: str, **kwargs):
     import requests
 
     try:
         response = session().request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                                       **kwargs)
-    except (requests.ConnectionError, requests.Timeout) as exc:
+    except (requests.ConnectionError, requests.Timeout,  # refused, timed out, DNS
+            requests.exceptions.ChunkedEncodingError,  # the answer cut off
+            requests.exceptions.ContentDecodingError) as exc:
         raise Unreachable(f"DICOMweb server {_origin(url)} unreachable: "
                           f"{type(exc).__name__}") from None
+    if response.status_code in BUSY:
+        raise Unreachable(f"DICOMweb server {_origin(url)} busy ({response.status_code})")
     if response.status_code in (401, 403):
         raise UserError(f"DICOMweb authentication failed ({response.status_code})")
     return response
@@ -182,15 +193,25 @@ def _value(item: dict, tag: str) -> str | None:
 
 
 def _paged(url: str, params: list[tuple[str, str]], what: str) -> Iterator[dict]:
-    offset = 0
+    """Every result of a search, page by page until an empty one. A short page is not the
+    last: servers cap pages below the limit asked for (dcm4chee's and DICOMcloud's maximum
+    results), some without saying so. A page of results already seen ends it too: a server
+    that ignores the offset would otherwise be asked forever."""
+    offset, seen = 0, set()
     while True:
         page = _json(_request("GET", url, params=params + [("limit", str(PAGE_SIZE)),
                                                            ("offset", str(offset))],
                               headers={"Accept": "application/dicom+json"}), what)
-        yield from page
-        if len(page) < PAGE_SIZE:
+        fresh = [item for item in page if _identity(item) not in seen]
+        if not fresh:
             return
+        seen.update(_identity(item) for item in fresh)
+        yield from fresh
         offset += len(page)
+
+
+def _identity(item: dict) -> tuple:
+    return _value(item, "0020000D"), _value(item, "0020000E"), _value(item, "00080018")
 
 
 @dataclass(frozen=True)
@@ -245,51 +266,110 @@ def retrieve(uri: str) -> bytes:
         raise RetrieveError("not found on the DICOMweb server (deleted since the search?)")
     if response.status_code >= 400:
         raise RetrieveError(f"DICOMweb retrieve failed ({response.status_code})")
-    parts = split_multipart(response.headers.get("Content-Type", ""), response.content)
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.split(";")[0].strip().lower() == "application/dicom":
+        # one instance answered bare, as some servers and proxies do: DICOM is DICOM
+        from .dicom import is_dicom
+
+        if is_dicom(response.content):
+            return response.content
+    parts = split_multipart(content_type, response.content)
     if len(parts) != 1:
         raise RetrieveError(f"malformed multipart response: {len(parts)} parts for one instance")
     return parts[0]
 
 
 def split_multipart(content_type: str, body: bytes) -> list[bytes]:
-    """The bodies of a multipart/related response; RetrieveError when it is not one."""
-    match = re.search(r'boundary="?([^";,\s]+)"?', content_type, re.IGNORECASE)
+    """The bodies of a multipart/related response; RetrieveError when it is not one. A
+    delimiter counts only at the start of a line (RFC 2046), so the boundary's bytes inside
+    pixel data split nothing; lines may end in CRLF or, from lax servers, LF alone."""
+    match = re.search(r'boundary=(?:"([^"]+)"|([^";,\s]+))', content_type, re.IGNORECASE)
     if not content_type.lower().startswith("multipart/related") or not match:
         raise RetrieveError(f"malformed multipart response: Content-Type "
                             f"{content_type.split(';')[0] or 'missing'}")
-    delimiter = b"--" + match.group(1).encode()
-    sections = body.split(delimiter)
+    boundary = re.escape((match.group(1) or match.group(2)).encode())
+    sections = re.split(rb"\r?\n--" + boundary, b"\r\n" + body)
     if len(sections) < 3 or not sections[-1].startswith(b"--"):
         raise RetrieveError("malformed multipart response: no closing boundary")
     parts = []
     for section in sections[1:-1]:
-        head, sep, content = section.partition(b"\r\n\r\n")
-        if not sep:
+        found = re.search(rb"\r?\n\r?\n", section)
+        if not found:
             raise RetrieveError("malformed multipart response: a part without headers")
-        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+        parts.append(section[found.end():])
     return parts
 
 
 def store(base: str, instances: list[bytes]) -> None:
     """STOW-RS `instances` into the server at `base`; raises unless every one was stored.
-    Storing an instance again (same UID, same content) leaves one copy: retries are
-    harmless."""
+
+    Storing again what a run already stored (a retried request, a rerun of a block whose
+    results were not committed) must count as stored: our SEGs' UIDs derive from the source
+    and the model, so the server holding that UID holds our SEG. Servers answer such a
+    store in their own ways: Orthanc keeps one copy and says nothing, Azure's service refuses
+    every duplicate (409, failure 45070), Google's refuses one whose bytes differ. So each
+    instance the server refuses is looked up by its UIDs before the store is called failed."""
     import uuid
 
     boundary = uuid.uuid4().hex
     body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
                     + data + b"\r\n" for data in instances) + b"--" + boundary.encode() + b"--"
-    response = _request("POST", f"{base}/studies", data=body, headers={
+    # a redirect would turn the POST into a GET and drop the instances, looking like success
+    response = _request("POST", f"{base}/studies", data=body, allow_redirects=False, headers={
         "Content-Type": f'{DICOM_PART}; boundary="{boundary}"',
         "Accept": "application/dicom+json"})
-    if response.status_code >= 400 and response.status_code != 409:
-        raise RetrieveError(f"DICOMweb store failed ({response.status_code})")
-    answer = response.json() if response.content else {}
+    status = response.status_code
+    if 300 <= status < 400:
+        raise RetrieveError(f"DICOMweb store redirected ({status}) to "
+                            f"{response.headers.get('Location', 'nowhere')}: give --stow that URL")
+    if status >= 400 and status != 409:
+        raise RetrieveError(f"DICOMweb store failed ({status})")
+    try:
+        answer = response.json() if response.content else {}
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise RetrieveError(f"DICOMweb store answered {status} without a DICOM JSON response")
     failed = (answer.get("00081198") or {}).get("Value") or []
-    if failed:
-        reason = _value(failed[0], "00081197")
-        raise RetrieveError(f"DICOMweb store refused {len(failed)} instance(s) "
-                            f"(failure reason {reason})")
+    refused = {_value(item, "00081155"): _value(item, "00081197") for item in failed}
+    if status == 409 and not refused:  # a conflict naming no instance: assume none stored
+        refused = {None: None}
+    missing = {uid: reason for uid, reason in refused.items()
+               if not _holds(base, _stored_uids(instances, uid))}
+    if missing:
+        raise RetrieveError(f"DICOMweb store refused {len(missing)} instance(s) "
+                            f"(failure reason {next(iter(missing.values()))})")
+
+
+def _stored_uids(instances: list[bytes], sop: str | None) -> list[tuple[str, str, str]]:
+    """(study, series, SOP instance) UIDs of the instance `sop` names, or of every one."""
+    from .dicom import read_dataset
+
+    found = []
+    for data in instances:
+        ds = read_dataset(data, True)
+        if sop is None or str(ds.SOPInstanceUID) == sop:
+            found.append((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                          str(ds.SOPInstanceUID)))
+    return found
+
+
+def _holds(base: str, uids: list[tuple[str, str, str]]) -> bool:
+    """Whether the server holds every one of these instances (a study-level QIDO-RS search
+    each, the query level every server supports)."""
+    if not uids:
+        return False
+    for study, series, sop in uids:
+        response = _request("GET", f"{base}/studies/{study}/instances", params=[
+            ("SeriesInstanceUID", series), ("SOPInstanceUID", sop)],
+            headers={"Accept": "application/dicom+json"})
+        try:
+            found = response.json() if response.status_code == 200 else []
+        except ValueError:
+            found = []
+        if not any(_value(item, "00080018") == sop for item in found or []):
+            return False
+    return True
 
 
 def uids_of(uri: str) -> dict:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -191,3 +192,102 @@ class MalformedServer(_LoopbackServer):
 
         self._serve(Handler)
 
+
+
+class VendorGate(_LoopbackServer):
+    """Orthanc behind the policies of other PACS, each as its vendor documents it, so one
+    real server shows what a client must cope with: searches capped at `page_cap` results
+    whatever limit is asked (dcm4chee's and DICOMcloud's maximum results, here silent) and
+    refused outright above 200 (Azure's DICOM service); an instance stored again refused with
+    409 and failure 45070 (Azure's). `mode` swaps the store or the retrieve for an answer
+    other servers give: "refuse" (409, nothing stored), "conflict" (409, no body),
+    "redirect" (301 to https), "busy" (503 on every retrieve), "bare" (an instance retrieved
+    as application/dicom, not multipart)."""
+
+    AZURE_MAX_LIMIT, DUPLICATE = 200, "45070"
+
+    def __init__(self, orthanc: Orthanc, page_cap: int):
+        gate = self
+        self.mode, self.stores = None, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status: int, data: bytes = b"", headers=()):
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in HOP_BY_HOP:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                if "/instances/" in path and gate.mode == "busy":
+                    return self._reply(503)
+                params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+                limits = [int(v) for k, v in params if k == "limit"]
+                if limits and limits[0] > gate.AZURE_MAX_LIMIT:
+                    return self._reply(400)
+                if limits:
+                    params = [(k, str(min(int(v), page_cap)) if k == "limit" else v)
+                              for k, v in params]
+                target = path + ("?" + urllib.parse.urlencode(params) if params else "")
+                status, data, headers = _forward(orthanc, "GET", target, b"",
+                                                 {"Accept": self.headers.get("Accept", "*/*")})
+                if "/instances/" in path and gate.mode == "bare" and status == 200:
+                    content_type = dict((k.lower(), v) for k, v in headers)["content-type"]
+                    data, headers = (_parts(content_type, data)[0],
+                                     [("Content-Type", "application/dicom")])
+                self._reply(status, data, headers)
+
+            def do_POST(self):
+                gate.stores += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if gate.mode == "redirect":
+                    return self._reply(301, headers=[("Location", "https://elsewhere/studies")])
+                if gate.mode == "conflict":
+                    return self._reply(409)
+                parts = _parts(self.headers.get("Content-Type", ""), body)
+                refused = [p for p in parts if gate.mode == "refuse" or _held(orthanc, p)]
+                if not refused:  # Orthanc's own STOW-RS answer
+                    return self._reply(*_forward(orthanc, "POST", self.path, body, {
+                        k: v for k, v in self.headers.items()
+                        if k.lower() in ("content-type", "accept")}))
+                for part in parts:
+                    if part not in refused:
+                        orthanc.upload(part)
+                answer = {"00081198": {"vr": "SQ", "Value": [
+                    {"00081155": {"vr": "UI", "Value": [_sop(p)]},
+                     "00081197": {"vr": "US", "Value": [int(gate.DUPLICATE)
+                                                        if gate.mode is None else 0xC000]}}
+                    for p in refused]}}
+                # Azure's codes: 409 when nothing was stored, 202 when some was
+                self._reply(409 if len(refused) == len(parts) else 202,
+                            json.dumps(answer).encode(),
+                            [("Content-Type", "application/dicom+json")])
+
+        self._serve(Handler)
+
+
+def _parts(content_type: str, body: bytes) -> list[bytes]:
+    from raythyroid import dicomweb
+
+    return dicomweb.split_multipart(content_type, body)
+
+
+def _sop(data: bytes) -> str:
+    import io
+
+    import pydicom
+
+    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
+def _held(orthanc: Orthanc, data: bytes) -> bool:
+    status, body = orthanc.request("POST", "/tools/lookup", _sop(data).encode())
+    return status == 200 and bool(json.loads(body))

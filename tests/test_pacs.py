@@ -180,11 +180,72 @@ def test_deleted_or_malformed_instances_are_error_rows(pacs, dicom_corpus):
                           "kept": kept.SOPInstanceUID}
 
 
+@pytest.mark.timeout(300)
+def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monkeypatch):
+    """Orthanc behind other vendors' policies (pacs_lib.VendorGate). A search capped at 2
+    results a page whatever limit was asked, and refused above 200, still lists all 5
+    instances of a study. An instance stored again (a retried block's SEG) that the server
+    refuses as a duplicate counts as stored, and stays one copy; one refused for another
+    reason, a 409 naming nothing and a redirect each fail the store. An instance answered
+    as bare application/dicom is read. A server still busy
+    after the retries stops the run (Unreachable) instead of leaving an error row."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from conftest import make_dicom
+
+    def sop(data: bytes) -> str:
+        return str(dicom.read_dataset(data, True).SOPInstanceUID)
+
+    study, series = generate_uid(), generate_uid()
+    frame = np.full((64, 64), 90, np.uint8)
+    uploaded = {sop(data) for data in (make_dicom([frame], study_uid=study, series_uid=series)
+                                       for _ in range(5)) if pacs.upload(data)}
+    gate = pacs_lib.VendorGate(pacs, page_cap=2)
+    try:
+        query = dicomweb.parse(f"dicomweb+{gate.url}?StudyInstanceUID={study}")
+        found = list(dicomweb.search(query))
+        assert sorted(i.sop for i in found) == sorted(uploaded)
+
+        ours = make_dicom([frame], study_uid=study, series_uid=generate_uid())
+        dicomweb.store(gate.url, [ours])
+        dicomweb.store(gate.url, [ours])  # refused as a duplicate: already stored
+        assert gate.stores == 2
+        assert [i["sop"] for i in pacs.instances()].count(sop(ours)) == 1
+        other = make_dicom([frame], study_uid=study, series_uid=generate_uid())
+        for mode, words in (("refuse", r"refused 1 instance\(s\) \(failure reason 49152\)"),
+                            ("conflict", r"refused 1 instance"),
+                            ("redirect", r"redirected \(301\) to https://elsewhere")):
+            gate.mode = mode
+            with pytest.raises(dicomweb.RetrieveError, match=words):
+                dicomweb.store(gate.url, [other])
+        assert sop(other) not in {i["sop"] for i in pacs.instances()}
+
+        gate.mode = "bare"
+        assert sop(dicomweb.retrieve(found[0].uri(query))) == found[0].sop
+
+        gate.mode = "busy"
+        monkeypatch.setattr(dicomweb, "MAX_ATTEMPTS", 1)
+        dicomweb._session.cache_clear()
+        block = pa.table({"key": ["busy"], "source_uri": [found[0].uri(query)],
+                          "labels": pa.nulls(1, infer.LABELS_TYPE)})
+        with pytest.raises(dicomweb.Unreachable, match=r"busy \(503\)"):
+            list(infer.read_and_prepare(block, {"size": 64}, 10_000_000))
+    finally:
+        gate.stop()
+        dicomweb._session.cache_clear()
+
+
 def test_split_multipart_reads_parts_and_refuses_what_is_not():
     body = (b"--b1\r\nContent-Type: application/dicom\r\n\r\nDICM-one\r\n"
             b"--b1\r\nContent-Type: application/dicom\r\n\r\nDICM-two\r\n--b1--\r\n")
     assert dicomweb.split_multipart('multipart/related; type="application/dicom"; boundary=b1',
                                     body) == [b"DICM-one", b"DICM-two"]
+    # lines ending in LF alone; a quoted boundary with a space; its bytes inside a part
+    lax = (b"preamble\n--b 1\nContent-Type: application/dicom\n\nDICM-one\n"
+           b"--b 1\r\nContent-Type: application/dicom\r\n\r\nDICM--b 1-two\r\n--b 1--")
+    assert dicomweb.split_multipart('multipart/related; boundary="b 1"', lax) == \
+        [b"DICM-one", b"DICM--b 1-two"]
     for content_type, data in (("application/dicom", body),
                                ("multipart/related; boundary=b1", body[:40])):
         with pytest.raises(dicomweb.RetrieveError, match="malformed multipart"):
@@ -199,3 +260,6 @@ def test_query_identity_resolves_dates_and_hides_patients():
                                      "ModalitiesInStudy=US&StudyDate=-2d&PatientID=sha256:")
     resolved = dict(query.resolved(dt.date(2026, 11, 28)))
     assert resolved["StudyDate"] == "20261126-" and resolved["PatientID"] == "MRN-123"
+    # an IPv6 host keeps its brackets
+    assert dicomweb.parse("dicomweb+http://[::1]:8042/dicom-web").base == \
+        "http://[::1]:8042/dicom-web"
