@@ -13,6 +13,9 @@ Credentials come from the environment of whichever process talks to the server (
 Ray worker), never from arguments or the job's runtime_env (Ray logs that): DICOMWEB_TOKEN (a
 bearer token) or DICOMWEB_USERNAME / DICOMWEB_PASSWORD (basic). On Kubernetes a Secret puts
 them in every pod; a local Ray's workers inherit them from the command that started it.
+Bearer tokens of cloud PACS expire within the hour (Google's in 60 minutes) while a night's
+run takes hours: DICOMWEB_TOKEN_FILE names a file that something else keeps fresh (a sidecar,
+a mounted secret that is rotated), read again before every request.
 """
 from __future__ import annotations
 
@@ -98,7 +101,8 @@ def parse(uri: str) -> Query:
         raise UserError(f"DICOMweb URL has no host: {safe_uri(uri)}")
     if parsed.username or parsed.password:
         raise UserError("credentials in a DICOMweb URL would end up in logs and outputs; "
-                        "set DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN instead")
+                        "set DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN(_FILE) "
+                        "instead")
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname  # IPv6
     netloc = host + (f":{port}" if port else "")
     filters = tuple(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
@@ -139,9 +143,31 @@ def _session(token: str | None, username: str | None, password: str | None):
 
 def session():
     """The HTTP session for this process, with the credentials its own environment holds."""
-    return _session(os.environ.get("DICOMWEB_TOKEN") or None,
+    return _session(os.environ.get("DICOMWEB_TOKEN") or _token_from_file(),
                     os.environ.get("DICOMWEB_USERNAME") or None,
                     os.environ.get("DICOMWEB_PASSWORD") or None)
+
+
+def _token_from_file() -> str | None:
+    """The bearer token DICOMWEB_TOKEN_FILE holds now (a few bytes read per request)."""
+    path = os.environ.get("DICOMWEB_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            token = file.read().strip()
+    except OSError as exc:
+        raise UserError(f"DICOMWEB_TOKEN_FILE {path} cannot be read: "
+                        f"{exc.strerror or type(exc).__name__}") from None
+    if not token:  # caught between a refresher's truncate and write: the last one read
+        token = _tokens_read.get(path)
+        if not token:
+            raise UserError(f"DICOMWEB_TOKEN_FILE {path} is empty")
+    _tokens_read[path] = token
+    return token
+
+
+_tokens_read: dict[str, str] = {}
 
 
 # what a server answers when it is overloaded or behind a gateway that lost it; still so

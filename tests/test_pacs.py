@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 from pathlib import Path
 
 import pyarrow as pa
@@ -108,9 +109,11 @@ def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, 
             assert secret.encode() not in data, (where, secret)
 
 
-def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypatch):
-    """A token-checking gate in front of the PACS: search and retrieve with DICOMWEB_TOKEN; a
-    wrong token or password ends the command before Ray starts, exit 2, one line."""
+def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypatch, tmp_path):
+    """A token-checking gate in front of the PACS: search and retrieve with DICOMWEB_TOKEN, or
+    with DICOMWEB_TOKEN_FILE while the gate's token is replaced (an expiring cloud token and
+    its refresher); a wrong token or password, or a token file that cannot be read, ends the
+    command before Ray starts, exit 2, one line."""
     _, files = dicom_corpus
     pacs.upload(files["native"][5].read_bytes())
     gate = pacs_lib.TokenGate(pacs)
@@ -122,10 +125,28 @@ def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypat
         data = dicomweb.retrieve(found[0].uri(query))
         assert dicom.read_dataset(data, True).SOPInstanceUID == found[0].sop
         monkeypatch.delenv("DICOMWEB_TOKEN")
+        # a token file kept fresh by someone else: read again before every request
+        token_file = tmp_path / "token"
+        token_file.write_text(gate.token + "\n")
+        monkeypatch.setenv("DICOMWEB_TOKEN_FILE", str(token_file))
+        assert [i.sop for i in dicomweb.search(query)] == [i.sop for i in found]
+        gate.token = "tok-" + secrets.token_hex(12)  # the old one expired
+        token_file.write_text(gate.token)
+        assert dicom.read_dataset(dicomweb.retrieve(found[0].uri(query)), True).SOPInstanceUID \
+            == found[0].sop
+        token_file.write_text("")  # read between a refresher's truncate and its write
+        assert dicomweb.retrieve(found[0].uri(query)) == data
+        monkeypatch.delenv("DICOMWEB_TOKEN_FILE")
         wrong = run_cli("infer", "no-model", f"dicomweb+{gate.url}", "out",
                         env={"DICOMWEB_TOKEN": "not-the-token"})
+        unreadable = run_cli("infer", "no-model", f"dicomweb+{gate.url}", "out",
+                             env={"DICOMWEB_TOKEN_FILE": str(tmp_path / "missing")})
     finally:
         gate.stop()
+    assert unreadable.returncode == 2
+    assert unreadable.stderr.strip() == (f"raythyroid: error: DICOMWEB_TOKEN_FILE "
+                                         f"{tmp_path / 'missing'} cannot be read: No such file "
+                                         f"or directory")
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == "raythyroid: error: DICOMweb authentication failed (401)"
     assert "not-the-token" not in wrong.stdout + wrong.stderr
