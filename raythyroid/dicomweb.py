@@ -157,6 +157,8 @@ def _token_from_file() -> str | None:
         with open(path, encoding="utf-8") as file:
             token = file.read().strip()
     except OSError as exc:
+        if path in _tokens_read:  # replaced by delete and write: the last one read
+            return _tokens_read[path]
         raise UserError(f"DICOMWEB_TOKEN_FILE {path} cannot be read: "
                         f"{exc.strerror or type(exc).__name__}") from None
     if not token:  # caught between a refresher's truncate and write: the last one read
@@ -178,19 +180,39 @@ BUSY = (429, 502, 503, 504)
 def _request(method: str, url: str, **kwargs):
     import requests
 
-    try:
-        response = session().request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                                      **kwargs)
-    except (requests.ConnectionError, requests.Timeout,  # refused, timed out, DNS
-            requests.exceptions.ChunkedEncodingError,  # the answer cut off
-            requests.exceptions.ContentDecodingError) as exc:
-        raise Unreachable(f"DICOMweb server {_origin(url)} unreachable: "
-                          f"{type(exc).__name__}") from None
+    for attempt in (1, 2):
+        try:
+            response = session().request(method, url,
+                                          timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), **kwargs)
+        except (requests.ConnectionError, requests.Timeout,  # refused, timed out, DNS
+                requests.exceptions.ChunkedEncodingError) as exc:  # the answer cut off
+            raise Unreachable(f"DICOMweb server {_origin(url)} unreachable: "
+                              f"{type(exc).__name__}") from None
+        if response.status_code == 401 and attempt == 1 and _token_refreshed():
+            continue  # the token expired as its refresher replaced it: once more, the new one
+        break
     if response.status_code in BUSY:
         raise Unreachable(f"DICOMweb server {_origin(url)} busy ({response.status_code})")
     if response.status_code in (401, 403):
         raise UserError(f"DICOMweb authentication failed ({response.status_code})")
     return response
+
+
+def _token_refreshed(wait_s: float = 2.0) -> bool:
+    """Whether DICOMWEB_TOKEN_FILE holds another token than the one just refused, waiting a
+    little for its refresher; False when the token does not come from a file."""
+    import time
+
+    path = os.environ.get("DICOMWEB_TOKEN_FILE")
+    if not path or os.environ.get("DICOMWEB_TOKEN"):
+        return False
+    refused = _tokens_read.get(path)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if _token_from_file() != refused:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _origin(url: str) -> str:
@@ -218,21 +240,28 @@ def _value(item: dict, tag: str) -> str | None:
     return str(values[0]) if values else None
 
 
-def _paged(url: str, params: list[tuple[str, str]], what: str) -> Iterator[dict]:
-    """Every result of a search, page by page until an empty one. A short page is not the
-    last: servers cap pages below the limit asked for (dcm4chee's and DICOMcloud's maximum
-    results), some without saying so. A page of results already seen ends it too: a server
-    that ignores the offset would otherwise be asked forever."""
+def _paged(url: str, params: list[tuple[str, str]], what: str,
+           longest: list[int]) -> Iterator[dict]:
+    """Every result of a search, page by page. A page shorter than the limit asked for is not
+    always the last: servers cap pages (dcm4chee's and DICOMcloud's maximum results), some
+    without saying so. A page shorter than the longest this kind of search has returned
+    (`longest`, shared by the searches of one kind) cannot be a capped one, so it is the
+    last; otherwise the next page is asked for, until an empty one. A server that ignores
+    the offset (its second page repeats the first) is refused rather than read in part."""
     offset, seen = 0, set()
     while True:
         page = _json(_request("GET", url, params=params + [("limit", str(PAGE_SIZE)),
                                                            ("offset", str(offset))],
                               headers={"Accept": "application/dicom+json"}), what)
         fresh = [item for item in page if _identity(item) not in seen]
-        if not fresh:
-            return
+        if page and not fresh:
+            raise UserError(f"the DICOMweb server at {_origin(url)} ignores the offset of a "
+                            f"paged {what}: it cannot be read in full")
         seen.update(_identity(item) for item in fresh)
         yield from fresh
+        if not page or len(page) < min(longest[0], PAGE_SIZE):
+            return
+        longest[0] = max(longest[0], len(page))
         offset += len(page)
 
 
@@ -267,27 +296,39 @@ def search(query: Query, today: dt.date | None = None) -> Iterator[Instance]:
     """Every instance of every study the filters match, study by study: studies are searched
     with the filters, then each study's instances are listed, each search paged. An instance
     query paged by offset alone would skip or repeat instances while the archive grows."""
-    studies = _paged(f"{query.base}/studies", query.resolved(today), "study search")
+    studies = _paged(f"{query.base}/studies", query.resolved(today), "study search", [0])
+    longest = [0]  # the server's cap on instance pages is the same for every study
     for study in sorted({_value(s, "0020000D") for s in studies} - {None}):
-        for item in _paged(f"{query.base}/studies/{study}/instances", [], "instance search"):
+        for item in _paged(f"{query.base}/studies/{study}/instances", [], "instance search",
+                           longest):
             series, sop = _value(item, "0020000E"), _value(item, "00080018")
             if series and sop:
                 yield Instance(study, series, sop, _value(item, "00080016"))
 
 
 def check(query: Query) -> None:
-    """One cheap search before any work: exit 2 for a wrong URL or credentials, 75 when the
-    server is down."""
-    _json(_request("GET", f"{query.base}/studies", params=[("limit", "1")],
-                   headers={"Accept": "application/dicom+json"}), "study search")
+    """One cheap search before any work: exit 2 for a wrong URL or credentials, or one that
+    redirects (a store would not follow it, and credentials must not), 75 when the server is
+    down."""
+    response = _request("GET", f"{query.base}/studies", params=[("limit", "1")],
+                        allow_redirects=False, headers={"Accept": "application/dicom+json"})
+    if 300 <= response.status_code < 400:
+        raise UserError(f"DICOMweb URL {query.base} redirects ({response.status_code}) to "
+                        f"{response.headers.get('Location', 'nowhere')}: give that URL")
+    _json(response, "study search")
 
 
 def retrieve(uri: str) -> bytes:
     """One instance (WADO-RS), as stored (any transfer syntax). RetrieveError for one that is
     gone or answered in a form that is not one DICOM part."""
     url = uri[len("dicomweb+"):]
-    response = _request("GET", url, headers={
-        "Accept": f"{DICOM_PART}; transfer-syntax=*"})
+    try:
+        response = _request("GET", url, headers={
+            "Accept": f"{DICOM_PART}; transfer-syntax=*"})
+    except Unreachable as exc:
+        if not _answers_searches(url.split("/studies/", 1)[0]):
+            raise  # the server is down or overloaded: the run stops, a later one retries
+        raise RetrieveError(f"{exc} for this instance, while it answers searches") from None
     if response.status_code == 404:
         raise RetrieveError("not found on the DICOMweb server (deleted since the search?)")
     if response.status_code >= 400:
@@ -305,6 +346,14 @@ def retrieve(uri: str) -> bytes:
     return parts[0]
 
 
+def _answers_searches(base: str) -> bool:
+    try:
+        return _request("GET", f"{base}/studies", params=[("limit", "1")],
+                        headers={"Accept": "application/dicom+json"}).status_code < 400
+    except Unreachable:
+        return False
+
+
 def split_multipart(content_type: str, body: bytes) -> list[bytes]:
     """The bodies of a multipart/related response; RetrieveError when it is not one. A
     delimiter counts only at the start of a line (RFC 2046), so the boundary's bytes inside
@@ -314,7 +363,7 @@ def split_multipart(content_type: str, body: bytes) -> list[bytes]:
         raise RetrieveError(f"malformed multipart response: Content-Type "
                             f"{content_type.split(';')[0] or 'missing'}")
     boundary = re.escape((match.group(1) or match.group(2)).encode())
-    sections = re.split(rb"\r?\n--" + boundary, b"\r\n" + body)
+    sections = re.split(rb"\r?\n--" + boundary + rb"(?=--|[ \t]*\r?\n)", b"\r\n" + body)
     if len(sections) < 3 or not sections[-1].startswith(b"--"):
         raise RetrieveError("malformed multipart response: no closing boundary")
     parts = []
@@ -354,17 +403,18 @@ def store(base: str, instances: list[bytes]) -> None:
         answer = response.json() if response.content else {}
     except ValueError:
         answer = None
-    if not isinstance(answer, dict):
-        raise RetrieveError(f"DICOMweb store answered {status} without a DICOM JSON response")
-    failed = (answer.get("00081198") or {}).get("Value") or []
-    refused = {_value(item, "00081155"): _value(item, "00081197") for item in failed}
-    if status == 409 and not refused:  # a conflict naming no instance: assume none stored
-        refused = {None: None}
-    missing = {uid: reason for uid, reason in refused.items()
-               if not _holds(base, _stored_uids(instances, uid))}
+    failed = ((answer.get("00081198") or {}).get("Value") or []
+              if isinstance(answer, dict) else [])
+    refused = [(_value(item, "00081155"), _value(item, "00081197")) for item in failed]
+    if not refused and (status == 409 or not isinstance(answer, dict)):
+        refused = [(None, None)]  # a conflict naming nothing, or an answer we cannot read
+    missing = [(uid, reason) for uid, reason in refused
+               if not _holds(base, _stored_uids(instances, uid))]
     if missing:
-        raise RetrieveError(f"DICOMweb store refused {len(missing)} instance(s) "
-                            f"(failure reason {next(iter(missing.values()))})")
+        reasons = sorted({reason for _, reason in missing} - {None})
+        count = len(instances) if missing[0][0] is None else len(missing)
+        raise RetrieveError(f"DICOMweb store ({status}) refused {count} instance(s)" +
+                            (f" (failure reason {', '.join(reasons)})" if reasons else ""))
 
 
 def _stored_uids(instances: list[bytes], sop: str | None) -> list[tuple[str, str, str]]:

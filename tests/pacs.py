@@ -141,24 +141,25 @@ class TokenGate(_LoopbackServer):
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.headers.get("Authorization") != f"Bearer {gate.token}":
-                    self.send_response(401)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return _send(self, 401)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in HOP_BY_HOP | {"authorization"}}
-                status, data, reply = _forward(orthanc, self.command, self.path, body, headers)
-                self.send_response(status)
-                for key, value in reply:
-                    if key.lower() not in HOP_BY_HOP:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                _send(self, *_forward(orthanc, self.command, self.path, body, headers))
 
             do_GET = do_POST = _handle
 
         self._serve(Handler)
+
+
+def _send(handler: BaseHTTPRequestHandler, status: int, data: bytes = b"", headers=()) -> None:
+    """One whole answer; an upstream answer's hop-by-hop headers left out."""
+    handler.send_response(status)
+    for key, value in headers:
+        if key.lower() not in HOP_BY_HOP:
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def _forward(orthanc: Orthanc, method: str, path: str, body: bytes, headers: dict):
@@ -201,8 +202,9 @@ class VendorGate(_LoopbackServer):
     refused outright above 200 (Azure's DICOM service); an instance stored again refused with
     409 and failure 45070 (Azure's). `mode` swaps the store or the retrieve for an answer
     other servers give: "refuse" (409, nothing stored), "conflict" (409, no body),
-    "redirect" (301 to https), "busy" (503 on every retrieve), "bare" (an instance retrieved
-    as application/dicom, not multipart)."""
+    "redirect" (301 to https, every request), "busy" (503 to every request), "stuck" (503 to
+    retrieves only), "bare" (an instance retrieved as application/dicom, not multipart),
+    "no-offset" (searches ignore the offset)."""
 
     AZURE_MAX_LIMIT, DUPLICATE = 200, "45070"
 
@@ -216,23 +218,18 @@ class VendorGate(_LoopbackServer):
             def log_message(self, *args):
                 pass
 
-            def _reply(self, status: int, data: bytes = b"", headers=()):
-                self.send_response(status)
-                for key, value in headers:
-                    if key.lower() not in HOP_BY_HOP:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
             def do_GET(self):
                 path, _, query = self.path.partition("?")
-                if "/instances/" in path and gate.mode == "busy":
-                    return self._reply(503)
+                if gate.mode == "redirect":
+                    return _send(self, 301, headers=[("Location", "https://elsewhere/")])
+                if gate.mode == "busy" or "/instances/" in path and gate.mode == "stuck":
+                    return _send(self, 503)
                 params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+                if gate.mode == "no-offset":
+                    params = [(k, v) for k, v in params if k != "offset"]
                 limits = [int(v) for k, v in params if k == "limit"]
                 if limits and limits[0] > gate.AZURE_MAX_LIMIT:
-                    return self._reply(400)
+                    return _send(self, 400)
                 if limits:
                     params = [(k, str(min(int(v), page_cap)) if k == "limit" else v)
                               for k, v in params]
@@ -243,19 +240,19 @@ class VendorGate(_LoopbackServer):
                     content_type = dict((k.lower(), v) for k, v in headers)["content-type"]
                     data, headers = (_parts(content_type, data)[0],
                                      [("Content-Type", "application/dicom")])
-                self._reply(status, data, headers)
+                _send(self, status, data, headers)
 
             def do_POST(self):
                 gate.stores += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if gate.mode == "redirect":
-                    return self._reply(301, headers=[("Location", "https://elsewhere/studies")])
+                    return _send(self, 301, headers=[("Location", "https://elsewhere/studies")])
                 if gate.mode == "conflict":
-                    return self._reply(409)
+                    return _send(self, 409)
                 parts = _parts(self.headers.get("Content-Type", ""), body)
                 refused = [p for p in parts if gate.mode == "refuse" or _held(orthanc, p)]
                 if not refused:  # Orthanc's own STOW-RS answer
-                    return self._reply(*_forward(orthanc, "POST", self.path, body, {
+                    return _send(self, *_forward(orthanc, "POST", self.path, body, {
                         k: v for k, v in self.headers.items()
                         if k.lower() in ("content-type", "accept")}))
                 for part in parts:
@@ -267,7 +264,7 @@ class VendorGate(_LoopbackServer):
                                                         if gate.mode is None else 0xC000]}}
                     for p in refused]}}
                 # Azure's codes: 409 when nothing was stored, 202 when some was
-                self._reply(409 if len(refused) == len(parts) else 202,
+                _send(self, 409 if len(refused) == len(parts) else 202,
                             json.dumps(answer).encode(),
                             [("Content-Type", "application/dicom+json")])
 

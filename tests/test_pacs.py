@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from raythyroid import dicom, dicomweb, infer, results
+from raythyroid.errors import UserError
 
 import dicom_corpus as corpus
 import pacs as pacs_lib
@@ -136,6 +138,12 @@ def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypat
             == found[0].sop
         token_file.write_text("")  # read between a refresher's truncate and its write
         assert dicomweb.retrieve(found[0].uri(query)) == data
+        token_file.unlink()  # a refresher that deletes, then writes
+        assert dicomweb.retrieve(found[0].uri(query)) == data
+        # the gate's token expires a moment before the refresher writes the new one
+        gate.token = "tok-" + secrets.token_hex(12)
+        threading.Timer(0.5, token_file.write_text, [gate.token]).start()
+        assert dicomweb.retrieve(found[0].uri(query)) == data
         monkeypatch.delenv("DICOMWEB_TOKEN_FILE")
         wrong = run_cli("infer", "no-model", f"dicomweb+{gate.url}", "out",
                         env={"DICOMWEB_TOKEN": "not-the-token"})
@@ -205,11 +213,13 @@ def test_deleted_or_malformed_instances_are_error_rows(pacs, dicom_corpus):
 def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monkeypatch):
     """Orthanc behind other vendors' policies (pacs_lib.VendorGate). A search capped at 2
     results a page whatever limit was asked, and refused above 200, still lists all 5
-    instances of a study. An instance stored again (a retried block's SEG) that the server
-    refuses as a duplicate counts as stored, and stays one copy; one refused for another
-    reason, a 409 naming nothing and a redirect each fail the store. An instance answered
-    as bare application/dicom is read. A server still busy
-    after the retries stops the run (Unreachable) instead of leaving an error row."""
+    instances of a study; one that ignores the offset is refused, not read in part. An
+    instance stored again (a retried block's SEG) that the server refuses as a duplicate
+    counts as stored, and stays one copy; one refused for another reason, a 409 naming
+    nothing and a redirect each fail the store, and the pre-flight check refuses a URL that
+    redirects. An instance answered as bare application/dicom is read. A server still busy
+    after the retries stops the run (Unreachable) instead of leaving an error row; an
+    instance the server keeps refusing while it answers searches is an error row."""
     import numpy as np
     from pydicom.uid import generate_uid
 
@@ -227,6 +237,10 @@ def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monk
         query = dicomweb.parse(f"dicomweb+{gate.url}?StudyInstanceUID={study}")
         found = list(dicomweb.search(query))
         assert sorted(i.sop for i in found) == sorted(uploaded)
+        gate.mode = "no-offset"
+        with pytest.raises(UserError, match="ignores the offset of a paged study search"):
+            list(dicomweb.search(query))
+        gate.mode = None
 
         ours = make_dicom([frame], study_uid=study, series_uid=generate_uid())
         dicomweb.store(gate.url, [ours])
@@ -241,17 +255,24 @@ def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monk
             with pytest.raises(dicomweb.RetrieveError, match=words):
                 dicomweb.store(gate.url, [other])
         assert sop(other) not in {i["sop"] for i in pacs.instances()}
+        with pytest.raises(UserError, match=r"redirects \(301\) to https://elsewhere/: give"):
+            dicomweb.check(query)
 
         gate.mode = "bare"
         assert sop(dicomweb.retrieve(found[0].uri(query))) == found[0].sop
 
-        gate.mode = "busy"
         monkeypatch.setattr(dicomweb, "MAX_ATTEMPTS", 1)
         dicomweb._session.cache_clear()
         block = pa.table({"key": ["busy"], "source_uri": [found[0].uri(query)],
                           "labels": pa.nulls(1, infer.LABELS_TYPE)})
+        gate.mode = "busy"
         with pytest.raises(dicomweb.Unreachable, match=r"busy \(503\)"):
             list(infer.read_and_prepare(block, {"size": 64}, 10_000_000))
+        gate.mode = "stuck"
+        rows = [row for chunk in infer.read_and_prepare(block, {"size": 64}, 10_000_000)
+                for row in zip(chunk["status"], chunk["error"], strict=True)]
+        assert rows == [("error", f"cannot read: DICOMweb server {gate.url.rsplit('/', 1)[0]} "
+                                  f"busy (503) for this instance, while it answers searches")]
     finally:
         gate.stop()
         dicomweb._session.cache_clear()
