@@ -443,7 +443,8 @@ def _holds(base: str, uids: list[tuple[str, str, str]]) -> bool:
             found = response.json() if response.status_code == 200 else []
         except ValueError:
             found = []
-        if not any(_value(item, "00080018") == sop for item in found or []):
+        if not isinstance(found, list) or not any(
+                isinstance(item, dict) and _value(item, "00080018") == sop for item in found):
             return False
     return True
 
