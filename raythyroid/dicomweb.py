@@ -250,9 +250,8 @@ def _paged(url: str, params: list[tuple[str, str]], what: str,
     the offset (its second page repeats the first) is refused rather than read in part."""
     offset, seen = 0, set()
     while True:
-        page = _json(_request("GET", url, params=params + [("limit", str(PAGE_SIZE)),
-                                                           ("offset", str(offset))],
-                              headers={"Accept": "application/dicom+json"}), what)
+        page = _json(_search(url, params + [("limit", str(PAGE_SIZE)),
+                                            ("offset", str(offset))]), what)
         fresh = [item for item in page if _identity(item) not in seen]
         if page and not fresh:
             raise UserError(f"the DICOMweb server at {_origin(url)} ignores the offset of a "
@@ -263,6 +262,12 @@ def _paged(url: str, params: list[tuple[str, str]], what: str,
             return
         longest[0] = max(longest[0], len(page))
         offset += len(page)
+
+
+def _search(url: str, params: list[tuple[str, str]], **kwargs):
+    """One QIDO-RS request, answered in DICOM JSON."""
+    return _request("GET", url, params=params, headers={"Accept": "application/dicom+json"},
+                    **kwargs)
 
 
 def _identity(item: dict) -> tuple:
@@ -310,8 +315,7 @@ def check(query: Query) -> None:
     """One cheap search before any work: exit 2 for a wrong URL or credentials, or one that
     redirects (a store would not follow it, and credentials must not), 75 when the server is
     down."""
-    response = _request("GET", f"{query.base}/studies", params=[("limit", "1")],
-                        allow_redirects=False, headers={"Accept": "application/dicom+json"})
+    response = _search(f"{query.base}/studies", [("limit", "1")], allow_redirects=False)
     if 300 <= response.status_code < 400:
         raise UserError(f"DICOMweb URL {query.base} redirects ({response.status_code}) to "
                         f"{response.headers.get('Location', 'nowhere')}: give that URL")
@@ -348,8 +352,7 @@ def retrieve(uri: str) -> bytes:
 
 def _answers_searches(base: str) -> bool:
     try:
-        return _request("GET", f"{base}/studies", params=[("limit", "1")],
-                        headers={"Accept": "application/dicom+json"}).status_code < 400
+        return _search(f"{base}/studies", [("limit", "1")]).status_code < 400
     except Unreachable:
         return False
 
@@ -408,8 +411,9 @@ def store(base: str, instances: list[bytes]) -> None:
     refused = [(_value(item, "00081155"), _value(item, "00081197")) for item in failed]
     if not refused and (status == 409 or not isinstance(answer, dict)):
         refused = [(None, None)]  # a conflict naming nothing, or an answer we cannot read
-    missing = [(uid, reason) for uid, reason in refused
-               if not _holds(base, _stored_uids(instances, uid))]
+    sent = _uids_by_sop(instances) if refused else {}
+    missing = [(uid, reason) for uid, reason in refused  # None names every instance sent
+               if not _holds(base, [uids for sop, uids in sent.items() if uid in (None, sop)])]
     if missing:
         reasons = sorted({reason for _, reason in missing} - {None})
         count = len(instances) if missing[0][0] is None else len(missing)
@@ -417,17 +421,13 @@ def store(base: str, instances: list[bytes]) -> None:
                             (f" (failure reason {', '.join(reasons)})" if reasons else ""))
 
 
-def _stored_uids(instances: list[bytes], sop: str | None) -> list[tuple[str, str, str]]:
-    """(study, series, SOP instance) UIDs of the instance `sop` names, or of every one."""
+def _uids_by_sop(instances: list[bytes]) -> dict[str, tuple[str, str, str]]:
+    """{SOP instance UID: (study, series, SOP instance) UIDs} of the instances sent."""
     from .dicom import read_dataset
 
-    found = []
-    for data in instances:
-        ds = read_dataset(data, True)
-        if sop is None or str(ds.SOPInstanceUID) == sop:
-            found.append((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                          str(ds.SOPInstanceUID)))
-    return found
+    headers = (read_dataset(data, True) for data in instances)
+    return {str(ds.SOPInstanceUID): (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                     str(ds.SOPInstanceUID)) for ds in headers}
 
 
 def _holds(base: str, uids: list[tuple[str, str, str]]) -> bool:
@@ -436,9 +436,8 @@ def _holds(base: str, uids: list[tuple[str, str, str]]) -> bool:
     if not uids:
         return False
     for study, series, sop in uids:
-        response = _request("GET", f"{base}/studies/{study}/instances", params=[
-            ("SeriesInstanceUID", series), ("SOPInstanceUID", sop)],
-            headers={"Accept": "application/dicom+json"})
+        response = _search(f"{base}/studies/{study}/instances",
+                           [("SeriesInstanceUID", series), ("SOPInstanceUID", sop)])
         try:
             found = response.json() if response.status_code == 200 else []
         except ValueError:
