@@ -29,13 +29,14 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NODULE_CODE = "27925004"  # SNOMED CT "Nodule", the segmented property type our SEGs carry
 
 # SOP classes that hold no image to segment: a UID itself or the root of a family of UIDs (the
-# first entry that matches wins, so KO comes before the SR family). RT Dose and SEG carry pixel
-# data, so the SOP class decides, never the presence of pixels.
-_IMAGES_IN_THOSE_FAMILIES = ("1.2.840.10008.5.1.4.1.1.481.1",)  # RT Image: a radiograph
+# first entry that matches wins, so KO comes before the SR family, and RT Image, a radiograph
+# (None: an image), before the RT family). RT Dose and SEG carry pixel data, so the SOP class
+# decides, never the presence of pixels.
 _NON_IMAGE_CLASSES = (
     ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),
     ("1.2.840.10008.5.1.4.1.1.88", "SR"),
     ("1.2.840.10008.5.1.4.1.1.11", "PR"),
+    ("1.2.840.10008.5.1.4.1.1.481.1", None),
     ("1.2.840.10008.5.1.4.1.1.481", "RT"),
     ("1.2.840.10008.5.1.4.34", "RT"),
     ("1.2.840.10008.5.1.4.1.1.9", "waveform"),
@@ -98,11 +99,9 @@ def non_image_reason(sop_class: str | None) -> str | None:
     if not sop_class:
         return None
     sop_class = str(sop_class)
-    if sop_class in _IMAGES_IN_THOSE_FAMILIES:
-        return None
     for root, name in _NON_IMAGE_CLASSES:
         if sop_class == root or sop_class.startswith(root + "."):
-            return f"not an image ({name})"
+            return f"not an image ({name})" if name else None
     return None
 
 
