@@ -14,6 +14,8 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from raythyroid import dicomweb
+
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -206,7 +208,7 @@ class VendorGate(_LoopbackServer):
     retrieves only), "bare" (an instance retrieved as application/dicom, not multipart),
     "no-offset" (searches ignore the offset)."""
 
-    AZURE_MAX_LIMIT, DUPLICATE = 200, "45070"
+    AZURE_MAX_LIMIT, DUPLICATE = 200, 45070
 
     def __init__(self, orthanc: Orthanc, page_cap: int):
         gate = self
@@ -238,7 +240,7 @@ class VendorGate(_LoopbackServer):
                                                  {"Accept": self.headers.get("Accept", "*/*")})
                 if "/instances/" in path and gate.mode == "bare" and status == 200:
                     content_type = dict((k.lower(), v) for k, v in headers)["content-type"]
-                    data, headers = (_parts(content_type, data)[0],
+                    data, headers = (dicomweb.split_multipart(content_type, data)[0],
                                      [("Content-Type", "application/dicom")])
                 _send(self, status, data, headers)
 
@@ -249,7 +251,7 @@ class VendorGate(_LoopbackServer):
                     return _send(self, 301, headers=[("Location", "https://elsewhere/studies")])
                 if gate.mode == "conflict":
                     return _send(self, 409)
-                parts = _parts(self.headers.get("Content-Type", ""), body)
+                parts = dicomweb.split_multipart(self.headers.get("Content-Type", ""), body)
                 refused = [p for p in parts if gate.mode == "refuse" or _held(orthanc, p)]
                 if not refused:  # Orthanc's own STOW-RS answer
                     return _send(self, *_forward(orthanc, "POST", self.path, body, {
@@ -258,11 +260,10 @@ class VendorGate(_LoopbackServer):
                 for part in parts:
                     if part not in refused:
                         orthanc.upload(part)
+                reason = gate.DUPLICATE if gate.mode is None else 0xC000
                 answer = {"00081198": {"vr": "SQ", "Value": [
-                    {"00081155": {"vr": "UI", "Value": [_sop(p)]},
-                     "00081197": {"vr": "US", "Value": [int(gate.DUPLICATE)
-                                                        if gate.mode is None else 0xC000]}}
-                    for p in refused]}}
+                    {"00081155": {"vr": "UI", "Value": [sop_uid(p)]},
+                     "00081197": {"vr": "US", "Value": [reason]}} for p in refused]}}
                 # Azure's codes: 409 when nothing was stored, 202 when some was
                 _send(self, 409 if len(refused) == len(parts) else 202,
                             json.dumps(answer).encode(),
@@ -271,20 +272,12 @@ class VendorGate(_LoopbackServer):
         self._serve(Handler)
 
 
-def _parts(content_type: str, body: bytes) -> list[bytes]:
-    from raythyroid import dicomweb
+def sop_uid(data: bytes) -> str:
+    from raythyroid import dicom
 
-    return dicomweb.split_multipart(content_type, body)
-
-
-def _sop(data: bytes) -> str:
-    import io
-
-    import pydicom
-
-    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+    return str(dicom.read_dataset(data, True).SOPInstanceUID)
 
 
 def _held(orthanc: Orthanc, data: bytes) -> bool:
-    status, body = orthanc.request("POST", "/tools/lookup", _sop(data).encode())
+    status, body = orthanc.request("POST", "/tools/lookup", sop_uid(data).encode())
     return status == 200 and bool(json.loads(body))

@@ -225,13 +225,14 @@ def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monk
 
     from conftest import make_dicom
 
-    def sop(data: bytes) -> str:
-        return str(dicom.read_dataset(data, True).SOPInstanceUID)
-
+    sop = pacs_lib.sop_uid
     study, series = generate_uid(), generate_uid()
     frame = np.full((64, 64), 90, np.uint8)
-    uploaded = {sop(data) for data in (make_dicom([frame], study_uid=study, series_uid=series)
-                                       for _ in range(5)) if pacs.upload(data)}
+    uploaded = set()
+    for _ in range(5):
+        data = make_dicom([frame], study_uid=study, series_uid=series)
+        pacs.upload(data)
+        uploaded.add(sop(data))
     gate = pacs_lib.VendorGate(pacs, page_cap=2)
     try:
         query = dicomweb.parse(f"dicomweb+{gate.url}?StudyInstanceUID={study}")
