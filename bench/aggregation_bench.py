@@ -24,7 +24,7 @@ from infer_bench import make_model  # noqa: E402
 
 
 def main() -> None:
-    from raythyroid import imaging, infer, metrics, runtime, storage
+    from raythyroid import imaging, infer, metrics, runtime, sources, storage
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=1000)
@@ -51,7 +51,7 @@ def main() -> None:
         t0 = time.perf_counter()
         counts = [metrics.counts(label, pred) for label, pred in pairs]
         build.append(time.perf_counter() - t0)
-    table, problems = infer.list_inputs(f"{archive}/images")
+    table, problems = sources.list_inputs(f"{archive}/images")
     summing = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

@@ -202,11 +202,11 @@ def test_broken_dicom_names_what_is_wrong_and_keeps_the_rest():
 
 
 def test_files_named_by_uid_are_listed(tmp_path):
-    from raythyroid import infer
+    from raythyroid import sources
 
     (tmp_path / "1.2.840.113619.2.55.3.6041").write_bytes(pydicom_file("MR_small.dcm").read_bytes())
     (tmp_path / "notes.txt").write_text("x")
-    table, _ = infer.list_inputs(str(tmp_path))
+    table, _ = sources.list_inputs(str(tmp_path))
     assert table.column("key").to_pylist() == ["1.2.840.113619.2.55.3.6041"]
 
 

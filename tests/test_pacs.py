@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from raythyroid import dicom, dicomweb, infer, results
+from raythyroid import dicom, dicomweb, infer, results, sources
 from raythyroid.errors import UserError
 
 import dicom_corpus as corpus
@@ -192,7 +192,7 @@ def test_deleted_or_malformed_instances_are_error_rows(pacs, dicom_corpus):
         block = pa.table({"key": ["gone", "malformed", "kept"], "source_uri": sources,
                           "labels": pa.nulls(3, infer.LABELS_TYPE)})
         prep = {"size": 64}
-        chunks = list(infer.read_and_prepare(block, prep, 10_000_000))
+        chunks = list(sources.read_and_prepare(block, prep, 10_000_000))
     finally:
         malformed.stop()
     by_key = {k: (s, e) for chunk in chunks
@@ -268,9 +268,9 @@ def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monk
                           "labels": pa.nulls(1, infer.LABELS_TYPE)})
         gate.mode = "busy"
         with pytest.raises(dicomweb.Unreachable, match=r"busy \(503\)"):
-            list(infer.read_and_prepare(block, {"size": 64}, 10_000_000))
+            list(sources.read_and_prepare(block, {"size": 64}, 10_000_000))
         gate.mode = "stuck"
-        rows = [row for chunk in infer.read_and_prepare(block, {"size": 64}, 10_000_000)
+        rows = [row for chunk in sources.read_and_prepare(block, {"size": 64}, 10_000_000)
                 for row in zip(chunk["status"], chunk["error"], strict=True)]
         assert rows == [("error", f"cannot read: DICOMweb server {gate.url.rsplit('/', 1)[0]} "
                                   f"busy (503) for this instance, while it answers searches")]

@@ -114,7 +114,7 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
     """What training chose on validation is what infer gets: infer's model input is the shard
     image byte for byte, and infer over the validation frames, with the chosen inference and
     the original label files, scores what the selection reported (original geometry both)."""
-    from raythyroid import imaging, infer
+    from raythyroid import imaging, infer, sources
 
     raw, prepared = phantom_dataset
     run_uri, _ = trained_run
@@ -126,7 +126,7 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
     prep = imaging.PrepConfig.from_dict(meta["prep"])
     for row in rows[:8]:
         data = storage.read_bytes(row["source_uri"])
-        ((_, model_input),) = list(infer._frames_of(
+        ((_, model_input),) = list(sources.frames_of(
             {"key": row["key"], "source_uri": row["source_uri"]}, data, prep, 10 ** 8))
         assert model_input.tobytes() == imaging.decode_png(row["image"]).tobytes()
 
