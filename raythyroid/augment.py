@@ -65,10 +65,14 @@ def _intensity(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) 
 
 
 def augment_batch(images: np.ndarray, masks: np.ndarray, weights: np.ndarray | None,
-                  rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()):
-    """(N, S, S) uint8 images and masks (+ float weights) -> augmented copies."""
+                  rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig(),
+                  soft: np.ndarray | None = None):
+    """(N, S, S) uint8 images and masks (+ float weights) -> augmented copies; with `soft`
+    (a teacher's uint8 probabilities) the same warps applied to it too, as a fourth array.
+    The random draws do not depend on `soft`: with or without it a batch is warped alike."""
     images, masks = images.copy(), masks.copy()
     weights = None if weights is None else weights.astype(np.float32, copy=True)
+    soft = None if soft is None else soft.copy()
     side = images.shape[-1]
     for i in range(images.shape[0]):
         if rng.random() < cfg.probability:
@@ -81,6 +85,9 @@ def augment_batch(images: np.ndarray, masks: np.ndarray, weights: np.ndarray | N
                 weights[i] = cv2.warpAffine(weights[i], matrix, (side, side),
                                             flags=cv2.INTER_LINEAR,
                                             borderMode=cv2.BORDER_REPLICATE)
+            if soft is not None:
+                soft[i] = cv2.warpAffine(soft[i], matrix, (side, side), flags=cv2.INTER_LINEAR,
+                                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         if cfg.distort > 0 and rng.random() < cfg.distort_probability:
             map_x, map_y = _distortion_maps(rng, side, cfg)
             images[i] = cv2.remap(images[i], map_x, map_y, cv2.INTER_LINEAR,
@@ -90,8 +97,11 @@ def augment_batch(images: np.ndarray, masks: np.ndarray, weights: np.ndarray | N
             if weights is not None:
                 weights[i] = cv2.remap(weights[i], map_x, map_y, cv2.INTER_LINEAR,
                                        borderMode=cv2.BORDER_REPLICATE)
+            if soft is not None:
+                soft[i] = cv2.remap(soft[i], map_x, map_y, cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         images[i] = _intensity(rng, images[i], cfg)
-    return images, masks, weights
+    return (images, masks, weights) if soft is None else (images, masks, weights, soft)
 
 
 PRESETS = ("none", "basic", "strong")

@@ -142,6 +142,7 @@ def _train_config(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, imaging, layouts
+    from .train import TrainConfig
 
     parser = _Parser(prog="raythyroid",
                      description="Thyroid nodule segmentation in ultrasound, as Ray jobs.")
@@ -179,6 +180,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(cv)
     _add_cluster_flag(cv)
     cv.set_defaults(handler=_cv)
+
+    dis = commands.add_parser("distill", help="a one-pass student trained on a teacher's soft "
+                                              "predictions over labelled and unlabelled frames")
+    dis.add_argument("teacher", help="the model to distil: a model folder or a bundled name")
+    dis.add_argument("data", help="preprocess OUTPUT: the labelled frames (prepared as the "
+                                  "teacher's model.json prepares them)")
+    dis.add_argument("run", help="run folder: the teacher's labels (taught/), checkpoints, "
+                                 "model/, metrics (local or s3://); rerun to resume")
+    dis.add_argument("--unlabelled", nargs="+", default=[], metavar="INPUT",
+                     help="frames without masks, any INPUT infer reads: folders, s3:// "
+                          "prefixes, manifests, dicomweb+http(s):// queries")
+    dis.add_argument("--min-confidence", type=_fraction, default=0.0,
+                     help="leave out unlabelled frames the teacher is less confident of "
+                          "(its soft IoU, as infer's confidence column; default 0: none)")
+    dis.add_argument("--soft-weight", type=_fraction, default=TrainConfig.soft_weight,
+                     help="the teacher's share of the loss; the rest is the labels' "
+                          f"(default {TrainConfig.soft_weight})")
+    dis.add_argument("--temperature", type=_positive_float, default=TrainConfig.temperature,
+                     help=f"softens teacher and student alike (default {TrainConfig.temperature})")
+    dis.add_argument("--allow-tta", action="store_true",
+                     help="let validation choose test-time augmentation for the student "
+                          "(default: one network pass a frame)")
+    dis.add_argument("--folds", type=_non_negative_int, default=0,
+                     help="cross-validate the recipe instead: fold k taught by member k of a "
+                          "cv ensemble of this many folds (same --seed as its cv)")
+    dis.add_argument("--from-teacher", action="store_true",
+                     help="the student starts from the teacher's weights (member k in fold k; "
+                          "an ensemble's first member otherwise), not from random ones or "
+                          "--init; its --base must be the teacher's")
+    dis.add_argument("--workers", type=_positive_int, default=1, help="the student's workers")
+    dis.add_argument("--teachers", type=_positive_int, default=1,
+                     help="teacher actors (each loads the whole teacher)")
+    _add_training_flags(dis)
+    _add_cluster_flag(dis)
+    dis.set_defaults(handler=_distill)
 
     inf = commands.add_parser("infer", help="segment an archive: masks + results (+ metrics)")
     inf.add_argument("model", help="a model folder (a train or cv RUN's model/, local or "
@@ -289,6 +325,32 @@ def _cv(args: argparse.Namespace) -> int:
         cv.run(args.data, args.run, _train_config(args), folds=args.folds,
                workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                metrics_port=args.metrics_port)
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import dicomweb, distill, model, runtime, shards, storage
+
+    storage.check_writable_root(args.run)
+    shards.read_manifest(args.data)
+    model.read_metadata(model.resolve(args.teacher))  # a wrong TEACHER, before Ray starts
+    if args.folds == 1:
+        raise UserError("--folds must be at least 2 (or 0: train the student to ship)")
+    for uri in args.unlabelled:  # URL, credentials and a server that answers, too
+        if dicomweb.is_dicomweb(uri):
+            dicomweb.check(dicomweb.parse(uri))
+        else:
+            storage.check_readable_root(uri)
+    config = dataclasses.replace(_train_config(args), allow_tta=args.allow_tta,
+                                 soft_weight=args.soft_weight, temperature=args.temperature)
+    options = distill.DistillOptions(
+        unlabelled=tuple(args.unlabelled), min_confidence=args.min_confidence,
+        folds=args.folds, from_teacher=args.from_teacher, workers=args.workers, teachers=args.teachers, gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
+    with runtime.session(args.address, args.verbose):
+        distill.run(args.teacher, args.data, args.run, config, options)
     return 0
 
 

@@ -102,6 +102,42 @@ def supervised(name: str, outputs, target: torch.Tensor,
     return total / norm
 
 
+def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, temperature: float = 1.0
+                       ) -> torch.Tensor:
+    """Cross-entropy against a teacher's nodule probabilities (Hinton et al.'s distillation
+    loss), both softened by `temperature` and scaled by its square so that the gradients keep
+    their size. With two classes the teacher's logit difference is logit(p), so softening a
+    stored probability needs no logits: sigmoid(logit(p) / T)."""
+    import torch
+
+    p = soft.float().clamp(1e-4, 1 - 1e-4)
+    if temperature != 1.0:
+        p = torch.sigmoid(torch.logit(p) / temperature)
+    log_q = torch.log_softmax(logits.float() / temperature, dim=1)
+    return -((1 - p) * log_q[:, 0] + p * log_q[:, 1]).mean() * temperature ** 2
+
+
+def distilled(name: str, outputs, target: torch.Tensor, weight: torch.Tensor | None,
+              soft: torch.Tensor, labelled: torch.Tensor, soft_weight: float,
+              temperature: float) -> torch.Tensor:
+    """A student's loss: `name`'s supervised loss over the frames that have a label, and the
+    soft cross-entropy to the teacher over every frame, mixed by `soft_weight`."""
+    import torch
+
+    main = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+    taught = soft_cross_entropy(main, soft, temperature)
+    if bool(labelled.any()):
+        def pick(t):
+            return t[labelled]
+        hard = supervised(name, pick(outputs) if isinstance(outputs, torch.Tensor)
+                          else [pick(o) for o in outputs], pick(target),
+                          None if weight is None else pick(weight))
+    else:  # every head stays in the graph, so DDP finds a gradient for each parameter
+        heads = [outputs] if isinstance(outputs, torch.Tensor) else outputs
+        hard = sum(h.float().sum() for h in heads) * 0.0
+    return (1 - soft_weight) * hard + soft_weight * taught
+
+
 def loss(name: str, logits: torch.Tensor, target: torch.Tensor,
          weight: torch.Tensor | None) -> torch.Tensor:
     if name == "weighted-ce":

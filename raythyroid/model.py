@@ -260,7 +260,8 @@ def read_metadata(folder: str, first_member_only: bool = False) -> dict:
     return _read_folder(folder, first_member_only)[0]
 
 
-def _read_folder(folder: str, first_member_only: bool) -> tuple[dict, list[bytes]]:
+def _read_folder(folder: str, first_member_only: bool, member: int | None = None
+                 ) -> tuple[dict, list[bytes]]:
     from . import storage
     from .errors import UserError
 
@@ -274,6 +275,10 @@ def _read_folder(folder: str, first_member_only: bool) -> tuple[dict, list[bytes
         raise UserError(f"cannot read the model at {folder}: "
                         f"{storage.describe_error(exc)}") from None
     files = meta.get("members") or [meta["weights"]]
+    if member is not None:
+        if not 0 <= member < len(files):
+            raise UserError(f"{folder} has {len(files)} member(s), not a member {member}")
+        files = files[member:member + 1]
     digest = hashlib.sha256()
     weights = []
     for name in files[:1] if first_member_only else files:
@@ -298,11 +303,12 @@ def headline(meta: dict) -> str:
 
 
 def load(folder: str, device: torch.device | str = "cpu",
-         first_member_only: bool = False) -> tuple[nn.Module, dict]:
+         first_member_only: bool = False, member: int | None = None
+         ) -> tuple[nn.Module, dict]:
     """A model folder (local or s3://) -> (model in eval mode on `device`, its metadata as
-    read_metadata gives it). An ensemble's folder gives an Ensemble, or its first member alone
-    when asked (infer --fast)."""
-    meta, blobs = _read_folder(folder, first_member_only)
+    read_metadata gives it). An ensemble's folder gives an Ensemble, or one member alone when
+    asked: its first (infer --fast) or `member` (distill's fold teachers)."""
+    meta, blobs = _read_folder(folder, first_member_only, member)
     nets = []
     for weights in blobs:
         net = build(UNetConfig.from_dict(meta["architecture"]))

@@ -89,6 +89,13 @@ def read_review(output: str, columns: list[str] | None = None) -> pa.Table:
     return table.filter(keep).drop_columns(["__filename"])
 
 
+def read_parts(folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Every Parquet part under `folder` (results-like commit records of another job) as one
+    table of `columns`; empty when there are none."""
+    parent, name = folder.rstrip("/").rsplit("/", 1)
+    return _read(parent, name, schema, columns, with_files=False)
+
+
 def _read(output: str, folder: str, schema: pa.Schema, columns: list[str] | None,
           with_files: bool) -> pa.Table:
     import pyarrow.dataset as pads

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report
-RESUMABLE = ("infer", "train", "cv")
+RESUMABLE = ("infer", "train", "cv", "distill")
 
 
 @dataclass

@@ -66,6 +66,13 @@ class TrainConfig:
     deep_supervision: int = 0  # extra losses at 1/2, 1/4, ... resolution (model.UNetConfig)
     # a model (folder, s3:// or bundled name) whose weights the run starts from, not random ones
     init: str | None = None
+    # whether the inference chosen on validation may use TTA (distill's one-pass students: not
+    # unless asked)
+    allow_tta: bool = True
+    # with a teacher's soft targets in the data (distill): their share of the loss, and the
+    # temperature both distributions are softened by (losses.distilled)
+    soft_weight: float = 0.5
+    temperature: float = 1.0
 
     @property
     def architecture(self):
@@ -339,13 +346,15 @@ INFERENCE_THRESHOLDS = (0.5, 0.6, 0.7, 0.4)
 INFERENCE_KEEP_LARGEST = (0, 2, 1)
 
 
-def choose_inference(net, val_set, rank, world, device, bf16, batch_size) -> dict:
+def choose_inference(net, val_set, rank, world, device, bf16, batch_size,
+                     allow_tta: bool = True) -> dict:
     from . import model as model_lib
 
     posts = [{"threshold": t, "keep_largest": k}
              for t in INFERENCE_THRESHOLDS for k in INFERENCE_KEEP_LARGEST]
     scored = []
-    for tta, zoom in ((False, 0.0), (True, 0.0), (True, model_lib.TTA_ZOOM)):
+    views = ((False, 0.0), (True, 0.0), (True, model_lib.TTA_ZOOM))
+    for tta, zoom in views if allow_tta else views[:1]:
         results = evaluate_variants(net, val_set, rank, world, device, bf16, batch_size, tta,
                                     zoom, posts, with_totals=True)
         scored += [{"tta": tta, "tta_zoom": zoom, **post, "val_n_iou": r["n_iou"],
@@ -672,16 +681,25 @@ def _train_epoch(worker: Worker, epoch: int, lr: float) -> tuple[float, int, flo
             local_shuffle_seed=config.seed * 1000 + epoch, drop_last=True, dtypes=None)):
         images, masks = batch["image"].numpy(), batch["mask"].numpy()
         weights = batch["weight"].numpy() if weighted else None
+        soft = batch["soft"].numpy() if "soft" in batch else None  # a teacher's (distill)
         if augmentation is not None:
-            images, masks, weights = augment.augment_batch(
+            images, masks, weights, *soft = augment.augment_batch(
                 images, masks, weights, augment.batch_rng(config.seed, epoch, worker.rank, b),
-                augmentation)
+                augmentation, soft=soft)
+            soft = soft[0] if soft else None
         x = model_lib.as_input(torch.from_numpy(images), worker.device)
         target = torch.from_numpy(masks).long().to(worker.device)
         weight = torch.from_numpy(weights).float().to(worker.device) if weighted else None
         with model_lib.autocast(worker.device, worker.bf16):
             outputs = worker.net(x)
-        loss = losses.supervised(config.loss, outputs, target, weight)
+        if soft is None:
+            loss = losses.supervised(config.loss, outputs, target, weight)
+        else:
+            loss = losses.distilled(
+                config.loss, outputs, target, weight,
+                torch.from_numpy(soft).to(worker.device).float() / 255.0,
+                batch["labelled"].to(worker.device).bool(), config.soft_weight,
+                config.temperature)
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         worker.optimizer.step()
@@ -756,7 +774,8 @@ def _finish(worker: Worker, state: TrainState) -> None:
         module.load_state_dict(state.best["model"])
     batch_size = worker.config.batch_size * 2
     state.inference = choose_inference(worker.scored, worker.val_set, worker.rank,
-                                       worker.world, worker.device, worker.bf16, batch_size)
+                                       worker.world, worker.device, worker.bf16, batch_size,
+                                       worker.config.allow_tta)
     if worker.test_set is not None:
         post = state.inference["postprocess"]
         state.test = evaluate(worker.scored, worker.test_set, worker.rank, worker.world,
@@ -795,35 +814,48 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     if not manifest["counts"].get("val"):
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
     check_resume(run_uri, config)
+    return train_and_save(run_uri, config, lambda: _datasets(data, manifest, config, log),
+                          manifest, data, workers, gpu, cpus_per_worker, log, progress).test or {}
 
+
+def train_and_save(run_uri: str, config: TrainConfig, datasets, manifest: dict, data: str,
+                   workers: int, gpu: bool, cpus_per_worker: float | None, log, progress,
+                   job: str = "train", extra: dict | None = None,
+                   write_metrics: bool = True) -> "TrainState":
+    """Fit on `datasets()` (called only when there is training left to do) while the driver
+    relays the workers' progress, then write RUN's model (with `extra` in its model.json),
+    history, metrics.json (the test split; unless `write_metrics` is off) and report. A run
+    whose training had ended is finished from its last checkpoint without workers."""
     state = finished_state(run_uri)
     if state is None:
-        state = _train(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
-                       manifest)
+        started = time.time()  # the time limit counts decoding too
+        state = _fit_relayed(datasets(), run_uri, config, workers, gpu, cpus_per_worker,
+                             started, log, progress)
     else:
-        log(f"train: training had ended (epoch {state.epoch}); writing the model")
+        log(f"{job}: training had ended (epoch {state.epoch}); writing the model")
     progress.reach(progress.done, total=progress.done)  # a time limit may end it early
-    save_model(run_uri, state, config, workers, gpu, manifest, data)
+    save_model(run_uri, state, config, workers, gpu, manifest, data, extra)
     test_metrics = state.test or {}
-    storage.write_text(finished, json.dumps(test_metrics, indent=2))
+    if write_metrics:
+        storage.write_text(storage.join(run_uri, "metrics.json"),
+                           json.dumps(test_metrics, indent=2))
     from . import model as model_lib
 
     best, chosen = state.best, state.inference
-    log(f"train: best epoch {best['epoch']} of {state.epoch} (val n_IoU "
+    log(f"{job}: best epoch {best['epoch']} of {state.epoch} (val n_IoU "
         f"{best['val']['n_iou']:.4f}); inference: tta="
         f"{model_lib.describe_tta(chosen['tta'], chosen['tta_zoom'])}, threshold="
         f"{chosen['postprocess']['threshold']}, keep_largest="
         f"{chosen['postprocess']['keep_largest']} (chosen on validation); model in "
         f"{storage.join(run_uri, 'model')}")
-    log(metrics.table(test_metrics, "test split, best model"))
-    log(f"train: report: {report.write_at_end(run_uri)}")
-    return test_metrics
+    if write_metrics:
+        log(metrics.table(test_metrics, "test split, best model"))
+    log(f"{job}: report: {report.write_at_end(run_uri)}")
+    return state
 
 
-def _train(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
-           manifest) -> "TrainState":
-    """Decode the splits, then fit while the driver relays the workers' progress."""
-    started = time.time()
+def _datasets(data: str, manifest: dict, config: TrainConfig, log) -> dict:
+    """The decoded splits of a preprocess output, as train reads them."""
     weighted = config.loss == "weighted-ce"
     log(f"train: decoding {manifest['counts']['train']} training pairs"
         + (" and computing boundary weight maps" if weighted else ""))
@@ -832,6 +864,12 @@ def _train(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
     test = load_split(data, manifest, "test", full=True)
     if test is not None:
         datasets["test"] = test
+    return datasets
+
+
+def _fit_relayed(datasets, run_uri, config, workers, gpu, cpus_per_worker, started, log,
+                 progress) -> "TrainState":
+    """Fit while the driver relays the workers' progress."""
     board = telemetry.board()
     relay = TrainingRelay(progress, telemetry.ProgressPrinter(progress, log), config,
                           steps_per_epoch(datasets["train"].count(), workers, config))
@@ -945,7 +983,7 @@ class TrainingRelay:
 
 
 def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: int, gpu: bool,
-               manifest: dict, data: str) -> None:
+               manifest: dict, data: str, extra: dict | None = None) -> None:
     """RUN/model (best weights + model.json) and RUN/history.jsonl from a final state."""
     from . import model as model_lib
 
@@ -967,6 +1005,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
                      "inference_variants": state.inference["val_variants"]},
         "data": {"uri": data, "counts": manifest["counts"], "created": manifest["created"]},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
     })
     storage.write_text(storage.join(run_uri, "history.jsonl"),
                        "".join(json.dumps(row) + "\n" for row in state.history))

@@ -8,8 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raythyroid"
 FRONT = {"cli", "demo", "jobspec"}
-PIPELINES = {"preprocess", "train", "cv", "infer"}
-ALLOWED_BETWEEN_PIPELINES = {("cv", "train")}  # cv runs train's folds
+PIPELINES = {"preprocess", "train", "cv", "infer", "distill"}
+# cv runs train's folds; distill trains its student with train's loop
+ALLOWED_BETWEEN_PIPELINES = {("cv", "train"), ("distill", "train")}
 CORE_WITH_RAY = {"telemetry", "runtime"}
 MAX_FUNCTION_LINES = 80
 DECLARATIVE = {("cli", "build_parser")}  # one argument after another: long, not complex
