@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "teacher's model.json prepares them)")
     dis.add_argument("run", help="run folder: the teacher's labels (taught/), checkpoints, "
                                  "model/, metrics (local or s3://); rerun to resume")
-    dis.add_argument("--unlabelled", nargs="+", default=[], metavar="INPUT",
+    dis.add_argument("--unlabelled", nargs="+", action="extend", default=[], metavar="INPUT",
                      help="frames without masks, any INPUT infer reads: folders, s3:// "
                           "prefixes, manifests, dicomweb+http(s):// queries")
     dis.add_argument("--min-confidence", type=_fraction, default=0.0,

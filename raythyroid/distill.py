@@ -20,15 +20,14 @@ the other folds' frames and the unlabelled ones, and the fold's student validate
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import (dicomweb, imaging, metrics, postprocess, runtime, shards, sources, split, storage,
-               telemetry)
+from . import (dicomweb, imaging, metrics, postprocess, results, runtime, shards, sources, split,
+               storage, telemetry)
 from . import train
 from .errors import UserError
 
@@ -164,16 +163,14 @@ def commit_block(batch: dict, taught_uri: str) -> dict:
                           for s, o in zip(batch["soft"], ok)], pa.binary()),
         "confidence": pa.array(np.where(ok, batch["confidence"], np.nan), pa.float32()),
     }, schema=TAUGHT_SCHEMA)
-    digest = hashlib.sha256("\n".join(sorted(set(batch["source"]))).encode()).hexdigest()
-    storage.write_parquet(storage.join(taught_uri, f"part-{digest[:24]}.parquet"), table)
+    # named by its frames' keys, as infer's results files: two chunks never share a name
+    storage.write_parquet(storage.join(taught_uri, results.block_name(batch["key"])), table)
     return {"sources": np.array([len(set(batch["source"]))]),
             "errors": np.array([int(np.sum(batch["status"] == "error"))]),
             "skipped": np.array([int(np.sum(batch["status"] == "skipped"))])}
 
 
 def read_taught(taught_uri: str, columns: list[str]) -> pa.Table:
-    from . import results
-
     return results.read_parts(taught_uri, TAUGHT_SCHEMA, columns)
 
 
@@ -186,16 +183,26 @@ def _labelled_rows(data: str, manifest: dict, splits) -> pa.Table:
                      "mask": pa.array([r["mask"] for r in rows], pa.binary())})
 
 
-def list_unlabelled(inputs: tuple[str, ...], log) -> tuple[pa.Table, list[dict]]:
+def list_unlabelled(inputs: tuple[str, ...], labelled_sources: set[str], log
+                    ) -> tuple[pa.Table, list[dict]]:
     """Every unlabelled INPUT listed as infer lists it; keys prefixed by the input's place
-    (u0/, u1/...) so two archives' names never meet, nor DATA's."""
-    tables, problems = [], []
+    (u0/, u1/...) so two archives' names never meet, nor DATA's. A source listed twice is
+    taught once, and DATA's own frames (an archive DATA was prepared from) are left out: a
+    validation or test frame must never reach the student through its teacher."""
+    tables, problems, seen = [], [], set(labelled_sources)
     for i, uri in enumerate(inputs):
         if not dicomweb.is_dicomweb(uri):
             uri = storage.normalize(uri)
         table, clashes = sources.list_inputs(uri, lambda line: log(f"distill: {line}"))
         if table.num_rows == 0 and not clashes:
             raise UserError(f"no images found under {uri}")
+        fresh = [uri not in seen for uri in table.column("source_uri").to_pylist()]
+        left_out = len(fresh) - sum(fresh)
+        if left_out:
+            log(f"distill: {left_out} source(s) of {uri} are DATA's frames or listed before: "
+                f"left out")
+        table = table.filter(pa.array(fresh, pa.bool_()))
+        seen.update(table.column("source_uri").to_pylist())
         keys = [f"u{i}/{k}" for k in table.column("key").to_pylist()]
         uris = table.column("source_uri").to_pylist()
         tables.append(pa.table({"source": uris, "key": keys, "source_uri": uris,
@@ -305,7 +312,7 @@ def _student_set(taught_uri: str, config: train.TrainConfig, size: int,
                              held_out=held_out).materialize()
 
 
-def _check_teacher(teacher: str, manifest: dict, folds: int) -> dict:
+def _check_teacher(teacher: str, manifest: dict, folds: int, seed: int) -> dict:
     from . import model as model_lib
 
     meta = model_lib.read_metadata(model_lib.resolve(teacher))
@@ -318,6 +325,10 @@ def _check_teacher(teacher: str, manifest: dict, folds: int) -> dict:
         raise UserError(f"--folds {folds} needs a teacher that cv built with {folds} folds "
                         f"(its member k trained without fold k); {teacher} has "
                         f"{members or 'no'} members")
+    cv_seed = ((meta.get("training") or {}).get("config") or {}).get("seed")
+    if folds and cv_seed is not None and cv_seed != seed:
+        raise UserError(f"{teacher}'s cv dealt its folds with --seed {cv_seed}: give the same "
+                        f"--seed, or fold k's teacher would have trained on fold k's frames")
     return meta
 
 
@@ -332,8 +343,14 @@ def run(teacher: str, data: str, run_uri: str, config: train.TrainConfig,
         log(f"distill: {run_uri} is already finished; nothing to do")
         return json.loads(storage.read_text(storage.join(
             run_uri, "metrics.json" if not options.folds else "cv.json")))
-    meta = _check_teacher(teacher, manifest, options.folds)
-    unlabelled, problems = list_unlabelled(options.unlabelled, log)
+    meta = _check_teacher(teacher, manifest, options.folds, config.seed)
+    if not manifest["counts"].get("val") and not options.folds:
+        raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
+    if options.from_teacher and config.init:
+        raise UserError("give one of --from-teacher and --init")
+    data_sources = {r["source_uri"] for r in shards.read_rows(
+        data, manifest, ["train", "val", "test"], ["source_uri"])}
+    unlabelled, problems = list_unlabelled(options.unlabelled, data_sources, log)
     teacher_ref = teacher if model_lib.resolve(teacher) != teacher else storage.normalize(teacher)
     provenance = {"teacher": teacher_ref, "teacher_weights": meta["weights_sha256"][:16],
                   # a PACS query as written: its credentials come from the environment
@@ -387,6 +404,8 @@ def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelle
     rows = train.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
                              ["key", "case_id"]).take_all()
     case_fold = split.folds((r["case_id"] for r in rows), options.folds, config.seed)
+    if len(set(case_fold.values())) < options.folds:
+        raise UserError(f"{len(case_fold)} cases cannot fill {options.folds} folds")
     key_fold = {r["key"]: case_fold[r["case_id"]] for r in rows}
     pooled = train.load_split(data, manifest, ["train", "val"], folds=key_fold, full=True)
     labelled = _labelled_rows(data, manifest, ["train", "val"])

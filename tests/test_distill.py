@@ -225,3 +225,38 @@ def test_held_out_fold_and_unconfident_frames_stay_out_of_the_students_data():
     nothing = distill.decode_taught(rows, True, 16, min_confidence=0.9,
                                     held_out=frozenset({"a", "b"}))
     assert nothing["image"].shape == (0, 16, 16) and nothing["weight"].shape == (0, 16, 16)
+
+
+@pytest.mark.timeout(600)
+def test_cross_validation_never_teaches_a_fold_its_own_frames(phantom_dataset, trained_run,
+                                                              tmp_path):
+    """--folds 2 over a two-member teacher: fold k's teacher (member k) labels no frame of
+    fold k, fold k's student validates on exactly fold k's frames, and cv.json pools both
+    folds' validation frames."""
+    from raythyroid import model, shards, split
+
+    _, prepared = phantom_dataset
+    teacher_run, _ = trained_run
+    net, meta = model.load(storage.join(teacher_run, "model"))
+    ensemble = str(tmp_path / "ensemble")
+    model.save_ensemble([net, net], ensemble,
+                        {k: meta[k] for k in ("prep", "tta", "tta_zoom", "threshold",
+                                              "postprocess")})
+    run = tmp_path / "cv"
+    summary = distill.run(ensemble, prepared, str(run),
+                          train.TrainConfig(epochs=1, batch_size=8, base=8),
+                          distill.DistillOptions(folds=2), log=lambda *_: None)
+
+    manifest = shards.read_manifest(prepared)
+    rows = shards.read_rows(prepared, manifest, ["train", "val"], ["key", "case_id"])
+    case_fold = split.folds((r["case_id"] for r in rows), 2, 0)
+    for k in range(2):
+        own = {r["key"] for r in rows if case_fold[r["case_id"]] == k}
+        taught = set(distill.read_taught(str(run / f"fold-{k}" / distill.TAUGHT), ["key"])
+                     .column("key").to_pylist())
+        assert taught == {r["key"] for r in rows} - own
+        history = [json.loads(line) for line in
+                   (run / f"fold-{k}" / "history.jsonl").read_text().splitlines()]
+        assert history[-1]["val_images"] == len(own) and summary["folds"][k]["fold"] == k
+    assert summary["last_pooled"]["images"] == len(rows)
+    assert json.loads((run / "cv.json").read_text())["k"] == 2
