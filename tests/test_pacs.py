@@ -185,11 +185,11 @@ def test_deleted_or_malformed_instances_are_error_rows(pacs, dicom_corpus):
     keep = pacs.upload(files["native"][3].read_bytes())
     kept = dicom.read_dataset(pacs.file(keep), True)
     try:
-        sources = [f"dicomweb+{gone.base}/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5",
-                   f"dicomweb+{malformed.url}/studies/1.2/series/1.2.3/instances/1.2.3.4",
-                   f"dicomweb+{gone.base}/studies/{kept.StudyInstanceUID}/series/"
-                   f"{kept.SeriesInstanceUID}/instances/{kept.SOPInstanceUID}"]
-        block = pa.table({"key": ["gone", "malformed", "kept"], "source_uri": sources,
+        uris = [f"dicomweb+{gone.base}/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5",
+                f"dicomweb+{malformed.url}/studies/1.2/series/1.2.3/instances/1.2.3.4",
+                f"dicomweb+{gone.base}/studies/{kept.StudyInstanceUID}/series/"
+                f"{kept.SeriesInstanceUID}/instances/{kept.SOPInstanceUID}"]
+        block = pa.table({"key": ["gone", "malformed", "kept"], "source_uri": uris,
                           "labels": pa.nulls(3, infer.LABELS_TYPE)})
         prep = {"size": 64}
         chunks = list(sources.read_and_prepare(block, prep, 10_000_000))
