@@ -1,0 +1,124 @@
+"""A one-pass model in fp32, bf16 autocast and int8 (torch's FX static quantization, x86
+backend, calibrated on training frames) on this CPU: model-only images/s side by side, and
+what int8 costs on a prepared test split (pooled n_IoU in each frame's own geometry, the
+model's own post-processing).
+
+    python bench/int8_bench.py DATA [--model ddti] [--batch 16] [--repeats 5] [--threads 2]
+
+DATA: a preprocess OUTPUT prepared as the model's model.json prepares (its train split
+calibrates, its test split scores). An ensemble gives its first member (what a one-pass
+student costs). int8 is adopted only where it is at least 1.5x faster end to end and costs at
+most 0.005 n_IoU: model-only speed bounds the end-to-end gain from above.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import median, record  # noqa: E402
+
+
+def quantized(net, calibration: np.ndarray):
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    example = torch.from_numpy(calibration[:1]).unsqueeze(1).float()
+    # the up-convolutions stay fp32: quantized with the default mapping they gave masks that
+    # shared 0.1% of their pixels with fp32's (n_IoU 0 on DDTI's test split); without them 98.6%
+    mapping = get_default_qconfig_mapping("x86").set_object_type(torch.nn.ConvTranspose2d, None)
+    prepared = prepare_fx(copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format),
+                          mapping, (example,))
+    with torch.inference_mode():
+        for start in range(0, len(calibration), 16):
+            prepared(torch.from_numpy(calibration[start:start + 16]).unsqueeze(1).float())
+    return convert_fx(prepared)
+
+
+def probability(net, images: np.ndarray, bf16: bool, channels_last: bool) -> np.ndarray:
+    import torch
+
+    x = torch.from_numpy(images).unsqueeze(1).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        return torch.softmax(net(x).float(), dim=1)[:, 1].numpy()
+
+
+def pooled_n_iou(predict, rows: list[dict], post) -> float:
+    from raythyroid import imaging, metrics, postprocess
+
+    totals = metrics.Totals()
+    for start in range(0, len(rows), 16):
+        part = rows[start:start + 16]
+        images = np.stack([imaging.decode_png(r["image"]) for r in part])
+        for row, prob in zip(part, predict(images)):
+            restored = imaging.Geometry.from_dict(row["geometry"]).restore(prob)
+            totals.add(imaging.decode_png(row["full_mask"]) > 0,
+                       postprocess.clean_mask(restored, post))
+    return totals.metrics()["n_iou"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("--model", default="ddti")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from raythyroid import imaging, model, postprocess, shards
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module="torch.ao")  # its deprecation notices, per call
+    net, meta = model.load(model.resolve(args.model), first_member_only=True)
+    manifest = shards.read_manifest(args.data)
+    calibration = np.stack([imaging.decode_png(r["image"]) for r in shards.read_rows(
+        args.data, manifest, "train", ["image"])[:64]])
+    test_rows = shards.read_rows(args.data, manifest, "test",
+                                 ["image", "full_mask", "geometry"])
+    int8 = quantized(net, calibration)
+    variants = {"fp32 channels_last": lambda x: probability(net, x, False, True),
+                "bf16 autocast channels_last": lambda x: probability(net, x, True, True),
+                "int8 (FX, x86; up-convolutions fp32)": lambda x: probability(int8, x, False, False)}
+    batch = np.resize(calibration, (args.batch,) + calibration.shape[1:])
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for name, predict in variants.items():
+        predict(batch)  # warm-up: kernels chosen, weights packed
+    for _ in range(args.repeats):
+        for name, predict in variants.items():
+            started = time.perf_counter()
+            predict(batch)
+            rates[name].append(args.batch / (time.perf_counter() - started))
+    post = postprocess.PostConfig.from_model(meta)
+    scores = {name: pooled_n_iou(predict, test_rows, post)
+              for name, predict in variants.items()}
+    base = median(rates["fp32 channels_last"])
+    lines = ["| precision | images/s (model only, median) | vs fp32 | test n_IoU (pooled) "
+             "| vs fp32 |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in variants:
+        rate = median(rates[name])
+        lines.append(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {scores[name]:.4f} | "
+                     f"{scores[name] - scores['fp32 channels_last']:+.4f} |")
+    record(f"int8 vs bf16 vs fp32: one pass of {args.model} (first member), batch {args.batch} "
+           f"at {calibration.shape[-1]} px, {args.threads} threads", lines,
+           [f"{args.repeats} timed batches each, alternating, after a warm-up; the test split's "
+            f"{len(test_rows)} frames scored in their own geometry without TTA, the model's "
+            f"threshold and components; int8 calibrated on 64 training frames",
+            f"bf16 units on this CPU: {model.cpu_has_bf16()}"])
+
+
+if __name__ == "__main__":
+    main()
