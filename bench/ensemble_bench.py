@@ -1,7 +1,9 @@
 """Images/s of a fold ensemble (every member, TTA as chosen) against `--fast` (its first member,
-no TTA), side by side in one Ray session over the same frames, through the real infer job.
+no TTA) and, with --student, a distilled student (its own inference), side by side in one Ray
+session over the same frames, through the real infer job.
 
-    python bench/ensemble_bench.py [--model ddti] [--frames FILE_LIST] [--repeats 2] [--json F]
+    python bench/ensemble_bench.py [--model ddti] [--student MODEL] [--frames FILE_LIST]
+                                   [--repeats 2] [--json F]
 
 --frames: a text file of frame paths (default: 120 phantom frames at DDTI's 560x360).
 """
@@ -24,6 +26,7 @@ from common import median, phantom_archive, record  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ddti")
+    parser.add_argument("--student", default=None, help="a one-pass model to time beside it")
     parser.add_argument("--frames", default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the figures here")
@@ -43,19 +46,24 @@ def main() -> None:
     _, meta = model.load(folder)
     members = len(meta.get("members") or [meta["weights"]])
     rates: dict[str, list[float]] = {"ensemble": [], "fast": []}
+    if args.student:
+        rates["student"] = []
     with runtime.session():
         for repeat in range(args.repeats):
             for name in rates:
                 out = os.path.join(workdir, f"{name}-{repeat}")
                 started = time.time()
-                infer.run(folder, listing, out, options=infer.InferOptions(fast=name == "fast"),
-                          log=lambda *_: None)
+                infer.run(args.student if name == "student" else folder, listing, out,
+                          options=infer.InferOptions(fast=name == "fast"), log=lambda *_: None)
                 rates[name].append(count / (time.time() - started))
                 shutil.rmtree(out)
     ensemble, fast = median(rates["ensemble"]), median(rates["fast"])
     tta = model.describe_tta(bool(meta.get("tta")), model.tta_zoom(meta))
     figures = {"frames": count, "members": members, "tta": tta,
                "ensemble_images_per_s": ensemble, "fast_images_per_s": fast}
+    student = median(rates.get("student", []))
+    if args.student:
+        figures["student_images_per_s"] = student
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
@@ -64,7 +72,9 @@ def main() -> None:
         "| --- | ---: | ---: |",
         f"| ensemble of {members}, TTA {tta} | {ensemble:.2f} "
         f"| 1.00x |",
-        f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"],
+        f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"]
+        + ([f"| student `{args.student}`, its own inference | {student:.2f} "
+            f"| {student / ensemble:.2f}x |"] if args.student else []),
         [f"each figure: frames / wall seconds of one `infer.run` on a local Ray (listing, "
          f"decoding, model, post-processing, writing), {args.repeats} runs each, alternating"])
     shutil.rmtree(workdir, ignore_errors=True)
