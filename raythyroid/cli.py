@@ -106,7 +106,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                         help="peak learning rate (default 1e-3 AdamW, 1e-2 SGD)")
     parser.add_argument("--base", type=_positive_int, default=TrainConfig.base,
                         help="U-Net width: channels of the first level")
-    parser.add_argument("--precision", choices=train.PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=train.PRECISIONS, default=TrainConfig.precision,
                         help="auto: bf16 on GPUs and on CPUs with bf16 units, else fp32")
     parser.add_argument("--augment", choices=augment.PRESETS, default=TrainConfig.augment,
                         help="strong: affine, mirror, grid distortion, gamma, contrast, blur, "
@@ -141,7 +141,10 @@ def _train_config(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, imaging, layouts
+    # the defaults a user sees are the ones the code runs with: named once, where they act
+    from . import __version__, imaging, layouts, report, train
+    from .imaging import PrepConfig
+    from .infer import InferOptions
     from .train import TrainConfig
 
     parser = _Parser(prog="raythyroid",
@@ -154,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("input", help="dataset root: local folder or s3://bucket/prefix")
     pre.add_argument("output", help="output folder or s3:// prefix")
     pre.add_argument("--layout", choices=layouts.LAYOUTS, default="auto")
-    pre.add_argument("--size", type=_image_size, default=256, help="prepared image side (px)")
+    pre.add_argument("--size", type=_image_size, default=PrepConfig.size,
+                     help="prepared image side (px)")
     pre.add_argument("--split", default="0.7,0.2,0.1", help="train,val,test fractions by case")
     pre.add_argument("--seed", type=int, default=0, help="split seed")
     pre.add_argument("--no-crop", action="store_true",
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--labels", default=None, help="ground-truth masks with matching stems")
     inf.add_argument("--workers", type=_positive_int, default=1, help="Predictor actors")
     inf.add_argument("--gpu", action="store_true", help="one GPU per Predictor actor")
-    inf.add_argument("--batch-size", type=_positive_int, default=16)
+    inf.add_argument("--batch-size", type=_positive_int, default=InferOptions.batch_size)
     inf.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                      help="average with a mirrored prediction, and with a zoomed-out one "
                           "where model.json chose it (default: as chosen on validation when "
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model pass per frame (images/s in bench/BENCHMARKS.md)")
     inf.add_argument("--compile", action="store_true",
                      help="torch.compile the model in each Predictor (pays off on GPUs)")
-    inf.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    inf.add_argument("--precision", choices=train.PRECISIONS, default=InferOptions.precision)
     inf.add_argument("--dicom-seg", action="store_true",
                      help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
     inf.add_argument("--stow", nargs="?", const="", default=None, metavar="URL",
@@ -247,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with status 3 when more than this fraction of inputs fail "
                           "(skipped non-image DICOM objects count in neither part)")
     inf.add_argument("--cpus-per-worker", type=_positive_float, default=None)
-    inf.add_argument("--block-size", type=_positive_int, default=64,
+    inf.add_argument("--block-size", type=_positive_int, default=InferOptions.block_size,
                      help="inputs per read task and per results file")
-    inf.add_argument("--review", type=_non_negative_int, default=24, metavar="N",
+    inf.add_argument("--review", type=_non_negative_int, default=InferOptions.review,
+                     metavar="N",
                      help="frames in the report's review queue, least confident first (0: "
                           "keep no overlays)")
     _add_cluster_flag(inf)
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("report", help="(re)write the HTML report of an infer OUTPUT or "
                                              "a train or cv RUN")
     rep.add_argument("folder", help="an infer OUTPUT, or a train or cv RUN (local or s3://)")
-    rep.add_argument("--review", type=_positive_int, default=24, metavar="N",
+    rep.add_argument("--review", type=_positive_int, default=report.REVIEW_SIZE, metavar="N",
                      help="frames in an infer report's review queues")
     rep.set_defaults(handler=_report)
 
