@@ -261,6 +261,9 @@ class JobProgress:
         # a time-limited run ends at its deadline, whatever the count of work says
         self.deadline: float | None = None
         self.baseline = 0  # work done by earlier runs of a resumed job: not this run's rate
+        # no cadence measured yet (training before its first epoch ends): the total and the
+        # ETA would be guesses, so neither is shown
+        self.estimating = False
         self.registry = CollectorRegistry()
         labels = ("pipeline", "run")
 
@@ -319,6 +322,8 @@ class JobProgress:
     @property
     def eta_seconds(self) -> float | None:
         left = None if self.deadline is None else max(0.0, self.deadline - time.time())
+        if self.estimating:
+            return None
         if self.rate <= 0 or not self.total:
             return left
         by_rate = max(0.0, self.total - self.done) / self.rate
@@ -334,6 +339,8 @@ class JobProgress:
         self._eta.labels(*labels).set(eta if eta is not None else float("nan"))
 
     def line(self) -> str:
+        if self.estimating:
+            return f"{self.done} {self.unit}  {self.rate:.1f}/s  ETA estimating"
         frac = min(1.0, self.done / self.total) if self.total else 1.0
         eta = self.eta_seconds
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"

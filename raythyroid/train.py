@@ -937,6 +937,7 @@ class TrainingRelay:
         self.parallel = parallel  # folds training at once: the cadence is each one's
         self.done_by_fold: dict = {}
         self.steps_per_s = 0.0  # the training cadence (validation included), from the epochs
+        progress.estimating = True  # until an epoch of this run gives the cadence
         progress.reach(0, total=self.planned())
 
     def planned(self) -> int:
@@ -968,6 +969,7 @@ class TrainingRelay:
             self.done_by_fold[fold] = done
         if not events:
             return
+        self.progress.estimating = self.steps_per_s <= 0
         self.progress.touch()
         done = sum(self.done_by_fold.values())
         self.progress.reach(done)  # the rate below counts it

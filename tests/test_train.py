@@ -246,3 +246,25 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
     # epoch would end after the rerun's start-up and itself only
     assert after["elapsed_seconds"] >= before["elapsed_seconds"] + after["epoch_seconds"]
     assert after["lr"] <= before["lr"]  # the schedule went on decaying
+
+
+def test_progress_says_estimating_until_an_epoch_gives_the_cadence():
+    """Before the first epoch ends, a time-limited run knows neither its total nor its ETA:
+    the line says so instead of `1/120000 steps` and an ETA from one step's time."""
+    from raythyroid import telemetry
+
+    progress = telemetry.JobProgress("train", "r", unit="steps")
+    lines = []
+    config = train.TrainConfig(epochs=train.TIME_LIMITED_EPOCHS, time_limit_min=20)
+    relay = train.TrainingRelay(progress, telemetry.ProgressPrinter(progress, lines.append),
+                                config, per_epoch=12)
+    deadline = time.time() + 20 * 60
+    relay([{"kind": "step", "epoch": 1, "step": 1, "fold": None, "deadline": deadline}])
+    assert progress.line().startswith("1 steps  ") and progress.line().endswith("ETA estimating")
+    assert progress.eta_seconds is None
+    row = {"epoch": 1, "train_loss": 0.5, "val_n_iou": 0.4, "images_per_s": 8.0, "lr": 1e-3,
+           "epoch_seconds": 30.0}
+    relay([{"kind": "epoch", "row": row, "steps": 12, "best": 0.4, "fold": None,
+            "deadline": deadline}])
+    assert "estimating" not in progress.line() and progress.eta_seconds is not None
+    assert f"12/{progress.total} steps" in progress.line() and progress.total < 120_000
