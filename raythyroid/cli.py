@@ -491,11 +491,9 @@ def _report_failure(exc: BaseException, argv: list[str] | None) -> int:
     whole traceback in the command's log file; --verbose shows the traceback itself."""
     import traceback
 
-    from . import runtime
-
     if "--verbose" in (sys.argv[1:] if argv is None else argv):
         raise exc
-    path = runtime.command_log()
+    path = stopping.command_log()
     text = "".join(traceback.format_exception(exc))
     with open(path, "a") as log:
         log.write(text)

@@ -5,12 +5,7 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 from typing import Iterator
-
-# whether this process's native stderr (Ray's C++ core) already goes to command_log()
-_native_stderr_diverted = False
-
 
 def init(address: str | None = None, verbose: bool = False) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one.
@@ -88,50 +83,14 @@ def _job_env_vars() -> dict:
     return ((config.get("runtime_env") or {}).get("env_vars")) or {}
 
 
-def command_log(pid: int | None = None) -> str:
-    """This command's own log file: Ray's native output and the tracebacks of failures."""
-    return os.path.join(tempfile.gettempdir(), f"raythyroid-{pid or os.getpid()}.log")
-
-
-def forget_command_log() -> None:
-    """After a command that succeeded, the log it diverted native stderr to holds only Ray's
-    warnings (Ray's own log files keep them too): one per run would pile up in TMPDIR. A log
-    this process did not divert to (a --verbose run) may be an earlier failure's: kept."""
-    if _native_stderr_diverted:
-        with contextlib.suppress(OSError):
-            os.remove(command_log())
-
-
-def divert_native_stderr() -> bool:
-    """Point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal.
-
-    Ray's C++ core writes its errors straight to descriptor 2 (for example a warning, logged
-    as an error, about Ray Data's actor-pool arguments), and a crash handler dumps stacks
-    there (command_log()). False when the descriptors cannot be moved."""
-    path = command_log()
-    try:
-        sys.stderr.flush()
-        terminal = os.dup(2)
-        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(log, 2)
-        os.close(log)
-    except OSError:
-        return False
-    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding,
-                           errors="backslashreplace")
-    return True
-
-
 @contextlib.contextmanager
 def session(address: str | None = None, verbose: bool = False) -> Iterator[None]:
     import ray
 
     from . import stopping
 
-    global _native_stderr_diverted
-    if not verbose and not ray.is_initialized() and not _native_stderr_diverted:
-        # once per process: a second command in it (a job's retry) already writes there
-        _native_stderr_diverted = divert_native_stderr()
+    if not verbose and not ray.is_initialized():
+        stopping.divert_native_stderr()
     started = init(address, verbose)
     stopping.install()  # after ray.init, whose own SIGTERM handler is a bare exit
     try:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -87,6 +88,48 @@ def message() -> str:
             f"{then}")
 
 
+# whether this process's native stderr (Ray's C++ core) already goes to command_log()
+_native_stderr_diverted = False
+
+
+def command_log(pid: int | None = None) -> str:
+    """This command's own log file: Ray's native output and the tracebacks of failures."""
+    return os.path.join(tempfile.gettempdir(), f"raythyroid-{pid or os.getpid()}.log")
+
+
+def forget_command_log() -> None:
+    """After a command that succeeded, the log it diverted native stderr to holds only Ray's
+    warnings (Ray's own log files keep them too): one per run would pile up in TMPDIR. A log
+    this process did not divert to (a --verbose run) may be an earlier failure's: kept."""
+    if _native_stderr_diverted:
+        with contextlib.suppress(OSError):
+            os.remove(command_log())
+
+
+def divert_native_stderr() -> None:
+    """Point file descriptor 2 at a log file and keep Python's sys.stderr on the terminal,
+    once per process (a second command in it, a job's retry, already writes there).
+
+    Ray's C++ core writes its errors straight to descriptor 2 (for example a warning, logged
+    as an error, about Ray Data's actor-pool arguments), and a crash handler dumps stacks
+    there (command_log()). Nothing changes when the descriptors cannot be moved."""
+    global _native_stderr_diverted
+    if _native_stderr_diverted:
+        return
+    path = command_log()
+    try:
+        sys.stderr.flush()
+        terminal = os.dup(2)
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log, 2)
+        os.close(log)
+    except OSError:
+        return
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding,
+                           errors="backslashreplace")
+    _native_stderr_diverted = True
+
+
 def leave(code: int) -> None:
     """End a command's process with `code`: disconnect from Ray, flush, and exit without
     Python's finalization. Native libraries can crash in it when their objects outlive their own
@@ -102,7 +145,5 @@ def leave(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         if code == 0:  # after Ray's shutdown, the last thing that could write there
-            from .runtime import forget_command_log
-
             forget_command_log()
         os._exit(code)

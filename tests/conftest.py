@@ -147,7 +147,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
     While the session's Ray runtime is up the command joins it (RAY_ADDRESS), as a job does on
     a cluster, instead of starting and stopping a Ray of its own (10-15 s each here);
     `own_ray` keeps the standalone path. The result's `pid` names the command's files (its
-    log: runtime.command_log).
+    log: stopping.command_log).
     """
     with subprocess.Popen([sys.executable, "-m", "raythyroid.cli", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -196,9 +196,9 @@ def assert_stopped(process: subprocess.Popen, signum: int, job: str, signalled_a
     assert "Traceback" not in out + err, err[-3000:]
     # Ray's C++ crash handler (absl) would dump its stack on SIGTERM into the command's own
     # log, where native stderr goes: the command's handler must have taken the signal first
-    from raythyroid import runtime
+    from raythyroid import stopping
 
-    native = Path(runtime.command_log(process.pid))
+    native = Path(stopping.command_log(process.pid))
     assert native.exists()  # Ray's native output went there, not to the terminal
     dumped = native.read_text(errors="replace")
     assert "*** SIG" not in dumped and "Fatal Python" not in dumped, dumped[-3000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raythyroid import imaging, phantom, preprocess, runtime, split, storage
+from raythyroid import imaging, phantom, preprocess, split, stopping, storage
 from raythyroid.imaging import PrepConfig
 
 from conftest import assert_clean_terminal, run_cli
@@ -66,7 +66,7 @@ def test_preprocess_ddti_on_s3_end_to_end(s3, ddti):
     assert result.returncode == 0, result.stderr[-3000:]
     assert_clean_terminal(result.stdout + result.stderr)
     # Ray's native output went to the command's own log, removed when the command succeeded
-    assert not Path(runtime.command_log(result.pid)).exists()
+    assert not Path(stopping.command_log(result.pid)).exists()
     assert re.search(r"preprocess: (\d+)/\1 inputs \(100%\)", result.stdout)  # progress
     manifest = json.loads(storage.read_text(storage.join(output, "manifest.json")))
     rows = read_split_rows(output, manifest)
