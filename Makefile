@@ -14,7 +14,9 @@ PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
 
 # DICOM tools the tests write and validate files with (dcmtk, GDCM, dicom3tools' dciodvfy), a
 # PACS (Orthanc) and the browser the reports are opened in (Chromium and its WebDriver):
-# installed when running as root, as CI does; elsewhere those tests skip and say why
+# installed when running as root, as CI does; elsewhere those tests skip and say why. Under
+# CI=true nothing may skip: a failed install stops the run here, naming what is missing (and a
+# test that finds a part missing fails, tests/conftest.py: missing)
 DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc chromium chromedriver
 # the PACS tests also need Orthanc's DICOMweb plugin, a file rather than a command
@@ -50,7 +52,9 @@ debian-tools:
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null; } || \
-		echo "apt-get install $(DEBIAN_TOOLS) failed: their tests will skip"; \
+		{ echo "apt-get install $(DEBIAN_TOOLS) failed: missing" $$missing; \
+		  if [ "$$CI" = true ]; then exit 1; else echo "(their tests will skip)"; fi; }; \
+	elif [ "$$CI" = true ]; then echo "CI=true, not root: $$missing missing and not installed"; exit 1; \
 	else echo "not root: $$missing missing, not installed (their tests will skip)"; fi
 
 # everything the tests need, in parallel: the Python packages install while apt-get fetches

@@ -16,7 +16,7 @@ import dicom_corpus as corpus
 from raythyroid import imaging, phantom
 from raythyroid.imaging import DecodeError, PrepConfig, SkipInput
 
-from conftest import PATIENT_ID, PATIENT_NAME, make_dicom
+from conftest import PATIENT_ID, PATIENT_NAME, make_dicom, missing
 
 
 def pydicom_file(name: str) -> Path:
@@ -431,7 +431,7 @@ def test_seg_for_every_pydicom_test_image_passes_dciodvfy(tmp_path):
     from raythyroid import dicom
 
     if corpus.missing_tools():
-        pytest.skip("needs dicom3tools' dciodvfy: `make test` installs it when run as root")
+        missing("needs dicom3tools' dciodvfy: `make test` installs it when run as root")
     written = 0
     for path in sorted(pydicom_file("").glob("*.dcm")):
         try:

@@ -17,7 +17,7 @@ import yaml
 
 from raythyroid import cli, jobspec
 
-from conftest import ROOT
+from conftest import ROOT, missing
 
 CRDS = ROOT.parent / "shared" / "k8s-crds"
 KUSTOMIZATIONS = ["k8s", "k8s/base", "k8s/monitoring", "k8s/overlays/cpu-dev"]
@@ -30,7 +30,7 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 @lru_cache(maxsize=None)
 def render(path: str) -> list[dict]:
     if not shutil.which("kubectl"):
-        pytest.skip("kubectl is not installed (needed for `kubectl kustomize`)")
+        missing("kubectl is not installed (needed for `kubectl kustomize`)")
     out = subprocess.run(["kubectl", "kustomize", str(ROOT / path)], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
@@ -57,7 +57,7 @@ def strict(schema):
 @lru_cache(maxsize=None)
 def validators() -> dict:
     if not CRDS.is_dir():
-        pytest.skip(f"CRDs not found at {CRDS}: the k8s checks read ../shared/k8s-crds")
+        missing(f"CRDs not found at {CRDS}: the k8s checks read ../shared/k8s-crds")
     found = {}
     for path in CRDS.glob("*.yaml"):
         crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)

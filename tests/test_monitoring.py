@@ -16,7 +16,7 @@ import yaml
 from raythyroid import imaging, infer, phantom, preprocess, storage, telemetry, train
 from raythyroid.imaging import PrepConfig
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, missing
 
 MONITORING = ROOT / "k8s" / "monitoring"
 
@@ -28,7 +28,7 @@ def promtools() -> Path:
         folder = ROOT / folder
     binaries = folder / "usr" / "bin"
     if not (binaries / "prometheus").exists():
-        pytest.skip(f"no Prometheus under {folder}: `make test` fetches it (make prometheus)")
+        missing(f"no Prometheus under {folder}: `make test` fetches it (make prometheus)")
     return binaries
 
 
