@@ -74,10 +74,14 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
     assert again.returncode == 2 and "holds the results of another job" in again.stderr
 
 
-def test_the_shipped_build_is_a_baseline_later_builds_compare_against():
+def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
     """model.json keeps each fold's figures (bench/ship_card.py), so bench/cv_compare.py judges
     a candidate against the shipped build without its workdir: the figures agree with the
-    card's own cross-validation summary, and the shipped model pairs with itself fold by fold."""
+    card's own cross-validation summary; a candidate's folds pair with the shipped ones, each
+    change is the candidate's figure less the shipped one, and a candidate whose folds hold
+    other frames is refused."""
+    import copy
+    import json
     import statistics
     import subprocess
     import sys
@@ -91,14 +95,30 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against():
     assert abs(statistics.fmean(last) - card["cv"]["last_n_iou_mean"]) < 1e-4
     assert abs(statistics.pstdev(last) - card["cv"]["last_n_iou_std"]) < 1e-4
     root = Path(__file__).resolve().parents[1]
-    compared = subprocess.run([sys.executable, str(root / "bench" / "cv_compare.py"), "ddti",
-                               "ddti", "--names", "shipped", "again"],
+    shipped = model.bundled()["ddti"]
+    shifts = [0.0125, -0.02, 0.0, 0.0031, -0.0007]
+    candidate = copy.deepcopy(shipped)
+    for fold, shift in zip(candidate["card"]["folds"], shifts):
+        fold["last"]["n_iou"] += shift
+    other_frames = copy.deepcopy(shipped)
+    other_frames["card"]["folds"][2]["val_images"] += 1
+
+    def compare(meta: dict, name: str) -> subprocess.CompletedProcess:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / model.MODEL_JSON).write_text(json.dumps(meta))
+        return subprocess.run([sys.executable, str(root / "bench" / "cv_compare.py"), "ddti",
+                               str(folder), "--names", "shipped", name],
                               capture_output=True, text=True, timeout=120)
+
+    compared = compare(candidate, "candidate")
     assert compared.returncode == 0, compared.stderr
     rows = [line for line in compared.stdout.splitlines() if line.startswith("| ")]
     changes = [row.split("|")[5].strip() for row in rows if row.split("|")[1].strip().isdigit()]
-    assert changes == ["+0.0000"] * 5
+    assert changes == [f"{s:+.4f}" for s in shifts]
     assert any("ensemble of the 5" in row for row in rows)  # the test split's table too
+    refused = compare(other_frames, "other-frames")
+    assert refused.returncode != 0 and "do not pair" in refused.stderr
 
 
 def _masks_follow_the_chosen_tta(frames: list, out: Path) -> bool:
