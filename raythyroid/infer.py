@@ -132,29 +132,29 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
     labels = _text(batch["label_uri"])
     masks: dict[int, np.ndarray] = {}
     label_masks: dict[int, np.ndarray] = {}
-    timer = telemetry.timed("postprocess").__enter__()
-    for i in np.flatnonzero(batch["ok"]):
-        try:
-            described, masks[i], label = _finish_frame(batch, i, labels[i], output, config,
-                                                       max_pixels)
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
-            columns["status"][i], columns["error"][i] = "error", reason
-            telemetry.failed("postprocess", reason)
-            continue
-        if label is not None:
-            label_masks[i] = label
-        for name, value in described.items():
-            columns[name][i] = value
-    if seg is not None:
-        _segmentations(batch, columns, masks, output, seg)
-    kept = _review_rows(batch, columns, masks, label_masks, review) if review else None
-    # the lease is checked after the wait on the review bar, right before the commit
-    if _current_run(output) == run_id:
-        if kept is not None:
-            results.write_review(output, columns["key"], kept)
-        results.write_results(output, pa.Table.from_pydict(columns, schema=results.RESULT_SCHEMA))
-    timer.__exit__(None, None, None)
+    with telemetry.timed("postprocess"):  # closed on an exception too
+        for i in np.flatnonzero(batch["ok"]):
+            try:
+                described, masks[i], label = _finish_frame(batch, i, labels[i], output, config,
+                                                           max_pixels)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, DecodeError) else storage.describe_error(exc)
+                columns["status"][i], columns["error"][i] = "error", reason
+                telemetry.failed("postprocess", reason)
+                continue
+            if label is not None:
+                label_masks[i] = label
+            for name, value in described.items():
+                columns[name][i] = value
+        if seg is not None:
+            _segmentations(batch, columns, masks, output, seg)
+        kept = _review_rows(batch, columns, masks, label_masks, review) if review else None
+        # the lease is checked after the wait on the review bar, right before the commit
+        if _current_run(output) == run_id:
+            if kept is not None:
+                results.write_review(output, columns["key"], kept)
+            results.write_results(output, pa.Table.from_pydict(
+                columns, schema=results.RESULT_SCHEMA))
     # else a newer run owns OUTPUT (this task outlived its driver): it redoes these sources,
     # and committing them here too would count them twice
     # progress counts sources: a multi-frame DICOM is one input however many frames it has

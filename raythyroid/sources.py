@@ -174,42 +174,41 @@ def read_and_prepare(batch: pa.Table, prep: dict, max_pixels: int, keep_header: 
 
     metas, images = [], []
     blank = np.zeros((config.size, config.size), np.uint8)
-    timer = telemetry.timed("read").__enter__()
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
-        for row, data, read_error in pool.map(fetch, rows):
-            if data is not None:
-                telemetry.count("read")
-                telemetry.count("bytes", len(data))
-            produced = []
-            try:
-                if read_error:
-                    raise DecodeError(read_error)
-                for meta, image in frames_of(row, data, config, max_pixels, keep_header):
-                    produced.append((meta, image))
-            except DecodeError as exc:
-                produced.append((error_meta(row["key"], row["source_uri"], str(exc)), None))
-            except Exception as exc:  # never lose a row to an unexpected file
-                produced.append((error_meta(row["key"], row["source_uri"],
-                                             storage.describe_error(exc)), None))
-            for meta, image in produced:
-                if meta["status"] == "ok":
-                    telemetry.count("prepared")
-                elif meta["status"] == "skipped":
-                    telemetry.skipped(meta["error"])
-                else:
-                    telemetry.failed("read" if meta["error"].startswith("cannot read")
-                                     else "decode", meta["error"])
-                meta["label_uri"] = _label_for(row, meta["key"])
-                if dicomweb.is_dicomweb(meta["source_uri"]) and not meta.get("sop_uid"):
-                    meta.update(dicomweb.uids_of(meta["source_uri"]))  # unreadable ones too
-                metas.append(meta)
-                images.append(blank if image is None else image)
-            if len(metas) >= ROWS_PER_CHUNK:
-                yield chunk(metas, images)
-                metas, images = [], []
-    if metas:
-        yield chunk(metas, images)
-    timer.__exit__(None, None, None)
+    with telemetry.timed("read"):  # closed on an exception too
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
+            for row, data, read_error in pool.map(fetch, rows):
+                if data is not None:
+                    telemetry.count("read")
+                    telemetry.count("bytes", len(data))
+                produced = []
+                try:
+                    if read_error:
+                        raise DecodeError(read_error)
+                    for meta, image in frames_of(row, data, config, max_pixels, keep_header):
+                        produced.append((meta, image))
+                except DecodeError as exc:
+                    produced.append((error_meta(row["key"], row["source_uri"], str(exc)), None))
+                except Exception as exc:  # never lose a row to an unexpected file
+                    produced.append((error_meta(row["key"], row["source_uri"],
+                                                 storage.describe_error(exc)), None))
+                for meta, image in produced:
+                    if meta["status"] == "ok":
+                        telemetry.count("prepared")
+                    elif meta["status"] == "skipped":
+                        telemetry.skipped(meta["error"])
+                    else:
+                        telemetry.failed("read" if meta["error"].startswith("cannot read")
+                                         else "decode", meta["error"])
+                    meta["label_uri"] = _label_for(row, meta["key"])
+                    if dicomweb.is_dicomweb(meta["source_uri"]) and not meta.get("sop_uid"):
+                        meta.update(dicomweb.uids_of(meta["source_uri"]))  # unreadable ones too
+                    metas.append(meta)
+                    images.append(blank if image is None else image)
+                if len(metas) >= ROWS_PER_CHUNK:
+                    yield chunk(metas, images)
+                    metas, images = [], []
+        if metas:
+            yield chunk(metas, images)
 
 
 def _label_for(row: dict, key: str) -> str | None:
