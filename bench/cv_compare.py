@@ -10,6 +10,9 @@ count, seed or any fold's frames differ (a cv still running has no fold count or
 record yet: its folds' frames are checked).
 
     python bench/cv_compare.py BEFORE AFTER [--names "shipped" "candidate"] [--record TITLE]
+
+BEFORE and AFTER may also be a cv RUN or a `raythyroid distill --folds` RUN: its folds' own
+validation figures (a distilled student's fold k against the member that taught it).
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ def load_build(where: str) -> dict:
     """{"k", "seed", "folds": [fold.json records], "test": {test folder: metrics}} of a WORKDIR
     (k and seed None while its cv runs) or of a model ship_ddti.sh built."""
     work = Path(where)
+    if list(work.glob("fold-*/fold.json")):  # a cv or `distill --folds` RUN itself
+        done = [read(f) for f in sorted(work.glob("fold-*/fold.json"))]
+        summary = read(work / "cv.json") if (work / "cv.json").exists() else {}
+        return {"k": summary.get("k"), "seed": summary.get("config", {}).get("seed"),
+                "folds": done, "test": {}}
     if (work / "cv").is_dir():
         test = {folder.name: read(folder / "metrics.json")
                 for folder in sorted(work.glob("test-*")) if (folder / "metrics.json").exists()}

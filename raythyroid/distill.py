@@ -431,6 +431,7 @@ def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelle
             last = state.history[-1]
             storage.write_text(done, json.dumps({
                 "fold": k, "epochs": state.epoch, "best_epoch": state.best["epoch"],
+                "val_images": last.get("val_images"),
                 "last": {m: last.get(f"val_{m}") for m in ("n_iou", "n_iou_per_image", "dice")},
                 "last_totals": last.get("val_totals"),
                 "inference_totals": _chosen_totals(state.inference)}, indent=2))
