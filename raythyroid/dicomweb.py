@@ -52,6 +52,11 @@ class RetrieveError(Exception):
     """One instance could not be retrieved: an error row, the job goes on."""
 
 
+class StoreError(Exception):
+    """The server did not store what was sent (refused, redirected, failed): the block's
+    commit fails, and its sources are redone by the next run."""
+
+
 def is_dicomweb(uri: str) -> bool:
     return uri.startswith(SCHEMES)
 
@@ -398,10 +403,10 @@ def store(base: str, instances: list[bytes]) -> None:
         "Accept": "application/dicom+json"})
     status = response.status_code
     if 300 <= status < 400:
-        raise RetrieveError(f"DICOMweb store redirected ({status}) to "
+        raise StoreError(f"DICOMweb store redirected ({status}) to "
                             f"{response.headers.get('Location', 'nowhere')}: give --stow that URL")
     if status >= 400 and status != 409:
-        raise RetrieveError(f"DICOMweb store failed ({status})")
+        raise StoreError(f"DICOMweb store failed ({status})")
     try:
         answer = response.json() if response.content else {}
     except ValueError:
@@ -417,7 +422,7 @@ def store(base: str, instances: list[bytes]) -> None:
     if missing:
         reasons = sorted({reason for _, reason in missing} - {None})
         count = len(instances) if missing[0][0] is None else len(missing)
-        raise RetrieveError(f"DICOMweb store ({status}) refused {count} instance(s)" +
+        raise StoreError(f"DICOMweb store ({status}) refused {count} instance(s)" +
                             (f" (failure reason {', '.join(reasons)})" if reasons else ""))
 
 

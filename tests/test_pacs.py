@@ -253,7 +253,7 @@ def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monk
                             ("conflict", r"refused 1 instance"),
                             ("redirect", r"redirected \(301\) to https://elsewhere")):
             gate.mode = mode
-            with pytest.raises(dicomweb.RetrieveError, match=words):
+            with pytest.raises(dicomweb.StoreError, match=words):
                 dicomweb.store(gate.url, [other])
         assert sop(other) not in {i["sop"] for i in pacs.instances()}
         with pytest.raises(UserError, match=r"redirects \(301\) to https://elsewhere/: give"):
