@@ -16,7 +16,7 @@ PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
 # PACS (Orthanc) and the browser the reports are opened in (Chromium and its WebDriver):
 # installed when running as root, as CI does; elsewhere those tests skip and say why. Under
 # CI=true nothing may skip: a failed install stops the run here, naming what is missing (and a
-# test that finds a part missing fails, tests/conftest.py: missing)
+# test that finds a part missing fails, tests/helpers.py: missing)
 DEBIAN_TOOLS := dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 DEBIAN_COMMANDS := img2dcm dcmcjpls gdcmconv dciodvfy Orthanc chromium chromedriver
 # the PACS tests also need Orthanc's DICOMweb plugin, a file rather than a command

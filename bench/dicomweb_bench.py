@@ -29,7 +29,7 @@ def ultrasound_instances(folder: Path, count: int) -> list[bytes]:
     the tests' make_dicom), in studies of 20, as a night's archive holds them."""
     from pydicom.uid import generate_uid
 
-    from conftest import make_dicom
+    from helpers import make_dicom
     from raythyroid import imaging, phantom
 
     datasets = []
@@ -61,7 +61,7 @@ def main() -> None:
     (work / "archive").mkdir(parents=True)
     instances = ultrasound_instances(work / "archive", args.instances)
     model_dir = make_model(256, str(work))
-    from conftest import free_port
+    from helpers import free_port
 
     import secrets
 

@@ -14,7 +14,7 @@ import pytest
 
 from raythyroid import imaging, infer, phantom, results, storage
 
-from conftest import (INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom,
+from helpers import (INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom,
                       make_dicom_with_corrupt_frame, run_cli)
 from s3proxy import FaultyS3Proxy
 from test_imaging import ihdr_png

@@ -8,7 +8,7 @@ import pytest
 
 from raythyroid import imaging, model, postprocess, split
 
-from conftest import run_cli
+from helpers import run_cli
 
 HELD_OUT_FRAMES = 6
 

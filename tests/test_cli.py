@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def assert_one_line_error(result, words):

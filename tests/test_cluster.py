@@ -18,7 +18,7 @@ from raythyroid import model, results, shards, storage, train
 
 from cluster_jobs import (BATCH_SIZE, EMA, EPOCHS, FRAMES, WORKERS, cluster_processes,
                           infer_outputs, run_pipeline, wait_for)
-from conftest import LocalCluster, free_port, free_port_block
+from helpers import LocalCluster, free_port, free_port_block
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import dicom_corpus as corpus
 from raythyroid import imaging, phantom
 from raythyroid.imaging import DecodeError, PrepConfig, SkipInput
 
-from conftest import PATIENT_ID, PATIENT_NAME, make_dicom, missing
+from helpers import PATIENT_ID, PATIENT_NAME, make_dicom, missing
 
 
 def pydicom_file(name: str) -> Path:

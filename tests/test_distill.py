@@ -11,7 +11,7 @@ import pytest
 
 from raythyroid import augment, distill, imaging, losses, phantom, storage, train
 
-from conftest import assert_clean_terminal, assert_stopped, run_cli, start_cli
+from helpers import assert_clean_terminal, assert_stopped, run_cli, start_cli
 
 
 def unlabelled_folder(root: Path, count: int, seed: int) -> Path:

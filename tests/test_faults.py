@@ -14,7 +14,7 @@ import pytest
 from raythyroid import infer, model, phantom, results, shards, storage
 
 from cluster_jobs import wait_for
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from s3proxy import FaultyS3Proxy
 
 
@@ -177,7 +177,7 @@ def test_a_run_whose_driver_died_after_training_is_finished_without_retraining(
 
     from raythyroid import train
 
-    from conftest import TRAINED_EPOCHS
+    from helpers import TRAINED_EPOCHS
     _, prepared = phantom_dataset
     trained_uri, first = trained_run
     run_uri = str(tmp_path / "run")

@@ -12,7 +12,7 @@ import pytest
 
 from raythyroid import imaging, infer, phantom, results, storage
 
-from conftest import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
+from helpers import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
                       make_dicom, ray_processes, run_cli, start_cli)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from raythyroid import cli, jobspec
 
-from conftest import ROOT, missing
+from helpers import ROOT, missing
 
 CRDS = ROOT.parent / "shared" / "k8s-crds"
 KUSTOMIZATIONS = ["k8s", "k8s/base", "k8s/monitoring", "k8s/overlays/cpu-dev"]
@@ -278,7 +278,7 @@ def test_every_entrypoint_names_real_files_and_valid_configs():
 
 def test_the_nightly_job_retries_only_a_temporary_failure(tmp_path, capsys):
     """Exit 75 (the PACS unreachable) is tried again in the job; the last code is the job's."""
-    from conftest import free_port
+    from helpers import free_port
 
     config = tmp_path / "nightly.yaml"
     config.write_text(yaml.safe_dump({

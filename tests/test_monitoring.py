@@ -16,7 +16,7 @@ import yaml
 from raythyroid import imaging, infer, phantom, preprocess, storage, telemetry, train
 from raythyroid.imaging import PrepConfig
 
-from conftest import ROOT, free_port, missing
+from helpers import ROOT, free_port, missing
 
 MONITORING = ROOT / "k8s" / "monitoring"
 

@@ -16,7 +16,7 @@ from raythyroid.errors import UserError
 
 import dicom_corpus as corpus
 import pacs as pacs_lib
-from conftest import free_port, run_cli
+from helpers import free_port, run_cli
 
 
 def source_frames(files: dict) -> list:
@@ -223,7 +223,7 @@ def test_other_pacs_policies_lose_no_instance_and_store_each_seg_once(pacs, monk
     import numpy as np
     from pydicom.uid import generate_uid
 
-    from conftest import make_dicom
+    from helpers import make_dicom
 
     sop = pacs_lib.sop_uid
     study, series = generate_uid(), generate_uid()

@@ -12,7 +12,7 @@ import pytest
 from raythyroid import imaging, phantom, preprocess, split, stopping, storage
 from raythyroid.imaging import PrepConfig
 
-from conftest import assert_clean_terminal, run_cli
+from helpers import assert_clean_terminal, run_cli
 
 BROKEN = {  # key -> (stage, words the reason must contain)
     "broken-empty_1": ("decode", "empty file"),

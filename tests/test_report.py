@@ -11,7 +11,7 @@ import pytest
 
 from raythyroid import imaging, infer, metrics, phantom, report, results, storage
 
-from conftest import INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom, run_cli
+from helpers import INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom, run_cli
 
 QUEUE = 5
 FRAMES = 18

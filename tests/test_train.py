@@ -10,7 +10,7 @@ import pytest
 
 from raythyroid import metrics, model, shards, storage, train
 
-from conftest import assert_clean_terminal, assert_stopped, run_cli, start_cli
+from helpers import assert_clean_terminal, assert_stopped, run_cli, start_cli
 
 
 def history(run_uri):
