@@ -1,6 +1,7 @@
 """The house rules of DESIGN.md, checked on the source so no change quietly undoes them:
 arrows point down (front -> pipelines -> core), no pipeline imports another, only telemetry and
-runtime among the core import Ray, and no function is longer than a screen and a half."""
+runtime among the core import Ray, no function is longer than a screen and a half, and
+ARCHITECTURE.md names every module on its floor."""
 from __future__ import annotations
 
 import ast
@@ -85,3 +86,28 @@ def test_the_rules_catch_what_they_forbid():
     assert package_imports(pipeline) == {"train", "storage"}
     assert imports_ray(ast.parse("def f():\n    import ray.data\n"))
     assert not imports_ray(ast.parse("from . import runtime\n"))
+
+
+def floors_in_architecture_page() -> dict[str, set[str]]:
+    """The modules ARCHITECTURE.md names on each floor: single words in backticks that open a
+    bullet or a list item, not the names a sentence mentions in passing."""
+    import re
+
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    parts = re.split(r"\*\*(Front|Pipelines|Core)\*\*|What flows between rooms", text)
+    # re.split keeps each captured floor name before its section; the last section ends the page
+    sections = dict(zip(parts[1::2], parts[2::2]))
+    return {floor: set(re.findall(r"(?:^\s*|- |, |: |\()`([a-z_]+)`", section, re.M))
+            for floor, section in sections.items() if floor}
+
+
+def test_the_architecture_page_names_every_module_on_its_floor():
+    floors = floors_in_architecture_page()
+    modules_here = set(modules())
+    assert floors["Front"] == FRONT
+    assert floors["Pipelines"] == PIPELINES
+    assert floors["Core"] == modules_here - FRONT - PIPELINES
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    named_exceptions = {tuple(pair.split(" -> ")) for pair in
+                        __import__("re").findall(r"`([a-z_]+ -> [a-z_]+)`", text)}
+    assert named_exceptions == ALLOWED_BETWEEN_PIPELINES
