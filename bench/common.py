@@ -38,7 +38,7 @@ def median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _portable(arg: str) -> str:
+def portable(arg: str) -> str:
     """A command-line argument as BENCHMARKS.md may show it: no path of the measuring machine
     (inside the repository relative to it, elsewhere its name under WORKDIR, the folder the
     bench was pointed at: `/data/ship/cv` -> `WORKDIR/cv`, as BENCHMARKS.md's lines read)."""
@@ -52,7 +52,7 @@ def _portable(arg: str) -> str:
 
 def record(title: str, table_lines: list[str], notes: list[str] = ()) -> None:
     """Print the table and append it, with machine, date and command, to BENCHMARKS.md."""
-    command = "python " + " ".join(shlex.quote(_portable(a)) for a in [
+    command = "python " + " ".join(shlex.quote(portable(a)) for a in [
         os.path.relpath(sys.argv[0], HERE.parent)] + sys.argv[1:])
     block = [f"### {title}", "",
              f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-from common import median, phantom_archive, record  # noqa: E402
+from common import median, phantom_archive, portable, record  # noqa: E402
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
         f"| ensemble of {members}, TTA {tta} | {ensemble:.2f} "
         f"| 1.00x |",
         f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"]
-        + ([f"| student `{args.student}`, its own inference | {student:.2f} "
+        + ([f"| student `{portable(args.student)}`, its own inference | {student:.2f} "
             f"| {student / ensemble:.2f}x |"] if args.student else []),
         [f"each figure: frames / wall seconds of one `infer.run` on a local Ray (listing, "
          f"decoding, model, post-processing, writing), {args.repeats} runs each, alternating"])
