@@ -210,11 +210,11 @@ def list_unlabelled(inputs: tuple[str, ...], labelled_sources: set[str], log
                                 "image": pa.nulls(len(keys), pa.binary()),
                                 "mask": pa.nulls(len(keys), pa.binary())}))
         problems += [dict(p, key=f"u{i}/{p['key']}") for p in clashes]
-    return (pa.concat_tables(tables) if tables else _labelled_rows_schema().empty_table(),
+    return (pa.concat_tables(tables) if tables else _source_rows_schema().empty_table(),
             problems)
 
 
-def _labelled_rows_schema() -> pa.Schema:
+def _source_rows_schema() -> pa.Schema:
     return pa.schema([("source", pa.string()), ("key", pa.string()),
                       ("source_uri", pa.string()), ("case_id", pa.string()),
                       ("image", pa.binary()), ("mask", pa.binary())])
