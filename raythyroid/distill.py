@@ -339,10 +339,10 @@ def run(teacher: str, data: str, run_uri: str, config: train.TrainConfig,
 
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
     manifest = shards.read_manifest(data)
-    if storage.exists(storage.join(run_uri, "metrics.json" if not options.folds else "cv.json")):
+    finished = storage.join(run_uri, "cv.json" if options.folds else "metrics.json")
+    if storage.exists(finished):
         log(f"distill: {run_uri} is already finished; nothing to do")
-        return json.loads(storage.read_text(storage.join(
-            run_uri, "metrics.json" if not options.folds else "cv.json")))
+        return json.loads(storage.read_text(finished))
     meta = _check_teacher(teacher, manifest, options.folds, config.seed)
     if not manifest["counts"].get("val") and not options.folds:
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
@@ -450,22 +450,16 @@ def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelle
 
 
 def _member_folder(teacher: str, member: int, folder: str) -> str:
-    """One member of the teacher as a model folder of its own (what --init reads)."""
+    """One member of the teacher as a model folder of its own (what --init reads); a single
+    model is its own member 0."""
     from . import model as model_lib
 
     if not storage.exists(storage.join(folder, model_lib.MODEL_JSON)):
-        net, meta = model_lib.load(model_lib.resolve(teacher),
-                                   member=member if meta_members(teacher) else None)
+        net, meta = model_lib.load(model_lib.resolve(teacher), member=member)
         kept = {k: v for k, v in meta.items()
                 if k in ("prep", "classes", "threshold", "tta", "tta_zoom", "postprocess")}
         model_lib.save(net, folder, dict(kept, member_of=teacher, member=member))
     return folder
-
-
-def meta_members(teacher: str) -> int:
-    from . import model as model_lib
-
-    return len(model_lib.read_metadata(model_lib.resolve(teacher)).get("members") or [])
 
 
 def _chosen_totals(inference: dict) -> list:

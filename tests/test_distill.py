@@ -260,3 +260,28 @@ def test_cross_validation_never_teaches_a_fold_its_own_frames(phantom_dataset, t
         assert history[-1]["val_images"] == len(own) and summary["folds"][k]["fold"] == k
     assert summary["last_pooled"]["images"] == len(rows)
     assert json.loads((run / "cv.json").read_text())["k"] == 2
+
+
+def test_from_teacher_starts_from_the_member_that_never_saw_the_fold(trained_run, tmp_path):
+    """--from-teacher: fold k's student starts from member k's weights exactly (a single model
+    is its own member 0, and has no member 1)."""
+    import torch
+
+    from raythyroid import model
+    from raythyroid.errors import UserError
+
+    teacher_run, _ = trained_run
+    net, meta = model.load(storage.join(teacher_run, "model"))
+    other = model.build(net.config)  # a second, different member
+    ensemble = str(tmp_path / "ensemble")
+    model.save_ensemble([other, net], ensemble, {k: meta[k] for k in ("prep", "tta")})
+    start = distill._member_folder(ensemble, 1, str(tmp_path / "fold-1-init"))
+    started, _ = model.load(start)
+    for name, value in net.state_dict().items():  # fp16 storage: equal to fp16 precision
+        assert torch.allclose(started.state_dict()[name].float(), value.half().float())
+    single = distill._member_folder(storage.join(teacher_run, "model"), 0,
+                                    str(tmp_path / "single"))
+    assert model.load(single)[0].state_dict()["head.weight"].equal(
+        net.state_dict()["head.weight"])
+    with pytest.raises(UserError, match="not a member 1"):
+        distill._member_folder(storage.join(teacher_run, "model"), 1, str(tmp_path / "none"))
