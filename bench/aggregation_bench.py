@@ -3,7 +3,7 @@ share of an infer job with labels.
 
 Runs the infer job with --labels, then times, on the same predicted masks and labels in memory,
 (a) building every image's histogram (metrics.counts) and (b) the end-of-job pass that reads
-every results file and sums the counts (infer.summarize), against the job's wall time.
+every results file and sums the counts (claim.summarize), against the job's wall time.
 
     python bench/aggregation_bench.py [--frames 1000]
 """
@@ -19,12 +19,11 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-from common import median, phantom_archive, record  # noqa: E402
-from infer_bench import make_model  # noqa: E402
+from common import make_model, median, phantom_archive, record  # noqa: E402
 
 
 def main() -> None:
-    from raythyroid import imaging, infer, metrics, runtime, sources, storage
+    from raythyroid import claim, imaging, infer, metrics, runtime, sources, storage
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=1000)
@@ -55,7 +54,7 @@ def main() -> None:
     summing = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        infer.summarize(out, table, problems, labelled=True)
+        claim.summarize(out, table, problems, labelled=True)
         summing.append(time.perf_counter() - t0)
     build_s, sum_s = median(build), median(summing)
     share = (build_s + sum_s) / job_seconds

@@ -1,13 +1,17 @@
-"""Shared bits of the benchmarks: machine description, data set-up, and BENCHMARKS.md."""
+"""Shared bits of the benchmarks: machine description, data set-up (phantom shards and
+archives, a small trained model, a synthetic results folder) and BENCHMARKS.md. The one module
+the bench scripts share: no script imports another."""
 from __future__ import annotations
 
 import datetime as dt
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -91,3 +95,79 @@ def phantom_archive(workdir: str, frames: int, seed: int) -> str:
     if not os.path.isdir(archive):
         phantom.write_folders(archive, frames, seed=seed)
     return archive
+
+
+def make_model(size: int, workdir: str) -> str:
+    """A U-Net with the project's model folder layout; trained weights are not needed to time
+    it, but post-processing cost depends on what it predicts, so it is trained for a few
+    epochs on phantoms."""
+    from raythyroid import phantom, preprocess, runtime, train, training
+    from raythyroid.imaging import PrepConfig
+
+    model_dir = os.path.join(workdir, "run", "model")
+    if not os.path.exists(os.path.join(model_dir, "model.json")):
+        with runtime.session():
+            phantom.write_folders(os.path.join(workdir, "train-raw"), 120, seed=5)
+            preprocess.run(os.path.join(workdir, "train-raw"), os.path.join(workdir, "prep"),
+                           config=PrepConfig(size=size), log=lambda *_: None)
+            train.run(os.path.join(workdir, "prep"), os.path.join(workdir, "run"),
+                      training.TrainConfig(epochs=3), workers=1, log=lambda *_: None)
+    return model_dir
+
+
+def write_results_folder(output: str, rows: int, per_file: int) -> None:
+    """A synthetic results folder (results files of `per_file` rows, as the infer job writes
+    them) with realistic columns: 2% errors, 1% skipped, labels on every ok row."""
+    import numpy as np
+    import pyarrow as pa
+
+    from raythyroid import results
+
+    rng = np.random.default_rng(0)
+    for start in range(0, rows, per_file):
+        n = min(per_file, rows - start)
+        index = np.arange(start, start + n)
+        status = np.where(index % 50 == 7, "error", np.where(index % 100 == 3, "skipped", "ok"))
+        ok = status == "ok"
+        tp = np.where(ok, rng.integers(0, 4000, n), 0)
+        columns = {name: pa.nulls(n, results.RESULT_SCHEMA.field(name).type)
+                   for name in results.RESULT_SCHEMA.names}
+        area = np.where(ok & (tp > 0), rng.integers(50, 20_000, n), 0)
+        columns.update(
+            key=pa.array([f"archive/{i // 1000:04d}/frame-{i:07d}" for i in index]),
+            source_uri=pa.array([f"s3://bucket/archive/{i // 1000:04d}/frame-{i:07d}.dcm"
+                                 for i in index]),
+            status=pa.array(status),
+            error=pa.array([None if s == "ok" else ("truncated PNG (no IEND chunk)" if s == "error"
+                                                    else "not an image (SR)") for s in status]),
+            nodule=pa.array(np.where(ok, tp > 0, None).tolist(), pa.bool_()),
+            tp=pa.array(np.where(ok, tp, None).tolist(), pa.int64()),
+            fp=pa.array(np.where(ok, rng.integers(0, 500, n), None).tolist(), pa.int64()),
+            fn=pa.array(np.where(ok, rng.integers(0, 500, n), None).tolist(), pa.int64()),
+            tn=pa.array(np.where(ok, 200_000 - tp, None).tolist(), pa.int64()),
+            n_components=pa.array(np.where(ok, (area > 0) * rng.integers(1, 3, n), None).tolist(),
+                                  pa.int32()),
+            area_px=pa.array(np.where(ok, area, None).tolist(), pa.int64()),
+            aspect_ratio=pa.array(np.where(ok & (area > 0), rng.lognormal(-0.2, 0.3, n),
+                                           None).tolist(), pa.float64()),
+            confidence=pa.array(np.where(ok, rng.beta(8, 2, n), None).tolist(), pa.float64()),
+            iou=pa.array(np.where(ok, rng.beta(5, 2, n), None).tolist(), pa.float64()))
+        results.write_results(output, pa.table(columns, schema=results.RESULT_SCHEMA))
+
+
+def cached_folder(workdir: str, rows: int, per_file: int, finish=None) -> tuple[str, str]:
+    """(the synthetic results folder of these sizes, its note): written once and reused by
+    later runs; `finish(output)` adds what a bench needs beyond the results and returns the
+    note kept with them."""
+    output = os.path.join(workdir, f"out-{rows}-{per_file}")
+    marker = os.path.join(output, "_written")
+    if not os.path.exists(marker):
+        shutil.rmtree(output, ignore_errors=True)
+        started = time.time()
+        write_results_folder(output, rows, per_file)
+        note = finish(output) if finish else ""
+        with open(marker, "w") as f:
+            f.write(note)
+        print(f"wrote {rows} rows in {time.time() - started:.0f} s {note}", flush=True)
+    with open(marker) as f:
+        return output, f.read()

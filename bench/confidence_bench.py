@@ -238,8 +238,7 @@ def image_evidence(mask: np.ndarray, image: np.ndarray) -> dict[str, float]:
 FLIP_AGREEMENT = "IoU between the masks of the frame and of its mirror image"
 PERTURBED_AGREEMENT = ("mean IoU between the frame's mask and the masks of its brighter, "
                        "darker and smaller copies")
-# only where an ensemble's members segment frames none of them trained on: the test split, or
-# two builds' fold models on the frames their folds held out (bench/blend_builds.py)
+# only where an ensemble's members segment frames none of them trained on: the test split
 MEMBER_AGREEMENT = "mean IoU between the members' masks"
 
 
@@ -349,60 +348,29 @@ def by_kind(records: list[dict], name: str) -> list[tuple[str, int, int]]:
         [r["iou"] < FAILURE_IOU for r in records], least_confident_quarter(records, name))
 
 
-def fold_models(source: str) -> tuple[int, int | None, dict[int, tuple], dict[int, int | None]]:
-    """(the seed that dealt the folds, how many folds or None while a cv runs, {fold: (model,
-    metadata)}, {fold: held-out frames where known}) from a cv RUN, from an ensemble cv built
-    (its members are the fold models, each then used with the ensemble's chosen inference), or
-    from a cv RUN still running: its finished folds (run side by side, any may finish first),
-    its seed read from them."""
+def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
+    """(the seed that dealt the folds, [(model, metadata)] in fold order, each fold's held-out
+    frames where known) of a finished cv RUN, or of an ensemble cv built (its members are the
+    fold models, each then used with the ensemble's chosen inference)."""
     import json
 
     if storage.exists(storage.join(source, "cv.json")):
-        folds_meta = json.loads(storage.read_text(storage.join(source, "cv.json")))
-        count = len(folds_meta["folds"])
-        return (folds_meta.get("config", {}).get("seed", 0), count,
-                {k: model.load(storage.join(source, f"fold-{k}", "model")) for k in range(count)},
-                {k: f.get("val_images") for k, f in enumerate(folds_meta["folds"])})
+        summary = json.loads(storage.read_text(storage.join(source, "cv.json")))
+        folds = summary["folds"]
+        return (summary.get("config", {}).get("seed", 0),
+                [model.load(storage.join(source, f"fold-{k}", "model"))
+                 for k in range(len(folds))],
+                [f.get("val_images") for f in folds])
     if storage.exists(storage.join(source, "fold-0")):
-        return running_cv_folds(source)
+        raise SystemExit(f"{source} is a cv still running: its cv.json is not written yet")
     net, meta = model.load(model.resolve(source))
     training = meta.get("training", {})
     count = training.get("cross_validation", {}).get("folds")
     if not isinstance(net, model.Ensemble) or count != len(net.members):
         raise SystemExit(f"{source} is neither a cv run nor a model cv built")
     held = [f.get("val_images") for f in meta.get("card", {}).get("folds", [])]
-    return (training.get("config", {}).get("seed", 0), count,
-            {k: (m, meta) for k, m in enumerate(net.members)},
-            dict(enumerate(held or [None] * count)))
-
-
-def running_cv_folds(source: str) -> tuple[int, None, dict[int, tuple], dict[int, int]]:
-    """fold_models of a cv RUN still running: the folds whose fold.json is written (after
-    their model/), whichever finished first."""
-    import json
-    import re
-
-    nets, held, seeds = {}, {}, set()
-    for uri in storage.list_files(source, ["fold.json"]):
-        found = re.fullmatch(r"fold-(\d+)/fold\.json", storage.relative(uri, source))
-        if found:
-            k = int(found.group(1))
-            nets[k] = model.load(storage.join(source, f"fold-{k}", "model"))
-            held[k] = json.loads(storage.read_text(uri))["val_images"]
-            seeds.add(nets[k][1]["training"]["config"]["seed"] - k)  # cv trains fold k at seed + k
-    if not nets:
-        raise SystemExit(f"{source} has no finished fold yet")
-    if len(seeds) != 1:
-        raise SystemExit(f"{source}'s folds were dealt with seeds {sorted(seeds)}")
-    return seeds.pop(), None, nets, held
-
-
-def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
-    """fold_models of a finished cv: (seed, [(model, metadata)] in fold order, held-out counts)."""
-    seed, count, nets, held = fold_models(source)
-    if count is None:
-        raise SystemExit(f"{source} is a cv still running: its folds {sorted(nets)} are done")
-    return seed, [nets[k] for k in range(count)], [held[k] for k in range(count)]
+    return (training.get("config", {}).get("seed", 0), [(m, meta) for m in net.members],
+            held or [None] * count)
 
 
 def out_of_fold(source: str, prepared: str, limit: int | None

@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-from common import median, record  # noqa: E402
-from infer_bench import make_model  # noqa: E402
+from common import make_model, median, record  # noqa: E402
 
 
 def ultrasound_instances(folder: Path, count: int) -> list[bytes]:

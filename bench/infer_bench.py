@@ -21,25 +21,7 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 import numpy as np  # noqa: E402
 
-from common import median, phantom_archive, record  # noqa: E402
-
-
-def make_model(size: int, workdir: str) -> str:
-    """A U-Net with the project's model folder layout; trained weights are not needed to time
-    it, but post-processing cost depends on what it predicts, so it is trained for a few
-    epochs on phantoms."""
-    from raythyroid import phantom, preprocess, runtime, train
-    from raythyroid.imaging import PrepConfig
-
-    model_dir = os.path.join(workdir, "run", "model")
-    if not os.path.exists(os.path.join(model_dir, "model.json")):
-        with runtime.session():
-            phantom.write_folders(os.path.join(workdir, "train-raw"), 120, seed=5)
-            preprocess.run(os.path.join(workdir, "train-raw"), os.path.join(workdir, "prep"),
-                           config=PrepConfig(size=size), log=lambda *_: None)
-            train.run(os.path.join(workdir, "prep"), os.path.join(workdir, "run"),
-                      train.TrainConfig(epochs=3), workers=1, log=lambda *_: None)
-    return model_dir
+from common import make_model, median, phantom_archive, record  # noqa: E402
 
 
 def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: int,

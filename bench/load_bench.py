@@ -20,8 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-from common import record  # noqa: E402
-from infer_bench import make_model  # noqa: E402
+from common import make_model, record  # noqa: E402
 
 
 def write_archive(folder: str, frames: int, side: int) -> None:

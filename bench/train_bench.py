@@ -86,7 +86,7 @@ def ray_train(data: str, epochs: int, workers: int, batch_per_worker: int, confi
 
 
 def main() -> None:
-    from raythyroid import train
+    from raythyroid import training
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", help="preprocess OUTPUT (default: phantoms, preprocessed)")
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     data = args.data or phantom_shards(args.frames, args.size)
     cores = os.cpu_count()
-    config = train.TrainConfig(precision=args.precision)
+    config = training.TrainConfig(precision=args.precision)
     bare = median(bare_loop(data, args.epochs, args.batch, cores, config, args.gpu)[1:])
     one = median(ray_train(data, args.epochs, 1, args.batch, config, args.gpu)[1:])
     if args.gpu:

@@ -89,8 +89,8 @@ def _add_cluster_flag(parser: argparse.ArgumentParser, metrics: bool = True) -> 
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    from . import augment, losses, train
-    from .train import TrainConfig
+    from . import augment, losses, training
+    from .training import TrainConfig
 
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--epochs", type=_positive_int, default=None,
@@ -100,13 +100,13 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=_positive_float, default=None, metavar="MINUTES",
                         help="stop cleanly before this much wall time; the best model is kept")
     parser.add_argument("--loss", choices=losses.LOSSES, default=TrainConfig.loss)
-    parser.add_argument("--optimizer", choices=train.OPTIMIZERS, default=TrainConfig.optimizer)
-    parser.add_argument("--schedule", choices=train.SCHEDULES, default=TrainConfig.schedule)
+    parser.add_argument("--optimizer", choices=training.OPTIMIZERS, default=TrainConfig.optimizer)
+    parser.add_argument("--schedule", choices=training.SCHEDULES, default=TrainConfig.schedule)
     parser.add_argument("--lr", type=_positive_float, default=None,
                         help="peak learning rate (default 1e-3 AdamW, 1e-2 SGD)")
     parser.add_argument("--base", type=_positive_int, default=TrainConfig.base,
                         help="U-Net width: channels of the first level")
-    parser.add_argument("--precision", choices=train.PRECISIONS, default=TrainConfig.precision,
+    parser.add_argument("--precision", choices=training.PRECISIONS, default=TrainConfig.precision,
                         help="auto: bf16 on GPUs and on CPUs with bf16 units, else fp32")
     parser.add_argument("--augment", choices=augment.PRESETS, default=TrainConfig.augment,
                         help="strong: affine, mirror, grid distortion, gamma, contrast, blur, "
@@ -128,12 +128,12 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from . import train
-    from .train import TrainConfig
+    from . import training
+    from .training import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs or (TrainConfig.epochs if args.time_limit is None
-                               else train.TIME_LIMITED_EPOCHS),
+                               else training.TIME_LIMITED_EPOCHS),
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         schedule=args.schedule, loss=args.loss, base=args.base, augment=args.augment,
         precision=args.precision, seed=args.seed, time_limit_min=args.time_limit, ema=args.ema,
@@ -142,10 +142,10 @@ def _train_config(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     # the defaults a user sees are the ones the code runs with: named once, where they act
-    from . import __version__, imaging, layouts, report, train
+    from . import __version__, imaging, layouts, report, training
     from .imaging import PrepConfig
     from .infer import InferOptions
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     parser = _Parser(prog="raythyroid",
                      description="Thyroid nodule segmentation in ultrasound, as Ray jobs.")
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model pass per frame (images/s in bench/BENCHMARKS.md)")
     inf.add_argument("--compile", action="store_true",
                      help="torch.compile the model in each Predictor (pays off on GPUs)")
-    inf.add_argument("--precision", choices=train.PRECISIONS, default=InferOptions.precision)
+    inf.add_argument("--precision", choices=training.PRECISIONS, default=InferOptions.precision)
     inf.add_argument("--dicom-seg", action="store_true",
                      help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
     inf.add_argument("--stow", nargs="?", const="", default=None, metavar="URL",

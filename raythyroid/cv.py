@@ -15,13 +15,13 @@ import statistics
 import threading
 import time
 
-from . import metrics, report, runtime, shards, split, stopping, storage, telemetry, train
+from . import metrics, report, runtime, shards, split, stopping, storage, telemetry, training
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
 
 
-def _fold_metrics(state: train.TrainState) -> dict:
+def _fold_metrics(state: training.TrainState) -> dict:
     """The fold's validation metrics at its last epoch (no selection on the fold itself) and
     at its best epoch, with the confusion totals behind each (for the pooled figures)."""
     last = state.history[-1]
@@ -42,7 +42,7 @@ def pooled_metrics(totals: list) -> dict | None:
     return {k: v for k, v in summed.metrics().items() if k in REPORTED}
 
 
-def run(data: str, run_uri: str, config: train.TrainConfig, folds: int = 5, workers: int = 1,
+def run(data: str, run_uri: str, config: training.TrainConfig, folds: int = 5, workers: int = 1,
         gpu: bool = False, cpus_per_worker: float | None = None, log=print,
         metrics_port: int | None = None) -> dict:
     with telemetry.tracked("cv", storage.basename(run_uri), metrics_port, 0,
@@ -56,8 +56,8 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
 
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
     manifest = shards.read_manifest(data)
-    train.initial_weights(config)  # a wrong --init stops the job before the folds' data loads
-    rows = train.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
+    training.initial_weights(config)  # a wrong --init stops the job before the folds' data loads
+    rows = training.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
                              ["key", "case_id"]).take_all()
     case_fold = split.folds((r["case_id"] for r in rows), folds, config.seed)
     if len(case_fold) < folds:
@@ -65,10 +65,10 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     key_fold = {r["key"]: case_fold[r["case_id"]] for r in rows}
     weighted = config.loss == "weighted-ce"
     log(f"cv: {len(rows)} pairs of {len(case_fold)} cases in {folds} case-disjoint folds")
-    pooled = train.load_split(data, manifest, ["train", "val"], with_weights=weighted,
+    pooled = training.load_split(data, manifest, ["train", "val"], with_weights=weighted,
                               folds=key_fold, full=True)
     # what only validation reads (original-geometry labels) stays out of training folds
-    scoring_only = [c for c in train.FULL_COLUMNS if c in pooled.columns()]
+    scoring_only = [c for c in training.FULL_COLUMNS if c in pooled.columns()]
 
     if cpus_per_worker is None:
         cpus_per_worker = 1.0
@@ -89,16 +89,16 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
             finished = json.loads(storage.read_text(done))
             board.post.remote({"kind": "finished", "fold": k, "epochs": finished["epochs"]})
             return finished
-        training = pooled.filter(expr=col("fold") != k)
-        datasets = {"train": (training.drop_columns(scoring_only) if scoring_only
-                              else training).materialize(),
+        other_folds = pooled.filter(expr=col("fold") != k)
+        datasets = {"train": (other_folds.drop_columns(scoring_only) if scoring_only
+                              else other_folds).materialize(),
                     "val": pooled.filter(expr=col("fold") == k).materialize()}
         fold_config = dataclasses.replace(config, seed=config.seed + k)
-        train.check_resume(fold_uri, fold_config)
-        state = train.finished_state(fold_uri) or train.fit(
+        training.check_resume(fold_uri, fold_config)
+        state = training.finished_state(fold_uri) or training.fit(
             datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker, time.time(),
             log=lambda *_: None, threads=threads.now, board=board, fold=k)
-        train.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
+        training.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
         result = dict(_fold_metrics(state), fold=k,
                       val_images=int(datasets["val"].count()))
         storage.write_text(done, json.dumps(result, indent=2))
@@ -128,7 +128,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     return summary
 
 
-def summarize(results: list[dict], folds: int, data: str, config: train.TrainConfig) -> dict:
+def summarize(results: list[dict], folds: int, data: str, config: training.TrainConfig) -> dict:
     """cv.json: the folds, the mean and spread of their figures, and the figures of all their
     validation frames pooled."""
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
@@ -143,7 +143,7 @@ def summarize(results: list[dict], folds: int, data: str, config: train.TrainCon
 
 def shared_inference(fold_variants: list[list[dict]]) -> dict:
     """The inference one ensemble of these fold models uses: of the variants every fold scored
-    (train.choose_inference, each fold on the cases it did not train on), the one with the best
+    (training.choose_inference, each fold on the cases it did not train on), the one with the best
     mean validation n_IoU. No case inside the folds is held out from the ensemble itself, so
     that mean is its only honest guide (the test split scores the ensemble). Returns the choice
     and every variant's figures, as model.json keeps them."""
@@ -197,9 +197,9 @@ def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
 def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, parallel: int):
     """Every fold's training progress into the job's gauges and progress line."""
     training_rows = sum(1 for f in key_fold.values() for k in range(folds) if f != k) // folds
-    relay = train.TrainingRelay(
+    relay = training.TrainingRelay(
         progress, telemetry.ProgressPrinter(progress, log), config,
-        train.steps_per_epoch(training_rows, workers, config), folds=folds, epoch_lines=False,
+        training.steps_per_epoch(training_rows, workers, config), folds=folds, epoch_lines=False,
         parallel=parallel)
     if config.time_limit_min:  # the limit is per fold; folds beyond `parallel` wait their turn
         rounds = -(-folds // parallel)

@@ -11,7 +11,7 @@ import os
 import time
 
 
-from . import infer, phantom, preprocess, shards, storage, train
+from . import infer, phantom, preprocess, shards, storage, train, training
 from .imaging import PrepConfig
 
 DEMO_FRAMES = 200
@@ -38,7 +38,7 @@ def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,
 
     limit = f"{train_minutes} minutes or " if train_minutes else ""
     log(f"demo 3/4: train a U-Net on 2 Ray Train workers for up to {limit}{epochs} epochs")
-    train.run(prepared, run_dir, train.TrainConfig(epochs=epochs, time_limit_min=train_minutes),
+    train.run(prepared, run_dir, training.TrainConfig(epochs=epochs, time_limit_min=train_minutes),
               workers=2, log=log)
 
     log("demo 4/4: infer on the test split's original frames, with their labels")

@@ -297,9 +297,9 @@ class Instance:
     @property
     def has_pixels(self) -> bool:
         """False for the SOP classes the decoder would skip (SR, SEG, ...): never retrieved."""
-        from . import dicom
+        from .dicom import read as dicom_read
 
-        return dicom.non_image_reason(self.sop_class) is None
+        return dicom_read.non_image_reason(self.sop_class) is None
 
 
 def search(query: Query, today: dt.date | None = None) -> Iterator[Instance]:
@@ -345,9 +345,9 @@ def retrieve(uri: str) -> bytes:
     content_type = response.headers.get("Content-Type", "")
     if content_type.split(";")[0].strip().lower() == "application/dicom":
         # one instance answered bare, as some servers and proxies do: DICOM is DICOM
-        from .dicom import is_dicom
+        from .dicom import read as dicom_read
 
-        if is_dicom(response.content):
+        if dicom_read.is_dicom(response.content):
             return response.content
     parts = split_multipart(content_type, response.content)
     if len(parts) != 1:
@@ -428,9 +428,9 @@ def store(base: str, instances: list[bytes]) -> None:
 
 def _uids_by_sop(instances: list[bytes]) -> dict[str, tuple[str, str, str]]:
     """{SOP instance UID: (study, series, SOP instance) UIDs} of the instances sent."""
-    from .dicom import read_dataset
+    from .dicom import read as dicom_read
 
-    headers = (read_dataset(data, True) for data in instances)
+    headers = (dicom_read.read_dataset(data, True) for data in instances)
     return {str(ds.SOPInstanceUID): (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                                      str(ds.SOPInstanceUID)) for ds in headers}
 

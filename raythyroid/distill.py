@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from . import (dicomweb, imaging, metrics, postprocess, results, runtime, shards, sources, split,
                storage, telemetry)
-from . import train
+from . import training
 from .errors import UserError
 
 TAUGHT = "taught"
@@ -296,16 +296,16 @@ def decode_taught(rows: pa.Table, with_weights: bool, size: int, min_confidence:
         if with_weights:
             empty["weight"] = np.zeros((0, size, size), np.float16)
         return empty
-    out = train.decode_block(rows, with_weights)
+    out = training.decode_block(rows, with_weights)
     out["soft"] = np.stack([imaging.decode_png(b) for b in rows.column("soft").to_pylist()])
     out["labelled"] = np.array(rows.column("labelled").to_pylist(), np.uint8)
     return out
 
 
-def _student_set(taught_uri: str, config: train.TrainConfig, size: int,
+def _student_set(taught_uri: str, config: training.TrainConfig, size: int,
                  options: DistillOptions, held_out: frozenset = frozenset()):
     uris = storage.list_files(taught_uri, (".parquet",))
-    return train.read_shards(uris, ["key", "labelled", "status", "confidence", "image", "mask",
+    return training.read_shards(uris, ["key", "labelled", "status", "confidence", "image", "mask",
                                     "soft"], decode_taught,
                              with_weights=config.loss == "weighted-ce", size=size,
                              min_confidence=options.min_confidence,
@@ -332,7 +332,7 @@ def _check_teacher(teacher: str, manifest: dict, folds: int, seed: int) -> dict:
     return meta
 
 
-def run(teacher: str, data: str, run_uri: str, config: train.TrainConfig,
+def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
         options: DistillOptions = DistillOptions(), log=print) -> dict:
     """Teach, then train the student (or, with folds, cross-validate the recipe)."""
     from . import model as model_lib
@@ -373,23 +373,23 @@ def run(teacher: str, data: str, run_uri: str, config: train.TrainConfig,
 
 
 def _train_student(taught, data, manifest, run_uri, config, options, provenance, log,
-                   val=None, held_out=frozenset(), with_test=True) -> train.TrainState:
-    train.check_resume(run_uri, config)
+                   val=None, held_out=frozenset(), with_test=True) -> training.TrainState:
+    training.check_resume(run_uri, config)
     size = manifest["prep"]["size"]
 
     def datasets() -> dict:
         log(f"distill: training the student on {taught}")
         found = {"train": _student_set(taught, config, size, options, held_out),
-                 "val": val if val is not None else train.load_split(data, manifest, "val",
+                 "val": val if val is not None else training.load_split(data, manifest, "val",
                                                                      full=True)}
-        test = train.load_split(data, manifest, "test", full=True) if with_test else None
+        test = training.load_split(data, manifest, "test", full=True) if with_test else None
         if test is not None:
             found["test"] = test
         return found
 
     with telemetry.tracked("distill", storage.basename(run_uri), options.metrics_port, 0,
                            unit="steps") as progress:
-        return train.train_and_save(run_uri, config, datasets, manifest, data, options.workers,
+        return training.train_and_save(run_uri, config, datasets, manifest, data, options.workers,
                                     options.gpu, options.cpus_per_worker, log, progress,
                                     job="distill", extra={"distillation": provenance},
                                     write_metrics=with_test)
@@ -401,13 +401,13 @@ def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelle
     ones; a student trains on them and validates on fold k, which neither saw."""
     from ray.data.expressions import col
 
-    rows = train.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
+    rows = training.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
                              ["key", "case_id"]).take_all()
     case_fold = split.folds((r["case_id"] for r in rows), options.folds, config.seed)
     if len(set(case_fold.values())) < options.folds:
         raise UserError(f"{len(case_fold)} cases cannot fill {options.folds} folds")
     key_fold = {r["key"]: case_fold[r["case_id"]] for r in rows}
-    pooled = train.load_split(data, manifest, ["train", "val"], folds=key_fold, full=True)
+    pooled = training.load_split(data, manifest, ["train", "val"], folds=key_fold, full=True)
     labelled = _labelled_rows(data, manifest, ["train", "val"])
     results = []
     for k in range(options.folds):

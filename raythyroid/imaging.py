@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import dicom
+from .dicom import read as dicom_read
 from .pixels import (DEFAULT_MAX_PIXELS, MIN_SIDE, DecodeError, SkipInput,  # noqa: F401
                      check_size, normalize_pixels, to_uint8)
 
@@ -107,7 +107,7 @@ def sniff_format(data: bytes) -> str | None:
     for magic, name in _SIGNATURES:
         if data.startswith(magic):
             return name
-    if dicom.is_dicom(data):
+    if dicom_read.is_dicom(data):
         return "dicom"
     return None
 
@@ -124,7 +124,7 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int]:
 @dataclass
 class RasterFrames:
     """A PNG/JPEG/BMP/TIFF file: one frame, decoded already; the same interface as
-    `dicom.DicomFrames`, so callers need not know which they hold."""
+    `dicom.read.DicomFrames`, so callers need not know which they hold."""
 
     pixels: np.ndarray
     count: int = 1
@@ -146,7 +146,7 @@ def open_frames(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
     if sniff_format(data) == "dicom":
-        return dicom.open_frames(data, max_pixels)
+        return dicom_read.open_frames(data, max_pixels)
     return RasterFrames(decode(data, max_pixels))
 
 

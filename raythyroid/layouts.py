@@ -227,7 +227,8 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
     frames with the source instance and frame it references. Keys are the image's path
     (without extension), `#frame` added for multi-frame images; the case, a hash of the
     patient, is read from the image when it is prepared. Only headers are read here."""
-    from . import dicom, imaging
+    from . import imaging
+    from .dicom import read as dicom_read, seg_read
 
     uris = storage.list_files(root, IMAGE_SUFFIXES)
 
@@ -236,7 +237,7 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
             data = storage.read_bytes(uri)
             if imaging.sniff_format(data) != "dicom":
                 return uri, None, "not a DICOM file"
-            return uri, dicom.read_dataset(data, stop_before_pixels=True), None
+            return uri, dicom_read.read_dataset(data, stop_before_pixels=True), None
         except Exception as exc:
             reason = str(exc) if isinstance(exc, imaging.DecodeError) else \
                 f"cannot read: {storage.describe_error(exc)}"
@@ -251,9 +252,9 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
             if error:
                 problems.append(Problem(key, uri, error))
                 continue
-            sop_class = dicom.sop_class_of(ds)
-            skip = dicom.non_image_reason(sop_class)
-            if sop_class == dicom.SEGMENTATION_STORAGE:
+            sop_class = dicom_read.sop_class_of(ds)
+            skip = dicom_read.non_image_reason(sop_class)
+            if sop_class == seg_read.SEGMENTATION_STORAGE:
                 segs.append((uri, ds))
             elif skip:
                 problems.append(Problem(key, uri, skip, "skipped"))
@@ -265,7 +266,7 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
     for seg_uri, ds in segs:
         seg_key = _stem(storage.relative(seg_uri, root))
         try:
-            references = dicom.nodule_references(ds)
+            references = seg_read.nodule_references(ds)
         except imaging.DecodeError as exc:
             problems.append(Problem(seg_key, seg_uri, str(exc), "mask"))
             continue

@@ -81,13 +81,13 @@ class Source:
 
     def mask(self, uri: str, seg_frame: int | None) -> np.ndarray:
         """A mask file decoded, or one frame of a DICOM SEG (the SEG parsed once)."""
-        from . import dicom
+        from .dicom import read as dicom_read, seg_read
 
         if uri not in self._masks:
             data = _fetch(uri, "mask")
-            self._masks[uri] = dicom.read_dataset(data) if seg_frame else data
+            self._masks[uri] = dicom_read.read_dataset(data) if seg_frame else data
         if seg_frame:
-            return dicom.seg_mask(self._masks[uri], seg_frame)
+            return seg_read.seg_mask(self._masks[uri], seg_frame)
         return imaging.decode_mask(self._masks[uri], self.max_pixels)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import dicom, dicomweb, imaging, storage, telemetry
+from . import dicomweb, imaging, storage, telemetry
+from .dicom import read as dicom_read
 from .errors import UserError
 from .imaging import DecodeError, PrepConfig, SkipInput
 
@@ -130,9 +131,9 @@ def frames_of(row: dict, data: bytes, prep: PrepConfig, max_pixels: int,
         yield _skipped_meta(key, source, str(exc)), None
         return
     dataset = frames.ds  # DICOM only
-    described = dicom.instance_uids(dataset) if dataset is not None else {}
+    described = dicom_read.instance_uids(dataset) if dataset is not None else {}
     if keep_header and dataset is not None:
-        described["dicom_header"] = dicom.header_bytes(dataset)
+        described["dicom_header"] = dicom_read.header_bytes(dataset)
     for index in range(frames.count):
         frame_key = f"{key}#{index + 1}" if frames.count > 1 else key
         frame_no = index + 1 if frames.count > 1 else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from raythyroid import phantom, results, storage, train
+from raythyroid import phantom, results, storage, training
 
 
 FRAMES = 40
@@ -107,7 +107,7 @@ def run_pipeline(cluster, s3) -> ClusterPipeline:
     def recorded_or_ended():  # a checkpoint in Ray Train's record is what a restart resumes
         if client.get_job_status(job).is_terminal():
             return "ended"
-        return len(train.recorded_checkpoints(pipeline.run))
+        return len(training.recorded_checkpoints(pipeline.run))
 
     assert wait_for(recorded_or_ended, timeout=600, every=0.5) != "ended", \
         client.get_job_logs(job)[-3000:]

@@ -104,11 +104,11 @@ def phantom_dataset(tmp_path_factory, ray_local):
 @pytest.fixture(scope="session")
 def trained_run(phantom_dataset, tmp_path_factory):
     """A U-Net trained on the phantoms by 2 Ray Train workers: (run uri, test metrics)."""
-    from raythyroid import train
+    from raythyroid import train, training
 
     _, prepared = phantom_dataset
     run_uri = str(tmp_path_factory.mktemp("run") / "run")
-    result = train.run(prepared, run_uri, train.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
+    result = train.run(prepared, run_uri, training.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
                        workers=2, log=lambda *_: None)
     return run_uri, result
 

@@ -273,9 +273,9 @@ class VendorGate(_LoopbackServer):
 
 
 def sop_uid(data: bytes) -> str:
-    from raythyroid import dicom
+    from raythyroid.dicom import read as dicom_read
 
-    return str(dicom.read_dataset(data, True).SOPInstanceUID)
+    return str(dicom_read.read_dataset(data, True).SOPInstanceUID)
 
 
 def _held(orthanc: Orthanc, data: bytes) -> bool:

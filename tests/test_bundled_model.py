@@ -15,7 +15,7 @@ HELD_OUT_FRAMES = 6
 
 def held_out_frames(ddti) -> list:
     """DDTI frames of the cases the bundled model never trained on: its rebuild script
-    (bench/ship_ddti.sh) cross-validates on the train and val splits of the default split."""
+    (release/ship_ddti.sh) cross-validates on the train and val splits of the default split."""
     images = sorted((ddti / "images").glob("*.jpg"))
     splits = split.assign((p.stem, p.stem.split("_")[0], None) for p in images)
     return [p for p in images if splits[p.stem] == "test"][:HELD_OUT_FRAMES]
@@ -75,7 +75,7 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
 
 
 def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
-    """model.json keeps each fold's figures (bench/ship_card.py), so bench/cv_compare.py judges
+    """model.json keeps each fold's figures (release/ship_card.py), so release/cv_compare.py judges
     a candidate against the shipped build without its workdir: the figures agree with the
     card's own cross-validation summary; a candidate's folds pair with the shipped ones, each
     change is the candidate's figure less the shipped one, and a candidate whose folds hold
@@ -107,7 +107,7 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         (folder / model.MODEL_JSON).write_text(json.dumps(meta))
-        return subprocess.run([sys.executable, str(root / "bench" / "cv_compare.py"), "ddti",
+        return subprocess.run([sys.executable, str(root / "release" / "cv_compare.py"), "ddti",
                                str(folder), "--names", "shipped", name],
                               capture_output=True, text=True, timeout=120)
 
@@ -119,6 +119,30 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
     assert any("ensemble of the 5" in row for row in rows)  # the test split's table too
     refused = compare(other_frames, "other-frames")
     assert refused.returncode != 0 and "do not pair" in refused.stderr
+
+
+def test_the_card_and_model_json_render_from_the_recorded_figures(tmp_path):
+    """CARD.md and model.json are what release/ship_card.py renders from the figures recorded
+    beside them (card-figures.json), byte for byte: a figure changes in the record and both
+    are rendered again, never edited by hand."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(model.resolve("ddti"))
+    figures = json.loads((folder / "card-figures.json").read_text())
+    # the record describes the weights that ship
+    meta = model.bundled()["ddti"]
+    assert figures["member_bytes"] == sum((folder / n).stat().st_size for n in meta["members"])
+    shutil.copy(folder / "card-figures.json", tmp_path)
+    done = subprocess.run([sys.executable, str(root / "release" / "ship_card.py"), "--render",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    differ = [name for name in (model.CARD, model.MODEL_JSON)
+              if (tmp_path / name).read_bytes() != (folder / name).read_bytes()]
+    assert not differ, (f"{differ} not what release/ship_card.py renders from card-figures.json: "
+                        f"python release/ship_card.py --render raythyroid/models/ddti")
 
 
 def _masks_follow_the_chosen_tta(frames: list, out: Path) -> bool:

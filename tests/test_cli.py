@@ -63,14 +63,14 @@ def test_resuming_a_run_under_another_architecture_is_a_user_error(trained_run,
     import json
     import shutil
 
-    from raythyroid import train
+    from raythyroid import training
 
     run_uri, _ = trained_run
     _, prepared = phantom_dataset
     unfinished = tmp_path / "run"
     shutil.copytree(run_uri, unfinished)
     (unfinished / "metrics.json").unlink()  # as if the first run had died mid-training
-    assert json.loads((unfinished / train.RUN_SETTINGS).read_text())["base"] == 16
+    assert json.loads((unfinished / training.checkpoints.RUN_SETTINGS).read_text())["base"] == 16
     result = run_cli("train", prepared, str(unfinished), "--base", "8", "--optimizer", "sgd")
     assert_one_line_error(result, "--base 16 (now 8), --optimizer adamw (now sgd)")
     assert not (unfinished / "metrics.json").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raythyroid import model, results, shards, storage, train
+from raythyroid import model, results, shards, storage, training
 
 from cluster_jobs import (BATCH_SIZE, EMA, EPOCHS, FRAMES, WORKERS, cluster_processes,
                           infer_outputs, run_pipeline, wait_for)
@@ -111,7 +111,7 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     saved = [torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
                         weights_only=False)
              for uri in storage.list_files(f"{pipeline.run}/checkpoints")
-             if uri.endswith("/" + train.STATE_FILE)]
+             if uri.endswith("/" + training.STATE_FILE)]
     assert {s["ema"]["steps"] / s["epoch"] for s in saved if s["epoch"]} == {steps_per_epoch}
     last = max(saved, key=lambda s: s["epoch"])
     assert last["epoch"] == EPOCHS
@@ -127,13 +127,13 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     assert all(torch.equal(shipped[k], best_averaged[k]) for k in shipped)
 
     # the validation score kept with the model is the shipped (averaged) weights' own
-    val = train.load_split(pipeline.prepared, manifest, "val", full=True)
+    val = training.load_split(pipeline.prepared, manifest, "val", full=True)
     bf16 = rows[0]["precision"] == "bf16"
-    rescored = train.evaluate(shipped_net, val, 0, 1, torch.device("cpu"), bf16, 16)
+    rescored = training.evaluate(shipped_net, val, 0, 1, torch.device("cpu"), bf16, 16)
     assert rescored["n_iou"] == pytest.approx(meta["training"]["best_val"]["n_iou"], abs=2e-3)
 
     # an average restored from a checkpoint is the saved one, step count included
-    restored = train.WeightAverage(model.build(model.UNetConfig(deep_supervision=2)), EMA,
+    restored = training.loop.WeightAverage(model.build(model.UNetConfig(deep_supervision=2)), EMA,
                                    last["ema"])
     assert restored.steps == last["ema"]["steps"]
     assert all(torch.equal(v, last["ema"]["weights"][k])

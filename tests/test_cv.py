@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from raythyroid import cv, metrics, model, runtime, split, storage, train
+from raythyroid import cv, metrics, model, runtime, split, storage, training
 from raythyroid.errors import UserError
 
 
@@ -82,7 +82,7 @@ def test_a_fold_keeps_the_totals_of_its_last_and_its_best_epoch():
     first, best, last = ([10, 2, 3, 5, 0.5, 1, 1], [10, 1, 1, 8, 0.8, 1, 1],
                          [10, 3, 1, 6, 0.6, 1, 1])
     history = fold_rows(first, best, last)
-    state = train.TrainState(epoch=3, history=history,
+    state = training.TrainState(epoch=3, history=history,
                              best={"epoch": 2, "val": metrics.Totals.from_vector(best).metrics()})
     fold = cv._fold_metrics(state)
     assert (fold["last_totals"], fold["best_totals"], fold["best_epoch"]) == (last, best, 2)
@@ -119,7 +119,7 @@ def test_pooled_figures_sum_the_folds_and_need_every_fold():
                        for key in cv.REPORTED},
               "best": {key: None for key in cv.REPORTED},
               "last_totals": v, "best_totals": None} for k, v in enumerate((small, large))]
-    config = train.TrainConfig()
+    config = training.TrainConfig()
     summary = cv.summarize(folds, 2, "data", config)
     assert summary["last_pooled"]["n_iou"] == pytest.approx((4 + 80) / (4 + 6 + 80 + 20))
     assert summary["last_n_iou_mean"] == pytest.approx((0.4 + 0.8) / 2)
@@ -140,20 +140,20 @@ def test_a_worker_takes_the_threads_the_driver_posts(ray_local):
     before = torch.get_num_threads()
     board = telemetry.board()
     try:
-        assert train.follow_threads(board) == before  # nothing posted: the count stays
+        assert training.follow_threads(board) == before  # nothing posted: the count stays
         wanted = 1 if before > 1 else 2  # at most this node's CPUs (the test's Ray has 2+)
         ray_local.get(board.set_threads.remote(wanted))
-        assert train.follow_threads(board) == wanted == torch.get_num_threads()
-        assert train.follow_threads(None) == wanted  # a run without a board keeps its count
+        assert training.follow_threads(board) == wanted == torch.get_num_threads()
+        assert training.follow_threads(None) == wanted  # a run without a board keeps its count
     finally:
         torch.set_num_threads(before)
 
 
 def test_init_from_a_model_of_another_width_is_refused_with_the_flag():
     with pytest.raises(UserError, match="--base 16"):
-        train.initial_weights(train.TrainConfig(base=8, init="ddti"))
-    assert train.initial_weights(train.TrainConfig()) is None
-    weights = train.initial_weights(train.TrainConfig(init="ddti", deep_supervision=2))
+        training.initial_weights(training.TrainConfig(base=8, init="ddti"))
+    assert training.initial_weights(training.TrainConfig()) is None
+    weights = training.initial_weights(training.TrainConfig(init="ddti", deep_supervision=2))
     net = model.build(model.UNetConfig(deep_supervision=2))
     import torch
     missing, unexpected = net.load_state_dict(torch.load(io.BytesIO(weights)), strict=False)
@@ -167,7 +167,7 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     # two folds; the dealing for any k is checked by the test above. Every fold starts from
     # the bundled model's first member (--init; its frames are 256 px, these 128: a U-Net
     # does not mind)
-    config = train.TrainConfig(epochs=1, batch_size=8, init="ddti")
+    config = training.TrainConfig(epochs=1, batch_size=8, init="ddti")
     summary = cv.run(prepared, run_uri, config, folds=2, workers=1, cpus_per_worker=0.5,
                      log=lambda *_: None)
     assert [r["fold"] for r in summary["folds"]] == list(range(2))

@@ -362,7 +362,8 @@ def test_preprocess_dicom_images_with_png_or_seg_masks(dicom_corpus, ddti, ray_l
     """DICOM images with PNG masks (folders layout) and with DICOM SEG masks (dicom layout):
     shards hold the same masks as the PNGs give, cases are hashed patients, one patient never
     straddles two splits, and non-image objects are skipped rows."""
-    from raythyroid import dicom, preprocess
+    from raythyroid import preprocess
+    from raythyroid.dicom import read as dicom_read, seg_write
 
     jpegs, _ = dicom_corpus
     patients = {f"MRN-MADEUP-{n}": [] for n in range(4)}
@@ -384,10 +385,10 @@ def test_preprocess_dicom_images_with_png_or_seg_masks(dicom_corpus, ddti, ray_l
             label = imaging.decode_mask((ddti / "masks" / f"{stem}.png").read_bytes())
             (archive / "images").mkdir(parents=True, exist_ok=True)
             (archive / "annotations").mkdir(parents=True, exist_ok=True)
-            uid = str(dicom.read_dataset(data, stop_before_pixels=True).SOPInstanceUID)
+            uid = str(dicom_read.read_dataset(data, stop_before_pixels=True).SOPInstanceUID)
             (archive / "images" / uid).write_bytes(data)  # named by UID, as PACS export
             (archive / "annotations" / f"{stem}.seg.dcm").write_bytes(
-                dicom.write_segmentation(data, {0: label}))
+                seg_write.write_segmentation(data, {0: label}))
     (archive / "images" / "report.dcm").write_bytes(pydicom_file("reportsi.dcm").read_bytes())
 
     results = {}
@@ -428,7 +429,7 @@ def test_seg_for_every_pydicom_test_image_passes_dciodvfy(tmp_path):
     import highdicom as hd
     import pydicom
 
-    from raythyroid import dicom
+    from raythyroid.dicom import seg_write
 
     if corpus.missing_tools():
         missing("needs dicom3tools' dciodvfy: `make test` installs it when run as root")
@@ -444,7 +445,7 @@ def test_seg_for_every_pydicom_test_image_passes_dciodvfy(tmp_path):
             masks[index] = np.zeros((source.height, source.width), bool)
             masks[index][10 + index:30, 12:40] = True
         seg_path = tmp_path / f"{path.stem}.seg.dcm"
-        seg_path.write_bytes(dicom.write_segmentation(path.read_bytes(), masks))
+        seg_path.write_bytes(seg_write.write_segmentation(path.read_bytes(), masks))
         assert corpus.dciodvfy_errors(seg_path) == [], path.name
         seg = hd.seg.segread(seg_path)
         stored = seg.pixel_array if seg.pixel_array.ndim == 3 else seg.pixel_array[None]

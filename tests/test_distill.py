@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raythyroid import augment, distill, imaging, losses, phantom, storage, train
+from raythyroid import augment, distill, imaging, losses, phantom, storage, training
 
 from helpers import assert_clean_terminal, assert_stopped, run_cli, start_cli
 
@@ -58,7 +58,7 @@ def test_student_learns_the_teachers_masks_from_unlabelled_frames(phantom_datase
     teacher = storage.join(teacher_run, "model")
     unlabelled = unlabelled_folder(tmp_path / "archive", 40, seed=21)
     run = tmp_path / "student"
-    config = train.TrainConfig(epochs=8, batch_size=8, base=8, soft_weight=1.0,
+    config = training.TrainConfig(epochs=8, batch_size=8, base=8, soft_weight=1.0,
                                allow_tta=False)
     distill.run(teacher, prepared, str(run), config,
                 distill.DistillOptions(unlabelled=(str(unlabelled),)), log=lambda *_: None)
@@ -244,7 +244,7 @@ def test_cross_validation_never_teaches_a_fold_its_own_frames(phantom_dataset, t
                                               "postprocess")})
     run = tmp_path / "cv"
     summary = distill.run(ensemble, prepared, str(run),
-                          train.TrainConfig(epochs=1, batch_size=8, base=8),
+                          training.TrainConfig(epochs=1, batch_size=8, base=8),
                           distill.DistillOptions(folds=2), log=lambda *_: None)
 
     manifest = shards.read_manifest(prepared)

@@ -11,7 +11,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from raythyroid import infer, model, phantom, results, shards, storage
+from raythyroid import claim, model, phantom, results, shards, storage
 
 from cluster_jobs import wait_for
 from helpers import ROOT, run_cli
@@ -164,7 +164,7 @@ def test_a_write_killed_halfway_leaves_nothing_that_looks_complete(where, s3, tm
     assert writer.wait(timeout=60) == -signal.SIGKILL
     assert not storage.exists(target)
     assert storage.list_files(storage.join(root, "results"), (".parquet",)) == []
-    assert infer.done_sources(root) == set()  # a rerun sees nothing as done
+    assert claim.done_sources(root) == set()  # a rerun sees nothing as done
 
 
 @pytest.mark.timeout(300)
@@ -175,7 +175,7 @@ def test_a_run_whose_driver_died_after_training_is_finished_without_retraining(
     no worker started, and a torn newer checkpoint folder (an upload cut off) is never read."""
     import shutil
 
-    from raythyroid import train
+    from raythyroid import train, training
 
     from helpers import TRAINED_EPOCHS
     _, prepared = phantom_dataset
@@ -185,11 +185,11 @@ def test_a_run_whose_driver_died_after_training_is_finished_without_retraining(
     for written_last in ("metrics.json", "history.jsonl"):
         (tmp_path / "run" / written_last).unlink()
     shutil.rmtree(tmp_path / "run" / "model")
-    torn = tmp_path / "run" / train.CHECKPOINT_DIR / "checkpoint_2999-01-01_00-00-00.000000"
+    torn = tmp_path / "run" / training.CHECKPOINT_DIR / "checkpoint_2999-01-01_00-00-00.000000"
     torn.mkdir()
-    (torn / train.STATE_FILE).write_bytes(b"\x80\x02 a torn upload")  # newest, unreadable
+    (torn / training.STATE_FILE).write_bytes(b"\x80\x02 a torn upload")  # newest, unreadable
     lines = []
-    again = train.run(prepared, run_uri, train.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
+    again = train.run(prepared, run_uri, training.TrainConfig(epochs=TRAINED_EPOCHS, batch_size=8),
                       workers=2, log=lines.append)
     assert again == first
     assert any("training had ended" in str(line) for line in lines)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raythyroid import imaging, infer, phantom, results, storage
+from raythyroid import claim, imaging, infer, phantom, results, storage
 
 from helpers import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
                       make_dicom, ray_processes, run_cli, start_cli)
@@ -274,30 +274,30 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
                            "keep_largest": 2}}
     older = {k: job[k] for k in ("input", "labels", "model")}
 
-    def claim(held, now):
+    def resume_with(held, now):
         output = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
         output.mkdir()
         (output / results.JOB_FILE).write_text(json.dumps(held))
-        infer._claim_output(str(output), now)
+        claim.claim_output(str(output), now)
 
-    claim(older, job)  # resumes
-    claim(job, job)
+    resume_with(older, job)  # resumes
+    resume_with(job, job)
     # as the version before wrote them: tta_zoom only where applied, post-processing without
     # a setting added since (its default)
-    claim(dict(older, tta_zoom=0.8), dict(job, tta_zoom=0.8))
-    claim(dict(job, postprocess={k: v for k, v in job["postprocess"].items()
-                                 if k != "fill_holes"}), job)
+    resume_with(dict(older, tta_zoom=0.8), dict(job, tta_zoom=0.8))
+    resume_with(dict(job, postprocess={k: v for k, v in job["postprocess"].items()
+                                       if k != "fill_holes"}), job)
     model_changed = "the model has changed since this OUTPUT began"
     with pytest.raises(infer.UserError, match=rf"\(tta_zoom: 0.0 there, 0.8 in this run\); "
                                               rf"{model_changed}"):
-        claim(older, dict(job, tta_zoom=0.8))  # begun before the zoomed view existed
+        resume_with(older, dict(job, tta_zoom=0.8))  # begun before the zoomed view existed
     with pytest.raises(infer.UserError, match=rf"\(weights: .*; {model_changed}"):
-        claim(job, dict(job, weights="fedcba9876543210"))  # retrained in place
+        resume_with(job, dict(job, weights="fedcba9876543210"))  # retrained in place
     with pytest.raises(infer.UserError, match=r"\(postprocess: .*\"keep_largest\": 2"):
-        claim(job, dict(job, postprocess=dict(job["postprocess"], keep_largest=0)))
+        resume_with(job, dict(job, postprocess=dict(job["postprocess"], keep_largest=0)))
     with pytest.raises(infer.UserError, match=r"\(fast: null there, true in this run\); to "
                                               r"resume, give the same"):
-        claim(older, dict(job, fast=True))
+        resume_with(older, dict(job, fast=True))
 
     # a bundled model is its name and its weights: a new version of it is a model change,
     # another name is another MODEL given. Older versions wrote the weights into the name
@@ -310,15 +310,15 @@ def test_an_output_begun_by_an_older_version_resumes_unless_its_inference_differ
 
     for held in (bundled("ddti", "aaaa"), older_bundled("ddti", "aaaa"),
                  older_bundled("ddti", "aaaa", kept_weights=False)):
-        claim(held, bundled("ddti", "aaaa"))  # resumes
+        resume_with(held, bundled("ddti", "aaaa"))  # resumes
         with pytest.raises(infer.UserError, match=rf"\(weights: \"aaaa\" there, \"bbbb\" in "
                                                   rf"this run\); {model_changed}"):
-            claim(held, bundled("ddti", "bbbb"))
+            resume_with(held, bundled("ddti", "bbbb"))
         with pytest.raises(infer.UserError, match=r"\(model: \"ddti\" there, \"ddti-small\" "
                                                   r"in this run\); to resume, give the same"):
-            claim(held, bundled("ddti-small", "bbbb"))
+            resume_with(held, bundled("ddti-small", "bbbb"))
     odd_path = dict(job, model="/models/ddti (bundled, weights aaaa)/model")  # not bundled
-    claim(odd_path, odd_path)
+    resume_with(odd_path, odd_path)
 
 
 def test_compaction_keeps_each_key_once(tmp_path):
@@ -333,7 +333,7 @@ def test_compaction_keeps_each_key_once(tmp_path):
     write("a", "b")
     write("b", "c")
     write("a")
-    assert infer.compact_results(output) == 2
+    assert claim.compact_results(output) == 2
     keys = results.read_results(output, ["key"]).column("key").to_pylist()
     assert sorted(keys) == ["a", "b", "c"]
     assert len(storage.list_files(f"{output}/results")) == 2

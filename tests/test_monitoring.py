@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raythyroid import imaging, infer, phantom, preprocess, storage, telemetry, train
+from raythyroid import imaging, infer, phantom, preprocess, storage, telemetry, train, training
 from raythyroid.imaging import PrepConfig
 
 from helpers import ROOT, free_port, missing
@@ -161,20 +161,20 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, tr
                   options=infer.InferOptions(batch_size=4, metrics_port=driver_port,
                                              block_size=8),
                   log=lambda *_: None)
-        training = storage.join(bucket, "runs", "r1")
+        run_uri = storage.join(bucket, "runs", "r1")
         train_started = time.time()
-        result = train.run(prepared, training,
-                           train.TrainConfig(epochs=500, batch_size=4,
-                                             time_limit_min=TIME_LIMIT_MIN),
+        result = train.run(prepared, run_uri,
+                           training.TrainConfig(epochs=500, batch_size=4,
+                                                time_limit_min=TIME_LIMIT_MIN),
                            workers=2, log=lambda *_: None, metrics_port=driver_port)
         train_seconds = time.time() - train_started
         time.sleep(6)  # the last pushes from the workers and the last scrapes
         ended = time.time()
-        check_time_limited_run(prepared, training, result, train_seconds)
+        check_time_limited_run(prepared, run_uri, result, train_seconds)
         # the driver's gauges moved while the epochs ran, not once when fit returned: a
         # scrape before the last epoch ended saw steps done; the ETA came from the time limit
         epochs = [json.loads(line) for line in storage.read_text(
-            storage.join(training, "history.jsonl")).splitlines()]
+            storage.join(run_uri, "history.jsonl")).splitlines()]
         partial = prometheus.query_range('raythyroid_job_done_inputs{pipeline="train"} > 0',
                                          train_started,
                                          train_started + epochs[-1]["elapsed_seconds"])

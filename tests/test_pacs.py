@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from raythyroid import dicom, dicomweb, infer, results, sources
+from raythyroid import dicomweb, infer, results, sources
+from raythyroid.dicom import read as dicom_read
 from raythyroid.errors import UserError
 
 import dicom_corpus as corpus
@@ -51,7 +52,7 @@ def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, 
     for path in source_frames(files):
         data = studied_today(path)
         pacs.upload(data)
-        sources[str(dicom.read_dataset(data, True).SOPInstanceUID)] = data
+        sources[str(dicom_read.read_dataset(data, True).SOPInstanceUID)] = data
     run_uri, _ = trained_run
     output = tmp_path / "out"
     url = f"dicomweb+{pacs.dicomweb}?ModalitiesInStudy=US&StudyDate=-1d"
@@ -61,12 +62,12 @@ def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, 
     first = run_cli(*command)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = results.read_results(str(output)).to_pylist()
-    frames = sum(int(dicom.read_dataset(d, True).get("NumberOfFrames", 1)) for d in
+    frames = sum(int(dicom_read.read_dataset(d, True).get("NumberOfFrames", 1)) for d in
                  sources.values())
     assert len(rows) == frames and all(r["status"] == "ok" for r in rows), rows
     assert {r["sop_uid"] for r in rows} == set(sources)
     for row in rows:
-        source = dicom.read_dataset(sources[row["sop_uid"]], True)
+        source = dicom_read.read_dataset(sources[row["sop_uid"]], True)
         assert (row["study_uid"], row["series_uid"]) == (source.StudyInstanceUID,
                                                          source.SeriesInstanceUID)
 
@@ -77,10 +78,10 @@ def test_nightly_infer_from_a_pacs_files_each_seg_back_once(pacs, dicom_corpus, 
     for seg in segs:
         data = dicomweb.retrieve(f"dicomweb+{pacs.dicomweb}/studies/{seg['study']}/series/"
                                  f"{seg['series']}/instances/{seg['sop']}")
-        dataset = dicom.read_dataset(data)
+        dataset = dicom_read.read_dataset(data)
         source_uid = dataset.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] \
             .ReferencedSOPInstanceUID
-        source = dicom.read_dataset(sources[source_uid], True)
+        source = dicom_read.read_dataset(sources[source_uid], True)
         assert dataset.StudyInstanceUID == source.StudyInstanceUID
         assert int(dataset.NumberOfFrames) == int(source.get("NumberOfFrames", 1))
         (tmp_path / "seg.dcm").write_bytes(data)
@@ -125,7 +126,7 @@ def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypat
         found = list(dicomweb.search(query))
         assert found
         data = dicomweb.retrieve(found[0].uri(query))
-        assert dicom.read_dataset(data, True).SOPInstanceUID == found[0].sop
+        assert dicom_read.read_dataset(data, True).SOPInstanceUID == found[0].sop
         monkeypatch.delenv("DICOMWEB_TOKEN")
         # a token file kept fresh by someone else: read again before every request
         token_file = tmp_path / "token"
@@ -134,8 +135,8 @@ def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypat
         assert [i.sop for i in dicomweb.search(query)] == [i.sop for i in found]
         gate.token = "tok-" + secrets.token_hex(12)  # the old one expired
         token_file.write_text(gate.token)
-        assert dicom.read_dataset(dicomweb.retrieve(found[0].uri(query)), True).SOPInstanceUID \
-            == found[0].sop
+        retrieved = dicom_read.read_dataset(dicomweb.retrieve(found[0].uri(query)), True)
+        assert retrieved.SOPInstanceUID == found[0].sop
         token_file.write_text("")  # read between a refresher's truncate and its write
         assert dicomweb.retrieve(found[0].uri(query)) == data
         token_file.unlink()  # a refresher that deletes, then writes
@@ -183,7 +184,7 @@ def test_deleted_or_malformed_instances_are_error_rows(pacs, dicom_corpus):
     gone = dicomweb.parse(f"dicomweb+{pacs.dicomweb}")
     malformed = pacs_lib.MalformedServer()
     keep = pacs.upload(files["native"][3].read_bytes())
-    kept = dicom.read_dataset(pacs.file(keep), True)
+    kept = dicom_read.read_dataset(pacs.file(keep), True)
     try:
         uris = [f"dicomweb+{gone.base}/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5",
                 f"dicomweb+{malformed.url}/studies/1.2/series/1.2.3/instances/1.2.3.4",

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from raythyroid import imaging, infer, metrics, phantom, report, results, storage
+from raythyroid import imaging, infer, metrics, outputs, phantom, report, results, storage
 
 from helpers import INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom, run_cli
 
@@ -162,7 +162,7 @@ def test_the_review_bar_keeps_every_queued_frame_and_few_others():
     rng = np.random.default_rng(3)
     values = np.round(rng.random(20_000), 2)  # many ties
     keys = [f"k{i:05d}" for i in range(len(values))]
-    bar = infer.ReviewBar(24)
+    bar = outputs.ReviewBar(24)
     kept = []
     for start in range(0, len(values), 64):
         block = sorted(zip(values[start:start + 64], keys[start:start + 64]))[:24]
@@ -191,8 +191,8 @@ def test_train_report_in_a_browser(trained_run, browser):
 def test_a_lost_review_bar_costs_no_block_its_overlays(ray_local):
     """The bar's actor gone (its node died): the block keeps its own lowest frames, more than
     needed but none missing, and commits as ever."""
-    bar = infer._review_bar(2)
-    ray_local.kill(bar)
+    bar = infer.SharedReviewBar.start(2)
+    ray_local.kill(bar.actor)
     geometry = imaging.Geometry(height=40, width=40, x=0, y=0, w=40, h=40, size=32)
     keys = [f"f{i}" for i in range(4)]
     batch = {"image": np.zeros((4, 32, 32), np.uint8),
@@ -200,6 +200,6 @@ def test_a_lost_review_bar_costs_no_block_its_overlays(ray_local):
     masks = {i: np.pad(np.ones((10, 10), bool), 15) for i in range(4)}
     columns = {"key": keys, "confidence": [0.9, 0.2, 0.5, 0.1], "iou": [None] * 4,
                "area_px": [100] * 4, "area_mm2": [None] * 4}
-    kept = infer._review_rows(batch, columns, masks, {}, {"size": 2, "bar": bar})
+    kept = outputs.review_rows(batch, columns, masks, {}, {"size": 2, "bar": bar})
     assert sorted(kept.column("key").to_pylist()) == ["f1", "f3"]
     assert all(t.startswith(b"\xff\xd8") for t in kept.column("thumbnail").to_pylist())

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from raythyroid import metrics, model, shards, storage, train
+from raythyroid import metrics, model, shards, storage, training
 
 from helpers import assert_clean_terminal, assert_stopped, run_cli, start_cli
 
@@ -164,8 +164,8 @@ def test_infer_applies_the_zoomed_out_view_as_training_scored_it(trained_run, ph
     variants = meta["training"]["inference_variants"]
     assert sorted({(v["tta"], v["tta_zoom"]) for v in variants}) == [
         (False, 0.0), (True, 0.0), (True, model.TTA_ZOOM)]
-    assert len(variants) == 3 * len(train.INFERENCE_THRESHOLDS) * len(
-        train.INFERENCE_KEEP_LARGEST)
+    assert len(variants) == 3 * len(training.INFERENCE_THRESHOLDS) * len(
+        training.INFERENCE_KEEP_LARGEST)
     zoomed = next(v for v in variants if v["tta_zoom"] and v["threshold"] == 0.5
                   and v["keep_largest"] == 0)
     copy = tmp_path / "zoomed-model"
@@ -208,14 +208,14 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
     # each epoch's elapsed seconds show which clock it ran on
     args = ["train", prepared, run_uri, "--workers", "1", "--batch-size", "8",
             "--epochs", "3", "--time-limit", "10"]
-    checkpoints_uri = storage.join(run_uri, train.CHECKPOINT_DIR)
+    checkpoints_uri = storage.join(run_uri, training.CHECKPOINT_DIR)
 
     proxy = FaultyS3Proxy(s3.url, seed=11, fault_rate=0.2)
     flaky = {"AWS_ENDPOINT_URL": proxy.url}
     try:
         first = start_cli(*args, env=flaky)
         deadline = time.time() + 300
-        while not train.recorded_checkpoints(run_uri):  # what a rerun resumes from
+        while not training.recorded_checkpoints(run_uri):  # what a rerun resumes from
             assert first.poll() is None and time.time() < deadline, \
                 first.communicate()[1][-3000:]
             time.sleep(0.2)
@@ -226,9 +226,9 @@ def test_sigterm_stops_training_and_the_rerun_continues_its_clock(phantom_datase
         # and a checkpoint whose upload never finished (the newest, unreadable) is not in Ray
         # Train's record: the rerun ignores it and resumes from the last complete one
         torn = storage.join(checkpoints_uri, "checkpoint_2999-01-01_00-00-00.000000")
-        storage.write_bytes(storage.join(torn, train.STATE_FILE), b"\x80\x02 a torn upload")
+        storage.write_bytes(storage.join(torn, training.STATE_FILE), b"\x80\x02 a torn upload")
         assert torn.rsplit("/", 1)[-1] not in {
-            r["checkpoint_dir_name"] for r in train.recorded_checkpoints(run_uri)}
+            r["checkpoint_dir_name"] for r in training.recorded_checkpoints(run_uri)}
 
         second = run_cli(*args, env=flaky)
     finally:
@@ -255,8 +255,8 @@ def test_progress_says_estimating_until_an_epoch_gives_the_cadence():
 
     progress = telemetry.JobProgress("train", "r", unit="steps")
     lines = []
-    config = train.TrainConfig(epochs=train.TIME_LIMITED_EPOCHS, time_limit_min=20)
-    relay = train.TrainingRelay(progress, telemetry.ProgressPrinter(progress, lines.append),
+    config = training.TrainConfig(epochs=training.TIME_LIMITED_EPOCHS, time_limit_min=20)
+    relay = training.TrainingRelay(progress, telemetry.ProgressPrinter(progress, lines.append),
                                 config, per_epoch=12)
     deadline = time.time() + 20 * 60
     relay([{"kind": "step", "epoch": 1, "step": 1, "fold": None, "deadline": deadline}])

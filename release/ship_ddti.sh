@@ -3,10 +3,11 @@
 # preprocess (default settings) -> 5-fold case-disjoint cv on the train + val splits (each fold
 # model trained EPOCHS epochs; cv saves the five as one ensemble) -> the ensemble, --fast and
 # each member alone scored on the untouched test split, original frames against original
-# masks -> images/s of the ensemble and --fast -> weights (fp16) + model.json + CARD.md into
-# the package.
+# masks -> images/s of the ensemble and --fast -> weights (fp16), the figures measured
+# (card-figures.json) and model.json + CARD.md rendered from them into the package
+# (release/ship_card.py; --render DEST renders them again after a figure changes).
 #
-#   bench/ship_ddti.sh [WORKDIR]    # default .cache/ship-ddti
+#   release/ship_ddti.sh [WORKDIR]    # default .cache/ship-ddti
 #
 # Every fold starts from a U-Net first trained PRETRAIN_EPOCHS epochs on TG3K's thyroid-gland
 # masks (cv --init), not from random weights (+0.026 CV n_IoU on DDTI; 0 skips it).
@@ -82,4 +83,4 @@ for fold in "$work"/cv/fold-*; do
 done
 "$bin/python" "$root/bench/ensemble_bench.py" --model "$work/cv/model" \
   --frames "$work/test-frames.txt" --json "$work/throughput.json"
-"$bin/python" "$root/bench/ship_card.py" "$work" "$dest"
+"$bin/python" "$root/release/ship_card.py" "$work" "$dest"

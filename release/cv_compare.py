@@ -1,6 +1,6 @@
 """Two builds of the bundled model side by side, fold by fold: is a recipe change worth keeping?
 
-Each build is a `bench/ship_ddti.sh` WORKDIR (its cv over the same case-disjoint folds, then
+Each build is a `release/ship_ddti.sh` WORKDIR (its cv over the same case-disjoint folds, then
 the test split scored for the ensemble, --fast and each member), or a model it built: a model
 folder or a bundled model's name (`ddti`), whose model.json keeps its folds' and test figures,
 so the shipped build is compared with no workdir kept. While a WORKDIR's cv still runs, its
@@ -9,7 +9,7 @@ up because both builds dealt the same cases with the same seed; this refuses bui
 count, seed or any fold's frames differ (a cv still running has no fold count or seed on
 record yet: its folds' frames are checked).
 
-    python bench/cv_compare.py BEFORE AFTER [--names "shipped" "candidate"] [--record TITLE]
+    python release/cv_compare.py BEFORE AFTER [--names "shipped" "candidate"] [--record TITLE]
 
 BEFORE and AFTER may also be a cv RUN or a `raythyroid distill --folds` RUN: its folds' own
 validation figures (a distilled student's fold k against the member that taught it).
@@ -21,8 +21,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def read(path: Path) -> dict:
@@ -60,7 +58,7 @@ def load_build(where: str) -> dict:
     meta = read(meta_path) if meta_path.exists() else {}
     card = meta.get("card", {})
     if not card.get("folds"):
-        raise SystemExit(f"cv_compare: {where} is neither a bench/ship_ddti.sh WORKDIR nor a "
+        raise SystemExit(f"cv_compare: {where} is neither a release/ship_ddti.sh WORKDIR nor a "
                          "model it built")
     training = meta["training"]
     test = {folder: card[key] for key, folder in TEST_FOLDERS.items()}
@@ -119,7 +117,7 @@ def test_table(before: dict, after: dict, names: list[str], folds: list[int]) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("before", help="a bench/ship_ddti.sh WORKDIR, or a model it built")
+    parser.add_argument("before", help="a release/ship_ddti.sh WORKDIR, or a model it built")
     parser.add_argument("after", help="the same")
     parser.add_argument("--names", nargs=2, default=["before", "after"])
     parser.add_argument("--record", metavar="TITLE", help="append to BENCHMARKS.md")
@@ -131,7 +129,8 @@ def main() -> int:
     if all(folder in run["test"] for run in (before, after) for folder in wanted):
         lines += [""] + test_table(before, after, args.names, folds)
     print("\n".join(lines))
-    if args.record:
+    if args.record:  # bench/common.py appends to bench/BENCHMARKS.md
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
         from common import record
 
         record(args.record, lines, ["each fold's validation n_IoU at its last epoch, pooled "
