@@ -65,7 +65,7 @@ def main() -> None:
             f"{build_s:.3f} | {build_s / job_seconds:.2%} |",
             f"| read every results file and sum the counts into metrics.json | {sum_s:.3f} | "
             f"{sum_s / job_seconds:.2%} |"],
-           [f"{summary['rows']} images; per-image building runs inside the workers' post-processing "
+           [f"{summary.rows} images; per-image building runs inside the workers' post-processing "
             f"step, summing once on the driver",
             f"target < 2% of infer time: {share:.2%} ({'met' if share < 0.02 else 'not met'})",
             f"per image: {build_s / len(pairs) * 1e3:.2f} ms to build (the bincount over "

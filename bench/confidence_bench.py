@@ -363,14 +363,12 @@ def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
                 [f.get("val_images") for f in folds])
     if storage.exists(storage.join(source, "fold-0")):
         raise SystemExit(f"{source} is a cv still running: its cv.json is not written yet")
-    net, meta = model.load(model.resolve(source))
-    training = meta.get("training", {})
-    count = training.get("cross_validation", {}).get("folds")
+    net, info = model.load(model.resolve(source))
+    count = info.training.get("cross_validation", {}).get("folds")
     if not isinstance(net, model.Ensemble) or count != len(net.members):
         raise SystemExit(f"{source} is neither a cv run nor a model cv built")
-    held = [f.get("val_images") for f in meta.get("card", {}).get("folds", [])]
-    return (training.get("config", {}).get("seed", 0), [(m, meta) for m in net.members],
-            held or [None] * count)
+    held = [f.get("val_images") for f in info.card.get("folds", [])]
+    return (info.cv_seed or 0, [(m, info) for m in net.members], held or [None] * count)
 
 
 def out_of_fold(source: str, prepared: str, limit: int | None
@@ -381,15 +379,15 @@ def out_of_fold(source: str, prepared: str, limit: int | None
     seed, fold_nets, held_counts = every_fold(source)
     case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     records, record_folds = [], []
-    for fold, (net, meta) in enumerate(fold_nets):
+    for fold, (net, info) in enumerate(fold_nets):
         held = [r for r in rows if case_fold[r["case_id"]] == fold]
         if held_counts[fold] not in (None, len(held)):
             raise SystemExit(f"confidence_bench: {prepared} deals fold {fold} {len(held)} "
                              f"frames where its model held out {held_counts[fold]}: not the "
                              f"data the folds were trained on")
         held = held[:limit]
-        post = postprocess.PostConfig.from_model(meta)
-        tta, zoom = bool(meta.get("tta")), model.tta_zoom(meta)
+        post = info.inference.post
+        tta, zoom = info.inference.tta, info.inference.tta_zoom
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
         pairs, perturbed = views(net, images, zoom), perturbed_views(net, images, tta, zoom)
         records += [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
@@ -402,10 +400,10 @@ def out_of_fold(source: str, prepared: str, limit: int | None
 def test_split(model_uri: str, prepared: str) -> list[dict]:
     manifest = shards.read_manifest(prepared)
     rows = shards.read_rows(prepared, manifest, "test")
-    net, meta = model.load(model.resolve(model_uri))
-    post = postprocess.PostConfig.from_model(meta)
+    net, info = model.load(model.resolve(model_uri))
+    post = info.inference.post
     images = np.stack([imaging.decode_png(r["image"]) for r in rows])
-    tta, zoom = bool(meta.get("tta")), model.tta_zoom(meta)
+    tta, zoom = info.inference.tta, info.inference.tta_zoom
     perturbed = perturbed_views(net, images, tta, zoom)
     if not isinstance(net, model.Ensemble):
         pairs = views(net, images, zoom)

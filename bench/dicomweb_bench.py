@@ -82,7 +82,7 @@ def main() -> None:
                     summary = infer.run(model_dir, source, str(out),
                                         options=infer.InferOptions(batch_size=16),
                                         log=lambda *_: None)
-                    assert summary["rows"] == args.instances and not summary["errors"]
+                    assert summary.rows == args.instances and not summary.errors
                     if repeat:
                         seconds[name].append(time.time() - started)
     finally:

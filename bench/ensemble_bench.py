@@ -43,8 +43,8 @@ def main() -> None:
     count = (sum(1 for line in open(listing) if line.strip()) if os.path.isfile(listing)
              else len(os.listdir(listing)))
     folder = model.resolve(args.model)
-    _, meta = model.load(folder)
-    members = len(meta.get("members") or [meta["weights"]])
+    _, info = model.load(folder)
+    members = info.members
     rates: dict[str, list[float]] = {"ensemble": [], "fast": []}
     if args.student:
         rates["student"] = []
@@ -58,7 +58,7 @@ def main() -> None:
                 rates[name].append(count / (time.time() - started))
                 shutil.rmtree(out)
     ensemble, fast = median(rates["ensemble"]), median(rates["fast"])
-    tta = model.describe_tta(bool(meta.get("tta")), model.tta_zoom(meta))
+    tta = model.describe_tta(info.inference.tta, info.inference.tta_zoom)
     figures = {"frames": count, "members": members, "tta": tta,
                "ensemble_images_per_s": ensemble, "fast_images_per_s": fast}
     student = median(rates.get("student", []))

@@ -33,10 +33,10 @@ def bare_loop(model_dir: str, files: list[str], out: str, batch: int, threads: i
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if gpu else "cpu")
-    net, meta = model.load(model_dir, device)
-    prep = imaging.PrepConfig.from_dict(meta["prep"])
+    net, info = model.load(model_dir, device)
+    prep = info.prep
     bf16 = model.resolve_bf16("auto", device)
-    post = postprocess.PostConfig.from_model(meta)  # as the job does
+    post = info.inference.post  # as the job does
     rows = []
     started = time.time()
     for i in range(0, len(files), batch):
@@ -89,7 +89,7 @@ def ray_job(model_dir: str, folder: str, out: str, batch: int, workers: int,
                         options=infer.InferOptions(batch_size=batch, workers=workers, gpu=gpu,
                                                    compile=compile_model, tta=False),
                         log=lambda *_: None)
-    return summary["rows"] / (time.time() - started)
+    return summary.rows / (time.time() - started)
 
 
 def main() -> None:

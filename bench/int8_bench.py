@@ -79,11 +79,11 @@ def main() -> None:
 
     import torch
 
-    from raythyroid import imaging, model, postprocess, shards
+    from raythyroid import imaging, model, shards
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="torch.ao")  # its deprecation notices, per call
-    net, meta = model.load(model.resolve(args.model), first_member_only=True)
+    net, info = model.load(model.resolve(args.model), first_member_only=True)
     manifest = shards.read_manifest(args.data)
     calibration = np.stack([imaging.decode_png(r["image"]) for r in shards.read_rows(
         args.data, manifest, "train", ["image"])[:64]])
@@ -102,7 +102,7 @@ def main() -> None:
             started = time.perf_counter()
             predict(batch)
             rates[name].append(args.batch / (time.perf_counter() - started))
-    post = postprocess.PostConfig.from_model(meta)
+    post = info.inference.post
     scores = {name: pooled_n_iou(predict, test_rows, post)
               for name, predict in variants.items()}
     base = median(rates["fp32 channels_last"])

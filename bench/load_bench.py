@@ -105,11 +105,11 @@ def main() -> None:
                                     log=lambda *_: None)
                 seconds = time.time() - started
             spilled = spilled_mib()
-        rate = summary["rows"] / seconds
+        rate = summary.rows / seconds
         results.append((frames, rss.peak))
         lines.append(f"| {frames} | {rate:.1f} | {rss.peak / 2**30:.2f} GiB | "
                      f"{rss.peak_single / 2**30:.2f} GiB | {spilled:.0f} MiB | "
-                     f"{summary['errors']} |")
+                     f"{summary.errors} |")
     growth = results[-1][1] / results[0][1] if len(results) > 1 else 1.0
     record(f"load: infer over {' and '.join(str(f) for f in args.frames)} phantom frames "
            f"{args.side}x{args.side}, batch {args.batch}, 1 Predictor actor", lines,

@@ -35,9 +35,9 @@ def summarize_once(output: str) -> None:
     summary = claim.summarize(output, table, [], labelled=True)
     seconds = time.time() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak, "rows": summary["rows"],
-                      "errors": summary["errors"], "skipped": summary["skipped"],
-                      "n_iou": summary["metrics"]["n_iou"]}))
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak, "rows": summary.rows,
+                      "errors": summary.errors, "skipped": summary.skipped,
+                      "n_iou": summary.metrics["n_iou"]}))
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -70,7 +71,33 @@ def claim_output(output: str, job: dict) -> None:
                         f"this run); {why}, else use a new OUTPUT")
 
 
-def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool) -> dict:
+@dataclass(frozen=True)
+class InferSummary:
+    """What an infer run ends with, counted from every results file of OUTPUT."""
+
+    rows: int
+    errors: int
+    skipped: int  # not images (reports, plans, waveforms): neither failures nor segmented
+    nodules: int
+    error_reasons: dict[str, int]  # by class (telemetry.reason_class)
+    skip_reasons: dict[str, int]
+    dicom_seg: int  # SEG objects written
+    metrics: dict | None = None  # pooled over the labelled frames (metrics.summarize)
+    unlabelled: int | None = None  # frames segmented that --labels had no label for
+    report: str | None = None  # the report's index.html, once written
+    max_error_rate: float | None = None  # what the run was asked to stay under
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / max(self.rows - self.skipped, 1)
+
+    @property
+    def too_many_errors(self) -> bool:
+        return self.max_error_rate is not None and self.error_rate > self.max_error_rate
+
+
+def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool
+              ) -> InferSummary:
     """Counts and (with labels) metrics from every results file: the union, never a cache.
     Columns all the way (pyarrow compute): a million rows take seconds, not a dict each."""
     import pyarrow.compute as pc
@@ -87,22 +114,21 @@ def summarize(output: str, table: pa.Table, problems: list[dict], labelled: bool
     status = rows.column("status")
     errors = rows.filter(pc.equal(status, "error"))
     skipped = rows.filter(pc.equal(status, "skipped"))
-    summary = {"rows": rows.num_rows, "errors": errors.num_rows,
-               "skipped": skipped.num_rows,
-               "nodules": int(pc.sum(rows.column("nodule")).as_py() or 0),
-               "error_reasons": _reason_classes(_count_reasons(errors)),
-               "skip_reasons": _count_reasons(skipped),
-               "dicom_seg": pc.count_distinct(rows.column("seg_uid")).as_py()}
+    scored = {}
     if labelled:
         ok = pc.equal(status, "ok")
-        scored = rows.filter(pc.and_(ok, pc.is_valid(rows.column("tp"))))
-        result = metrics.summarize(*(scored.column(c).to_numpy() for c in ("tp", "fp", "fn",
-                                                                              "tn")),
+        labelled_rows = rows.filter(pc.and_(ok, pc.is_valid(rows.column("tp"))))
+        pooled = metrics.summarize(*(labelled_rows.column(c).to_numpy()
+                                     for c in ("tp", "fp", "fn", "tn")),
                                    errors=errors.num_rows, skipped=skipped.num_rows)
-        storage.write_text(storage.join(output, results.METRICS), json.dumps(result, indent=2))
-        summary["metrics"] = result
-        summary["unlabelled"] = int(pc.sum(ok).as_py() or 0) - scored.num_rows
-    return summary
+        storage.write_text(storage.join(output, results.METRICS), json.dumps(pooled, indent=2))
+        scored = {"metrics": pooled,
+                  "unlabelled": int(pc.sum(ok).as_py() or 0) - labelled_rows.num_rows}
+    return InferSummary(rows=rows.num_rows, errors=errors.num_rows, skipped=skipped.num_rows,
+                        nodules=int(pc.sum(rows.column("nodule")).as_py() or 0),
+                        error_reasons=_reason_classes(_count_reasons(errors)),
+                        skip_reasons=_count_reasons(skipped),
+                        dicom_seg=pc.count_distinct(rows.column("seg_uid")).as_py(), **scored)
 
 
 def compact_results(output: str) -> int:

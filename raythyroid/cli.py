@@ -142,7 +142,7 @@ def _train_config(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     # the defaults a user sees are the ones the code runs with: named once, where they act
-    from . import __version__, imaging, layouts, report, training
+    from . import __version__, compare as compare_lib, imaging, layouts, report, training
     from .imaging import PrepConfig
     from .infer import InferOptions
     from .training import TrainConfig
@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the whole frame (images without scanner borders or text)")
     pre.add_argument("--max-pixels", type=_positive_int, default=imaging.DEFAULT_MAX_PIXELS,
                      help="reject larger images (checked from the header before decoding)")
+    pre.add_argument("--segs-from", choices=layouts.SEGS_FROM, default=layouts.DicomRules.segs_from,
+                     help="dicom layout: which SEGs are masks: a person's (raythyroid's own, "
+                          "never edited, left out) or any")
+    pre.add_argument("--several-segs", choices=layouts.SEVERAL_SEGS,
+                     default=layouts.DicomRules.several,
+                     help="dicom layout: a frame several SEGs annotate takes the newest, or "
+                          "each SEG after the first is an error row")
     _add_cluster_flag(pre)
     pre.set_defaults(handler=_preprocess)
 
@@ -270,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     mod = commands.add_parser("models", help="the models shipped inside the package")
     mod.set_defaults(handler=_models)
 
+    cmp = commands.add_parser(
+        "compare", help="two models on the same labelled frames: exit 0 only when B is better")
+    cmp.add_argument("model_a", metavar="MODEL_A", help="the model in use (bundled name, folder "
+                                                        "or s3://)")
+    cmp.add_argument("model_b", metavar="MODEL_B", help="the candidate")
+    cmp.add_argument("labelled", metavar="LABELLED",
+                     help="a preprocess OUTPUT whose frames neither model trained on")
+    cmp.add_argument("--split", choices=("train", "val", "test"), default="test")
+    cmp.add_argument("--resamples", type=_positive_int, default=compare_lib.RESAMPLES,
+                     help="bootstrap resamples of cases")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cmp.add_argument("--json", default=None, metavar="FILE", help="write the comparison here")
+    _add_cluster_flag(cmp, metrics=False)
+    cmp.set_defaults(handler=_compare)
+
     ev = commands.add_parser("evaluate", help="metrics of a mask folder against labels")
     ev.add_argument("pred", help="predicted masks (e.g. an infer OUTPUT/masks)")
     ev.add_argument("labels", help="ground-truth masks with matching stems")
@@ -298,7 +320,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     fractions = split.parse_fractions(args.split)
     storage.check_readable_root(args.input)
     storage.check_writable_root(args.output)
-    scanned = layouts.scan(storage.normalize(args.input), args.layout)
+    rules = layouts.DicomRules(segs_from=args.segs_from, several=args.several_segs)
+    scanned = layouts.scan(storage.normalize(args.input), args.layout, rules)
     config = PrepConfig(size=args.size, desensitize=not args.no_crop)
     with runtime.session(args.address, args.verbose):
         preprocess.run(args.input, args.output, config=config, fractions=fractions,
@@ -340,7 +363,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     storage.check_writable_root(args.run)
     shards.read_manifest(args.data)
-    model.read_metadata(model.resolve(args.teacher))  # a wrong TEACHER, before Ray starts
+    model.read_info(model.resolve(args.teacher))  # a wrong TEACHER, before Ray starts
     if args.folds == 1:
         raise UserError("--folds must be at least 2 (or 0: train the student to ship)")
     for uri in args.unlabelled:  # URL, credentials and a server that answers, too
@@ -394,7 +417,7 @@ def _infer(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.output)
     if args.fast and args.tta:
         raise UserError("--fast runs one model without TTA: give one of --fast and --tta")
-    model.read_metadata(model.resolve(args.model))  # a wrong MODEL is reported before Ray starts
+    model.read_info(model.resolve(args.model))  # a wrong MODEL is reported before Ray starts
     options = infer.InferOptions(
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu,
         tta=False if args.fast else args.tta, fast=args.fast,
@@ -405,10 +428,10 @@ def _infer(args: argparse.Namespace) -> int:
     with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)
-    print(f"infer: {summary['errors']} error(s) and {summary['skipped']} skipped (not images) "
-          f"in {summary['rows']} results")
-    if summary.get("too_many_errors"):
-        print(f"raythyroid: error: error rate {summary['error_rate']:.2%} is above "
+    print(f"infer: {summary.errors} error(s) and {summary.skipped} skipped (not images) "
+          f"in {summary.rows} results")
+    if summary.too_many_errors:
+        print(f"raythyroid: error: error rate {summary.error_rate:.2%} is above "
               f"--max-error-rate {args.max_error_rate:.2%}", file=sys.stderr)
         return EXIT_TOO_MANY_ERRORS
     return 0
@@ -431,12 +454,30 @@ def _models(args: argparse.Namespace) -> int:
     shipped = model.bundled()
     if not shipped:
         print("no bundled models in this installation")
-    for name, meta in shipped.items():
-        card = meta.get("card", {})
-        print(f"{name}: {card.get('headline', '')}")
-        print(f"    {len(meta.get('members') or [meta.get('weights')])} model(s); card: "
+    for name, info in shipped.items():
+        print(f"{name}: {info.card.get('headline', '')}")
+        print(f"    {info.members} model(s); card: "
               f"{os.path.join(model.BUNDLED, name, model.CARD)}")
     return 0
+
+
+EXIT_NOT_BETTER = 1  # compare: B is not better beyond the interval
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from . import compare, model, runtime, shards, storage
+
+    for name in (args.model_a, args.model_b):  # a wrong MODEL or LABELLED, before Ray starts
+        model.read_info(model.resolve(name))
+    shards.read_manifest(storage.normalize(args.labelled))
+    with runtime.session(args.address, args.verbose):
+        result = compare.run(args.model_a, args.model_b, args.labelled, split=args.split,
+                             resamples=args.resamples, seed=args.seed)
+    if args.json:
+        storage.write_text(storage.normalize(args.json), json.dumps(result.to_dict(), indent=2))
+    return 0 if result.b_is_better else EXIT_NOT_BETTER
 
 
 def _evaluate(args: argparse.Namespace) -> int:

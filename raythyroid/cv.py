@@ -38,7 +38,7 @@ def pooled_metrics(totals: list) -> dict | None:
     a pooled score on new frames does; the mean over folds weighs every fold alike."""
     if not totals or any(t is None for t in totals):
         return None
-    summed = sum((metrics.Totals.from_vector(t) for t in totals), metrics.Totals())
+    summed = sum((metrics.Totals.read(t) for t in totals), metrics.Totals())
     return {k: v for k, v in summed.metrics().items() if k in REPORTED}
 
 
@@ -177,10 +177,11 @@ def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
     from . import model as model_lib
 
     loaded = [model_lib.load(storage.join(run_uri, f"fold-{k}", "model")) for k in range(folds)]
-    chosen = shared_inference([meta["training"]["inference_variants"] for _, meta in loaded])
+    chosen = shared_inference([info.inference_variants for _, info in loaded])
     first = loaded[0][1]
     model_lib.save_ensemble([net for net, _ in loaded], storage.join(run_uri, "model"), {
-        "prep": first["prep"], "classes": first["classes"], "threshold": chosen["threshold"],
+        "prep": first.prep.to_dict(), "classes": model_lib.CLASS_NAMES,
+        "threshold": chosen["threshold"],
         "tta": chosen["tta"], "tta_zoom": chosen["tta_zoom"],
         "postprocess": {"keep_largest": chosen["keep_largest"]},
         "training": {"config": summary["config"], "cross_validation": {
@@ -188,7 +189,7 @@ def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
             **{k: v for k, v in summary.items() if k.endswith(("_mean", "_std", "_pooled"))},
             "inference_pooled": chosen["pooled"],
             "inference_variants": chosen["variants"]}},
-        "data": first["data"],
+        "data": first.data,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     return chosen

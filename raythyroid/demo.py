@@ -49,9 +49,9 @@ def run(workdir: str, frames: int = DEMO_FRAMES, seed: int = 0,
                         options=infer.InferOptions(workers=1), log=log)
     history = [json.loads(line) for line in
                storage.read_text(f"{run_dir}/history.jsonl").splitlines()]
-    reports = {"infer": summary["report"], "train": f"{run_dir}/report/index.html"}
+    reports = {"infer": summary.report, "train": f"{run_dir}/report/index.html"}
     log(f"demo: done in {time.time() - started:.0f} s. Open the reports in a browser:\n"
         f"  what the run found:   {reports['infer']}\n"
         f"  how the model trained: {reports['train']}")
-    return {"metrics": summary.get("metrics"), "reports": reports, "history": history,
+    return {"metrics": summary.metrics, "reports": reports, "history": history,
             "seconds": time.time() - started}

@@ -111,12 +111,11 @@ class TeacherPredictor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.net, meta = model_lib.load(model_lib.resolve(model_uri), self.device,
+        self.net, info = model_lib.load(model_lib.resolve(model_uri), self.device,
                                         member=member)
         self.bf16 = model_lib.resolve_bf16(precision, self.device)
-        self.tta = bool(meta.get("tta"))
-        self.zoom = model_lib.tta_zoom(meta)
-        self.post = postprocess.PostConfig.from_model(meta)
+        self.tta, self.zoom = info.inference.tta, info.inference.tta_zoom
+        self.post = info.inference.post
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -312,24 +311,26 @@ def _student_set(taught_uri: str, config: training.TrainConfig, size: int,
                              held_out=held_out).materialize()
 
 
-def _check_teacher(teacher: str, manifest: dict, folds: int, seed: int) -> dict:
+def _check_teacher(teacher: str, manifest: dict, folds: int, seed: int):
+    """The teacher's ModelInfo, once it is known to fit DATA and --folds."""
     from . import model as model_lib
 
-    meta = model_lib.read_metadata(model_lib.resolve(teacher))
-    if meta["prep"] != manifest["prep"]:
-        raise UserError(f"the teacher {teacher} prepares frames with {json.dumps(meta['prep'])}"
-                        f", DATA with {json.dumps(manifest['prep'])}: preprocess DATA with "
-                        f"the teacher's settings (--size {meta['prep']['size']})")
-    members = len(meta.get("members") or [])
+    info = model_lib.read_info(model_lib.resolve(teacher))
+    if info.prep != imaging.PrepConfig.from_dict(manifest["prep"]):
+        raise UserError(f"the teacher {teacher} prepares frames with "
+                        f"{json.dumps(info.prep.to_dict())}, DATA with "
+                        f"{json.dumps(manifest['prep'])}: preprocess DATA with the teacher's "
+                        f"settings (--size {info.prep.size})")
+    members = info.members if info.ensemble else 0
     if folds and members != folds:
         raise UserError(f"--folds {folds} needs a teacher that cv built with {folds} folds "
                         f"(its member k trained without fold k); {teacher} has "
                         f"{members or 'no'} members")
-    cv_seed = ((meta.get("training") or {}).get("config") or {}).get("seed")
-    if folds and cv_seed is not None and cv_seed != seed:
-        raise UserError(f"{teacher}'s cv dealt its folds with --seed {cv_seed}: give the same "
-                        f"--seed, or fold k's teacher would have trained on fold k's frames")
-    return meta
+    if folds and info.cv_seed is not None and info.cv_seed != seed:
+        raise UserError(f"{teacher}'s cv dealt its folds with --seed {info.cv_seed}: give the "
+                        f"same --seed, or fold k's teacher would have trained on fold k's "
+                        f"frames")
+    return info
 
 
 def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
@@ -343,7 +344,7 @@ def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
     if storage.exists(finished):
         log(f"distill: {run_uri} is already finished; nothing to do")
         return json.loads(storage.read_text(finished))
-    meta = _check_teacher(teacher, manifest, options.folds, config.seed)
+    info = _check_teacher(teacher, manifest, options.folds, config.seed)
     if not manifest["counts"].get("val") and not options.folds:
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
     if options.from_teacher and config.init:
@@ -352,7 +353,7 @@ def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
         data, manifest, ["train", "val", "test"], ["source_uri"])}
     unlabelled, problems = list_unlabelled(options.unlabelled, data_sources, log)
     teacher_ref = teacher if model_lib.resolve(teacher) != teacher else storage.normalize(teacher)
-    provenance = {"teacher": teacher_ref, "teacher_weights": meta["weights_sha256"][:16],
+    provenance = {"teacher": teacher_ref, "teacher_weights": info.weights_sha256[:16],
                   # a PACS query as written: its credentials come from the environment
                   "unlabelled": [u if dicomweb.is_dicomweb(u) else storage.normalize(u)
                                  for u in options.unlabelled],
@@ -440,7 +441,7 @@ def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelle
     summary = {"k": options.folds, "data": data, "config": config.to_dict(),
                "distillation": provenance, "folds": results}
     for which in ("last_totals", "inference_totals"):
-        summed = sum((metrics.Totals.from_vector(r[which]) for r in results), metrics.Totals())
+        summed = sum((metrics.Totals.read(r[which]) for r in results), metrics.Totals())
         summary[which.replace("totals", "pooled")] = summed.metrics()
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     log(f"distill: cv pooled n_IoU {summary['last_pooled']['n_iou']:.4f} at the last epoch, "
@@ -455,14 +456,15 @@ def _member_folder(teacher: str, member: int, folder: str) -> str:
     from . import model as model_lib
 
     if not storage.exists(storage.join(folder, model_lib.MODEL_JSON)):
-        net, meta = model_lib.load(model_lib.resolve(teacher), member=member)
-        kept = {k: v for k, v in meta.items()
-                if k in ("prep", "classes", "threshold", "tta", "tta_zoom", "postprocess")}
-        model_lib.save(net, folder, dict(kept, member_of=teacher, member=member))
+        net, info = model_lib.load(model_lib.resolve(teacher), member=member)
+        model_lib.save(net, folder, {"prep": info.prep.to_dict(),
+                                     "classes": model_lib.CLASS_NAMES,
+                                     **info.inference.to_json(), "member_of": teacher,
+                                     "member": member})
     return folder
 
 
-def _chosen_totals(inference: dict) -> list:
+def _chosen_totals(inference: dict) -> dict:
     """The totals of the variant a fold's student chose on its validation frames."""
     post = inference["postprocess"]
     return next(v["val_totals"] for v in inference["val_variants"]

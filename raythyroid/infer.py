@@ -24,7 +24,6 @@ import pyarrow as pa
 from . import (claim, dicomweb, evaluate, imaging, metrics, outputs, postprocess, report,
                results, runtime, sources, storage, telemetry)
 from .errors import UserError
-from .imaging import PrepConfig
 
 
 @dataclass(frozen=True)
@@ -60,13 +59,13 @@ class Predictor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.net, meta = model_lib.load(model_lib.resolve(model_uri), self.device,
+        self.net, info = model_lib.load(model_lib.resolve(model_uri), self.device,
                                         first_member_only=fast)
         if compile_model:  # one fixed batch shape (see __call__), so one compilation
             self.net = torch.compile(self.net)
         self.bf16 = model_lib.resolve_bf16(precision, self.device)
         self.tta = tta
-        self.zoom = model_lib.tta_zoom(meta) if tta else 0.0  # TTA as the model chose it
+        self.zoom = info.inference.tta_zoom if tta else 0.0  # TTA as the model chose it
         self.batch_size = batch_size
         self.keep_images = keep_images  # for the review overlays finish_block draws
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -164,8 +163,8 @@ def _attach_labels(table: pa.Table, by_base: dict | None) -> pa.Table:
 
 
 def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
-        options: InferOptions = InferOptions(), log=print) -> dict:
-    """Segment INPUT into OUTPUT; returns a summary (and metrics with labels)."""
+        options: InferOptions = InferOptions(), log=print) -> claim.InferSummary:
+    """Segment INPUT into OUTPUT; returns its summary (with metrics, given labels)."""
     from . import model as model_lib
 
     started = time.time()
@@ -181,13 +180,12 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     else:
         input_uri = identity = storage.normalize(input_uri)
     # fail fast, before listing millions of files
-    meta = model_lib.read_metadata(model_uri, first_member_only=options.fast)
-    prep = PrepConfig.from_dict(meta["prep"])
-    post = postprocess.PostConfig.from_model(meta)
+    info = model_lib.read_info(model_uri, first_member_only=options.fast)
+    prep, post = info.prep, info.inference.post
     if options.fast:
         options = dataclasses.replace(options, tta=False)
     elif options.tta is None:
-        options = dataclasses.replace(options, tta=bool(meta.get("tta", False)))
+        options = dataclasses.replace(options, tta=info.inference.tta)
     table, problems = sources.list_inputs(input_uri, lambda line: log(f"infer: {line}"))
     if table.num_rows == 0 and not problems and not dicomweb.is_dicomweb(input_uri):
         raise UserError(f"no images found under {input_uri}")  # a PACS may have a quiet night
@@ -199,8 +197,8 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
            "model": model_ref if bundled else model_uri,
            # the inference applied: a model retrained in place, a model.json chosen again or
            # another TTA flag would give other masks for the same keys
-           "weights": meta["weights_sha256"][:16], "tta": options.tta,
-           "tta_zoom": model_lib.tta_zoom(meta) if options.tta else 0.0,
+           "weights": info.weights_sha256[:16], "tta": options.tta,
+           "tta_zoom": info.inference.tta_zoom if options.tta else 0.0,
            "postprocess": post.to_dict()}
     claim.claim_output(output, dict(job, fast=True) if options.fast else job)
     storage.delete(storage.join(output, results.SUCCESS))
@@ -214,33 +212,49 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     record = {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(
                   timespec="seconds"),
               "processed": pending.num_rows + len(problems),
-              "model_card": model_lib.headline(meta)}
+              "model_card": info.headline}
     with telemetry.tracked("infer", run_id, options.metrics_port,
                            pending.num_rows + len(problems)) as progress:
-        _process(model_ref, output, label_index, options, pending, problems, prep, post,
-                 _seg_settings(meta, options), run_id, progress, log)
+        plan = Plan(model_ref=model_ref, output=output, options=options, prep=prep, post=post,
+                    seg=_seg_settings(info, options), run_id=run_id, labels=label_index)
+        _process(plan, pending, problems, progress, log)
         return _finish(output, table, problems, labels, options, started, record, log)
 
 
-def _seg_settings(meta: dict, options: InferOptions) -> dict | None:
+def _seg_settings(info, options: InferOptions) -> dict | None:
     if not (options.dicom_seg or options.stow):
         return None
     # the weights' identity enters every SEG UID: another model's SEG is another object
-    return {"stow": options.stow, "model_id": meta["weights_sha256"][:32]}
+    return {"stow": options.stow, "model_id": info.weights_sha256[:32]}
 
 
-def _process(model_uri, output, label_index, options, pending, problems, prep, post, seg, run_id,
-             progress, log) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What this run does to every pending input, settled by the driver before the first read."""
+
+    model_ref: str  # a bundled model's name (each node resolves it), else its URI
+    output: str
+    options: InferOptions
+    prep: imaging.PrepConfig
+    post: postprocess.PostConfig
+    seg: dict | None  # _seg_settings: SEG (and STOW) or none
+    run_id: str  # the lease every commit checks
+    labels: dict | None  # label files by input key (--labels), else None
+
+
+def _process(plan: Plan, pending: pa.Table, problems: list[dict], progress, log) -> None:
     import ray
 
+    output, options, seg = plan.output, plan.options, plan.seg
+
     if problems:
+        empty = {name: None for name in results.RESULT_SCHEMA.names}
         results.write_results(output, pa.Table.from_pylist(
-            [dict({n: None for n in results.RESULT_SCHEMA.names}, status="error", **p) for p in problems],
-            schema=results.RESULT_SCHEMA))
+            [dict(empty, status="error", **p) for p in problems], schema=results.RESULT_SCHEMA))
         progress.advance(len(problems), len(problems))
 
     if pending.num_rows:
-        pending = _attach_labels(pending, label_index)
+        pending = _attach_labels(pending, plan.labels)
         blocks = [pending.slice(i, options.block_size)
                   for i in range(0, pending.num_rows, options.block_size)]
         cpus, threads = runtime.plan_workers(options.workers, options.gpu,
@@ -248,7 +262,7 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
         review = {"size": options.review, "bar": SharedReviewBar.start(options.review)} \
             if options.review > 0 else None
         ds = (ray.data.from_arrow(blocks)
-              .map_batches(sources.read_and_prepare, fn_kwargs={"prep": prep.to_dict(),
+              .map_batches(sources.read_and_prepare, fn_kwargs={"prep": plan.prep.to_dict(),
                                                         "max_pixels": options.max_pixels,
                                                         "keep_header": seg is not None},
                            batch_size=None, batch_format="pyarrow",
@@ -258,7 +272,7 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                            # runs beside the model, not in front of it
                            memory=sources.READ_TASK_MEMORY)
               .map_batches(Predictor,
-                           fn_constructor_kwargs={"model_uri": model_uri, "gpu": options.gpu,
+                           fn_constructor_kwargs={"model_uri": plan.model_ref, "gpu": options.gpu,
                                                   "tta": options.tta, "threads": threads,
                                                   "precision": options.precision,
                                                   "batch_size": options.batch_size,
@@ -271,8 +285,8 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
                            batch_size=None, batch_format="numpy",
                            num_cpus=cpus, num_gpus=1 if options.gpu else 0)
               .map_batches(outputs.finish_block,
-                           fn_kwargs={"output": output, "post": post.to_dict(),
-                                      "max_pixels": options.max_pixels, "run_id": run_id,
+                           fn_kwargs={"output": output, "post": plan.post.to_dict(),
+                                      "max_pixels": options.max_pixels, "run_id": plan.run_id,
                                       "seg": seg, "review": review},
                            batch_size=None, batch_format="numpy"))
         printer = telemetry.ProgressPrinter(progress, log)
@@ -283,20 +297,18 @@ def _process(model_uri, output, label_index, options, pending, problems, prep, p
             printer.update()
 
 
-def _finish(output, table, problems, labels, options, started, record, log) -> dict:
+def _finish(output, table, problems, labels, options, started, record, log
+            ) -> claim.InferSummary:
     summary = claim.summarize(output, table, problems, labels is not None)
     storage.write_text(storage.join(output, results.SUCCESS), json.dumps(
-        {"images": summary["rows"], "errors": summary["errors"], "skipped": summary["skipped"],
+        {"images": summary.rows, "errors": summary.errors, "skipped": summary.skipped,
          "seconds": round(time.time() - started, 1), **record}))
-    summary["report"] = report.write_at_end(output, options.review or report.REVIEW_SIZE)
-    log(f"infer: {summary['rows']} results, {summary['errors']} errors, "
-        f"{summary['skipped']} skipped (not images), {summary['nodules']} with a nodule; "
-        f"masks in {storage.join(output, results.MASKS)}; report: {summary['report']}")
-    if summary.get("metrics"):
-        log(metrics.table(summary["metrics"], "infer, pooled over all labelled images"))
-    # skipped rows (reports, plans, waveforms) are neither failures nor inputs to segment
-    rate = summary["errors"] / max(summary["rows"] - summary["skipped"], 1)
-    summary["error_rate"] = rate
-    if options.max_error_rate is not None and rate > options.max_error_rate:
-        summary["too_many_errors"] = True
+    summary = dataclasses.replace(
+        summary, report=report.write_at_end(output, options.review or report.REVIEW_SIZE),
+        max_error_rate=options.max_error_rate)
+    log(f"infer: {summary.rows} results, {summary.errors} errors, "
+        f"{summary.skipped} skipped (not images), {summary.nodules} with a nodule; "
+        f"masks in {storage.join(output, results.MASKS)}; report: {summary.report}")
+    if summary.metrics:
+        log(metrics.table(summary.metrics, "infer, pooled over all labelled images"))
     return summary

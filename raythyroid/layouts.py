@@ -221,12 +221,31 @@ def read_ddti(root: str) -> tuple[list[Pair], list[Problem]]:
     return pairs, problems
 
 
-def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
+SEGS_FROM = ("people", "any")  # which SEGs teach: a person's, or raythyroid's own too
+SEVERAL_SEGS = ("newest", "refuse")  # one frame annotated by several SEGs
+
+
+@dataclass(frozen=True)
+class DicomRules:
+    """Which SEGs of a dicom layout become masks. By default a person's: raythyroid's own
+    SEGs, stored by infer and never edited, would teach the model its own mistakes; and of
+    several SEGs of one frame the newest, a radiologist's latest correction."""
+
+    segs_from: str = "people"
+    several: str = "newest"
+
+    def __post_init__(self):
+        if self.segs_from not in SEGS_FROM or self.several not in SEVERAL_SEGS:
+            raise UserError(f"SEGs from {self.segs_from!r}, several {self.several!r}: choose "
+                            f"from {', '.join(SEGS_FROM)} and {', '.join(SEVERAL_SEGS)}")
+
+
+def read_dicom(root: str, rules: DicomRules = DicomRules()) -> tuple[list[Pair], list[Problem]]:
     """DICOM images annotated by DICOM SEG objects, as hospitals store them: every SEG's nodule
     segment (the one labelled or coded as a nodule, or its only segment) pairs each of its
-    frames with the source instance and frame it references. Keys are the image's path
-    (without extension), `#frame` added for multi-frame images; the case, a hash of the
-    patient, is read from the image when it is prepared. Only headers are read here."""
+    frames with the source instance and frame it references, under `rules`. Keys are the
+    image's path (without extension), `#frame` added for multi-frame images; the case, a hash
+    of the patient, is read from the image when it is prepared. Only headers are read here."""
     from . import imaging
     from .dicom import read as dicom_read, seg_read
 
@@ -261,14 +280,39 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
             else:
                 images[str(ds.get("SOPInstanceUID", ""))] = (
                     uri, int(ds.get("NumberOfFrames", 1) or 1))
-    pairs: dict[str, Pair] = {}
-    annotated: set[str] = set()
+    found, ours = _annotations(root, segs, images, rules, problems)
+    pairs = _chosen_annotations(found, rules, problems)
+    annotated = {sop_uid for sop_uid, _ in found.values()}
+    for sop_uid, (uri, _) in sorted(images.items(), key=lambda item: item[1][0]):
+        if sop_uid in annotated:
+            continue
+        key = _stem(storage.relative(uri, root))
+        if sop_uid in ours:
+            problems.append(Problem(key, uri, "annotated only by raythyroid's own SEG, which no "
+                                              "person edited (--segs-from any learns from it)",
+                                    "skipped"))
+        else:
+            problems.append(Problem(key, uri, "no SEG references this image"))
+    return [pairs[k] for k in sorted(pairs)], problems
+
+
+def _annotations(root, segs, images, rules, problems) -> tuple[dict, set[str]]:
+    """Every frame key -> (the instance it is a frame of, [(made at, SEG uri, Pair)] in listing
+    order) from the SEGs `rules` lets teach; and the instances raythyroid's own SEGs annotate."""
+    from . import imaging
+    from .dicom import seg_read
+
+    found: dict[str, tuple[str, list]] = {}
+    ours: set[str] = set()
     for seg_uri, ds in segs:
         seg_key = _stem(storage.relative(seg_uri, root))
         try:
             references = seg_read.nodule_references(ds)
         except imaging.DecodeError as exc:
             problems.append(Problem(seg_key, seg_uri, str(exc), "mask"))
+            continue
+        if rules.segs_from == "people" and seg_read.made_by_raythyroid(ds):
+            ours.update(ref.sop_instance_uid for ref in references)
             continue
         for ref in references:
             if ref.sop_instance_uid not in images:
@@ -278,20 +322,34 @@ def read_dicom(root: str) -> tuple[list[Pair], list[Problem]]:
             uri, frames = images[ref.sop_instance_uid]
             frame = ref.frame if frames > 1 else None
             key = _stem(storage.relative(uri, root)) + (f"#{frame or 1}" if frames > 1 else "")
-            if key in pairs:
-                problems.append(Problem(key, seg_uri, f"second annotation of this frame (first in "
-                                                      f"{storage.basename(pairs[key].mask_uri)})",
-                                        "mask"))
+            pair = Pair(key, key.split("#")[0], uri, mask_uri=seg_uri,
+                        frame=frame or (1 if frames > 1 else None), mask_frame=ref.seg_frame)
+            found.setdefault(key, (ref.sop_instance_uid, []))[1].append(
+                (seg_read.made_at(ds), seg_uri, pair))
+    return found, ours
+
+
+def _chosen_annotations(found: dict, rules: DicomRules, problems: list) -> dict[str, Pair]:
+    """One annotation per frame: the newest (ties: the last listed), or with several
+    refused, the first listed, and an error row for every other."""
+    pairs = {}
+    for key, (_, candidates) in found.items():
+        if rules.several == "refuse":
+            chosen = candidates[0]
+        else:
+            chosen = max(candidates, key=lambda c: (c[0], c[1]))
+        pairs[key] = chosen[2]
+        for made, seg_uri, _ in candidates:
+            if seg_uri == chosen[1]:
                 continue
-            annotated.add(ref.sop_instance_uid)
-            pairs[key] = Pair(key, key.split("#")[0], uri, mask_uri=seg_uri,
-                              frame=frame or (1 if frames > 1 else None),
-                              mask_frame=ref.seg_frame)
-    for sop_uid, (uri, _) in sorted(images.items(), key=lambda item: item[1][0]):
-        if sop_uid not in annotated:
-            problems.append(Problem(_stem(storage.relative(uri, root)), uri,
-                                    "no SEG references this image"))
-    return [pairs[k] for k in sorted(pairs)], problems
+            if rules.several == "refuse":
+                problems.append(Problem(key, seg_uri, f"second annotation of this frame (first "
+                                        f"in {storage.basename(chosen[1])}; --several-segs "
+                                        f"newest keeps the newest)", "mask"))
+            else:
+                problems.append(Problem(key, seg_uri, f"an older annotation of this frame than "
+                                        f"{storage.basename(chosen[1])}", "skipped"))
+    return pairs
 
 
 READERS = {"folders": read_folders, "ddti": read_ddti, "tn3k": read_tn3k, "tnscui": read_tnscui,
@@ -321,12 +379,14 @@ def detect(root: str) -> str:
                     f"DICOM images with DICOM SEG annotations; pass --layout")
 
 
-def scan(root: str, layout: str = "auto") -> tuple[str, list[Pair], list[Problem]]:
+def scan(root: str, layout: str = "auto", rules: DicomRules = DicomRules()
+         ) -> tuple[str, list[Pair], list[Problem]]:
+    """(layout, pairs, problems) of a dataset; `rules` choose a dicom layout's masks."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: choose from {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect(root)
-    pairs, problems = READERS[layout](root)
+    pairs, problems = read_dicom(root, rules) if layout == "dicom" else READERS[layout](root)
     if not pairs:
         raise UserError(f"no image/mask pairs found in {root} with the {layout} layout")
     return layout, pairs, problems

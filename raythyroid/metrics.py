@@ -11,7 +11,7 @@ null: an empty run found nothing, it did not score perfectly.
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import numpy as np
 
@@ -127,8 +127,18 @@ class Totals:
         return Totals.from_vector([a + b for a, b in zip(self.to_vector(), other.to_vector())])
 
     def to_vector(self) -> list[float]:
-        """As numbers in a fixed order, for an all-reduce."""
+        """As numbers in a fixed order, for an all-reduce; files keep `to_record`."""
         return [float(v) for v in astuple(self)]
+
+    def to_record(self) -> dict:
+        """By field name: what history rows, fold records and model.json keep."""
+        return asdict(self)
+
+    @classmethod
+    def read(cls, kept: "dict | list") -> "Totals":
+        """Totals as a file kept them: by name, or as the bare vector (tn, fp, fn, tp, iou_sum,
+        with_nodule, images) versions before named fields wrote."""
+        return cls(**kept) if isinstance(kept, dict) else cls.from_vector(kept)
 
     @classmethod
     def from_vector(cls, values) -> "Totals":

@@ -11,16 +11,20 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .imaging import PrepConfig
+from .postprocess import PostConfig
+
 MODEL_FORMAT = "raythyroid-model/1"
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
 CARD = "CARD.md"
+CLASS_NAMES = ["background", "nodule"]  # the softmax's channels, in order (model.json)
 # models shipped inside the package: MODEL may name one of these folders (`raythyroid models`)
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
@@ -133,11 +137,6 @@ def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 TTA_ZOOM = 0.8
 
 
-def tta_zoom(meta: dict) -> float:
-    """The zoomed-out view a model.json chose (0: none); it is part of its TTA."""
-    return float(meta.get("tta_zoom") or 0.0) if meta.get("tta") else 0.0
-
-
 def describe_tta(tta: bool, zoom: float) -> str:
     return ("flip" + (f" + zoom {zoom:g}" if zoom else "")) if tta else "none"
 
@@ -242,26 +241,105 @@ def resolve(model: str) -> str:
     return bundled if os.path.exists(os.path.join(bundled, MODEL_JSON)) else model
 
 
-def bundled() -> dict[str, dict]:
-    """Name -> model.json of every model shipped inside the package."""
+def bundled() -> dict[str, ModelInfo]:
+    """Name -> ModelInfo of every model shipped inside the package (weights not hashed)."""
     found = {}
     for name in sorted(os.listdir(BUNDLED)) if os.path.isdir(BUNDLED) else []:
         path = os.path.join(BUNDLED, name, MODEL_JSON)
         if os.path.exists(path):
             with open(path) as f:
-                found[name] = json.load(f)
+                found[name] = ModelInfo.from_json(json.load(f))
     return found
 
 
-def read_metadata(folder: str, first_member_only: bool = False) -> dict:
-    """model.json of a model folder (local or s3://) plus `weights_sha256`, the identity of
+@dataclass(frozen=True)
+class Inference:
+    """How a model is applied, as chosen on validation: TTA (the frame and its mirror image,
+    and with `tta_zoom` a zoomed-out view, 0 without TTA) and the post-processing."""
+
+    tta: bool = False
+    tta_zoom: float = 0.0
+    post: PostConfig = PostConfig()
+
+    @classmethod
+    def from_json(cls, meta: dict) -> "Inference":
+        """model.json's keys; a model.json from before the zoomed view or a setting added
+        since reads as none or the setting's default."""
+        tta = bool(meta.get("tta", False))
+        return cls(tta=tta, tta_zoom=float(meta.get("tta_zoom") or 0.0) if tta else 0.0,
+                   post=PostConfig(threshold=float(meta.get("threshold", 0.5)),
+                                   **meta.get("postprocess", {})))
+
+    def to_json(self) -> dict:
+        """The keys model.json keeps the inference under."""
+        return {"threshold": self.post.threshold, "tta": self.tta, "tta_zoom": self.tta_zoom,
+                "postprocess": {k: v for k, v in self.post.to_dict().items()
+                                if k != "threshold"}}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model folder's model.json as every room reads it. `from_json` is its one reader and
+    absorbs what older versions wrote; what a run records about itself (training, data, the
+    card, a distillation) is provenance, kept as written for reports to show."""
+
+    architecture: UNetConfig
+    prep: PrepConfig
+    inference: Inference
+    members: int = 1  # networks averaged (an ensemble's members; 1 for a single network)
+    ensemble: bool = False
+    weights_sha256: str = ""  # of the weights read (an ensemble's first alone with --fast)
+    card: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    created: str | None = None
+    distillation: dict | None = None
+
+    @classmethod
+    def from_json(cls, meta: dict, weights_sha256: str = "") -> "ModelInfo":
+        members = meta.get("members")
+        return cls(architecture=UNetConfig.from_dict(meta["architecture"]),
+                   prep=PrepConfig.from_dict(meta["prep"]),
+                   inference=Inference.from_json(meta),
+                   members=len(members) if members else 1, ensemble=bool(members),
+                   weights_sha256=weights_sha256, card=meta.get("card") or {},
+                   training=meta.get("training") or {}, data=meta.get("data") or {},
+                   created=meta.get("created"), distillation=meta.get("distillation"))
+
+    @property
+    def headline(self) -> str:
+        """One line on how good the model is: its card's for a shipped model, else its
+        training's."""
+        if self.card.get("headline"):
+            return self.card["headline"]
+        best = (self.training.get("best_val") or {}).get("n_iou")
+        epochs = self.training.get("epochs_run")
+        parts = [f"validation n_IoU {best:.3f}" if isinstance(best, (int, float)) else None,
+                 f"{epochs} epochs" if epochs else None,
+                 f"trained {self.created[:10]}" if self.created else None,
+                 f"ensemble of {self.members}" if self.ensemble else None]
+        return ", ".join(p for p in parts if p) or "no training record"
+
+    @property
+    def cv_seed(self) -> int | None:
+        """The seed a cv ensemble dealt its folds with (None when not recorded)."""
+        return (self.training.get("config") or {}).get("seed")
+
+    @property
+    def inference_variants(self) -> list[dict]:
+        """Every inference tried on validation with its scores (train.choose_inference)."""
+        return self.training.get("inference_variants") or []
+
+
+def read_info(folder: str, first_member_only: bool = False) -> ModelInfo:
+    """A model folder (local or s3://) -> its ModelInfo, with `weights_sha256` the identity of
     the weights it names (an ensemble's first member alone when asked: infer --fast); the
     weights are read to hash them, not built into a network."""
     return _read_folder(folder, first_member_only)[0]
 
 
 def _read_folder(folder: str, first_member_only: bool, member: int | None = None
-                 ) -> tuple[dict, list[bytes]]:
+                 ) -> tuple[ModelInfo, list[bytes]]:
     from . import storage
     from .errors import UserError
 
@@ -284,40 +362,25 @@ def _read_folder(folder: str, first_member_only: bool, member: int | None = None
     for name in files[:1] if first_member_only else files:
         weights.append(storage.read_bytes(storage.join(folder, name)))
         digest.update(weights[-1])
-    meta["weights_sha256"] = digest.hexdigest()
-    return meta, weights
-
-
-def headline(meta: dict) -> str:
-    """One line on how good a model is: its card's for a shipped model, else its training's."""
-    card = meta.get("card") or {}
-    if card.get("headline"):
-        return card["headline"]
-    training = meta.get("training") or {}
-    best = (training.get("best_val") or {}).get("n_iou")
-    parts = [f"validation n_IoU {best:.3f}" if isinstance(best, (int, float)) else None,
-             f"{training['epochs_run']} epochs" if training.get("epochs_run") else None,
-             f"trained {meta['created'][:10]}" if meta.get("created") else None,
-             f"ensemble of {len(meta['members'])}" if meta.get("members") else None]
-    return ", ".join(p for p in parts if p) or "no training record"
+    return ModelInfo.from_json(meta, digest.hexdigest()), weights
 
 
 def load(folder: str, device: torch.device | str = "cpu",
          first_member_only: bool = False, member: int | None = None
-         ) -> tuple[nn.Module, dict]:
-    """A model folder (local or s3://) -> (model in eval mode on `device`, its metadata as
-    read_metadata gives it). An ensemble's folder gives an Ensemble, or one member alone when
+         ) -> tuple[nn.Module, ModelInfo]:
+    """A model folder (local or s3://) -> (model in eval mode on `device`, its ModelInfo as
+    read_info gives it). An ensemble's folder gives an Ensemble, or one member alone when
     asked: its first (infer --fast) or `member` (distill's fold teachers)."""
-    meta, blobs = _read_folder(folder, first_member_only, member)
+    info, blobs = _read_folder(folder, first_member_only, member)
     nets = []
     for weights in blobs:
-        net = build(UNetConfig.from_dict(meta["architecture"]))
+        net = build(info.architecture)
         # fp16-stored weights are copied into the fp32 parameters
         net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
                                        weights_only=True))
         nets.append(net)
     model = nets[0] if len(nets) == 1 else Ensemble(nets)
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), info
 
 
 def resolve_bf16(precision: str, device) -> bool:

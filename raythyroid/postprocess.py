@@ -22,11 +22,6 @@ class PostConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_model(cls, meta: dict) -> "PostConfig":
-        """What a model.json chose on validation (threshold, keep_largest)."""
-        return cls(threshold=float(meta.get("threshold", 0.5)), **meta.get("postprocess", {}))
-
 
 def clean_mask(prob: np.ndarray, config: PostConfig = PostConfig()) -> np.ndarray:
     """(H, W) float probability -> bool mask."""

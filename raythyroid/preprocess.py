@@ -12,6 +12,7 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -204,10 +205,25 @@ def clear_output(output: str) -> None:
         storage.delete_tree(storage.join(output, name))
 
 
+@dataclass(frozen=True)
+class Job:
+    """One preprocess run as the driver settled it: where from, where to, and how."""
+
+    input_uri: str
+    output: str
+    layout: str  # as scanned (auto resolved)
+    config: PrepConfig
+    fractions: tuple  # train, val, test
+    seed: int
+    max_pixels: int
+    started: float
+
+
 def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = PrepConfig(),
         fractions=(0.7, 0.2, 0.1), seed: int = 0,
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS, log=print,
-        scanned: tuple | None = None, metrics_port: int | None = None) -> dict:
+        scanned: tuple | None = None, metrics_port: int | None = None,
+        dicom_rules: layouts.DicomRules = layouts.DicomRules()) -> dict:
     """Run the job on the connected Ray cluster; returns the manifest.
 
     `scanned` is `layouts.scan`'s result when the caller listed the input already (the CLI does,
@@ -215,12 +231,13 @@ def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = 
     """
     started = time.time()
     input_uri, output = storage.normalize(input_uri), storage.normalize(output)
-    layout, pairs, problems = scanned or layouts.scan(input_uri, layout)
+    layout, pairs, problems = scanned or layouts.scan(input_uri, layout, dicom_rules)
     log(f"preprocess: {len(pairs)} pairs found ({layout} layout), {len(problems)} unpaired files")
     with telemetry.tracked("preprocess", f"{int(started)}", metrics_port,
                            len(pairs) + len(problems)) as progress:
-        return _run(input_uri, output, layout, pairs, problems, config, fractions, seed,
-                    max_pixels, started, progress, log)
+        job = Job(input_uri=input_uri, output=output, layout=layout, config=config,
+                  fractions=tuple(fractions), seed=seed, max_pixels=max_pixels, started=started)
+        return _run(job, pairs, problems, progress, log)
 
 
 def _prepare(pairs, config, max_pixels, progress, log):
@@ -242,10 +259,9 @@ def _prepare(pairs, config, max_pixels, progress, log):
     return ray.data.from_arrow_refs(blocks) if blocks else preparing.materialize()
 
 
-def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, max_pixels,
-         started, progress, log) -> dict:
+def _run(job: Job, pairs: list, problems: list, progress, log) -> dict:
     progress.advance(len(problems), len(problems))  # unpaired files: error rows already
-    prepared = _prepare(pairs, config, max_pixels, progress, log)
+    prepared = _prepare(pairs, job.config, job.max_pixels, progress, log)
     summary = prepared.select_columns(
         ["key", "case_id", "fixed_split", "source_uri", "sha256", "nodule_kept",
          "error_stage", "error_reason"]).take_all()
@@ -266,10 +282,10 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
     kept = [r for r in good if r["key"] not in duplicates]
     progress.advance(0, len(summary) - len(kept))
     assignment = split.assign(((r["key"], r["case_id"], r["fixed_split"]) for r in kept),
-                              fractions, seed)
+                              job.fractions, job.seed)
 
-    clear_output(output)
-    fs, _ = storage.filesystem(output)
+    clear_output(job.output)
+    fs, _ = storage.filesystem(job.output)
     shard_files, counts, cases = {}, {}, {}
     for name in split.SPLITS:
         keys = {k for k, s in assignment.items() if s == name}
@@ -278,23 +294,23 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
         shard_files[name] = []
         if not keys:
             continue
-        target = storage.join(output, name)
+        target = storage.join(job.output, name)
         storage.make_dirs(target)
         (prepared.map_batches(_select_split, fn_args=(keys, name), batch_format="pyarrow",
                               batch_size=None)
          .write_parquet(storage.filesystem(target)[1], filesystem=fs, min_rows_per_file=1000))
-        shard_files[name] = sorted(storage.relative(u, output)
+        shard_files[name] = sorted(storage.relative(u, job.output)
                               for u in storage.list_files(target, (".parquet",)))
 
     errors.sort(key=lambda e: split.natural_key(e["key"]))
-    storage.write_parquet(storage.join(output, shards.ERRORS),
+    storage.write_parquet(storage.join(job.output, shards.ERRORS),
                           pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
     manifest = {
         "format": "raythyroid-preprocess/2",  # 2: shards carry full_mask
-        "input": input_uri,
-        "layout": layout,
-        "prep": config.to_dict(),
-        "split": {"fractions": list(fractions), "seed": seed, "by": "case"},
+        "input": job.input_uri,
+        "layout": job.layout,
+        "prep": job.config.to_dict(),
+        "split": {"fractions": list(job.fractions), "seed": job.seed, "by": "case"},
         "counts": counts,
         "cases": cases,
         "rows": len(kept),
@@ -305,11 +321,11 @@ def _run(input_uri, output, layout, pairs, problems, config, fractions, seed, ma
         "shards": shard_files,
         "packages": _package_versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(time.time() - job.started, 1),
     }
-    storage.write_text(storage.join(output, shards.MANIFEST), json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(job.output, shards.MANIFEST), json.dumps(manifest, indent=2))
     log(f"preprocess: wrote {len(kept)} rows (train {counts['train']}, val {counts['val']}, "
         f"test {counts['test']}) and {len(errors)} error rows ({manifest['skipped']} of them "
-        f"skipped non-images) to {output} "
+        f"skipped non-images) to {job.output} "
         f"in {manifest['seconds']} s")
     return manifest

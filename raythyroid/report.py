@@ -256,12 +256,15 @@ def write_train(run_uri: str) -> str:
     run_uri = storage.normalize(run_uri)
     folder = storage.join(run_uri, results.REPORT)
     _clear(folder)
-    meta = json.loads(storage.read_text(storage.join(run_uri, "model", "model.json")))
-    training = meta.get("training") or {}
+    from . import model
+
+    info = model.ModelInfo.from_json(json.loads(storage.read_text(
+        storage.join(run_uri, "model", model.MODEL_JSON))))
+    training = info.training
     history = _read_lines(storage.join(run_uri, "history.jsonl"))
     _put(folder, "curves.png", figures.curves(history, training.get("best_epoch")))
     test = _read_json(storage.join(run_uri, "metrics.json")) or {}
-    facts = [("data", (meta.get("data") or {}).get("uri")),
+    facts = [("data", info.data.get("uri")),
              ("epochs", f"{training.get('epochs_run')} run, best {training.get('best_epoch')}"),
              ("workers", training.get("workers")),
              ("recipe", ", ".join(f"{k}={v}" for k, v in (training.get("config") or {}).items()
@@ -271,8 +274,8 @@ def write_train(run_uri: str) -> str:
                 "alt=\"training loss and validation IoU by epoch\">",
                 _scores_section([("validation, best epoch", training.get("best_val") or {}),
                                  ("test split", test)]),
-                _variants_section(meta),
-                _worst_validation_section(run_uri, meta, folder)]
+                _variants_section(info),
+                _worst_validation_section(run_uri, info, folder)]
     return _write_page(folder, "raythyroid train report", sections)
 
 
@@ -330,12 +333,12 @@ def _tta(variant: dict) -> str:
     return model.describe_tta(bool(variant.get("tta")), variant.get("tta_zoom", 0.0))
 
 
-def _variants_section(meta: dict) -> str:
+def _variants_section(info) -> str:
     """The inference the model ships with and why: every variant's validation score."""
-    variants = (meta.get("training") or {}).get("inference_variants") or []
-    chosen = {"tta": meta.get("tta"), "tta_zoom": meta.get("tta_zoom", 0.0),
-              "threshold": meta.get("threshold"),
-              "keep_largest": (meta.get("postprocess") or {}).get("keep_largest", 0)}
+    variants = info.inference_variants
+    chosen = {"tta": info.inference.tta, "tta_zoom": info.inference.tta_zoom,
+              "threshold": info.inference.post.threshold,
+              "keep_largest": info.inference.post.keep_largest}
     said = html.escape(f"TTA {_tta(chosen)}, threshold {chosen['threshold']}, components "
                        f"kept {chosen['keep_largest'] or 'all'}")
     lines = [f"<h2>inference</h2><p>chosen on validation: {said}</p>"]
@@ -349,11 +352,11 @@ def _variants_section(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _worst_validation_section(run_uri: str, meta: dict, folder: str) -> str:
+def _worst_validation_section(run_uri: str, info, folder: str) -> str:
     """The validation frames the shipped model does worst on, redrawn from the prepared data
     with the chosen inference (label green, prediction red)."""
     try:
-        worst = _validation_scores(run_uri, meta)
+        worst = _validation_scores(run_uri, info)
     except Exception as exc:  # the data moved or is unreadable: the rest of the page stands
         return (f"<h2>the worst validation frames</h2><p class=\"note\">not drawn: "
                 f"{html.escape(storage.describe_error(exc))}</p>")
@@ -369,25 +372,25 @@ def _worst_validation_section(run_uri: str, meta: dict, folder: str) -> str:
             + "\n".join(cells) + "</div>")
 
 
-def _validation_scores(run_uri: str, meta: dict) -> list[tuple[float, str, bytes]]:
+def _validation_scores(run_uri: str, info) -> list[tuple[float, str, bytes]]:
     """(IoU in original geometry, key, overlay) of the worst validation frames, worst first."""
     import torch
 
     from . import imaging, model, postprocess, shards
 
-    data = meta["data"]["uri"]
+    data = info.data["uri"]
     rows = shards.read_rows(data, shards.read_manifest(data), "val",
                             ["key", "image", "geometry", "full_mask"])
     net, _ = model.load(storage.join(run_uri, "model"))
-    post = postprocess.PostConfig.from_model(meta)
+    post = info.inference.post
     scored = []
     for start in range(0, len(rows), 16):
         part = rows[start:start + 16]
         images = np.stack([imaging.decode_png(r["image"]) for r in part])
         with torch.no_grad():
             prob = model.nodule_probability(net, torch.from_numpy(images), torch.device("cpu"),
-                                            flip_tta=bool(meta.get("tta")),
-                                            zoom=model.tta_zoom(meta)).numpy()
+                                            flip_tta=info.inference.tta,
+                                            zoom=info.inference.tta_zoom).numpy()
         for row, image, p in zip(part, images, prob):
             geometry = imaging.Geometry.from_dict(row["geometry"])
             mask = postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)

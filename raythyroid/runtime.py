@@ -23,6 +23,13 @@ def init(address: str | None = None, verbose: bool = False) -> bool:
     if address == "local" and os.environ.get("RAYTHYROID_RAY_METRICS_PORT"):
         # a fixed port for Ray's metrics agent, so a local Prometheus can scrape worker metrics
         options["_metrics_export_port"] = int(os.environ["RAYTHYROID_RAY_METRICS_PORT"])
+    if address == "local":
+        # cv trains folds side by side, each with its workers and Ray Data's tasks on
+        # fractional CPUs: more Python workers than 4x the cores, by design. A raylet counts
+        # that against how many workers it may start at once (one per core) and prints a
+        # worker-pool warning on the user's terminal; the raylet this call starts allows more.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency",
+                              str(4 * (os.cpu_count() or 1)))
     storage_env = storage_environment()
     ray.init(address=address, logging_level=logging.WARNING,
              # workers' output (Ray Train's and Ray Data's own lines, actor prefixes) stays in

@@ -175,7 +175,7 @@ def test_hostile_names_stay_inside_output(s3, trained_run):
     output = storage.join(bucket, "out")
     summary = infer.run(storage.join(run_uri, "model"), storage.join(bucket, "in"), output,
                         log=lambda *_: None)
-    assert summary["rows"] == len(names) and summary["errors"] == 0
+    assert summary.rows == len(names) and summary.errors == 0
     keys = [r["key"] for r in results.read_results(output).to_pylist()]
     for key in keys:
         assert ".." not in key.split("/") and not key.startswith("/") and len(key) <= 180

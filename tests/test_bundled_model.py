@@ -24,9 +24,10 @@ def held_out_frames(ddti) -> list:
 def test_the_bundled_model_is_listed_with_its_card(tmp_path, monkeypatch):
     shipped = model.bundled()
     assert "ddti" in shipped
-    meta = shipped["ddti"]
-    assert len(meta["members"]) == 5
+    info = shipped["ddti"]
+    assert info.ensemble and info.members == 5
     folder = Path(model.resolve("ddti"))
+    written = json.loads((folder / model.MODEL_JSON).read_text())
     assert folder.parent == Path(model.BUNDLED)  # a name, not a path: the package's model
     # a folder of that name holding no model (the user's own data) does not shadow it
     (tmp_path / "ddti" / "images").mkdir(parents=True)
@@ -35,8 +36,8 @@ def test_the_bundled_model_is_listed_with_its_card(tmp_path, monkeypatch):
     assert model.resolve("./ddti") == "./ddti"  # a path, when written as one
     listed = run_cli("models")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.startswith("ddti: ") and meta["card"]["headline"] in listed.stdout
-    assert sum((folder / name).stat().st_size for name in meta["members"]) < 40e6
+    assert listed.stdout.startswith("ddti: ") and info.card["headline"] in listed.stdout
+    assert sum((folder / name).stat().st_size for name in written["members"]) < 40e6
     card = (folder / model.CARD).read_text()
     assert "5-fold" in card and "research use" in card.lower()
 
@@ -86,7 +87,7 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
     import subprocess
     import sys
 
-    card = model.bundled()["ddti"]["card"]
+    card = model.bundled()["ddti"].card
     folds = card["folds"]
     assert [f["fold"] for f in folds] == list(range(5))
     assert len(card["test_members"]) == 5
@@ -95,7 +96,7 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
     assert abs(statistics.fmean(last) - card["cv"]["last_n_iou_mean"]) < 1e-4
     assert abs(statistics.pstdev(last) - card["cv"]["last_n_iou_std"]) < 1e-4
     root = Path(__file__).resolve().parents[1]
-    shipped = model.bundled()["ddti"]
+    shipped = json.loads((Path(model.resolve("ddti")) / model.MODEL_JSON).read_text())
     shifts = [0.0125, -0.02, 0.0, 0.0031, -0.0007]
     candidate = copy.deepcopy(shipped)
     for fold, shift in zip(candidate["card"]["folds"], shifts):
@@ -133,8 +134,9 @@ def test_the_card_and_model_json_render_from_the_recorded_figures(tmp_path):
     folder = Path(model.resolve("ddti"))
     figures = json.loads((folder / "card-figures.json").read_text())
     # the record describes the weights that ship
-    meta = model.bundled()["ddti"]
-    assert figures["member_bytes"] == sum((folder / n).stat().st_size for n in meta["members"])
+    written = json.loads((folder / model.MODEL_JSON).read_text())
+    assert figures["member_bytes"] == sum((folder / n).stat().st_size
+                                          for n in written["members"])
     shutil.copy(folder / "card-figures.json", tmp_path)
     done = subprocess.run([sys.executable, str(root / "release" / "ship_card.py"), "--render",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -150,17 +152,16 @@ def _masks_follow_the_chosen_tta(frames: list, out: Path) -> bool:
     included): they match a direct computation with it better than one without it."""
     import torch
 
-    net, meta = model.load(model.resolve("ddti"))
-    assert meta["tta"] and model.tta_zoom(meta) > 0
-    prep = imaging.PrepConfig.from_dict(meta["prep"])
-    post = postprocess.PostConfig.from_model(meta)
+    net, info = model.load(model.resolve("ddti"))
+    assert info.inference.tta and info.inference.tta_zoom > 0
+    prep, post = info.prep, info.inference.post
     cpu = torch.device("cpu")
     misses = {"chosen": 0, "mirror alone": 0}
     for frame in frames:
         decoded = imaging.open_frames(frame.read_bytes(), 10 ** 8).frame(0)  # as infer reads it
         image, geometry = imaging.prepare(decoded, prep)
         made = cv2.imread(str(out / "masks" / f"{frame.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
-        for name, zoom in (("chosen", model.tta_zoom(meta)), ("mirror alone", 0.0)):
+        for name, zoom in (("chosen", info.inference.tta_zoom), ("mirror alone", 0.0)):
             prob = model.nodule_probability(net, torch.from_numpy(image[None]), cpu,
                                             model.resolve_bf16("auto", cpu), True, zoom)
             mask = postprocess.clean_mask(geometry.restore(prob[0].numpy().astype(np.float16)),

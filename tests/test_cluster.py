@@ -116,9 +116,9 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     last = max(saved, key=lambda s: s["epoch"])
     assert last["epoch"] == EPOCHS
 
-    shipped_net, meta = model.load(storage.join(pipeline.run, "model"))
-    assert meta["architecture"]["deep_supervision"] == 0
-    assert meta["training"]["config"]["ema"] == EMA
+    shipped_net, info = model.load(storage.join(pipeline.run, "model"))
+    assert info.architecture.deep_supervision == 0
+    assert info.training["config"]["ema"] == EMA
     shipped = shipped_net.state_dict()
     assert not any(k.startswith("aux.") for k in shipped)
     assert any(not torch.equal(shipped[k], last["model"][k]) for k in shipped
@@ -130,7 +130,7 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     val = training.load_split(pipeline.prepared, manifest, "val", full=True)
     bf16 = rows[0]["precision"] == "bf16"
     rescored = training.evaluate(shipped_net, val, 0, 1, torch.device("cpu"), bf16, 16)
-    assert rescored["n_iou"] == pytest.approx(meta["training"]["best_val"]["n_iou"], abs=2e-3)
+    assert rescored["n_iou"] == pytest.approx(info.training["best_val"]["n_iou"], abs=2e-3)
 
     # an average restored from a checkpoint is the saved one, step count included
     restored = training.loop.WeightAverage(model.build(model.UNetConfig(deep_supervision=2)), EMA,

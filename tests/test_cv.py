@@ -126,6 +126,10 @@ def test_pooled_figures_sum_the_folds_and_need_every_fold():
     assert summary["last_pooled"]["n_iou_per_image"] == pytest.approx(0.6)
     assert summary["best_pooled"] is None  # a fold without totals
     assert "pooled" in cv.table(summary)
+    # totals kept by field name (this version) pool exactly as the bare vectors did
+    named = [dict(f, last_totals=metrics.Totals.from_vector(f["last_totals"]).to_record())
+             for f in folds]
+    assert cv.summarize(named, 2, "data", config)["last_pooled"] == summary["last_pooled"]
     folds[1]["last_totals"] = None
     older = cv.summarize(folds, 2, "data", config)
     assert older["last_pooled"] is None and "pooled" not in cv.table(older)
@@ -179,8 +183,7 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     # every fold's frames as one set: the folds' confusion totals summed, each fold's own
     # totals giving back its figures; a pixel-weighted mean lies between the folds' figures
     for which in ("last", "best"):
-        folds_totals = [metrics.Totals.from_vector(r[f"{which}_totals"])
-                        for r in summary["folds"]]
+        folds_totals = [metrics.Totals.read(r[f"{which}_totals"]) for r in summary["folds"]]
         for r, totals in zip(summary["folds"], folds_totals):
             assert totals.metrics()["n_iou"] == pytest.approx(r[which]["n_iou"])
         assert sum(t.images for t in folds_totals) == 85 + 21
@@ -196,8 +199,8 @@ def test_k_fold_cv_on_phantoms(ray_local, phantom_dataset, tmp_path):
     cpus = runtime.cluster_cpus()
     shares = {cv.threads_per_worker(cpus, 1, 2, 2), cv.threads_per_worker(cpus, 1, 2, 1)}
     for k in range(2):
-        fold_model, meta = model.load(f"{run_uri}/fold-{k}/model")
-        assert meta["training"]["config"]["init"] == "ddti"
+        fold_model, info = model.load(f"{run_uri}/fold-{k}/model")
+        assert info.training["config"]["init"] == "ddti"
         # one epoch of a few AdamW steps moves a weight by about the learning rate each
         moved = (fold_model.down[0][0].weight - start.down[0][0].weight).abs().max()
         assert moved < 0.03 < (random - start.down[0][0].weight).abs().mean()
@@ -230,7 +233,7 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
 
     from raythyroid import imaging, model, shards
 
-    ensemble, meta = model.load(f"{run_uri}/model")
+    ensemble, info = model.load(f"{run_uri}/model")
     assert isinstance(ensemble, model.Ensemble) and len(ensemble.members) == folds
     members = [model.load(f"{run_uri}/fold-{k}/model")[0] for k in range(folds)]
     rows = shards.read_rows(prepared, shards.read_manifest(prepared), "test")[:4]
@@ -243,24 +246,24 @@ def check_fold_ensemble(run_uri: str, prepared: str, folds: int) -> None:
     first, _ = model.load(f"{run_uri}/model", first_member_only=True)
     assert torch.allclose(model.nodule_probability(first, images, torch.device("cpu")), each[0],
                           atol=5e-3)
-    variants = meta["training"]["cross_validation"]["inference_variants"]
+    variants = info.training["cross_validation"]["inference_variants"]
     chosen = max(variants, key=lambda v: v["mean_val_n_iou"])
-    assert (meta["tta"], meta["tta_zoom"], meta["threshold"],
-            meta["postprocess"]["keep_largest"]) == (
+    assert (info.inference.tta, info.inference.tta_zoom, info.inference.post.threshold,
+            info.inference.post.keep_largest) == (
         chosen["tta"], chosen["tta_zoom"], chosen["threshold"], chosen["keep_largest"])
     assert all(len(v["val_n_iou_by_fold"]) == folds for v in variants)
     # each fold's variants keep the totals behind their scores; the chosen one's, summed over
     # the folds, give the ensemble's pooled figure
-    summed = np.zeros(7)
+    summed = metrics.Totals()
     for k in range(folds):
         fold_meta = json.loads(storage.read_text(f"{run_uri}/fold-{k}/model/model.json"))
         for v in fold_meta["training"]["inference_variants"]:
-            assert metrics.Totals.from_vector(v["val_totals"]).metrics()["n_iou"] == \
+            assert metrics.Totals.read(v["val_totals"]).metrics()["n_iou"] == \
                 pytest.approx(v["val_n_iou"])
             if (v["tta"], v["tta_zoom"], v["threshold"], v["keep_largest"]) == (
                     chosen["tta"], chosen["tta_zoom"], chosen["threshold"],
                     chosen["keep_largest"]):
-                summed += v["val_totals"]
-    tn, fp, fn, tp = summed[:4]
-    pooled = meta["training"]["cross_validation"]["inference_pooled"]
+                summed += metrics.Totals.read(v["val_totals"])
+    fp, fn, tp = summed.fp, summed.fn, summed.tp
+    pooled = info.training["cross_validation"]["inference_pooled"]
     assert pooled["n_iou"] == pytest.approx(tp / (tp + fp + fn)) == chosen["pooled_val_n_iou"]

@@ -3,6 +3,7 @@ to the uncompressed frame; non-images skipped; SEGs that pass dciodvfy and read 
 highdicom; preprocess from DICOM images with PNG or SEG masks."""
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import dicom_corpus as corpus
-from raythyroid import imaging, phantom
+from raythyroid import imaging, layouts, phantom
 from raythyroid.imaging import DecodeError, PrepConfig, SkipInput
 
 from helpers import PATIENT_ID, PATIENT_NAME, make_dicom, missing
@@ -281,9 +282,9 @@ def test_infer_dicom_archive_masks_seg_and_skipped(dicom_corpus, ddti, trained_r
     for key, name in skipped.items():
         assert rows[key]["status"] == "skipped" and rows[key]["error"].startswith("not an image")
     # skipped rows count in neither part of the error rate
-    assert summary["errors"] == len(errors) and summary["skipped"] == len(skipped)
-    assert summary["error_rate"] == pytest.approx(len(errors) / (len(rows) - len(skipped)))
-    assert summary["too_many_errors"]
+    assert summary.errors == len(errors) and summary.skipped == len(skipped)
+    assert summary.error_rate == pytest.approx(len(errors) / (len(rows) - len(skipped)))
+    assert summary.too_many_errors
     saved = json.loads((output / "metrics.json").read_text())
     assert saved["skipped"] == len(skipped) and saved["errors"] == len(errors)
     assert saved["images"] == 2
@@ -394,8 +395,10 @@ def test_preprocess_dicom_images_with_png_or_seg_masks(dicom_corpus, ddti, ray_l
     results = {}
     for name, root, layout in (("folders", folders, "folders"), ("dicom", archive, "auto")):
         out = tmp_path / f"prepared-{name}"
+        # the SEGs here are raythyroid's own: learning from them is asked for
         manifest = preprocess.run(str(root), str(out), layout=layout,
-                                  config=PrepConfig(size=128), log=lambda *_: None)
+                                  config=PrepConfig(size=128), log=lambda *_: None,
+                                  dicom_rules=layouts.DicomRules(segs_from="any"))
         assert manifest["layout"] == ("dicom" if name == "dicom" else "folders")
         assert manifest["rows"] == 16, manifest
         tables = [pq.read_table(p) for p in out.rglob("*.parquet") if p.name != "errors.parquet"]
@@ -455,3 +458,95 @@ def test_seg_for_every_pydicom_test_image_passes_dciodvfy(tmp_path):
             .ReferencedSOPInstanceUID == uid
         written += 1
     assert written >= 40
+
+
+def viewer_seg(source: bytes, mask: np.ndarray, made: dt.datetime) -> bytes:
+    """A correction as a viewer saves one: a new SEG written by highdicom under the viewer's
+    own manufacturer, a person's (MANUAL) nodule segment, made at `made`."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Nodule",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Nodule,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(io.BytesIO(source))],
+        pixel_array=mask.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=77,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Another Viewer Co.",
+        manufacturer_model_name="Reading Room", software_versions="4.2",
+        device_serial_number="11")
+    seg.ContentDate, seg.ContentTime = made.strftime("%Y%m%d"), made.strftime("%H%M%S.%f")
+    out = io.BytesIO()
+    seg.save_as(out)
+    return out.getvalue()
+
+
+def test_a_persons_newest_seg_teaches_and_raythyroids_own_does_not(tmp_path):
+    """Four frames that raythyroid segmented (its own SEGs, as infer --dicom-seg files them)
+    and radiologists corrected in a viewer: one once, one twice, one never, one annotated by a
+    person alone. The masks are the people's, the newest of two; raythyroid's own SEGs teach
+    only when asked; refusing several annotations of a frame makes the older an error row."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from raythyroid.dicom import seg_read, seg_write
+
+    root = tmp_path / "archive"
+    (root / "images").mkdir(parents=True)
+    (root / "segs").mkdir()
+    shape = (128, 128)
+    night = dt.datetime.now()
+    drawn = {}
+
+    def outline(seed: int) -> np.ndarray:
+        mask = np.zeros(shape, bool)
+        mask[20 + seed * 5:70 + seed * 3, 30 + seed * 4:90] = True
+        return mask
+
+    sources = {}
+    for name in ("corrected", "twice", "never", "person_only"):
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        sources[name] = buffer.getvalue()
+        (root / "images" / f"{name}.dcm").write_bytes(sources[name])
+        if name != "person_only":
+            (root / "segs" / f"{name}.ours.dcm").write_bytes(
+                seg_write.write_segmentation(sources[name], {0: outline(0)}))
+    for stem, name, seed, hours in (("corrected.fix", "corrected", 1, 8),
+                                    ("twice.first", "twice", 2, 8), ("twice.second", "twice", 3, 30),
+                                    ("person_only.fix", "person_only", 4, 9)):
+        drawn[stem] = outline(seed)
+        (root / "segs" / f"{stem}.dcm").write_bytes(
+            viewer_seg(sources[name], drawn[stem], night + dt.timedelta(hours=hours)))
+
+    def masks(rules: layouts.DicomRules) -> tuple[dict, dict]:
+        _, pairs, problems = layouts.scan(str(root), "dicom", rules)
+        return ({p.key: Path(p.mask_uri).name for p in pairs},
+                {(Path(p.source_uri).name, p.stage): p.reason for p in problems})
+
+    chosen, problems = masks(layouts.DicomRules())
+    assert chosen == {"images/corrected": "corrected.fix.dcm", "images/twice": "twice.second.dcm",
+                      "images/person_only": "person_only.fix.dcm"}
+    assert "older annotation" in problems[("twice.first.dcm", "skipped")]
+    assert "raythyroid's own SEG" in problems[("never.dcm", "skipped")]
+    assert not [stage for _, stage in problems if stage not in ("skipped",)]
+    for key, seg_name in chosen.items():  # the pixels a person drew, as drawn
+        ds = pydicom.dcmread(root / "segs" / seg_name)
+        assert not seg_read.made_by_raythyroid(ds)
+        assert np.array_equal(seg_read.seg_mask(ds, 1), drawn[seg_name[:-len(".dcm")]])
+    assert seg_read.made_by_raythyroid(pydicom.dcmread(root / "segs" / "never.ours.dcm"))
+
+    # raythyroid's own SEGs teach when asked; the people's later corrections still win
+    chosen, _ = masks(layouts.DicomRules(segs_from="any"))
+    assert chosen["images/never"] == "never.ours.dcm"
+    assert chosen["images/corrected"] == "corrected.fix.dcm"
+    # several annotations refused: the first listed stays, each other is an error row
+    chosen, problems = masks(layouts.DicomRules(several="refuse"))
+    assert chosen["images/twice"] == "twice.first.dcm"
+    assert "second annotation" in problems[("twice.second.dcm", "mask")]

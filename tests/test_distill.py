@@ -39,10 +39,10 @@ def masks_of(model_uri: str, frames: np.ndarray) -> np.ndarray:
 
     from raythyroid import model, postprocess
 
-    net, meta = model.load(model_uri)
+    net, info = model.load(model_uri)
     prob = model.nodule_probability(net, torch.from_numpy(frames), torch.device("cpu"),
-                                    flip_tta=bool(meta.get("tta")), zoom=model.tta_zoom(meta))
-    post = postprocess.PostConfig.from_model(meta)
+                                    flip_tta=info.inference.tta, zoom=info.inference.tta_zoom)
+    post = info.inference.post
     return np.stack([postprocess.clean_mask(p, post) > 0 for p in prob.numpy()])
 
 
@@ -237,11 +237,10 @@ def test_cross_validation_never_teaches_a_fold_its_own_frames(phantom_dataset, t
 
     _, prepared = phantom_dataset
     teacher_run, _ = trained_run
-    net, meta = model.load(storage.join(teacher_run, "model"))
+    net, info = model.load(storage.join(teacher_run, "model"))
     ensemble = str(tmp_path / "ensemble")
     model.save_ensemble([net, net], ensemble,
-                        {k: meta[k] for k in ("prep", "tta", "tta_zoom", "threshold",
-                                              "postprocess")})
+                        {"prep": info.prep.to_dict(), **info.inference.to_json()})
     run = tmp_path / "cv"
     summary = distill.run(ensemble, prepared, str(run),
                           training.TrainConfig(epochs=1, batch_size=8, base=8),
@@ -271,10 +270,11 @@ def test_from_teacher_starts_from_the_member_that_never_saw_the_fold(trained_run
     from raythyroid.errors import UserError
 
     teacher_run, _ = trained_run
-    net, meta = model.load(storage.join(teacher_run, "model"))
+    net, info = model.load(storage.join(teacher_run, "model"))
     other = model.build(net.config)  # a second, different member
     ensemble = str(tmp_path / "ensemble")
-    model.save_ensemble([other, net], ensemble, {k: meta[k] for k in ("prep", "tta")})
+    model.save_ensemble([other, net], ensemble, {"prep": info.prep.to_dict(),
+                                                 "tta": info.inference.tta})
     start = distill._member_folder(ensemble, 1, str(tmp_path / "fold-1-init"))
     started, _ = model.load(start)
     for name, value in net.state_dict().items():  # fp16 storage: equal to fp16 precision

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from raythyroid import model
+from raythyroid import model, postprocess
 
 
 class Brightness(nn.Module):
@@ -35,8 +35,17 @@ def test_the_zoomed_out_view_lands_back_on_the_frame():
     assert back.shape == (192, 256) and _masks_iou(own, back) > 0.97
 
 
-def test_tta_is_what_the_model_chose():
-    assert model.tta_zoom({"tta": True, "tta_zoom": 0.8}) == 0.8
-    assert model.tta_zoom({"tta": False, "tta_zoom": 0.8}) == 0.0  # the zoom is part of TTA
-    assert model.tta_zoom({"tta": True}) == 0.0  # a model.json from before the zoomed view
+def test_the_inference_is_what_the_model_chose_and_older_files_read_as_they_meant():
+    def read(meta: dict) -> model.Inference:
+        return model.Inference.from_json(meta)
+
+    assert read({"tta": True, "tta_zoom": 0.8}).tta_zoom == 0.8
+    assert read({"tta": False, "tta_zoom": 0.8}).tta_zoom == 0.0  # the zoom is part of TTA
+    assert read({"tta": True}).tta_zoom == 0.0  # a model.json from before the zoomed view
+    # from before post-processing was chosen: the threshold alone, the rest as defaults
+    older = read({"threshold": 0.6})
+    assert older.post == postprocess.PostConfig(threshold=0.6) and not older.tta
+    chosen = read({"tta": True, "tta_zoom": 0.8, "threshold": 0.7,
+                   "postprocess": {"keep_largest": 2}})
+    assert read(chosen.to_json()) == chosen  # what model.json keeps reads back the same
     assert model.describe_tta(True, 0.8) == "flip + zoom 0.8"

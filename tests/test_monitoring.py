@@ -131,8 +131,8 @@ def check_time_limited_run(data: str, run_uri: str, result: dict, seconds: float
     assert 1 <= len(rows) < 500
     assert set(result) == set(metrics.METRIC_KEYS)
     assert any("/checkpoints/checkpoint_" in n for n in storage.list_files(run_uri))
-    _, meta = model.load(storage.join(run_uri, "model"))
-    assert meta["data"]["uri"] == data and meta["prep"]["size"] == 64
+    _, info = model.load(storage.join(run_uri, "model"))
+    assert info.data["uri"] == data and info.prep.size == 64
 
 
 @pytest.mark.timeout(900)
@@ -184,6 +184,17 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, tr
             f'raythyroid_job_eta_seconds{{pipeline="train"}} > 0 <= {TIME_LIMIT_MIN * 60}',
             train_started, train_started + train_seconds)
         assert eta, "a time-limited run's ETA comes from its time limit"
+        # the stalled-job alert's age term on this real run: its last progress stays seconds
+        # old all through the second half of training (steps within an epoch count). Were
+        # progress reported only at the end, as before live progress, it would reach half the
+        # run here, and every healthy run over 10 minutes would fire the alert.
+        age = prometheus.query_range(
+            'time() - max by (pipeline, run) '
+            '(raythyroid_job_last_progress_timestamp_seconds{pipeline="train"})',
+            train_started + train_seconds / 2, train_started + train_seconds - 2)
+        ages = [float(v) for series in age for _, v in series["values"]]
+        assert ages and max(ages) < min(15.0, train_seconds / 4), (max(ages, default=None),
+                                                                  train_seconds)
 
         board = json.loads((MONITORING / "dashboard.json").read_text())
         ran = {"preprocess", "infer", "train"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raythyroid"
 FRONT = {"cli", "demo", "jobspec"}
-PIPELINES = {"preprocess", "train", "cv", "infer", "distill"}
+PIPELINES = {"preprocess", "train", "cv", "infer", "distill", "compare"}
 # what several pipelines share and that needs Ray (train, cv and distill all train with it)
 LIBRARIES = {"training"}
 # none: what two pipelines would share lives in a library or in the core

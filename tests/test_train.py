@@ -35,7 +35,9 @@ def test_two_cpu_workers_learn_phantoms(trained_run):
     assert max(r["val_n_iou"] for r in rows) > 0.7
     # each epoch keeps the confusion totals behind its validation scores (cv pools them)
     for row in rows:
-        assert metrics.Totals.from_vector(row["val_totals"]).metrics()["n_iou"] == \
+        assert set(row["val_totals"]) == {"tn", "fp", "fn", "tp", "iou_sum", "with_nodule",
+                                          "images"}  # by name, not position
+        assert metrics.Totals.read(row["val_totals"]).metrics()["n_iou"] == \
             pytest.approx(row["val_n_iou"])
     saved = json.loads(storage.read_text(storage.join(run_uri, "metrics.json")))
     assert set(saved) == set(metrics.METRIC_KEYS)
@@ -50,9 +52,9 @@ def test_two_cpu_workers_learn_phantoms(trained_run):
 PREDICT_IN_FRESH_PROCESS = """
 import sys, numpy as np, torch
 from raythyroid import imaging, model, phantom
-net, meta = model.load(sys.argv[1])
+net, info = model.load(sys.argv[1])
 frame = next(phantom.generate(1, seed=12345, height=180, width=280))
-image, geometry = imaging.prepare(frame.image, imaging.PrepConfig.from_dict(meta["prep"]))
+image, geometry = imaging.prepare(frame.image, info.prep)
 prob = model.nodule_probability(net, torch.from_numpy(image[None]), torch.device("cpu"))[0]
 mask = geometry.restore(prob.numpy()) >= 0.5
 truth = frame.mask > 0
@@ -139,10 +141,10 @@ def test_no_train_serve_skew(trained_run, phantom_dataset, tmp_path):
     listing.write_text("".join(r["source_uri"] + "\n" for r in rows))
     summary = infer.run(storage.join(run_uri, "model"), str(listing), str(tmp_path / "out"),
                         labels=os.path.join(raw, "masks"), log=lambda *_: None)
-    assert summary["metrics"]["images"] == len(rows)
+    assert summary.metrics["images"] == len(rows)
     tolerance = serving_tolerance(run_uri)
-    assert summary["metrics"]["n_iou"] == pytest.approx(chosen[0]["val_n_iou"], abs=tolerance)
-    assert summary["metrics"]["n_iou_per_image"] == pytest.approx(
+    assert summary.metrics["n_iou"] == pytest.approx(chosen[0]["val_n_iou"], abs=tolerance)
+    assert summary.metrics["n_iou_per_image"] == pytest.approx(
         chosen[0]["val_n_iou_per_image"], abs=tolerance)
 
 
@@ -186,7 +188,7 @@ def test_infer_applies_the_zoomed_out_view_as_training_scored_it(trained_run, ph
         masks[name] = {p.relative_to(tmp_path / name): imaging.decode_png(p.read_bytes())
                        for p in written}
         if name == "zoomed":
-            assert summary["metrics"]["n_iou"] == pytest.approx(
+            assert summary.metrics["n_iou"] == pytest.approx(
                 zoomed["val_n_iou"], abs=serving_tolerance(run_uri))
     assert masks["zoomed"].keys() == masks["mirror"].keys()
     assert sum(int(np.sum(masks["zoomed"][k] != masks["mirror"][k])) for k in masks["zoomed"])

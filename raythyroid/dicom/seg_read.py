@@ -16,6 +16,11 @@ codecs.register()
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NODULE_CODE = "27925004"  # SNOMED CT "Nodule", the segmented property type our SEGs carry
+# what raythyroid's own SEGs carry (seg_write), and a person's edit of one does not: a viewer
+# that saves a corrected copy writes its own manufacturer, and a person's segment is MANUAL or
+# SEMIAUTOMATIC
+OUR_MANUFACTURER = "raythyroid"
+OUR_ALGORITHM = "raythyroid U-Net"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,33 @@ def nodule_references(ds) -> list[SegReference]:
         if len(instances) == 1:
             references.append(SegReference(str(instances[0].ReferencedSOPInstanceUID), None, 1))
     return references
+
+
+def made_by_raythyroid(ds) -> bool:
+    """A SEG raythyroid stored and nobody edited: our manufacturer, and every segment our
+    algorithm's automatic one."""
+    if str(ds.get("Manufacturer", "") or "") != OUR_MANUFACTURER:
+        return False
+    for segment in ds.get("SegmentSequence", []) or []:
+        algorithms = [str(a.get("AlgorithmName", "") or "") for a in
+                      segment.get("SegmentationAlgorithmIdentificationSequence", []) or []]
+        if str(segment.get("SegmentAlgorithmType", "")) != "AUTOMATIC" or \
+                OUR_ALGORITHM not in algorithms:
+            return False
+    return True
+
+
+def made_at(ds) -> str:
+    """When the SEG was made, as a sortable string: its content's date and time, else its
+    series', else its creation's; "" when it says none (such a SEG is the oldest)."""
+    for date, time in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
+                       ("InstanceCreationDate", "InstanceCreationTime")):
+        day = str(ds.get(date, "") or "").strip()
+        if day:
+            # a DICOM time stops at any precision (HH, HHMM, HHMMSS.FFFFFF): pad both parts
+            whole, _, fraction = str(ds.get(time, "") or "").strip().partition(".")
+            return day + whole.ljust(6, "0") + fraction.ljust(6, "0")
+    return ""
 
 
 def _is_nodule(segment) -> bool:

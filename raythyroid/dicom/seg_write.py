@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from . import seg_read
 from .read import read_dataset
 
 ULTRASOUND_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -130,7 +131,7 @@ def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
         segmented_property_type=codes.SCT.Nodule,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="raythyroid U-Net", version=_version(),
+            name=seg_read.OUR_ALGORITHM, version=_version(),
             family=codes.cid7162.ArtificialIntelligence))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom's remarks on the source's name formats
@@ -143,7 +144,8 @@ def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
                                                            model_id]),
             series_number=900,
             sop_instance_uid=segmentation_uid(instance, model_id),
-            instance_number=1, manufacturer="raythyroid", manufacturer_model_name="raythyroid",
+            instance_number=1, manufacturer=seg_read.OUR_MANUFACTURER,
+            manufacturer_model_name=seg_read.OUR_MANUFACTURER,
             software_versions=_version(), device_serial_number="0", omit_empty_frames=False)
 
 

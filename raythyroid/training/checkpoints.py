@@ -152,7 +152,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
     net.load_state_dict(best["model"])
     model_lib.save(net.without_deep_supervision(), storage.join(run_uri, "model"), {
         "prep": manifest["prep"],
-        "classes": ["background", "nodule"],
+        "classes": model_lib.CLASS_NAMES,
         # chosen on the validation split (train.choose_inference); infer applies them
         "threshold": state.inference["postprocess"]["threshold"],
         "tta": state.inference["tta"],

@@ -24,7 +24,7 @@ def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
                       with_totals: bool = False
                       ) -> list[dict]:
     """Like evaluate, for several post-processing settings at the price of one model pass.
-    With `with_totals` each result also carries its metrics.Totals vector under "totals":
+    With `with_totals` each result also carries its metrics.Totals record under "totals":
     what cv sums over its folds into pooled out-of-fold figures.
 
     Where the split carries original-geometry labels, each prediction is first mapped back to
@@ -58,7 +58,7 @@ def evaluate_variants(net, dataset, rank: int, world: int, device, bf16: bool,
     scored = [metrics.Totals.from_vector(row).metrics() for row in reduced.tolist()]
     if with_totals:
         for result, row in zip(scored, reduced.tolist()):
-            result["totals"] = row
+            result["totals"] = metrics.Totals.from_vector(row).to_record()
     return scored
 
 
