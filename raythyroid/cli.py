@@ -461,7 +461,7 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-EXIT_NOT_BETTER = 1  # compare: B is not better beyond the interval
+EXIT_NOT_BETTER = 4  # compare: B is not better beyond the interval (1 is a failure)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@
                                      interval, resampling cases (a patient's frames together)
 
 What a team needs before it swaps one model for another: B is better only when the whole
-interval lies above zero; `raythyroid compare` exits 0 then, 1 otherwise (a script's gate).
+interval lies above zero; `raythyroid compare` exits 0 then, 4 otherwise (a script's gate).
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class FramePairScorer:
 
         torch.set_num_threads(threads)
         self.models = [model_lib.load(model_lib.resolve(m)) for m in (model_a, model_b)]
+        self.bf16 = model_lib.resolve_bf16("auto", torch.device("cpu"))  # as infer runs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from . import evaluate
@@ -73,7 +74,8 @@ class FramePairScorer:
         out = {"key": batch.column("key").to_pylist(),
                "case_id": batch.column("case_id").to_pylist()}
         for name, (net, info) in zip("ab", self.models):
-            counted = evaluate.score_prepared(net, info.inference, images, labels, geometries)
+            counted = evaluate.score_prepared(net, info.inference, images, labels, geometries,
+                                              self.bf16)
             for field in ("tp", "fp", "fn", "tn"):
                 out[f"{name}_{field}"] = [c[field] for c in counted]
         return pa.table(out)
@@ -98,6 +100,9 @@ def run(model_a: str, model_b: str, labelled: str, split: str = "test",
             raise UserError(f"{name} prepares frames with {json.dumps(info.prep.to_dict())}, "
                             f"{labelled} was prepared with {json.dumps(prep.to_dict())}: "
                             f"preprocess the labelled frames with the models' settings")
+    # a bundled model travels by name (each node resolves it), a folder as an absolute URI
+    model_a, model_b = (m if model_lib.resolve(m) != m else storage.normalize(m)
+                        for m in (model_a, model_b))
     uris = shards.shard_uris(labelled, manifest, split)
     if not uris:
         raise UserError(f"{labelled} has no {split} frames")

@@ -76,20 +76,25 @@ def evaluate_folders(pred_uri: str, labels_uri: str, max_pixels: int = DEFAULT_M
 
 
 def score_prepared(net, inference, images: np.ndarray, labels: list[np.ndarray],
-                   geometries: list, batch_size: int = 16) -> list[dict[str, int]]:
+                   geometries: list, bf16: bool = False, batch_size: int = 16
+                   ) -> list[dict[str, int]]:
     """Prepared frames -> one model's confusion counts per frame against its original-size
-    label: the model applied with the inference it chose (`model.Inference`), each probability
-    map taken back to its frame (float16, as infer keeps it) and cleaned as infer cleans it."""
+    label, each frame as infer segments it: the model applied with the inference it chose
+    (`model.Inference`) in batches of one shape (short ones padded), each probability map
+    taken back to its frame (float16, as infer keeps it) and cleaned as infer cleans it."""
     import torch
 
     from . import model as model_lib, postprocess
 
     counted = []
     for start in range(0, len(images), batch_size):
+        part = images[start:start + batch_size]
+        padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
+        padded[:len(part)] = part
         with torch.no_grad():
             prob = model_lib.nodule_probability(
-                net, torch.from_numpy(images[start:start + batch_size]), torch.device("cpu"),
-                flip_tta=inference.tta, zoom=inference.tta_zoom).numpy()
+                net, torch.from_numpy(padded), torch.device("cpu"), bf16,
+                flip_tta=inference.tta, zoom=inference.tta_zoom).numpy()[:len(part)]
         for p, label, geometry in zip(prob, labels[start:], geometries[start:]):
             restored = geometry.restore(p.astype(np.float16).astype(np.float32))
             counted.append(metrics.counts(label, postprocess.clean_mask(restored,

@@ -324,8 +324,12 @@ def _annotations(root, segs, images, rules, problems) -> tuple[dict, set[str]]:
             key = _stem(storage.relative(uri, root)) + (f"#{frame or 1}" if frames > 1 else "")
             pair = Pair(key, key.split("#")[0], uri, mask_uri=seg_uri,
                         frame=frame or (1 if frames > 1 else None), mask_frame=ref.seg_frame)
-            found.setdefault(key, (ref.sop_instance_uid, []))[1].append(
-                (seg_read.made_at(ds), seg_uri, pair))
+            candidates = found.setdefault(key, (ref.sop_instance_uid, []))[1]
+            if any(listed == seg_uri for _, listed, _ in candidates):
+                problems.append(Problem(key, seg_uri, "the SEG annotates this frame twice (its "
+                                                      "first frame for it is kept)", "mask"))
+                continue
+            candidates.append((seg_read.made_at(ds), seg_uri, pair))
     return found, ours
 
 

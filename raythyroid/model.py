@@ -327,7 +327,7 @@ class ModelInfo:
 
     @property
     def inference_variants(self) -> list[dict]:
-        """Every inference tried on validation with its scores (train.choose_inference)."""
+        """Every inference tried on validation with its scores (training.choose_inference)."""
         return self.training.get("inference_variants") or []
 
 

@@ -314,9 +314,12 @@ def write_cv(run_uri: str) -> str:
                 + _table(rows, header),
                 "<img class=\"plot\" src=\"folds.png\" alt=\"validation n_IoU by epoch, one "
                 "line per fold\">"]
-    model_json = storage.join(run_uri, "model", "model.json")
+    from . import model
+
+    model_json = storage.join(run_uri, "model", model.MODEL_JSON)
     if storage.exists(model_json):
-        sections.append(_variants_section(json.loads(storage.read_text(model_json))))
+        sections.append(_variants_section(
+            model.ModelInfo.from_json(json.loads(storage.read_text(model_json)))))
     return _write_page(folder, "raythyroid cv report", sections)
 
 

@@ -550,3 +550,26 @@ def test_a_persons_newest_seg_teaches_and_raythyroids_own_does_not(tmp_path):
     chosen, problems = masks(layouts.DicomRules(several="refuse"))
     assert chosen["images/twice"] == "twice.first.dcm"
     assert "second annotation" in problems[("twice.second.dcm", "mask")]
+
+
+def test_when_a_seg_was_made_orders_whatever_its_writer_wrote():
+    """The newest of several corrections wins: dates and times compare by their digits,
+    however precise, with an older exporter's separators, or from the series when the content
+    gives none."""
+    from pydicom.dataset import Dataset
+
+    from raythyroid.dicom import seg_read
+
+    def made(**values) -> str:
+        ds = Dataset()
+        for name, value in values.items():
+            setattr(ds, name, value)
+        return seg_read.made_at(ds)
+
+    ordered = [made(),  # says nothing: the oldest
+               made(SeriesDate="20240102", SeriesTime="0900"),
+               made(ContentDate="2024.01.02", ContentTime="14:04:38"),
+               made(ContentDate="20240102", ContentTime="140438.5"),
+               made(ContentDate="20240102", ContentTime="1405"),
+               made(ContentDate="20240103")]
+    assert ordered == sorted(ordered) and len(set(ordered)) == len(ordered)

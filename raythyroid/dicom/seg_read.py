@@ -3,6 +3,7 @@ segment, the source frames they annotate, and each as a bool mask.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -85,11 +86,13 @@ def made_at(ds) -> str:
     series', else its creation's; "" when it says none (such a SEG is the oldest)."""
     for date, time in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
                        ("InstanceCreationDate", "InstanceCreationTime")):
-        day = str(ds.get(date, "") or "").strip()
+        # digits only: older writers put separators in (2024.01.03, 14:04:38)
+        day = re.sub(r"\D", "", str(ds.get(date, "") or ""))
         if day:
             # a DICOM time stops at any precision (HH, HHMM, HHMMSS.FFFFFF): pad both parts
             whole, _, fraction = str(ds.get(time, "") or "").strip().partition(".")
-            return day + whole.ljust(6, "0") + fraction.ljust(6, "0")
+            return (day + re.sub(r"\D", "", whole).ljust(6, "0")
+                    + re.sub(r"\D", "", fraction).ljust(6, "0"))
     return ""
 
 

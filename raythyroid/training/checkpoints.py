@@ -153,7 +153,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
     model_lib.save(net.without_deep_supervision(), storage.join(run_uri, "model"), {
         "prep": manifest["prep"],
         "classes": model_lib.CLASS_NAMES,
-        # chosen on the validation split (train.choose_inference); infer applies them
+        # chosen on the validation split (choose_inference); infer applies them
         "threshold": state.inference["postprocess"]["threshold"],
         "tta": state.inference["tta"],
         "tta_zoom": state.inference["tta_zoom"],
