@@ -88,6 +88,13 @@ def _add_cluster_flag(parser: argparse.ArgumentParser, metrics: bool = True) -> 
                                  "(default: RAYTHYROID_METRICS_PORT, else off)")
 
 
+def _add_register_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="a new version of this model in MLflow's registry once the run "
+                             "ends (MLFLOW_TRACKING_URI, else MLflow's local store); with "
+                             "MLFLOW_TRACKING_URI set every run is logged there")
+
+
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     from . import augment, losses, training
     from .training import TrainConfig
@@ -179,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", help="preprocess OUTPUT (local or s3://)")
     tr.add_argument("run", help="run folder for checkpoints, model/, metrics (local or s3://)")
     tr.add_argument("--workers", type=_positive_int, default=2)
+    _add_register_flag(tr)
     _add_training_flags(tr)
     _add_cluster_flag(tr)
     tr.set_defaults(handler=_train)
@@ -188,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("run", help="folder for the folds' runs and cv.json (local or s3://)")
     cv.add_argument("--folds", type=_positive_int, default=5)
     cv.add_argument("--workers", type=_positive_int, default=1, help="train workers per fold")
+    _add_register_flag(cv)
     _add_training_flags(cv)
     _add_cluster_flag(cv)
     cv.set_defaults(handler=_cv)
@@ -277,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     mod = commands.add_parser("models", help="the models shipped inside the package")
     mod.set_defaults(handler=_models)
 
+    reg = commands.add_parser("register", help="a model folder as a new version in MLflow's "
+                                                "registry")
+    reg.add_argument("model", metavar="MODEL", help="bundled name, folder or s3://")
+    reg.add_argument("name", metavar="NAME", help="the registered model")
+    reg.set_defaults(handler=_register)
+
+    pro = commands.add_parser("promote", help="move NAME@champion to VERSION only when compare "
+                                              "finds it better on LABELLED")
+    pro.add_argument("name", metavar="NAME", help="the registered model")
+    pro.add_argument("version", metavar="VERSION", help="the candidate version")
+    pro.add_argument("labelled", metavar="LABELLED",
+                     help="a preprocess OUTPUT whose frames neither version trained on")
+    pro.add_argument("--split", choices=("train", "val", "test"), default="test")
+    pro.add_argument("--alias", default="champion", help="the alias the nightly run follows")
+    _add_cluster_flag(pro, metrics=False)
+    pro.set_defaults(handler=_promote)
+
     cmp = commands.add_parser(
         "compare", help="two models on the same labelled frames: exit 0 only when B is better")
     cmp.add_argument("model_a", metavar="MODEL_A", help="the model in use (bundled name, folder "
@@ -338,6 +364,7 @@ def _train(args: argparse.Namespace) -> int:
         shards.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
     with runtime.session(args.address, args.verbose):
         train.run(args.data, args.run, _train_config(args), workers=args.workers, gpu=args.gpu,
+                  register=args.register,
                   cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
     return 0
 
@@ -352,7 +379,7 @@ def _cv(args: argparse.Namespace) -> int:
     with runtime.session(args.address, args.verbose):
         cv.run(args.data, args.run, _train_config(args), folds=args.folds,
                workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-               metrics_port=args.metrics_port)
+               metrics_port=args.metrics_port, register=args.register)
     return 0
 
 
@@ -478,6 +505,45 @@ def _compare(args: argparse.Namespace) -> int:
     if args.json:
         storage.write_text(storage.normalize(args.json), json.dumps(result.to_dict(), indent=2))
     return 0 if result.b_is_better else EXIT_NOT_BETTER
+
+
+def _register(args: argparse.Namespace) -> int:
+    from . import model, registry
+
+    folder = model.resolve(args.model)
+    model.read_info(folder)  # a folder that holds no model is refused before anything is logged
+    version = registry.register_folder(folder, args.name)
+    print(f"register: {args.model} is {args.name} version {version} ({registry.PREFIX}"
+          f"{args.name}/{version})")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    """The alias moves only when compare opens its gate; a registered model without the alias
+    takes its first version as it is."""
+    from . import compare, model, registry, runtime, shards, storage
+
+    candidate = f"{registry.PREFIX}{args.name}/{args.version}"
+    model.read_info(model.resolve(candidate))  # a wrong NAME or VERSION, before Ray starts
+    current = registry.champion(args.name, args.alias)
+    if current == args.version:
+        print(f"promote: {args.name} version {args.version} is already {args.alias}")
+        return 0
+    if current is None:
+        registry.crown(args.name, args.version, args.alias)
+        print(f"promote: {args.name} had no {args.alias}: version {args.version} is now")
+        return 0
+    shards.read_manifest(storage.normalize(args.labelled))
+    with runtime.session(args.address, args.verbose):
+        result = compare.run(f"{registry.PREFIX}{args.name}/{current}", candidate,
+                             args.labelled, split=args.split)
+    if not result.b_is_better:
+        print(f"promote: {args.name} version {args.version} is not better than version "
+              f"{current} beyond the interval; {args.alias} stays {current}", file=sys.stderr)
+        return EXIT_NOT_BETTER
+    registry.crown(args.name, args.version, args.alias)
+    print(f"promote: {args.name}@{args.alias} is now version {args.version} (was {current})")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

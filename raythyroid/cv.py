@@ -15,7 +15,8 @@ import statistics
 import threading
 import time
 
-from . import metrics, report, runtime, shards, split, stopping, storage, telemetry, training
+from . import (metrics, registry, report, runtime, shards, split, stopping, storage, telemetry,
+               training)
 from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
@@ -44,10 +45,25 @@ def pooled_metrics(totals: list) -> dict | None:
 
 def run(data: str, run_uri: str, config: training.TrainConfig, folds: int = 5, workers: int = 1,
         gpu: bool = False, cpus_per_worker: float | None = None, log=print,
-        metrics_port: int | None = None) -> dict:
+        metrics_port: int | None = None, register: str | None = None) -> dict:
+    """The folds, the ensemble and its report; the ensemble logged to MLflow as train's model
+    is (train.run: `register`)."""
+    # a cv finished before is summarized again, not logged again
+    finished_before = storage.exists(storage.join(storage.normalize(run_uri), "cv.json"))
     with telemetry.tracked("cv", storage.basename(run_uri), metrics_port, 0,
                            unit="steps") as progress:
-        return _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progress)
+        summary = _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log,
+                       progress)
+    if (register or registry.enabled()) and not finished_before:
+        figures = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        figures.update({f"{which}_pooled_{k}": v for which in ("last", "inference")
+                        for k, v in (summary.get(f"{which}_pooled") or {}).items()
+                        if isinstance(v, (int, float))})
+        version = registry.log_run("cv", storage.normalize(run_uri),
+                                   dict(config.to_dict(), data=data, folds=folds),
+                                   [dict(figures, epoch=0)], register)
+        log("cv: logged to MLflow" + (f" as {register} version {version}" if version else ""))
+    return summary
 
 
 def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progress) -> dict:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import (claim, dicomweb, evaluate, imaging, metrics, outputs, postprocess, report,
-               results, runtime, sources, storage, telemetry)
+from . import (claim, dicomweb, evaluate, imaging, metrics, outputs, postprocess, registry,
+               report, results, runtime, sources, storage, telemetry)
 from .errors import UserError
 
 
@@ -168,7 +168,9 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     from . import model as model_lib
 
     started = time.time()
-    # a bundled model travels by name: each node resolves it inside its own installation
+    if registry.is_registry_uri(model_uri):
+        model_uri = registry.pin(model_uri)  # every node loads the version the alias names now
+    # a bundled or registry model travels by name: each node resolves it where it runs
     resolved = model_lib.resolve(model_uri)
     bundled = resolved != model_uri
     model_ref = model_uri if bundled else storage.normalize(model_uri)

@@ -233,7 +233,12 @@ def save_ensemble(members: list[nn.Module], folder: str, metadata: dict) -> None
 
 def resolve(model: str) -> str:
     """MODEL as a user gives it: a model folder when one exists by that name (or an object
-    store URI), else the name of a model shipped inside the package."""
+    store URI), a version in MLflow's registry (models:/NAME@ALIAS, models:/NAME/N: downloaded
+    once), else the name of a model shipped inside the package."""
+    if model.startswith("models:/"):
+        from . import registry
+
+        return registry.fetch(model)
     if "://" in model or os.sep in model or os.path.exists(os.path.join(model, MODEL_JSON)):
         return model
     bundled = os.path.join(BUNDLED, model)

@@ -67,7 +67,9 @@ def quiet_ray_on_the_terminal(verbose: bool = False) -> None:
 # cluster (a Secret, a service account; a local Ray's workers inherit the driver's environment).
 # A job's runtime environment is no place for them: Ray's runtime_env agent logs its env_vars.
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                     "RAYTHYROID_S3_MAX_ATTEMPTS")
+                     "RAYTHYROID_S3_MAX_ATTEMPTS",
+                     # the model registry (models:/ URIs); its tokens stay with the cluster too
+                     "MLFLOW_TRACKING_URI")
 
 
 def storage_environment() -> dict:

@@ -16,22 +16,26 @@ from __future__ import annotations
 
 import json
 
-from . import metrics, shards, storage, telemetry
+from . import metrics, registry, shards, storage, telemetry
 from .errors import UserError
 from .training import TrainConfig, check_resume, load_split, train_and_save
 
 
 def run(data: str, run_uri: str, config: TrainConfig = TrainConfig(), workers: int = 2,
         gpu: bool = False, cpus_per_worker: float | None = None, log=print,
-        metrics_port: int | None = None) -> dict:
-    """Train (or resume, or report a finished run) and return the test metrics."""
+        metrics_port: int | None = None, register: str | None = None) -> dict:
+    """Train (or resume, or report a finished run) and return the test metrics. A run that
+    finishes here is logged to MLflow when MLFLOW_TRACKING_URI is set or `register` names the
+    registered model it becomes a new version of."""
     # the total is known once the training split is counted, in optimizer steps
     with telemetry.tracked("train", storage.basename(run_uri), metrics_port, 0,
                            unit="steps") as progress:
-        return _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress)
+        return _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
+                    register)
 
 
-def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) -> dict:
+def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
+         register=None) -> dict:
     data, run_uri = storage.normalize(data), storage.normalize(run_uri)
     finished = storage.join(run_uri, "metrics.json")
     if storage.exists(finished):
@@ -45,8 +49,15 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress) ->
     if not manifest["counts"].get("val"):
         raise UserError(f"{data} has no validation rows; preprocess with a val fraction > 0")
     check_resume(run_uri, config)
-    return train_and_save(run_uri, config, lambda: _datasets(data, manifest, config, log),
-                          manifest, data, workers, gpu, cpus_per_worker, log, progress).test or {}
+    state = train_and_save(run_uri, config, lambda: _datasets(data, manifest, config, log),
+                           manifest, data, workers, gpu, cpus_per_worker, log, progress)
+    if register or registry.enabled():
+        version = registry.log_run("train", run_uri, dict(config.to_dict(), data=data,
+                                                          workers=workers), state.history,
+                                   register)
+        log("train: logged to MLflow" + (f" as {register} version {version}" if version
+                                          else ""))
+    return state.test or {}
 
 
 def _datasets(data: str, manifest: dict, config: TrainConfig, log) -> dict:

@@ -1,0 +1,63 @@
+"""The model loop against a real `mlflow server`: a training run logged and registered as a
+version, `promote` moving the champion alias only to a better version, and infer following
+`models:/NAME@champion`."""
+import json
+import uuid
+
+import pytest
+
+from raythyroid import model, storage, train, training
+
+from helpers import run_cli
+
+
+@pytest.mark.timeout(900)
+def test_train_registers_promote_gates_and_infer_follows_the_champion(
+        mlflow_server, phantom_dataset, trained_run, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    raw, prepared = phantom_dataset
+    name = f"thyroid-nodules-{uuid.uuid4().hex[:8]}"  # a fresh model each session
+    client = mlflow.MlflowClient(mlflow_server)
+
+    # a one-epoch base-8 run: logged with its flags and epochs, registered as version 1
+    weak = str(tmp_path / "weak")
+    train.run(prepared, weak, training.TrainConfig(epochs=1, batch_size=8, base=8), workers=1,
+              log=lambda *_: None, register=name)
+    first = client.get_model_version(name, "1")
+    logged = client.get_run(first.run_id)
+    assert logged.data.params["base"] == "8" and logged.data.params["epochs"] == "1"
+    assert [m.step for m in client.get_metric_history(first.run_id, "val_n_iou")] == [1]
+    # its artifacts are the model folder train wrote, byte for byte
+    downloaded = model.resolve(f"models:/{name}/1")
+    assert model.read_info(downloaded).weights_sha256 == \
+        model.read_info(storage.join(weak, "model")).weights_sha256
+
+    # the well-trained phantom model as version 2
+    trained = storage.join(trained_run[0], "model")
+    done = run_cli("register", trained, name, env=env)
+    assert done.returncode == 0 and f"{name} version 2" in done.stdout, done.stderr
+
+    # no champion yet: version 1 takes the alias as it is; version 2 is better and replaces
+    # it; version 1 again is refused (exit 4) and the champion stays
+    for version, code in (("1", 0), ("2", 0), ("1", 4)):
+        done = run_cli("promote", name, version, prepared, env=env)
+        assert done.returncode == code, (version, done.stdout, done.stderr)
+    assert client.get_model_version_by_alias(name, "champion").version == "2"
+    assert "stays 2" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+    # the nightly infer by alias runs version 2's weights, and its job record names it
+    out = tmp_path / "night"
+    done = run_cli("infer", f"models:/{name}@champion", f"{raw}/images", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    job = json.loads((out / "_JOB.json").read_text())
+    assert job["model"] == f"models:/{name}/2"
+    assert job["weights"] == model.read_info(trained).weights_sha256[:16]
+
+    # a registry that does not know the name is one line, exit 2
+    done = run_cli("infer", "models:/no-such-model@champion", f"{raw}/images",
+                   str(tmp_path / "none"), env=env)
+    assert done.returncode == 2 and "no-such-model@champion" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
