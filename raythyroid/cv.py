@@ -59,10 +59,9 @@ def run(data: str, run_uri: str, config: training.TrainConfig, folds: int = 5, w
         figures.update({f"{which}_pooled_{k}": v for which in ("last", "inference")
                         for k, v in (summary.get(f"{which}_pooled") or {}).items()
                         if isinstance(v, (int, float))})
-        version = registry.log_run("cv", storage.normalize(run_uri),
-                                   dict(config.to_dict(), data=data, folds=folds),
-                                   [dict(figures, epoch=0)], register)
-        log("cv: logged to MLflow" + (f" as {register} version {version}" if version else ""))
+        registry.log_finished("cv", storage.normalize(run_uri),
+                              dict(config.to_dict(), data=data, folds=folds),
+                              [dict(figures, epoch=0)], register, log)
     return summary
 
 

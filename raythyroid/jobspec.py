@@ -72,17 +72,9 @@ def main(command: str, args: list[str]) -> int:
     from . import cli
 
     try:
-        if not args or args[0].startswith("-"):
-            raise UserError(f"usage: python jobs/{command}.py CONFIG.yaml [--set key=value ...]")
-        config, overrides = args[0], []
-        rest = args[1:]
-        while rest:
-            if rest[0] != "--set" or len(rest) < 2:
-                raise UserError(f"unexpected argument {rest[0]!r}: only --set key=value")
-            overrides.append(rest[1])
-            rest = rest[2:]
-        settings = apply_overrides(load(config), overrides)
-        _refuse_relative_paths(settings)
+        settings = read_config(
+            args, f"usage: python jobs/{command}.py CONFIG.yaml [--set key=value ...]")
+        refuse_relative_paths(settings)
         retries = _retries(settings)
         argv = to_argv(command, settings)
     except UserError as exc:
@@ -94,7 +86,21 @@ def main(command: str, args: list[str]) -> int:
     return _run_retrying(argv, *retries)
 
 
-def _refuse_relative_paths(settings: dict) -> None:
+def read_config(args: list[str], usage: str) -> dict:
+    """`CONFIG.yaml [--set key=value ...]` -> the config's settings, overrides applied."""
+    if not args or args[0].startswith("-"):
+        raise UserError(usage)
+    config, overrides = args[0], []
+    rest = args[1:]
+    while rest:
+        if rest[0] != "--set" or len(rest) < 2:
+            raise UserError(f"unexpected argument {rest[0]!r}: only --set key=value")
+        overrides.append(rest[1])
+        rest = rest[2:]
+    return apply_overrides(load(config), overrides)
+
+
+def refuse_relative_paths(settings: dict) -> None:
     import os
 
     for key in PATH_KEYS:

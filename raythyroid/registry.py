@@ -131,6 +131,25 @@ def log_run(job: str, run_uri: str, params: dict, history: list[dict],
     return _new_version(register_as, source, run_id) if register_as else None
 
 
+def log_finished(job: str, run_uri: str, params: dict, history: list[dict],
+                 register: str | None, log) -> None:
+    """log_run at the end of a train or cv run. Asked to register, a failure is the run's; only
+    logging (MLFLOW_TRACKING_URI set), it is one line: the model is in RUN whatever MLflow
+    says."""
+    try:
+        version = log_run(job, run_uri, params, history, register)
+    except Exception as exc:
+        if register:
+            raise UserError(f"{job}: the model in {storage.join(run_uri, MODEL_PATH)} was not "
+                            f"registered in MLflow at {_tracking()} ({_reason(exc)}): "
+                            f"raythyroid register {storage.join(run_uri, MODEL_PATH)} "
+                            f"{register}") from None
+        log(f"{job}: not logged to MLflow at {_tracking()}: {_reason(exc)}")
+        return
+    log(f"{job}: logged to MLflow at {_tracking()}"
+        + (f" as {register} version {version}" if version else ""))
+
+
 def register_folder(folder: str, name: str) -> str:
     """An existing model folder (a bundled model, one trained elsewhere) as a new version."""
     folder = storage.normalize(folder)
@@ -152,6 +171,19 @@ def _new_version(name: str, source: str, run_id: str) -> str:
     except Exception:
         client.create_registered_model(name)
     return str(client.create_model_version(name, source=source, run_id=run_id).version)
+
+
+def version_of_run(name: str, run_uri: str) -> str:
+    """The version of `name` that the training run at RUN registered (the newest, should a
+    rerun have registered it again)."""
+    client = _mlflow().MlflowClient()
+    versions = sorted(client.search_model_versions(f"name='{name}'"),
+                      key=lambda v: int(v.version), reverse=True)
+    for version in versions:
+        if version.run_id and client.get_run(version.run_id).data.tags.get(
+                "raythyroid.run") == run_uri:
+            return str(version.version)
+    raise UserError(f"no version of {name} in {_tracking()} was registered by {run_uri}")
 
 
 def champion(name: str, alias: str = CHAMPION) -> str | None:

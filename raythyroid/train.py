@@ -52,11 +52,9 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
     state = train_and_save(run_uri, config, lambda: _datasets(data, manifest, config, log),
                            manifest, data, workers, gpu, cpus_per_worker, log, progress)
     if register or registry.enabled():
-        version = registry.log_run("train", run_uri, dict(config.to_dict(), data=data,
-                                                          workers=workers), state.history,
-                                   register)
-        log("train: logged to MLflow" + (f" as {register} version {version}" if version
-                                          else ""))
+        registry.log_finished("train", run_uri, dict(config.to_dict(), data=data,
+                                                     workers=workers), state.history,
+                              register, log)
     return state.test or {}
 
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from raythyroid import cli, jobspec
+from raythyroid.errors import UserError
 
 from helpers import ROOT, missing
 
@@ -213,8 +214,9 @@ def test_webhook_checks_reject_what_kuberay_rejects():
 def test_versions_images_and_ports_match_the_project():
     docs = render("k8s")
     specs = [s for d in docs for s in cluster_specs(d)]
-    # the RayCluster, three RayJobs that bring their own cluster, the nightly RayCronJob's job
-    assert len(specs) == 5
+    # the RayCluster, three RayJobs that bring their own cluster, the nightly and the weekly
+    # RayCronJobs' jobs
+    assert len(specs) == 6
     for spec in specs:
         assert spec["rayVersion"] == RAY_VERSION
         groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
@@ -255,11 +257,21 @@ def test_monitoring_objects_match_the_pods_and_files():
         "RaythyroidJobStalled", "RaythyroidErrorRateHigh", "RaythyroidTrainingDiverged"}
 
 
+def command_lines(command: str, config: Path) -> list[list[str]]:
+    """What a job's entrypoint runs for a config: one command, or the weekly loop's steps."""
+    from raythyroid import weekly
+
+    if command == "loop":
+        return weekly.plan(jobspec.load(str(config)), "2026-01-04")[0]
+    return [jobspec.to_argv(command, jobspec.load(str(config)))]
+
+
 def test_every_entrypoint_names_real_files_and_valid_configs():
     jobs = [job for path in KUSTOMIZATIONS for doc in render(path) for job in job_specs(doc)]
     assert {j["metadata"]["name"] for j in jobs} >= {
         "raythyroid-preprocess", "raythyroid-train", "raythyroid-infer",
-        "raythyroid-infer-shared", "raythyroid-infer-nightly-xxxxxxxxxx"}
+        "raythyroid-infer-shared", "raythyroid-infer-nightly-xxxxxxxxxx",
+        "raythyroid-loop-weekly-xxxxxxxxxx"}
     parser = cli.build_parser()
     for job in jobs:
         words = shlex.split(job["spec"]["entrypoint"])
@@ -267,13 +279,31 @@ def test_every_entrypoint_names_real_files_and_valid_configs():
         script = ROOT / words[1][len(IMAGE_ROOT):]
         config = ROOT / words[2][len(IMAGE_ROOT):]
         assert script.is_file() and config.is_file(), job["spec"]["entrypoint"]
-        command = script.stem
-        argv = jobspec.to_argv(command, jobspec.load(str(config)))
-        parsed = parser.parse_args(argv)  # raises on any key the CLI does not know
-        assert parsed.command == command
+        for argv in command_lines(script.stem, config):
+            parsed = parser.parse_args(argv)  # raises on any key the CLI does not know
+            assert parsed.command == argv[0]
     for config in (ROOT / "jobs" / "configs").glob("*.yaml"):
-        command = config.stem.split("-")[0]
-        parser.parse_args(jobspec.to_argv(command, jobspec.load(str(config))))
+        for argv in command_lines(config.stem.split("-")[0], config):
+            parser.parse_args(argv)
+
+
+def test_the_weekly_loop_fine_tunes_the_champion_and_registers_a_dated_run():
+    """The loop's steps are the commands a person would type: the corrections through the
+    dicom layout's rules, a fine-tune from the champion into this week's RUN, registered."""
+    from raythyroid import weekly
+
+    config = jobspec.load(str(ROOT / "jobs" / "configs" / "loop-weekly.yaml"))
+    (preprocess, train), run, name = weekly.plan(config, "2026-01-04")
+    assert preprocess[:3] == ["preprocess", config["corrections"], config["prepared"]]
+    assert "--layout" in preprocess and preprocess[preprocess.index("--layout") + 1] == "dicom"
+    assert run == f"{config['runs']}/2026-01-04"
+    assert train[:3] == ["train", config["prepared"], run]
+    assert train[train.index("--init") + 1] == f"models:/{name}@champion"
+    assert train[train.index("--register") + 1] == name
+    with pytest.raises(UserError, match="lacks prepared"):
+        weekly.plan({k: v for k, v in config.items() if k != "prepared"}, "2026-01-04")
+    with pytest.raises(UserError, match="relative path"):
+        weekly.plan(dict(config, runs="runs/weekly"), "2026-01-04")
 
 
 def test_the_nightly_job_retries_only_a_temporary_failure(tmp_path, capsys):

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from raythyroid import model, storage, train, training
+from raythyroid import model, registry, storage, train, training
 
 from helpers import run_cli
 
@@ -30,6 +30,8 @@ def test_train_registers_promote_gates_and_infer_follows_the_champion(
     logged = client.get_run(first.run_id)
     assert logged.data.params["base"] == "8" and logged.data.params["epochs"] == "1"
     assert [m.step for m in client.get_metric_history(first.run_id, "val_n_iou")] == [1]
+    # the weekly loop finds the version its training run registered
+    assert registry.version_of_run(name, storage.normalize(weak)) == "1"
     # its artifacts are the model folder train wrote, byte for byte
     downloaded = model.resolve(f"models:/{name}/1")
     assert model.read_info(downloaded).weights_sha256 == \

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raythyroid"
-FRONT = {"cli", "demo", "jobspec"}
+FRONT = {"cli", "demo", "jobspec", "weekly"}
 PIPELINES = {"preprocess", "train", "cv", "infer", "distill", "compare"}
 # what several pipelines share and that needs Ray (train, cv and distill all train with it)
 LIBRARIES = {"training"}
