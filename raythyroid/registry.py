@@ -103,14 +103,14 @@ def fetch(uri: str) -> str:
 
 
 def log_run(job: str, run_uri: str, params: dict, history: list[dict],
-            register_as: str | None = None) -> str | None:
+            register_as: str | None = None, model_folder: str | None = None) -> str | None:
     """A finished train or cv run into MLflow: its flags, its epochs' metrics (step = epoch)
-    and RUN/model as artifacts; with `register_as`, a new version of that registered model.
-    Returns the version, or None."""
+    and its model folder (RUN/model unless named) as artifacts; with `register_as`, a new
+    version of that registered model. Returns the version, or None."""
     mlflow = _mlflow()
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
     with tempfile.TemporaryDirectory() as local:
-        model_folder = storage.join(run_uri, MODEL_PATH)
+        model_folder = model_folder or storage.join(run_uri, MODEL_PATH)
         for uri in storage.list_files(model_folder):
             target = os.path.join(local, storage.relative(uri, model_folder))
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -153,13 +153,8 @@ def log_finished(job: str, run_uri: str, params: dict, history: list[dict],
 def register_folder(folder: str, name: str) -> str:
     """An existing model folder (a bundled model, one trained elsewhere) as a new version."""
     folder = storage.normalize(folder)
-    with tempfile.TemporaryDirectory() as run_folder:
-        for uri in storage.list_files(folder):
-            target = os.path.join(run_folder, MODEL_PATH, storage.relative(uri, folder))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(storage.read_bytes(uri))
-        return log_run("register", run_folder, {"model": folder}, [], register_as=name)
+    return log_run("register", folder, {"model": folder}, [], register_as=name,
+                   model_folder=folder)
 
 
 def _new_version(name: str, source: str, run_id: str) -> str:
