@@ -163,7 +163,9 @@ def _new_version(name: str, source: str, run_id: str) -> str:
     client = _mlflow().MlflowClient()
     try:
         client.get_registered_model(name)
-    except Exception:
+    except Exception as exc:
+        if not _not_found(exc):
+            raise
         client.create_registered_model(name)
     return str(client.create_model_version(name, source=source, run_id=run_id).version)
 
@@ -182,11 +184,22 @@ def version_of_run(name: str, run_uri: str) -> str:
 
 
 def champion(name: str, alias: str = CHAMPION) -> str | None:
-    """The version `alias` names now, or None when it names none yet."""
+    """The version `alias` names now, or None when it names none yet. Any other answer (the
+    registry down, credentials refused) is an error, never "no champion": promote would
+    otherwise crown a candidate without comparing it."""
     try:
         return str(_mlflow().MlflowClient().get_model_version_by_alias(name, alias).version)
-    except Exception:
-        return None
+    except Exception as exc:
+        if _not_found(exc):
+            return None
+        raise UserError(f"cannot read {name}@{alias} from {_tracking()}: "
+                        f"{_reason(exc)}") from None
+
+
+def _not_found(exc: Exception) -> bool:
+    """MLflow's answer for a model or alias that does not exist (not for a failure)."""
+    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST",
+                                                "INVALID_PARAMETER_VALUE")
 
 
 def crown(name: str, version: str, alias: str = CHAMPION) -> None:

@@ -63,3 +63,14 @@ def test_train_registers_promote_gates_and_infer_follows_the_champion(
                    str(tmp_path / "none"), env=env)
     assert done.returncode == 2 and "no-such-model@champion" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_registry_that_does_not_answer_is_never_no_champion(monkeypatch):
+    """promote crowns a version as it is only when the model has no champion: a registry down
+    (or refusing us) must be an error, not read as none."""
+    from helpers import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(registry.UserError, match="cannot read thyroid-nodules@champion"):
+        registry.champion("thyroid-nodules")
