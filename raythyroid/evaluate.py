@@ -96,7 +96,6 @@ def score_prepared(net, inference, images: np.ndarray, labels: list[np.ndarray],
                 net, torch.from_numpy(padded), torch.device("cpu"), bf16,
                 flip_tta=inference.tta, zoom=inference.tta_zoom).numpy()[:len(part)]
         for p, label, geometry in zip(prob, labels[start:], geometries[start:]):
-            restored = geometry.restore(p.astype(np.float16).astype(np.float32))
-            counted.append(metrics.counts(label, postprocess.clean_mask(restored,
-                                                                         inference.post)))
+            mask = postprocess.clean_mask(geometry.restore_as_infer_keeps(p), inference.post)
+            counted.append(metrics.counts(label, mask))
     return counted

@@ -85,6 +85,12 @@ class Geometry:
         out[self.y:self.y + self.h, self.x:self.x + self.w] = resized
         return out
 
+    def restore_as_infer_keeps(self, prob: np.ndarray) -> np.ndarray:
+        """A prepared-size probability map -> the original frame, rounded to float16 first as
+        infer keeps probabilities: what validation, compare and reports score is what infer
+        would segment."""
+        return self.restore(prob.astype(np.float16))
+
 
 # ---------------------------------------------------------------- decoding
 

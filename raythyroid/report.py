@@ -396,7 +396,7 @@ def _validation_scores(run_uri: str, info) -> list[tuple[float, str, bytes]]:
                                             zoom=info.inference.tta_zoom).numpy()
         for row, image, p in zip(part, images, prob):
             geometry = imaging.Geometry.from_dict(row["geometry"])
-            mask = postprocess.clean_mask(geometry.restore(p.astype(np.float16)), post)
+            mask = postprocess.clean_mask(geometry.restore_as_infer_keeps(p), post)
             label = imaging.decode_png(row["full_mask"]) > 0
             counts = metrics.counts(label, mask)
             iou = metrics.image_iou(counts["tp"], counts["fp"], counts["fn"])

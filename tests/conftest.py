@@ -188,7 +188,10 @@ def mlflow_server(tmp_path_factory) -> str:
         [str(command), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'registry.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        # its job runner (five polling consumer processes) serves features we do not use, and
+        # would take CPU from the rest of the suite for the whole session
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:

@@ -137,7 +137,7 @@ def assert_stopped(process: subprocess.Popen, signum: int, job: str, signalled_a
     return out, err
 
 
-TRAINED_EPOCHS = 14
+TRAINED_EPOCHS = 10
 
 
 def ray_processes(name: str) -> list:

@@ -80,8 +80,7 @@ def _scored_pairs(batch: dict, mine: np.ndarray, prob: np.ndarray):
         yield from zip(batch["mask"][mine].astype(bool), prob)
         return
     for label_png, geometry, p in zip(batch["full_mask"][mine], batch["geometry"][mine], prob):
-        restored = imaging.Geometry.from_row(geometry).restore(
-            p.astype(np.float16).astype(np.float32))
+        restored = imaging.Geometry.from_row(geometry).restore_as_infer_keeps(p)
         yield imaging.decode_png(label_png) > 0, restored
 
 # Inference variants tried on the validation split once training ends: mirrored test-time
