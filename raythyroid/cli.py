@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     pre = commands.add_parser("preprocess", help="image/mask sets -> Parquet shards by split")
-    pre.add_argument("input", help="dataset root: local folder or s3://bucket/prefix")
+    pre.add_argument("input", help="dataset root: local folder or s3://bucket/prefix; or a "
+                                   "PACS's SEGs: dicomweb+http(s)://HOST:PORT/PREFIX?QIDO-filters")
     pre.add_argument("output", help="output folder or s3:// prefix")
     pre.add_argument("--layout", choices=layouts.LAYOUTS, default="auto")
     pre.add_argument("--size", type=_image_size, default=PrepConfig.size,
@@ -340,19 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from . import layouts, preprocess, runtime, split, storage
+    from . import dicomweb, layouts, preprocess, runtime, split, storage
     from .imaging import PrepConfig
 
     fractions = split.parse_fractions(args.split)
-    storage.check_readable_root(args.input)
-    storage.check_writable_root(args.output)
     rules = layouts.DicomRules(segs_from=args.segs_from, several=args.several_segs)
-    scanned = layouts.scan(storage.normalize(args.input), args.layout, rules)
+    pacs = dicomweb.is_dicomweb(args.input)
+    if pacs:
+        layouts.pacs_layout(args.layout)
+        dicomweb.check(dicomweb.parse(args.input))  # URL, credentials, a server that answers
+    else:
+        storage.check_readable_root(args.input)
+    storage.check_writable_root(args.output)
+    # a PACS's SEGs are read by Ray tasks, once Ray has started
+    scanned = None if pacs else layouts.scan(storage.normalize(args.input), args.layout, rules)
     config = PrepConfig(size=args.size, desensitize=not args.no_crop)
     with runtime.session(args.address, args.verbose):
-        preprocess.run(args.input, args.output, config=config, fractions=fractions,
-                       seed=args.seed, max_pixels=args.max_pixels, scanned=scanned,
-                       metrics_port=args.metrics_port)
+        preprocess.run(args.input, args.output, layout=args.layout, config=config,
+                       fractions=fractions, seed=args.seed, max_pixels=args.max_pixels,
+                       scanned=scanned, metrics_port=args.metrics_port, dicom_rules=rules)
     return 0
 
 

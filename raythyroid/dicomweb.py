@@ -285,6 +285,7 @@ class Instance:
     series: str
     sop: str
     sop_class: str | None
+    frames: int = 1  # NumberOfFrames, which instance searches return by default
 
     def uri(self, query: Query) -> str:
         return (f"dicomweb+{query.base}/studies/{self.study}/series/{self.series}"
@@ -302,18 +303,43 @@ class Instance:
         return dicom_read.non_image_reason(self.sop_class) is None
 
 
+def studies(query: Query, today: dt.date | None = None) -> list[str]:
+    """The UIDs of the studies the filters match (a paged study search), sorted."""
+    found = _paged(f"{query.base}/studies", query.resolved(today), "study search", [0])
+    return sorted({_value(s, "0020000D") for s in found} - {None})
+
+
+def study_instances(query: Query, study: str, longest: list[int]) -> Iterator[Instance]:
+    """Every instance of one study (a paged instance search); `longest` as for _paged."""
+    for item in _paged(f"{query.base}/studies/{study}/instances", [], "instance search",
+                       longest):
+        series, sop = _value(item, "0020000E"), _value(item, "00080018")
+        if series and sop:
+            yield Instance(study, series, sop, _value(item, "00080016"),
+                           _frame_count(_value(item, "00280008")))
+
+
+def _frame_count(value: str | None) -> int:
+    try:
+        return max(1, int(value or 1))
+    except ValueError:
+        return 1  # a malformed count: the frames are counted when the instance is read
+
+
 def search(query: Query, today: dt.date | None = None) -> Iterator[Instance]:
     """Every instance of every study the filters match, study by study: studies are searched
     with the filters, then each study's instances are listed, each search paged. An instance
     query paged by offset alone would skip or repeat instances while the archive grows."""
-    studies = _paged(f"{query.base}/studies", query.resolved(today), "study search", [0])
     longest = [0]  # the server's cap on instance pages is the same for every study
-    for study in sorted({_value(s, "0020000D") for s in studies} - {None}):
-        for item in _paged(f"{query.base}/studies/{study}/instances", [], "instance search",
-                           longest):
-            series, sop = _value(item, "0020000E"), _value(item, "00080018")
-            if series and sop:
-                yield Instance(study, series, sop, _value(item, "00080016"))
+    for study in studies(query, today):
+        yield from study_instances(query, study, longest)
+
+
+def seg_series(query: Query, study: str, longest: list[int]) -> set[str]:
+    """The UIDs of a study's SEG series (a series search, Modality=SEG)."""
+    found = _paged(f"{query.base}/studies/{study}/series", [("Modality", "SEG")],
+                   "series search", longest)
+    return {_value(s, "0020000E") for s in found} - {None}
 
 
 def check(query: Query) -> None:

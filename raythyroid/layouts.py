@@ -240,16 +240,72 @@ class DicomRules:
                             f"from {', '.join(SEGS_FROM)} and {', '.join(SEVERAL_SEGS)}")
 
 
+@dataclass(frozen=True)
+class DicomImage:
+    """An image a SEG may reference: where it is, its frame count, and its key (its frames'
+    keys add `#frame` when it has several)."""
+
+    uri: str
+    frames: int
+    key: str
+
+
+@dataclass(frozen=True)
+class SegHeader:
+    """A DICOM SEG as pairing reads it: its key, where it is, its header (pixels unread)."""
+
+    key: str
+    uri: str
+    ds: object  # pydicom Dataset
+
+
+@dataclass
+class Annotated:
+    """What SEGs annotate under DicomRules: one pair per frame (by key), the instances a SEG
+    that teaches annotates, and those raythyroid's own SEGs annotate."""
+
+    pairs: list[Pair]
+    annotated: set[str]
+    ours: set[str]
+
+
+def pair_segs(segs: list[SegHeader], images: dict[str, DicomImage], rules: DicomRules,
+              problems: list[Problem], where: str) -> Annotated:
+    """The one choice of masks from SEGs, a folder's or a PACS's: each SEG's nodule segment
+    (the one labelled or coded as a nodule, or its only segment) pairs each of its frames with
+    the frame of `images` (by SOP Instance UID) it references, under `rules`. A reference to
+    an image not in `images` (`where` names their home) or to a frame it lacks, and a SEG
+    that cannot be read as an annotation, are error rows."""
+    found, ours = _annotations(segs, images, rules, problems, where)
+    chosen = _chosen_annotations(found, rules, problems)
+    return Annotated([chosen[k] for k in sorted(chosen)],
+                     {sop_uid for sop_uid, _ in found.values()}, ours)
+
+
 def read_dicom(root: str, rules: DicomRules = DicomRules()) -> tuple[list[Pair], list[Problem]]:
-    """DICOM images annotated by DICOM SEG objects, as hospitals store them: every SEG's nodule
-    segment (the one labelled or coded as a nodule, or its only segment) pairs each of its
-    frames with the source instance and frame it references, under `rules`. Keys are the
-    image's path (without extension), `#frame` added for multi-frame images; the case, a hash
-    of the patient, is read from the image when it is prepared. Only headers are read here."""
+    """DICOM images annotated by DICOM SEG objects, as hospitals store them (pair_segs). Keys
+    are the image's path (without extension), `#frame` added for multi-frame images; the case,
+    a hash of the patient, is read from the image when it is prepared. Only headers are read
+    here."""
+    images, segs, problems = _dicom_headers(root)
+    found = pair_segs(segs, images, rules, problems, "the dataset")
+    for sop_uid, image in sorted(images.items(), key=lambda item: item[1].uri):
+        if sop_uid in found.annotated:
+            continue
+        if sop_uid in found.ours:
+            problems.append(Problem(image.key, image.uri, "annotated only by raythyroid's own "
+                                    "SEG, which no person edited (--segs-from any learns from "
+                                    "it)", "skipped"))
+        else:
+            problems.append(Problem(image.key, image.uri, "no SEG references this image"))
+    return found.pairs, problems
+
+
+def _dicom_headers(root: str) -> tuple[dict[str, DicomImage], list[SegHeader], list[Problem]]:
+    """Every file's header under `root`: the images by SOP Instance UID, the SEGs, and a
+    problem row for each file that is neither."""
     from . import imaging
     from .dicom import read as dicom_read, seg_read
-
-    uris = storage.list_files(root, IMAGE_SUFFIXES)
 
     def header(uri):
         try:
@@ -262,11 +318,11 @@ def read_dicom(root: str, rules: DicomRules = DicomRules()) -> tuple[list[Pair],
                 f"cannot read: {storage.describe_error(exc)}"
             return uri, None, reason
 
-    images: dict[str, tuple[str, int]] = {}  # SOP Instance UID -> (uri, frames)
-    segs: list[tuple[str, object]] = []
+    images: dict[str, DicomImage] = {}
+    segs: list[SegHeader] = []
     problems: list[Problem] = []
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for uri, ds, error in pool.map(header, uris):
+        for uri, ds, error in pool.map(header, storage.list_files(root, IMAGE_SUFFIXES)):
             key = _stem(storage.relative(uri, root))
             if error:
                 problems.append(Problem(key, uri, error))
@@ -274,29 +330,17 @@ def read_dicom(root: str, rules: DicomRules = DicomRules()) -> tuple[list[Pair],
             sop_class = dicom_read.sop_class_of(ds)
             skip = dicom_read.non_image_reason(sop_class)
             if sop_class == seg_read.SEGMENTATION_STORAGE:
-                segs.append((uri, ds))
+                segs.append(SegHeader(key, uri, ds))
             elif skip:
                 problems.append(Problem(key, uri, skip, "skipped"))
             else:
-                images[str(ds.get("SOPInstanceUID", ""))] = (
-                    uri, int(ds.get("NumberOfFrames", 1) or 1))
-    found, ours = _annotations(root, segs, images, rules, problems)
-    pairs = _chosen_annotations(found, rules, problems)
-    annotated = {sop_uid for sop_uid, _ in found.values()}
-    for sop_uid, (uri, _) in sorted(images.items(), key=lambda item: item[1][0]):
-        if sop_uid in annotated:
-            continue
-        key = _stem(storage.relative(uri, root))
-        if sop_uid in ours:
-            problems.append(Problem(key, uri, "annotated only by raythyroid's own SEG, which no "
-                                              "person edited (--segs-from any learns from it)",
-                                    "skipped"))
-        else:
-            problems.append(Problem(key, uri, "no SEG references this image"))
-    return [pairs[k] for k in sorted(pairs)], problems
+                images[str(ds.get("SOPInstanceUID", ""))] = DicomImage(
+                    uri, int(ds.get("NumberOfFrames", 1) or 1), key)
+    return images, segs, problems
 
 
-def _annotations(root, segs, images, rules, problems) -> tuple[dict, set[str]]:
+def _annotations(segs: list[SegHeader], images: dict[str, DicomImage], rules: DicomRules,
+                 problems: list[Problem], where: str) -> tuple[dict, set[str]]:
     """Every frame key -> (the instance it is a frame of, [(made at, SEG uri, Pair)] in listing
     order) from the SEGs `rules` lets teach; and the instances raythyroid's own SEGs annotate."""
     from . import imaging
@@ -304,33 +348,45 @@ def _annotations(root, segs, images, rules, problems) -> tuple[dict, set[str]]:
 
     found: dict[str, tuple[str, list]] = {}
     ours: set[str] = set()
-    for seg_uri, ds in segs:
-        seg_key = _stem(storage.relative(seg_uri, root))
+    for seg in segs:
         try:
-            references = seg_read.nodule_references(ds)
+            references = seg_read.nodule_references(seg.ds)
         except imaging.DecodeError as exc:
-            problems.append(Problem(seg_key, seg_uri, str(exc), "mask"))
+            problems.append(Problem(seg.key, seg.uri, str(exc), "mask"))
             continue
-        if rules.segs_from == "people" and seg_read.made_by_raythyroid(ds):
+        if rules.segs_from == "people" and seg_read.made_by_raythyroid(seg.ds):
             ours.update(ref.sop_instance_uid for ref in references)
             continue
         for ref in references:
-            if ref.sop_instance_uid not in images:
-                problems.append(Problem(f"{seg_key}#{ref.seg_frame}", seg_uri,
-                                        "SEG references an image not in the dataset", "mask"))
+            pair = _referenced_pair(seg, ref, images, where, problems)
+            if pair is None:
                 continue
-            uri, frames = images[ref.sop_instance_uid]
-            frame = ref.frame if frames > 1 else None
-            key = _stem(storage.relative(uri, root)) + (f"#{frame or 1}" if frames > 1 else "")
-            pair = Pair(key, key.split("#")[0], uri, mask_uri=seg_uri,
-                        frame=frame or (1 if frames > 1 else None), mask_frame=ref.seg_frame)
-            candidates = found.setdefault(key, (ref.sop_instance_uid, []))[1]
-            if any(listed == seg_uri for _, listed, _ in candidates):
-                problems.append(Problem(key, seg_uri, "the SEG annotates this frame twice (its "
-                                                      "first frame for it is kept)", "mask"))
+            candidates = found.setdefault(pair.key, (ref.sop_instance_uid, []))[1]
+            if any(listed == seg.uri for _, listed, _ in candidates):
+                problems.append(Problem(pair.key, seg.uri, "the SEG annotates this frame twice "
+                                        "(its first frame for it is kept)", "mask"))
                 continue
-            candidates.append((seg_read.made_at(ds), seg_uri, pair))
+            candidates.append((seg_read.made_at(seg.ds), seg.uri, pair))
     return found, ours
+
+
+def _referenced_pair(seg: SegHeader, ref, images: dict[str, DicomImage], where: str,
+                     problems: list[Problem]) -> Pair | None:
+    """One SEG frame and the image frame it references as a pair; None, and an error row,
+    where that image or frame is not there."""
+    image = images.get(ref.sop_instance_uid)
+    reason = None
+    if image is None:
+        reason = f"SEG references an image not in {where}"
+    elif (ref.frame or 1) > image.frames:
+        reason = f"SEG references frame {ref.frame} of an image of {image.frames} frame(s)"
+    if reason:
+        problems.append(Problem(f"{seg.key}#{ref.seg_frame}", seg.uri, reason, "mask"))
+        return None
+    frame = (ref.frame or 1) if image.frames > 1 else None
+    key = image.key + (f"#{frame}" if frame else "")
+    return Pair(key, image.key, image.uri, mask_uri=seg.uri, frame=frame,
+                mask_frame=ref.seg_frame)
 
 
 def _chosen_annotations(found: dict, rules: DicomRules, problems: list) -> dict[str, Pair]:
@@ -354,6 +410,52 @@ def _chosen_annotations(found: dict, rules: DicomRules, problems: list) -> dict[
                 problems.append(Problem(key, seg_uri, f"an older annotation of this frame than "
                                         f"{storage.basename(chosen[1])}", "skipped"))
     return pairs
+
+
+PACS_WHERE = "its study on the DICOMweb server"  # the images a PACS's SEG may reference
+
+
+@dataclass
+class PacsListing:
+    """What a DICOMweb query holds for preprocess: in each study the filters match that has a
+    SEG series, the instances of its SEG series (key, URI) and its images by SOP Instance
+    UID. Keys are infer's: STUDY/SERIES/SOP UIDs, made safe (hashed when too long)."""
+
+    segs: list[tuple[str, str]]
+    images: dict[str, DicomImage]
+    studies: int
+
+
+def list_pacs(input_uri: str) -> PacsListing:
+    """A DICOMweb INPUT's SEGs and the images they may reference: the studies the filters
+    match, a series search for SEGs in each (Modality=SEG), then the instances of the studies
+    that have one. Nothing is retrieved here."""
+    from . import dicomweb
+
+    query = dicomweb.parse(input_uri)
+    listing = PacsListing([], {}, 0)
+    series_pages, instance_pages = [0], [0]  # each kind of search's longest page
+    for study in dicomweb.studies(query):
+        segs = dicomweb.seg_series(query, study, series_pages)
+        if not segs:
+            continue
+        listing.studies += 1
+        for instance in dicomweb.study_instances(query, study, instance_pages):
+            key, uri = storage.safe_key(instance.key), instance.uri(query)
+            if instance.series in segs:
+                listing.segs.append((key, uri))
+            elif instance.has_pixels:
+                listing.images[instance.sop] = DicomImage(uri, instance.frames, key)
+    return listing
+
+
+def pacs_layout(layout: str) -> str:
+    """A DICOMweb INPUT is read as the dicom layout (images annotated by SEGs): `layout` must
+    say so or leave it to us."""
+    if layout not in ("auto", "dicom"):
+        raise UserError(f"a DICOMweb INPUT holds DICOM images and SEGs: --layout dicom (or "
+                        f"auto), not {layout}")
+    return "dicom"
 
 
 READERS = {"folders": read_folders, "ddti": read_ddti, "tn3k": read_tn3k, "tnscui": read_tnscui,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import imaging, layouts, shards, split, storage, telemetry
+from . import dicomweb, imaging, layouts, shards, split, storage, telemetry
+from .errors import UserError
 from .imaging import DecodeError, PrepConfig, SkipInput
 
 FILES_PER_TASK = 32  # one Ray task reads and prepares this many pairs: never a task per file
@@ -45,9 +46,18 @@ class StageError(Exception):
         self.stage, self.reason = stage, reason
 
 
+# a PACS down or refusing our credentials stops the run (exit 75 or 2), as it stops infer's:
+# the rerun does it all, where error rows would have left those pairs out unnoticed
+STOPS_THE_RUN = (dicomweb.Unreachable, UserError)
+
+
 def _fetch(uri: str, stage: str) -> bytes:
     try:
-        data = storage.read_bytes(uri)
+        data = dicomweb.retrieve(uri) if dicomweb.is_dicomweb(uri) else storage.read_bytes(uri)
+    except STOPS_THE_RUN:
+        raise
+    except dicomweb.RetrieveError as exc:
+        raise StageError(stage, f"cannot read: {exc}") from None
     except Exception as exc:
         raise StageError(stage, f"cannot read: {storage.describe_error(exc)}") from None
     telemetry.count("bytes", len(data), pipeline="preprocess")
@@ -101,6 +111,9 @@ def prepare_pair(row: dict, config: PrepConfig, max_pixels: int,
         if frames.count > 1 and not row.get("frame"):
             raise DecodeError(f"multi-frame image ({frames.count} frames): name its masks "
                               f"<name>#<frame>, or annotate it with DICOM SEG (--layout dicom)")
+        if (row.get("frame") or 1) > frames.count:
+            raise StageError("mask", f"the mask is of frame {row['frame']}, the image has "
+                                     f"{frames.count} frame(s)")
         frame = frames.frame((row.get("frame") or 1) - 1)
     except DecodeError as exc:
         raise StageError("decode", str(exc)) from None
@@ -144,6 +157,8 @@ def _prepare_row(row: dict, config: PrepConfig, max_pixels: int, source: Source)
         telemetry.count("prepared", pipeline="preprocess")
     except StageError as exc:
         out.update(error_stage=exc.stage, error_reason=exc.reason)
+    except STOPS_THE_RUN:
+        raise
     except Exception as exc:  # a bug or an exotic file must not take the block down
         out.update(error_stage="prepare", error_reason=storage.describe_error(exc))
     if out.get("error_stage") == "skipped":
@@ -230,14 +245,95 @@ def run(input_uri: str, output: str, layout: str = "auto", config: PrepConfig = 
     to report layout mistakes before starting Ray).
     """
     started = time.time()
-    input_uri, output = storage.normalize(input_uri), storage.normalize(output)
-    layout, pairs, problems = scanned or layouts.scan(input_uri, layout, dicom_rules)
+    output = storage.normalize(output)
+    if dicomweb.is_dicomweb(input_uri):
+        layout, pairs, problems = scanned or scan_pacs(input_uri, layout, dicom_rules, log)
+        # the manifest names the server and the filters as written, a patient's hashed
+        input_uri = dicomweb.parse(input_uri).identity
+    else:
+        input_uri = storage.normalize(input_uri)
+        layout, pairs, problems = scanned or layouts.scan(input_uri, layout, dicom_rules)
     log(f"preprocess: {len(pairs)} pairs found ({layout} layout), {len(problems)} unpaired files")
     with telemetry.tracked("preprocess", f"{int(started)}", metrics_port,
                            len(pairs) + len(problems)) as progress:
         job = Job(input_uri=input_uri, output=output, layout=layout, config=config,
                   fractions=tuple(fractions), seed=seed, max_pixels=max_pixels, started=started)
         return _run(job, pairs, problems, progress, log)
+
+
+SEG_HEADER_SCHEMA = pa.schema([("index", pa.int64()), ("key", pa.string()), ("uri", pa.string()),
+                               ("header", pa.binary()), ("error", pa.string())])
+
+
+def scan_pacs(input_uri: str, layout: str, rules: layouts.DicomRules, log=print
+              ) -> tuple[str, list[layouts.Pair], list[layouts.Problem]]:
+    """A DICOMweb INPUT read as the dicom layout reads a folder: the SEGs of the studies the
+    filters match, retrieved by Ray tasks for their headers, paired with the images they
+    reference by the same rules (layouts.pair_segs); prepare_block retrieves those images.
+    Images no SEG annotates are left out silently: a PACS holds many more than people
+    corrected, and each of raythyroid's own SEGs annotates one."""
+    layout = layouts.pacs_layout(layout)
+    listing = layouts.list_pacs(input_uri)
+    log(f"preprocess: {len(listing.segs)} SEG(s) in the {listing.studies} matched stud(ies) "
+        f"with a SEG series")
+    segs, problems = _seg_headers(listing.segs)
+    found = layouts.pair_segs(segs, listing.images, rules, problems, layouts.PACS_WHERE)
+    ours_only = len(found.ours - found.annotated)
+    if ours_only:
+        log(f"preprocess: {ours_only} image(s) annotated only by raythyroid's own SEGs, which "
+            f"no person edited: left out (--segs-from any learns from them)")
+    if not found.pairs:
+        raise UserError(f"no image/SEG pairs found in {dicomweb.safe_uri(input_uri)}: "
+                        f"{len(listing.segs)} SEG(s), {ours_only} image(s) annotated only by "
+                        f"raythyroid's own")
+    return layout, found.pairs, problems
+
+
+def _seg_headers(segs: list[tuple[str, str]]
+                 ) -> tuple[list[layouts.SegHeader], list[layouts.Problem]]:
+    """Every SEG (key, URI) retrieved by Ray tasks, its header read back in listing order; an
+    error row for each that cannot be read."""
+    import ray
+
+    from .dicom import read as dicom_read
+
+    if not segs:
+        return [], []
+    items = [{"index": i, "key": key, "uri": uri} for i, (key, uri) in enumerate(segs)]
+    rows = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / FILES_PER_TASK))
+            .map_batches(read_seg_headers, batch_size=FILES_PER_TASK, batch_format="pyarrow")
+            .take_all())
+    headers, problems = [], []
+    for row in sorted(rows, key=lambda r: r["index"]):
+        if row["error"]:
+            problems.append(layouts.Problem(row["key"], row["uri"], row["error"], "mask"))
+        else:
+            headers.append(layouts.SegHeader(row["key"], row["uri"], dicom_read.read_dataset(
+                row["header"], stop_before_pixels=True)))
+    return headers, problems
+
+
+def read_seg_headers(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: SEGs (index, key, uri) retrieved, each kept as its header only (what
+    pairing reads: a few kB, however many frames it has) or the reason it cannot be read."""
+    from .dicom import read as dicom_read
+
+    def header(row: dict) -> dict:
+        try:
+            ds = dicom_read.read_dataset(_fetch(row["uri"], "mask"), stop_before_pixels=True)
+            return {**row, "header": dicom_read.header_bytes(ds), "error": None}
+        except StageError as exc:
+            return {**row, "header": None, "error": exc.reason}
+        except DecodeError as exc:
+            return {**row, "header": None, "error": str(exc)}
+        except STOPS_THE_RUN:
+            raise
+        except Exception as exc:  # a bug or an exotic file must not take the block down
+            return {**row, "header": None, "error": storage.describe_error(exc)}
+
+    rows = batch.to_pylist()
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(rows)))) as pool:
+        return pa.Table.from_pylist(list(pool.map(header, rows)), schema=SEG_HEADER_SCHEMA)
 
 
 def _prepare(pairs, config, max_pixels, progress, log):

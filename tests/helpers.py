@@ -158,7 +158,8 @@ INSTITUTION = "St Example Thyroid Clinic"
 
 
 def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_data=True,
-               study_uid: str | None = None, series_uid: str | None = None) -> bytes:
+               study_uid: str | None = None, series_uid: str | None = None,
+               patient_id: str = PATIENT_ID, study_date: str = "20260101") -> bytes:
     """An ultrasound DICOM (single- or multi-frame, 8-bit gray) carrying patient identifiers
     that must never reach an output; in a new study and series unless given."""
     import io
@@ -177,12 +178,13 @@ def make_dicom(frames, spacing_mm=(0.1, 0.1), ultrasound_region=False, pixel_dat
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.PatientName, ds.PatientID = PATIENT_NAME, patient_id
     ds.PatientBirthDate, ds.PatientSex = "19700101", "F"
     ds.InstitutionName = INSTITUTION
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "S1", "ACC-99", "20260101", "101010"
+    ds.StudyID, ds.AccessionNumber = "S1", "ACC-99"
+    ds.StudyDate, ds.StudyTime = study_date, "101010"
     ds.ReferringPhysicianName = "Ref^Doc"
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "US", 1, 1
     ds.Manufacturer = "Phantom"

@@ -1,9 +1,12 @@
 """A real PACS for the tests: Orthanc with its DICOMweb plugin on a loopback port, HTTP basic
-auth on, its own configuration and storage folder; and a bearer-token gate in front of it."""
+auth on, its own configuration and storage folder; a bearer-token gate in front of it; and
+radiologists' corrections filed into it as a viewer files them (upload_corrections)."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import http.client
+import io
 import json
 import secrets
 import shutil
@@ -11,10 +14,13 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from raythyroid import dicomweb
+import numpy as np
+
+from raythyroid import dicomweb, storage
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
@@ -281,3 +287,120 @@ def sop_uid(data: bytes) -> str:
 def _held(orthanc: Orthanc, data: bytes) -> bool:
     status, body = orthanc.request("POST", "/tools/lookup", sop_uid(data).encode())
     return status == 200 and bool(json.loads(body))
+
+
+# ---------------------------------------------------------------- corrections in a PACS
+
+def viewer_seg(source: bytes, mask: np.ndarray, made: dt.datetime) -> bytes:
+    """A correction as a viewer saves one: a new SEG written by highdicom under the viewer's
+    own manufacturer, a person's (MANUAL) nodule segment, made at `made`."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Nodule",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Nodule,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(io.BytesIO(source))],
+        pixel_array=mask.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=77,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Another Viewer Co.",
+        manufacturer_model_name="Reading Room", software_versions="4.2",
+        device_serial_number="11")
+    seg.ContentDate, seg.ContentTime = made.strftime("%Y%m%d"), made.strftime("%H%M%S.%f")
+    out = io.BytesIO()
+    seg.save_as(out)
+    return out.getvalue()
+
+
+def _referencing_frame(seg: bytes, frame: int) -> bytes:
+    """The SEG with its source reference naming `frame` of its (single-frame) source."""
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(seg))
+    for item in dataset.PerFrameFunctionalGroupsSequence:
+        for derivation in item.DerivationImageSequence:
+            for source in derivation.SourceImageSequence:
+                source.ReferencedFrameNumber = frame
+    out = io.BytesIO()
+    dataset.save_as(out)
+    return out.getvalue()
+
+
+@dataclass
+class Corrections:
+    """What upload_corrections filed, and what preparing it must give. Keys are infer's
+    (STUDY/SERIES/SOP of the source frame)."""
+
+    url: str  # dicomweb+ INPUT whose filters match these studies and no others
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # the newest correction by key
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # the source frame by key
+    patients: dict[str, str] = field(default_factory=dict)  # the PatientID by key
+    ours_only: list[str] = field(default_factory=list)  # only raythyroid's own SEG on these
+    older: dict[str, str] = field(default_factory=dict)  # key -> a replaced correction's UID
+    broken: dict[str, str] = field(default_factory=dict)  # SEG key#frame -> the error it gives
+
+
+def upload_corrections(pacs: Orthanc, frames: list[np.ndarray], masks: list[np.ndarray],
+                       patients: list[str], study_date: str) -> Corrections:
+    """Ultrasound frames and the radiologists' corrections of them, filed into the PACS as a
+    night of infer --stow and a reading room leave them: frame i of patient `patients[i]` (one
+    study per patient, dated `study_date`) with a viewer's SEG of `masks[i]`. Besides:
+    raythyroid's own SEG of frame 0 (corrected after it) and of one more frame nobody
+    corrected; an older correction of frame 1; a correction whose source the PACS does not
+    hold; and one referencing a second frame of a single-frame source."""
+    from pydicom.uid import generate_uid
+
+    from helpers import make_dicom
+    from raythyroid.dicom import seg_write
+
+    made = dt.datetime.now() + dt.timedelta(hours=1)  # read after the night infer wrote ours
+    studies = {patient: generate_uid() for patient in patients}
+    corrections = Corrections(f"dicomweb+{pacs.dicomweb}?StudyDate={study_date}")
+
+    def source(frame: np.ndarray, patient: str) -> tuple[str, bytes]:
+        data = make_dicom([frame], study_uid=studies[patient], patient_id=patient,
+                          study_date=study_date)
+        return infer_key(data), data
+
+    for index, (frame, mask, patient) in enumerate(zip(frames, masks, patients, strict=True)):
+        key, data = source(frame, patient)
+        pacs.upload(data)
+        corrections.frames[key], corrections.masks[key] = frame, mask.astype(bool)
+        corrections.patients[key] = patient
+        pacs.upload(viewer_seg(data, mask, made))
+        if index == 0:  # the model's outline, which the correction above replaces
+            pacs.upload(seg_write.write_segmentation(data, {0: ~mask.astype(bool)}))
+        if index == 1:  # an earlier correction of the same frame
+            older = viewer_seg(data, np.roll(mask, 9, axis=1), made - dt.timedelta(days=1))
+            corrections.older[key] = str(_header(older).SOPInstanceUID)
+            pacs.upload(older)
+        if index == 2:  # a second frame of a single-frame image
+            bad = _referencing_frame(viewer_seg(data, mask, made), 2)
+            corrections.broken[infer_key(bad) + "#1"] = "SEG references frame 2 of an image of 1"
+            pacs.upload(bad)
+    key, data = source(frames[0][:, ::-1], patients[0])
+    pacs.upload(data)  # segmented by raythyroid, never corrected
+    pacs.upload(seg_write.write_segmentation(data, {0: masks[0][:, ::-1].astype(bool)}))
+    corrections.ours_only.append(key)
+    _, gone = source(frames[-1], patients[-1])  # deleted from the PACS; its correction stays
+    lost = viewer_seg(gone, masks[-1], made)
+    corrections.broken[infer_key(lost) + "#1"] = "SEG references an image not in its study"
+    pacs.upload(lost)
+    return corrections
+
+
+def _header(data: bytes):
+    from raythyroid.dicom import read as dicom_read
+
+    return dicom_read.read_dataset(data, True)
+
+
+def infer_key(data: bytes) -> str:
+    """The key infer and preprocess give an instance read over DICOMweb."""
+    header = _header(data)
+    return storage.safe_key(f"{header.StudyInstanceUID}/{header.SeriesInstanceUID}/"
+                            f"{header.SOPInstanceUID}")

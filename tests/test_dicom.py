@@ -18,6 +18,7 @@ from raythyroid import imaging, layouts, phantom
 from raythyroid.imaging import DecodeError, PrepConfig, SkipInput
 
 from helpers import PATIENT_ID, PATIENT_NAME, make_dicom, missing
+from pacs import viewer_seg
 
 
 def pydicom_file(name: str) -> Path:
@@ -458,31 +459,6 @@ def test_seg_for_every_pydicom_test_image_passes_dciodvfy(tmp_path):
             .ReferencedSOPInstanceUID == uid
         written += 1
     assert written >= 40
-
-
-def viewer_seg(source: bytes, mask: np.ndarray, made: dt.datetime) -> bytes:
-    """A correction as a viewer saves one: a new SEG written by highdicom under the viewer's
-    own manufacturer, a person's (MANUAL) nodule segment, made at `made`."""
-    import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
-
-    description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Nodule",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Nodule,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-    seg = hd.seg.Segmentation(
-        source_images=[pydicom.dcmread(io.BytesIO(source))],
-        pixel_array=mask.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=77,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Another Viewer Co.",
-        manufacturer_model_name="Reading Room", software_versions="4.2",
-        device_serial_number="11")
-    seg.ContentDate, seg.ContentTime = made.strftime("%Y%m%d"), made.strftime("%H%M%S.%f")
-    out = io.BytesIO()
-    seg.save_as(out)
-    return out.getvalue()
 
 
 def test_a_persons_newest_seg_teaches_and_raythyroids_own_does_not(tmp_path):

@@ -1,5 +1,6 @@
 """A PACS as input and output: infer searches and retrieves over DICOMweb inside Ray tasks and
-files each SEG back with STOW-RS, night after night, against a real Orthanc."""
+files each SEG back with STOW-RS, night after night; preprocess learns from the corrections
+people filed there; against a real Orthanc."""
 from __future__ import annotations
 
 import datetime as dt
@@ -17,7 +18,7 @@ from raythyroid.errors import UserError
 
 import dicom_corpus as corpus
 import pacs as pacs_lib
-from helpers import free_port, run_cli
+from helpers import INSTITUTION, PATIENT_NAME, free_port, run_cli
 
 
 def source_frames(files: dict) -> list:
@@ -164,13 +165,15 @@ def test_bearer_token_path_and_refused_credentials(pacs, dicom_corpus, monkeypat
     assert password.returncode == 2 and "authentication failed (401)" in password.stderr
 
 
-@pytest.mark.parametrize("url, code, words", [
-    ("dicomweb+http://:8042/dicom-web", 2, "DICOMweb URL has no host"),
-    ("dicomweb+http://user:pw@127.0.0.1:1/dicom-web", 2, "credentials in a DICOMweb URL"),
-    ("dicomweb+http://127.0.0.1:{free}/dicom-web?StudyDate=-1d", 75, "unreachable"),
+@pytest.mark.parametrize("command, url, code, words", [
+    ("infer", "dicomweb+http://:8042/dicom-web", 2, "DICOMweb URL has no host"),
+    ("infer", "dicomweb+http://user:pw@127.0.0.1:1/dicom-web", 2, "credentials in a DICOMweb URL"),
+    ("infer", "dicomweb+http://127.0.0.1:{free}/dicom-web?StudyDate=-1d", 75, "unreachable"),
+    ("preprocess", "dicomweb+http://127.0.0.1:{free}/dicom-web?StudyDate=-7d", 75, "unreachable"),
 ])
-def test_dicomweb_url_mistakes_and_an_unreachable_server(url, code, words):
-    result = run_cli("infer", "no-model", url.format(free=free_port()), "out")
+def test_dicomweb_url_mistakes_and_an_unreachable_server(command, url, code, words):
+    model = ["no-model"] if command == "infer" else []
+    result = run_cli(command, *model, url.format(free=free_port()), "out")
     assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.stderr
@@ -307,3 +310,86 @@ def test_query_identity_resolves_dates_and_hides_patients():
     # an IPv6 host keeps its brackets
     assert dicomweb.parse("dicomweb+http://[::1]:8042/dicom-web").base == \
         "http://[::1]:8042/dicom-web"
+
+
+def ddti_frames(ddti, count: int) -> tuple[list, list]:
+    """`count` DDTI frames and their masks at half size, gray (small, fast to file and read)."""
+    import cv2
+
+    frames, masks = [], []
+    for path in sorted((ddti / "images").glob("*.jpg"))[:count]:
+        gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(ddti / "masks" / f"{path.stem}.png"), cv2.IMREAD_GRAYSCALE)
+        size = (gray.shape[1] // 2, gray.shape[0] // 2)
+        frames.append(cv2.resize(gray, size, interpolation=cv2.INTER_AREA))
+        masks.append(cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST) >= 128)
+    return frames, masks
+
+
+@pytest.mark.timeout(300)
+def test_preprocess_from_a_pacs_learns_each_frames_newest_correction(pacs, ddti, ray_local,
+                                                                     monkeypatch, tmp_path):
+    """Corrections filed in a PACS (pacs_lib.upload_corrections) prepared straight over
+    DICOMweb: exactly the people's newest masks come out, pixel for pixel in the frame's own
+    geometry and prepared as a folder's would be; raythyroid's own unedited SEGs teach nothing;
+    an older correction is a skipped row; a SEG whose source the PACS lacks, or that names a
+    frame its source lacks, is one error row each; cases are hashed patients, each in one
+    split; no patient value in any output. Refused credentials are one line, exit 2."""
+    import contextlib
+    import io
+
+    import cv2
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raythyroid import cli, imaging
+    from raythyroid.imaging import Geometry, PrepConfig
+
+    frames, masks = ddti_frames(ddti, 5)
+    patients = ["PID-PACS-A", "PID-PACS-A", "PID-PACS-B", "PID-PACS-C", "PID-PACS-D"]
+    corrections = pacs_lib.upload_corrections(pacs, frames, masks, patients, "20240229")
+    out = tmp_path / "prepared"
+    result = run_cli("preprocess", corrections.url, str(out), "--size", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = [row for path in sorted(out.glob("*/*.parquet"))
+            for row in pq.read_table(path).to_pylist()]
+    assert sorted(r["key"] for r in rows) == sorted(corrections.masks)
+    config = PrepConfig(size=64)
+    for row in rows:
+        drawn = corrections.masks[row["key"]]
+        assert np.array_equal(imaging.decode_png(row["full_mask"]), drawn.astype(np.uint8))
+        image, geometry = imaging.prepare(corrections.frames[row["key"]], config)
+        assert Geometry.from_dict(row["geometry"]) == geometry
+        assert np.array_equal(imaging.decode_png(row["mask"]), geometry.to_model(drawn))
+        assert np.array_equal(cv2.imdecode(np.frombuffer(row["image"], np.uint8),
+                                           cv2.IMREAD_UNCHANGED), image)
+        assert row["case_id"] == dicom_read.case_hash(corrections.patients[row["key"]])
+    splits = {}
+    for row in rows:
+        splits.setdefault(row["case_id"], set()).add(row["split"])
+    assert len(splits) == len(set(patients)) and all(len(s) == 1 for s in splits.values())
+
+    assert not set(corrections.ours_only) & {r["key"] for r in rows}
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert {e["stage"] for e in errors} == {"mask", "skipped"}
+    broken = {e["key"]: e["reason"] for e in errors if e["stage"] == "mask"}
+    assert broken.keys() == corrections.broken.keys()
+    assert all(broken[key].startswith(words) for key, words in corrections.broken.items())
+    older = [(e["key"], e["source_uri"].rsplit("/", 1)[1]) for e in errors
+             if e["stage"] == "skipped"]
+    assert older == list(corrections.older.items())
+    assert "1 image(s) annotated only by raythyroid's own SEGs" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"] == corrections.url and manifest["layout"] == "dicom"
+    assert (manifest["errors"], manifest["skipped"]) == (len(corrections.broken), 1)
+    for where, data in all_bytes(out) + [("log", (result.stdout + result.stderr).encode())]:
+        for secret in ("PID-PACS", PATIENT_NAME, INSTITUTION, pacs.password):
+            assert secret.encode() not in data, (where, secret)
+
+    # the command's own main in this process: no Python start-up for a check that ends early
+    monkeypatch.setenv("DICOMWEB_PASSWORD", "wrong")
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        code = cli.main(["preprocess", corrections.url, str(tmp_path / "refused")])
+    assert code == 2
+    assert stderr.getvalue().strip() == "raythyroid: error: DICOMweb authentication failed (401)"
