@@ -147,6 +147,10 @@ def _train_config(args: argparse.Namespace):
         deep_supervision=args.deep_supervision, init=args.init)
 
 
+DATA_HELP = ("preprocess OUTPUT (local or s3://); several (public data and your own frames) "
+             "train as one, each keeping its own split by case")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the defaults a user sees are the ones the code runs with: named once, where they act
     from . import __version__, compare as compare_lib, imaging, layouts, report, training
@@ -184,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(handler=_preprocess)
 
     tr = commands.add_parser("train", help="DDP U-Net on Ray Train from preprocess shards")
-    tr.add_argument("data", help="preprocess OUTPUT (local or s3://)")
+    tr.add_argument("data", nargs="+", metavar="DATA", help=DATA_HELP)
     tr.add_argument("run", help="run folder for checkpoints, model/, metrics (local or s3://)")
     tr.add_argument("--workers", type=_positive_int, default=2)
     _add_register_flag(tr)
@@ -193,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(handler=_train)
 
     cv = commands.add_parser("cv", help="case-disjoint k-fold cross-validation (train + val)")
-    cv.add_argument("data", help="preprocess OUTPUT (local or s3://)")
+    cv.add_argument("data", nargs="+", metavar="DATA", help=DATA_HELP + "; each one's cases "
+                    "are dealt into the folds among themselves")
     cv.add_argument("run", help="folder for the folds' runs and cv.json (local or s3://)")
     cv.add_argument("--folds", type=_positive_int, default=5)
     cv.add_argument("--workers", type=_positive_int, default=1, help="train workers per fold")
@@ -363,28 +368,40 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepared_data(args: argparse.Namespace):
+    """train's and cv's DATA...: read and checked before Ray starts. RUN comes last, so a
+    forgotten RUN would make the last DATA the run folder: refused."""
+    from . import shards, storage
+
+    if storage.exists(storage.join(storage.normalize(args.run), shards.MANIFEST)):
+        raise UserError(f"{args.run} is a preprocess output; the last argument is RUN, the "
+                        f"run's own folder: {args.command} DATA [DATA ...] RUN")
+    return shards.read_prepared(args.data)
+
+
 def _train(args: argparse.Namespace) -> int:
-    from . import runtime, shards, storage, train
+    from . import runtime, storage, train
 
     storage.check_writable_root(args.run)
+    data = args.data  # a finished RUN needs none
     if not storage.exists(storage.join(args.run, "metrics.json")):
-        shards.read_manifest(args.data)  # a wrong DATA is reported before Ray starts
+        data = _prepared_data(args)  # a wrong DATA is reported before Ray starts
     with runtime.session(args.address, args.verbose):
-        train.run(args.data, args.run, _train_config(args), workers=args.workers, gpu=args.gpu,
+        train.run(data, args.run, _train_config(args), workers=args.workers, gpu=args.gpu,
                   register=args.register,
                   cpus_per_worker=args.cpus_per_worker, metrics_port=args.metrics_port)
     return 0
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from . import cv, runtime, shards, storage
+    from . import cv, runtime, storage
 
     storage.check_writable_root(args.run)
-    shards.read_manifest(args.data)
+    data = _prepared_data(args)
     if args.folds < 2:
         raise UserError("--folds must be at least 2")
     with runtime.session(args.address, args.verbose):
-        cv.run(args.data, args.run, _train_config(args), folds=args.folds,
+        cv.run(data, args.run, _train_config(args), folds=args.folds,
                workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                metrics_port=args.metrics_port, register=args.register)
     return 0

@@ -1,7 +1,9 @@
-"""`raythyroid cv DATA RUN --folds 5`: case-disjoint k-fold cross-validation as one Ray job.
+"""`raythyroid cv DATA [DATA ...] RUN --folds 5`: case-disjoint k-fold cross-validation as one
+Ray job.
 
 The train and val splits of a preprocess output are pooled (the test split stays untouched),
-cases are dealt into k folds, and each fold trains on the others and validates on itself. Folds
+cases are dealt into k folds (with several outputs, each one's cases among themselves: fold i
+is every output's fold i), and each fold trains on the others and validates on itself. Folds
 run concurrently as far as the cluster's CPUs (or GPUs) allow; Ray queues the rest. RUN gets
 fold-<i>/ (checkpoints, model/, history.jsonl, fold.json) per fold and cv.json with the mean and
 spread of n_iou and n_iou_per_image, and the same figures pooled over every fold's validation
@@ -14,10 +16,10 @@ import json
 import statistics
 import threading
 import time
+from typing import Sequence
 
-from . import (metrics, registry, report, runtime, shards, split, stopping, storage, telemetry,
+from . import (metrics, registry, report, runtime, shards, stopping, storage, telemetry,
                training)
-from .errors import UserError
 
 REPORTED = ("n_iou", "n_iou_per_image", "dice", "precision", "recall")
 
@@ -43,11 +45,11 @@ def pooled_metrics(totals: list) -> dict | None:
     return {k: v for k, v in summed.metrics().items() if k in REPORTED}
 
 
-def run(data: str, run_uri: str, config: training.TrainConfig, folds: int = 5, workers: int = 1,
-        gpu: bool = False, cpus_per_worker: float | None = None, log=print,
+def run(data: str | Sequence[str], run_uri: str, config: training.TrainConfig, folds: int = 5,
+        workers: int = 1, gpu: bool = False, cpus_per_worker: float | None = None, log=print,
         metrics_port: int | None = None, register: str | None = None) -> dict:
     """The folds, the ensemble and its report; the ensemble logged to MLflow as train's model
-    is (train.run: `register`)."""
+    is (train.run: `register`). `data`: a preprocess output, or several folded as one."""
     # a cv finished before is summarized again, not logged again
     finished_before = storage.exists(storage.join(storage.normalize(run_uri), "cv.json"))
     with telemetry.tracked("cv", storage.basename(run_uri), metrics_port, 0,
@@ -60,7 +62,7 @@ def run(data: str, run_uri: str, config: training.TrainConfig, folds: int = 5, w
                         for k, v in (summary.get(f"{which}_pooled") or {}).items()
                         if isinstance(v, (int, float))})
         registry.log_finished("cv", storage.normalize(run_uri),
-                              dict(config.to_dict(), data=data, folds=folds),
+                              dict(config.to_dict(), data=summary["data"], folds=folds),
                               [dict(figures, epoch=0)], register, log)
     return summary
 
@@ -69,19 +71,15 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     import ray
     from ray.data.expressions import col
 
-    data, run_uri = storage.normalize(data), storage.normalize(run_uri)
-    manifest = shards.read_manifest(data)
+    data, run_uri = shards.read_prepared(data), storage.normalize(run_uri)
     training.initial_weights(config)  # a wrong --init stops the job before the folds' data loads
-    rows = training.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
-                             ["key", "case_id"]).take_all()
-    case_fold = split.folds((r["case_id"] for r in rows), folds, config.seed)
-    if len(case_fold) < folds:
-        raise UserError(f"{len(case_fold)} cases cannot fill {folds} folds")
-    key_fold = {r["key"]: case_fold[r["case_id"]] for r in rows}
+    dealt = training.deal_folds(data, folds, config.seed)
     weighted = config.loss == "weighted-ce"
-    log(f"cv: {len(rows)} pairs of {len(case_fold)} cases in {folds} case-disjoint folds")
-    pooled = training.load_split(data, manifest, ["train", "val"], with_weights=weighted,
-                              folds=key_fold, full=True)
+    log(f"cv: {len(dealt.of_frames)} pairs of {dealt.cases} cases in {folds} case-disjoint "
+        f"folds" + (f", each of the {len(data.sets)} sets' cases dealt among themselves"
+                    if len(data.sets) > 1 else ""))
+    pooled = training.load_split(data, ["train", "val"], with_weights=weighted, folds=dealt,
+                                 full=True)
     # what only validation reads (original-geometry labels) stays out of training folds
     scoring_only = [c for c in training.FULL_COLUMNS if c in pooled.columns()]
 
@@ -95,7 +93,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     threads = CoreShare(board, cpus, workers, parallel, folds)
     log(f"cv: {parallel} fold(s) at a time, {workers} worker(s) each, {threads.now} "
         f"thread(s), more as folds finish")
-    relay = _relay(progress, log, config, key_fold, folds, workers, parallel)
+    relay = _relay(progress, log, config, dealt.of_frames, folds, workers, parallel)
 
     def one_fold(k: int) -> dict:
         fold_uri = storage.join(run_uri, f"fold-{k}")
@@ -113,7 +111,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
         state = training.finished_state(fold_uri) or training.fit(
             datasets, fold_uri, fold_config, workers, gpu, cpus_per_worker, time.time(),
             log=lambda *_: None, threads=threads.now, board=board, fold=k)
-        training.save_model(fold_uri, state, fold_config, workers, gpu, manifest, data)
+        training.save_model(fold_uri, state, fold_config, workers, gpu, data)
         result = dict(_fold_metrics(state), fold=k,
                       val_images=int(datasets["val"].count()))
         storage.write_text(done, json.dumps(result, indent=2))
@@ -123,7 +121,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
 
     results = telemetry.run_watched(
         lambda: _in_parallel(one_fold, folds, parallel, threads), board, relay)
-    summary = summarize(results, folds, data, config)
+    summary = summarize(results, folds, data.param, config)
     # written before the ensemble too: a RUN with model/ but no cv.json would pass for a train run
     storage.write_text(storage.join(run_uri, "cv.json"), json.dumps(summary, indent=2))
     inference = save_ensemble(run_uri, folds, summary)
@@ -143,7 +141,8 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     return summary
 
 
-def summarize(results: list[dict], folds: int, data: str, config: training.TrainConfig) -> dict:
+def summarize(results: list[dict], folds: int, data: str | list[str],
+              config: training.TrainConfig) -> dict:
     """cv.json: the folds, the mean and spread of their figures, and the figures of all their
     validation frames pooled."""
     summary = {"folds": results, "k": folds, "data": data, "config": config.to_dict()}
@@ -210,9 +209,10 @@ def save_ensemble(run_uri: str, folds: int, summary: dict) -> dict:
     return chosen
 
 
-def _relay(progress, log, config, key_fold: dict, folds: int, workers: int, parallel: int):
+def _relay(progress, log, config, frame_folds: list[int], folds: int, workers: int,
+           parallel: int):
     """Every fold's training progress into the job's gauges and progress line."""
-    training_rows = sum(1 for f in key_fold.values() for k in range(folds) if f != k) // folds
+    training_rows = sum(1 for f in frame_folds for k in range(folds) if f != k) // folds
     relay = training.TrainingRelay(
         progress, telemetry.ProgressPrinter(progress, log), config,
         training.steps_per_epoch(training_rows, workers, config), folds=folds, epoch_lines=False,

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import (dicomweb, imaging, metrics, postprocess, results, runtime, shards, sources, split,
+from . import (dicomweb, imaging, metrics, postprocess, results, runtime, shards, sources,
                storage, telemetry)
 from . import training
 from .errors import UserError
@@ -338,8 +338,8 @@ def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
     """Teach, then train the student (or, with folds, cross-validate the recipe)."""
     from . import model as model_lib
 
-    data, run_uri = storage.normalize(data), storage.normalize(run_uri)
-    manifest = shards.read_manifest(data)
+    prepared, run_uri = shards.read_prepared(data), storage.normalize(run_uri)
+    data, manifest = prepared.uris[0], prepared.sets[0].manifest
     finished = storage.join(run_uri, "cv.json" if options.folds else "metrics.json")
     if storage.exists(finished):
         log(f"distill: {run_uri} is already finished; nothing to do")
@@ -360,7 +360,7 @@ def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
                   "min_confidence": options.min_confidence,
                   "soft_weight": config.soft_weight, "temperature": config.temperature}
     if options.folds:
-        return _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelled,
+        return _cross_validate(teacher, prepared, run_uri, config, options, unlabelled,
                                problems, provenance, log)
     if options.from_teacher:
         config = dataclasses.replace(config, init=_member_folder(
@@ -369,46 +369,44 @@ def run(teacher: str, data: str, run_uri: str, config: training.TrainConfig,
     taught = storage.join(run_uri, TAUGHT)
     teach(teacher, None, pa.concat_tables([labelled, unlabelled]), problems, taught,
           manifest["prep"], options, log)
-    return _train_student(taught, data, manifest, run_uri, config, options, provenance,
+    return _train_student(taught, prepared, run_uri, config, options, provenance,
                           log).test or {}
 
 
-def _train_student(taught, data, manifest, run_uri, config, options, provenance, log,
+def _train_student(taught, prepared, run_uri, config, options, provenance, log,
                    val=None, held_out=frozenset(), with_test=True) -> training.TrainState:
     training.check_resume(run_uri, config)
-    size = manifest["prep"]["size"]
+    size = prepared.prep["size"]
 
     def datasets() -> dict:
         log(f"distill: training the student on {taught}")
         found = {"train": _student_set(taught, config, size, options, held_out),
-                 "val": val if val is not None else training.load_split(data, manifest, "val",
-                                                                     full=True)}
-        test = training.load_split(data, manifest, "test", full=True) if with_test else None
+                 "val": val if val is not None else training.load_split(prepared, "val",
+                                                                        full=True)}
+        test = training.load_split(prepared, "test", full=True) if with_test else None
         if test is not None:
             found["test"] = test
         return found
 
     with telemetry.tracked("distill", storage.basename(run_uri), options.metrics_port, 0,
                            unit="steps") as progress:
-        return training.train_and_save(run_uri, config, datasets, manifest, data, options.workers,
+        return training.train_and_save(run_uri, config, datasets, prepared, options.workers,
                                     options.gpu, options.cpus_per_worker, log, progress,
                                     job="distill", extra={"distillation": provenance},
                                     write_metrics=with_test)
 
 
-def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelled, problems,
+def _cross_validate(teacher, prepared, run_uri, config, options, unlabelled, problems,
                     provenance, log) -> dict:
     """Fold k: member k of the teacher labels the other folds' frames and the unlabelled
     ones; a student trains on them and validates on fold k, which neither saw."""
     from ray.data.expressions import col
 
-    rows = training.read_shards(shards.shard_uris(data, manifest, ["train", "val"]),
-                             ["key", "case_id"]).take_all()
-    case_fold = split.folds((r["case_id"] for r in rows), options.folds, config.seed)
-    if len(set(case_fold.values())) < options.folds:
-        raise UserError(f"{len(case_fold)} cases cannot fill {options.folds} folds")
-    key_fold = {r["key"]: case_fold[r["case_id"]] for r in rows}
-    pooled = training.load_split(data, manifest, ["train", "val"], folds=key_fold, full=True)
+    # the folds cv dealt the teacher's members with (the same --seed; _check_teacher)
+    dealt = training.deal_folds(prepared, options.folds, config.seed)
+    key_fold = dealt.by_set[0]
+    pooled = training.load_split(prepared, ["train", "val"], folds=dealt, full=True)
+    data, manifest = prepared.uris[0], prepared.sets[0].manifest
     labelled = _labelled_rows(data, manifest, ["train", "val"])
     results = []
     for k in range(options.folds):
@@ -426,7 +424,7 @@ def _cross_validate(teacher, data, manifest, run_uri, config, options, unlabelle
                 fold_config = dataclasses.replace(
                     fold_config, init=_member_folder(teacher, k, storage.join(fold_uri, "init")))
             val = pooled.filter(expr=col("fold") == k).materialize()
-            state = _train_student(taught, data, manifest, fold_uri, fold_config, options,
+            state = _train_student(taught, prepared, fold_uri, fold_config, options,
                                    dict(provenance, teacher_member=k), log, val=val,
                                    held_out=held_out, with_test=False)
             last = state.history[-1]

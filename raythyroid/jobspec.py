@@ -1,9 +1,10 @@
 """YAML job configs -> the CLI, for Ray job entrypoints (jobs/*.py) and KubeRay RayJobs.
 
-A config is the command's arguments as data: positional ones by name, flags by their long name
-(underscores or dashes). `--set key=value` overrides a key from the entrypoint line, which is how
-one config serves many runs. Everything then goes through the CLI's own parser, so a config
-can hold nothing the command line could not, and mistakes end the same way: one line, exit 2.
+A config is the command's arguments as data: positional ones by name (train's and cv's `data`
+may be a list: several prepared sets), flags by their long name (underscores or dashes).
+`--set key=value` overrides a key from the entrypoint line, which is how one config serves
+many runs. Everything then goes through the CLI's own parser, so a config can hold nothing the
+command line could not, and mistakes end the same way: one line, exit 2.
 """
 from __future__ import annotations
 
@@ -52,10 +53,13 @@ def to_argv(command: str, config: dict) -> list[str]:
     are not the command's)."""
     config = {k.replace("-", "_"): v for k, v in config.items()}
     config = {k: v for k, v in config.items() if k not in RETRY_KEYS}
-    missing = [name for name in POSITIONAL[command] if config.get(name) in (None, "")]
+    missing = [name for name in POSITIONAL[command] if config.get(name) in (None, "", [])]
     if missing:
         raise UserError(f"{command} config lacks {', '.join(missing)}")
-    argv = [command] + [str(config.pop(name)) for name in POSITIONAL[command]]
+    argv = [command]
+    for name in POSITIONAL[command]:  # a list (train's and cv's several `data`) is each item
+        value = config.pop(name)
+        argv += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     for key, value in sorted(config.items()):
         flag = "--" + key.replace("_", "-")
         if value is None or value is False:
@@ -101,17 +105,22 @@ def read_config(args: list[str], usage: str) -> dict:
 
 
 def refuse_relative_paths(settings: dict) -> None:
+    for key in PATH_KEYS:
+        values = settings.get(key)
+        for value in values if isinstance(values, list) else [values]:
+            _refuse_relative_path(key, value)
+
+
+def _refuse_relative_path(key: str, value) -> None:
     import os
 
-    for key in PATH_KEYS:
-        value = settings.get(key)
-        if key == "model" and isinstance(value, str) and "/" not in value:
-            continue  # the name of a model shipped in the package, not a path
-        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
-            raise UserError(
-                f"{key}={value!r} is a relative path: a Ray job runs in a temporary copy of "
-                f"--working-dir, so give an absolute path on storage every node shares, or an "
-                f"s3:// URI")
+    if key == "model" and isinstance(value, str) and "/" not in value:
+        return  # the name of a model shipped in the package, not a path
+    if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        raise UserError(
+            f"{key}={value!r} is a relative path: a Ray job runs in a temporary copy of "
+            f"--working-dir, so give an absolute path on storage every node shares, or an "
+            f"s3:// URI")
 
 
 def _retries(settings: dict) -> tuple[int, float]:

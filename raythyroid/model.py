@@ -326,6 +326,14 @@ class ModelInfo:
         return ", ".join(p for p in parts if p) or "no training record"
 
     @property
+    def data_uris(self) -> list[str]:
+        """The prepared sets the model learnt from: model.json's `data` names one by `uri`, or
+        several under `sets` (shards.PreparedData.provenance); none when not recorded."""
+        if self.data.get("sets"):
+            return [s["uri"] for s in self.data["sets"]]
+        return [self.data["uri"]] if self.data.get("uri") else []
+
+    @property
     def cv_seed(self) -> int | None:
         """The seed a cv ensemble dealt its folds with (None when not recorded)."""
         return (self.training.get("config") or {}).get("seed")

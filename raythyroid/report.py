@@ -264,7 +264,7 @@ def write_train(run_uri: str) -> str:
     history = _read_lines(storage.join(run_uri, "history.jsonl"))
     _put(folder, "curves.png", figures.curves(history, training.get("best_epoch")))
     test = _read_json(storage.join(run_uri, "metrics.json")) or {}
-    facts = [("data", info.data.get("uri")),
+    facts = [("data", " + ".join(info.data_uris) or None),
              ("epochs", f"{training.get('epochs_run')} run, best {training.get('best_epoch')}"),
              ("workers", training.get("workers")),
              ("recipe", ", ".join(f"{k}={v}" for k, v in (training.get("config") or {}).items()
@@ -375,15 +375,27 @@ def _worst_validation_section(run_uri: str, info, folder: str) -> str:
             + "\n".join(cells) + "</div>")
 
 
+def _set_labels(uris: list[str]) -> dict[str, str]:
+    """What goes before a frame's key: nothing for one set; for several (whose keys may
+    coincide) the set's folder name, or its whole URI where two share a name."""
+    if len(uris) < 2:
+        return {uri: "" for uri in uris}
+    names = [storage.basename(uri) for uri in uris]
+    return {uri: (name if names.count(name) == 1 else uri) + "/"
+            for uri, name in zip(uris, names)}
+
+
 def _validation_scores(run_uri: str, info) -> list[tuple[float, str, bytes]]:
     """(IoU in original geometry, key, overlay) of the worst validation frames, worst first."""
     import torch
 
     from . import imaging, model, postprocess, shards
 
-    data = info.data["uri"]
-    rows = shards.read_rows(data, shards.read_manifest(data), "val",
-                            ["key", "image", "geometry", "full_mask"])
+    rows = []
+    for data, label in _set_labels(info.data_uris).items():
+        rows += [dict(row, key=label + row["key"])
+                 for row in shards.read_rows(data, shards.read_manifest(data), "val",
+                                             ["key", "image", "geometry", "full_mask"])]
     net, _ = model.load(storage.join(run_uri, "model"))
     post = info.inference.post
     scored = []

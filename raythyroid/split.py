@@ -102,8 +102,9 @@ def assign(rows: Iterable[tuple[str, str, str | None]], fractions: Sequence[floa
     return {key: case_split[case_id] for key, case_id, _ in rows}
 
 
-def folds(case_ids: Iterable[str], k: int, seed: int = 0) -> dict[str, int]:
-    """Case -> fold in 0..k-1: cases ranked by the same hash as the splits, dealt round-robin,
-    so fold sizes differ by at most one case and a case is never in two folds."""
+def folds(case_ids: Iterable[str], k: int, seed: int = 0, start: int = 0) -> dict[str, int]:
+    """Case -> fold in 0..k-1: cases ranked by the same hash as the splits, dealt round-robin
+    from fold `start % k` (where a deal of other cases left off), so fold sizes differ by at
+    most one case and a case is never in two folds."""
     ranked = sorted(set(case_ids), key=lambda c: _case_rank(c, seed))
-    return {case: i % k for i, case in enumerate(ranked)}
+    return {case: (start + i) % k for i, case in enumerate(ranked)}

@@ -102,6 +102,21 @@ def phantom_dataset(tmp_path_factory, ray_local):
 
 
 @pytest.fixture(scope="session")
+def hospital_set(phantom_dataset, tmp_path_factory):
+    """A second prepared set at the phantoms' size, of other frames (another seed), to train
+    on with phantom_dataset as one: its keys and case ids ("1_1", "1", ...) are the phantom
+    set's too, as two sources' ids would be. (raw root, output)"""
+    from raythyroid import phantom, preprocess
+    from raythyroid.imaging import PrepConfig
+
+    root = tmp_path_factory.mktemp("hospital")
+    raw, prepared = str(root / "raw"), str(root / "prepared")
+    phantom.write_folders(raw, 40, seed=2, height=180, width=280)
+    preprocess.run(raw, prepared, config=PrepConfig(size=128), log=lambda *_: None)
+    return raw, prepared
+
+
+@pytest.fixture(scope="session")
 def trained_run(phantom_dataset, tmp_path_factory):
     """A U-Net trained on the phantoms by 2 Ray Train workers: (run uri, test metrics)."""
     from raythyroid import train, training

@@ -127,7 +127,7 @@ def test_training_worker_killed_mid_epoch_on_the_cluster(cluster_pipeline, ray_l
     assert all(torch.equal(shipped[k], best_averaged[k]) for k in shipped)
 
     # the validation score kept with the model is the shipped (averaged) weights' own
-    val = training.load_split(pipeline.prepared, manifest, "val", full=True)
+    val = training.load_split(shards.read_prepared(pipeline.prepared), "val", full=True)
     bf16 = rows[0]["precision"] == "bf16"
     rescored = training.evaluate(shipped_net, val, 0, 1, torch.device("cpu"), bf16, 16)
     assert rescored["n_iou"] == pytest.approx(info.training["best_val"]["n_iou"], abs=2e-3)

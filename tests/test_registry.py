@@ -1,19 +1,21 @@
-"""The model loop against a real `mlflow server`: a training run logged and registered as a
-version, `promote` moving the champion alias only to a better version, and infer following
-`models:/NAME@champion`."""
+"""The model loop against a real `mlflow server`: a training run (on two prepared sets as one)
+logged and registered as a version, `promote` moving the champion alias only to a better
+version, and infer following `models:/NAME@champion`."""
 import json
 import uuid
 
 import pytest
 
-from raythyroid import model, registry, storage, train, training
+from raythyroid import model, registry, shards, storage
 
 from helpers import run_cli
+from test_cli import in_process
+from test_several_sets import check_trained_on_both
 
 
 @pytest.mark.timeout(900)
 def test_train_registers_promote_gates_and_infer_follows_the_champion(
-        mlflow_server, phantom_dataset, trained_run, tmp_path, monkeypatch):
+        mlflow_server, phantom_dataset, hospital_set, trained_run, tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -22,10 +24,13 @@ def test_train_registers_promote_gates_and_infer_follows_the_champion(
     name = f"thyroid-nodules-{uuid.uuid4().hex[:8]}"  # a fresh model each session
     client = mlflow.MlflowClient(mlflow_server)
 
-    # a one-epoch base-8 run: logged with its flags and epochs, registered as version 1
+    # a one-epoch base-8 run, on the phantoms and a second prepared set as one: logged with
+    # its flags and epochs, registered as version 1
     weak = str(tmp_path / "weak")
-    train.run(prepared, weak, training.TrainConfig(epochs=1, batch_size=8, base=8), workers=1,
-              log=lambda *_: None, register=name)
+    assert in_process("train", prepared, hospital_set[1], weak, "--epochs", "1", "--base", "8",
+                      "--workers", "1", "--register", name).returncode == 0
+    check_trained_on_both(weak, shards.read_prepared([prepared, hospital_set[1]]),
+                          mlflow_server)
     first = client.get_model_version(name, "1")
     logged = client.get_run(first.run_id)
     assert logged.data.params["base"] == "8" and logged.data.params["epochs"] == "1"

@@ -11,7 +11,7 @@
 from .checkpoints import (CHECKPOINT_DIR, STATE_FILE, TrainState, check_resume, finished_state,
                           initial_weights, recorded_checkpoints, save_model)
 from .config import OPTIMIZERS, PRECISIONS, SCHEDULES, TIME_LIMITED_EPOCHS, TrainConfig
-from .data import FULL_COLUMNS, decode_block, load_split, read_shards
+from .data import FULL_COLUMNS, deal_folds, decode_block, load_split, read_shards
 from .driver import TrainingRelay, fit, steps_per_epoch, train_and_save
 from .loop import follow_threads
 from .validation import INFERENCE_KEEP_LARGEST, INFERENCE_THRESHOLDS, choose_inference, evaluate
@@ -19,6 +19,6 @@ from .validation import INFERENCE_KEEP_LARGEST, INFERENCE_THRESHOLDS, choose_inf
 __all__ = ["CHECKPOINT_DIR", "FULL_COLUMNS", "INFERENCE_KEEP_LARGEST", "INFERENCE_THRESHOLDS",
            "OPTIMIZERS", "PRECISIONS", "SCHEDULES", "STATE_FILE", "TIME_LIMITED_EPOCHS",
            "TrainConfig", "TrainState", "TrainingRelay", "check_resume", "choose_inference",
-           "decode_block", "evaluate", "finished_state", "fit", "follow_threads",
+           "deal_folds", "decode_block", "evaluate", "finished_state", "fit", "follow_threads",
            "initial_weights", "load_split", "read_shards", "recorded_checkpoints", "save_model",
            "steps_per_epoch", "train_and_save"]

@@ -8,7 +8,7 @@ import io
 import json
 from dataclasses import dataclass, field, fields, replace
 
-from .. import storage
+from .. import shards, storage
 from ..errors import UserError
 from .config import TrainConfig
 
@@ -143,7 +143,7 @@ def state_uri(checkpoint) -> str:
 
 
 def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: int, gpu: bool,
-               manifest: dict, data: str, extra: dict | None = None) -> None:
+               data: shards.PreparedData, extra: dict | None = None) -> None:
     """RUN/model (best weights + model.json) and RUN/history.jsonl from a final state."""
     from .. import model as model_lib
 
@@ -151,7 +151,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
     net = model_lib.build(config.architecture)
     net.load_state_dict(best["model"])
     model_lib.save(net.without_deep_supervision(), storage.join(run_uri, "model"), {
-        "prep": manifest["prep"],
+        "prep": data.prep,
         "classes": model_lib.CLASS_NAMES,
         # chosen on the validation split (choose_inference); infer applies them
         "threshold": state.inference["postprocess"]["threshold"],
@@ -163,7 +163,7 @@ def save_model(run_uri: str, state: TrainState, config: TrainConfig, workers: in
                      "epochs_run": state.epoch, "best_epoch": best["epoch"],
                      "best_val": {k: v for k, v in best["val"].items() if k != "hist"},
                      "inference_variants": state.inference["val_variants"]},
-        "data": {"uri": data, "counts": manifest["counts"], "created": manifest["created"]},
+        "data": data.provenance,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     })

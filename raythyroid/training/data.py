@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from .. import imaging, losses, shards, storage
+from .. import imaging, losses, shards, split, storage
+from ..errors import UserError
 
 
 def decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None,
@@ -37,19 +39,56 @@ def decode_block(batch: pa.Table, with_weights: bool, folds: dict | None = None,
 FULL_COLUMNS = ["full_mask", "geometry"]
 
 
-def load_split(data: str, manifest: dict, name, with_weights: bool = False,
-               folds: dict | None = None, full: bool = False):
-    """One split (or a list of splits) of a preprocess output as a materialized Ray dataset,
-    or None if empty. `folds` (key -> fold) adds a fold column for cross-validation; `full`
-    the original-geometry labels validation scores against (shards from before they were
-    written score in the prepared square instead)."""
-    uris = shards.shard_uris(data, manifest, name)
-    if not uris:
-        return None
-    full = full and shards.format_version(manifest) >= 2
+def load_split(data: shards.PreparedData, name, with_weights: bool = False,
+               folds: Folds | None = None, full: bool = False):
+    """One split (or a list of splits) of the prepared sets, every set's together, as a
+    materialized Ray dataset, or None if empty. `folds` (`deal_folds`) adds a fold column for
+    cross-validation; `full` the original-geometry labels validation scores against (shards
+    from before they were written, in any of the sets, score in the prepared square instead)."""
+    full = full and data.full_masks
     columns = ["key", "image", "mask"] + (FULL_COLUMNS if full else [])
-    return read_shards(uris, columns, decode_block, with_weights=with_weights, folds=folds,
-                       full=full).materialize()
+    parts = []
+    for i, prepared in enumerate(data.sets):
+        uris = shards.shard_uris(prepared.uri, prepared.manifest, name)
+        if uris:
+            parts.append(read_shards(uris, columns, decode_block, with_weights=with_weights,
+                                     folds=None if folds is None else folds.by_set[i],
+                                     full=full))
+    if not parts:
+        return None
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The prepared sets' train and val frames dealt into k case-disjoint folds."""
+
+    k: int
+    by_set: tuple[dict[str, int], ...]  # each set's key -> fold, in PreparedData's order
+    cases: int
+
+    @property
+    def of_frames(self) -> list[int]:
+        """Every frame's fold."""
+        return [fold for dealt in self.by_set for fold in dealt.values()]
+
+
+def deal_folds(data: shards.PreparedData, k: int, seed: int) -> Folds:
+    """Each set's cases dealt into k folds among themselves: fold i is every set's fold i, so
+    each fold holds its share of every set, and a case id two sets share stays two cases. The
+    deal goes on where the set before left off, so fold sizes differ by at most one case
+    overall; a single set is dealt exactly as split.folds deals it."""
+    by_set, cases = [], 0
+    for prepared in data.sets:
+        uris = shards.shard_uris(prepared.uri, prepared.manifest, ["train", "val"])
+        rows = read_shards(uris, ["key", "case_id"]).take_all() if uris else []
+        case_fold = split.folds((r["case_id"] for r in rows), k, seed, start=cases)
+        by_set.append({r["key"]: case_fold[r["case_id"]] for r in rows})
+        cases += len(case_fold)
+    if cases < k:
+        raise UserError(f"{cases} cases cannot fill {k} folds")
+    return Folds(k, tuple(by_set), cases)
+
 
 DECODE_ROWS = 64  # rows per decoded block: a shard's images decoded at once would not fit
 

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import asdict
 
-from .. import metrics, report, runtime, storage, telemetry
+from .. import metrics, report, runtime, shards, storage, telemetry
 from .checkpoints import (CHECKPOINT_DIR, TrainState, finished_state, has_checkpoint,
                           initial_weights, load_state, save_model, state_uri)
 from .config import TIME_LIMITED_EPOCHS, TrainConfig
@@ -20,7 +20,7 @@ def epoch_line(row: dict, epochs: int, best: float) -> str:
             f"lr {row['lr']:.2e}")
 
 
-def train_and_save(run_uri: str, config: TrainConfig, datasets, manifest: dict, data: str,
+def train_and_save(run_uri: str, config: TrainConfig, datasets, data: shards.PreparedData,
                    workers: int, gpu: bool, cpus_per_worker: float | None, log, progress,
                    job: str = "train", extra: dict | None = None,
                    write_metrics: bool = True) -> "TrainState":
@@ -36,7 +36,7 @@ def train_and_save(run_uri: str, config: TrainConfig, datasets, manifest: dict, 
     else:
         log(f"{job}: training had ended (epoch {state.epoch}); writing the model")
     progress.reach(progress.done, total=progress.done)  # a time limit may end it early
-    save_model(run_uri, state, config, workers, gpu, manifest, data, extra)
+    save_model(run_uri, state, config, workers, gpu, data, extra)
     test_metrics = state.test or {}
     if write_metrics:
         storage.write_text(storage.join(run_uri, "metrics.json"),
