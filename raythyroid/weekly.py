@@ -28,17 +28,22 @@ def plan(settings: dict, day: str) -> tuple[list[list[str]], str, str]:
     missing = [key for key in REQUIRED if not settings.get(key)]
     if missing:
         raise UserError(f"loop config lacks {', '.join(missing)}")
-    unknown = set(settings) - set(REQUIRED) - {"preprocess", "train"}
+    unknown = set(settings) - set(REQUIRED) - {"preprocess", "train", "train_with"}
     if unknown:
         raise UserError(f"loop config has unknown keys: {', '.join(sorted(unknown))}")
+    # prepared sets trained on beside the corrections (DDTI, earlier years' corrections): a
+    # fine-tune on a week's corrections alone forgets what the champion learnt from them
+    also = settings.get("train_with") or []
+    also = also if isinstance(also, list) else [also]
     jobspec.refuse_relative_paths({"input": settings["corrections"],
-                                   "output": settings["prepared"], "run": settings["runs"]})
+                                   "output": settings["prepared"], "run": settings["runs"],
+                                   "data": also})
     name, run = settings["name"], f"{str(settings['runs']).rstrip('/')}/{day}"
     preprocess = jobspec.to_argv("preprocess", {
         "layout": "dicom", **(settings.get("preprocess") or {}),
         "input": settings["corrections"], "output": settings["prepared"]})
     train = jobspec.to_argv("train", {
-        **(settings.get("train") or {}), "data": settings["prepared"], "run": run,
+        **(settings.get("train") or {}), "data": [*also, settings["prepared"]], "run": run,
         "init": f"models:/{name}@champion", "register": name})
     return [preprocess, train], run, name
 

@@ -297,13 +297,16 @@ def test_the_weekly_loop_fine_tunes_the_champion_and_registers_a_dated_run():
     assert preprocess[:3] == ["preprocess", config["corrections"], config["prepared"]]
     assert "--layout" in preprocess and preprocess[preprocess.index("--layout") + 1] == "dicom"
     assert run == f"{config['runs']}/2026-01-04"
-    assert train[:3] == ["train", config["prepared"], run]
+    # beside other prepared sets (DDTI), each split by its own cases
+    assert train[:4] == ["train", *config["train_with"], config["prepared"], run]
     assert train[train.index("--init") + 1] == f"models:/{name}@champion"
     assert train[train.index("--register") + 1] == name
     with pytest.raises(UserError, match="lacks prepared"):
         weekly.plan({k: v for k, v in config.items() if k != "prepared"}, "2026-01-04")
     with pytest.raises(UserError, match="relative path"):
         weekly.plan(dict(config, runs="runs/weekly"), "2026-01-04")
+    with pytest.raises(UserError, match="relative path"):
+        weekly.plan(dict(config, train_with="ddti-prepared"), "2026-01-04")
 
 
 def test_the_nightly_job_retries_only_a_temporary_failure(tmp_path, capsys):
