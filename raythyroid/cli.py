@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".parquet manifest of URIs, or a PACS: "
                                    "dicomweb+http(s)://HOST:PORT/PREFIX?QIDO-filters")
     inf.add_argument("output", help="output folder or s3:// prefix; rerun to resume")
+    inf.add_argument("--new-version", action="store_true",
+                     help="MODEL is a new version of the model OUTPUT holds: go on with it, "
+                          "each row naming its version (automatic for another version of the "
+                          "same models:/NAME or bundled model)")
+    inf.add_argument("--redo-older", action="store_true",
+                     help="also redo, with MODEL, every source another model version "
+                          "committed to OUTPUT (by default they are kept)")
     inf.add_argument("--labels", default=None, help="ground-truth masks with matching stems")
     inf.add_argument("--workers", type=_positive_int, default=1, help="Predictor actors")
     inf.add_argument("--gpu", action="store_true", help="one GPU per Predictor actor")
@@ -475,7 +482,8 @@ def _infer(args: argparse.Namespace) -> int:
         precision=args.precision, max_pixels=args.max_pixels, dicom_seg=args.dicom_seg,
         max_error_rate=args.max_error_rate, cpus_per_worker=args.cpus_per_worker,
         block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
-        stow=stow, review=args.review)
+        stow=stow, review=args.review, new_version=args.new_version,
+        redo_older=args.redo_older)
     with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)

@@ -9,6 +9,8 @@ A results file is written atomically under a name derived from the keys it holds
 block's masks, so it is the commit record: a rerun with the same OUTPUT skips every source already
 in a results file and processes the rest, and metrics are computed from all results files
 together, so an interrupted-then-resumed run ends with exactly the metrics of a clean run.
+A new version of the model goes on in the same OUTPUT (claim.claim_output): every row names the
+version that made it, and what other versions committed is kept unless redone on request.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ class InferOptions:
     # STOW-RS every SEG to this DICOMweb server (http(s)://host:port/prefix); implies dicom_seg
     stow: str | None = None
     review: int = report.REVIEW_SIZE  # frames in the report's review queues (0: no overlays)
+    # MODEL is a new version of the model OUTPUT holds (automatic for another version of the
+    # same registered or bundled model): OUTPUT goes on with it, each row naming its version
+    new_version: bool = False
+    redo_older: bool = False  # also redo what other model versions committed to OUTPUT
 
 
 class Predictor:
@@ -202,15 +208,16 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
            "weights": info.weights_sha256[:16], "tta": options.tta,
            "tta_zoom": info.inference.tta_zoom if options.tta else 0.0,
            "postprocess": post.to_dict()}
-    claim.claim_output(output, dict(job, fast=True) if options.fast else job)
+    versions = claim.claim_output(output, dict(job, fast=True) if options.fast else job,
+                                  new_version=options.new_version)
     storage.delete(storage.join(output, results.SUCCESS))
     run_id = claim.take_lease(output)
-    done = claim.done_sources(output)
-    pending = table.filter(pa.array([s not in done for s in table.column("source_uri").to_pylist()],
-                                    pa.bool_())) if done else table
-    problems = [p for p in problems if p["source_uri"] not in done]
-    log(f"infer: {table.num_rows + len(problems)} inputs, {len(done)} already done, "
-        f"{pending.num_rows + len(problems)} to process")
+    claim.begin(output, versions)
+    work = claim.plan_work(output, versions.current, options.redo_older)
+    pending, problems = _pending(table, problems, work)
+    log(f"infer: {table.num_rows + len(problems)} inputs, {len(work.done)} already done, "
+        f"{pending.num_rows + len(problems)} to process with model version {versions.current}"
+        + (f" ({work.redo.num_rows} done before and redone)" if work.redoing else ""))
     record = {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(
                   timespec="seconds"),
               "processed": pending.num_rows + len(problems),
@@ -218,16 +225,39 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     with telemetry.tracked("infer", run_id, options.metrics_port,
                            pending.num_rows + len(problems)) as progress:
         plan = Plan(model_ref=model_ref, output=output, options=options, prep=prep, post=post,
-                    seg=_seg_settings(info, options), run_id=run_id, labels=label_index)
+                    seg=_seg_settings(info, options, versions.current), run_id=run_id,
+                    labels=label_index, version=versions.current, redoing=work.redoing)
         _process(plan, pending, problems, progress, log)
-        return _finish(output, table, problems, labels, options, started, record, log)
+        summary = _finish(output, table, problems, labels, options, started, record, log)
+        claim.settle(work)
+        return summary
 
 
-def _seg_settings(info, options: InferOptions) -> dict | None:
+def _pending(table: pa.Table, problems: list[dict], work: claim.Work
+             ) -> tuple[pa.Table, list[dict]]:
+    """What INPUT lists that is not done, and the committed sources to redo that it does not
+    list (earlier nights' instances of a PACS query, say): read from where their rows say."""
+    import pyarrow.compute as pc
+
+    listed = table.column("source_uri").combine_chunks().cast(pa.string())
+    pending = table.filter(pc.invert(pc.is_in(listed, value_set=pa.array(sorted(work.done),
+                                                                        pa.string()))))
+    problems = [p for p in problems if p["source_uri"] not in work.done]
+    elsewhere = pa.concat_arrays([listed, pa.array([p["source_uri"] for p in problems],
+                                                   pa.string())])
+    more = work.redo.filter(pc.invert(pc.is_in(work.redo.column("source_uri"),
+                                               value_set=elsewhere)))
+    if more.num_rows:
+        pending = pa.concat_tables([pending.select(["key", "source_uri"]).cast(
+            results.SOURCES_SCHEMA), more.cast(results.SOURCES_SCHEMA)])
+    return pending, problems
+
+
+def _seg_settings(info, options: InferOptions, version: str) -> dict | None:
     if not (options.dicom_seg or options.stow):
         return None
     # the weights' identity enters every SEG UID: another model's SEG is another object
-    return {"stow": options.stow, "model_id": info.weights_sha256[:32]}
+    return {"stow": options.stow, "model_id": info.weights_sha256[:32], "model_version": version}
 
 
 @dataclass(frozen=True)
@@ -242,6 +272,8 @@ class Plan:
     seg: dict | None  # _seg_settings: SEG (and STOW) or none
     run_id: str  # the lease every commit checks
     labels: dict | None  # label files by input key (--labels), else None
+    version: str  # the model version every row names (results.version_label)
+    redoing: bool  # some pending sources are committed already: their blocks note them
 
 
 def _process(plan: Plan, pending: pa.Table, problems: list[dict], progress, log) -> None:
@@ -252,7 +284,8 @@ def _process(plan: Plan, pending: pa.Table, problems: list[dict], progress, log)
     if problems:
         empty = {name: None for name in results.RESULT_SCHEMA.names}
         results.write_results(output, pa.Table.from_pylist(
-            [dict(empty, status="error", **p) for p in problems], schema=results.RESULT_SCHEMA))
+            [dict(empty, status="error", model_version=plan.version, **p) for p in problems],
+            schema=results.RESULT_SCHEMA))
         progress.advance(len(problems), len(problems))
 
     if pending.num_rows:
@@ -289,7 +322,9 @@ def _process(plan: Plan, pending: pa.Table, problems: list[dict], progress, log)
               .map_batches(outputs.finish_block,
                            fn_kwargs={"output": output, "post": plan.post.to_dict(),
                                       "max_pixels": options.max_pixels, "run_id": plan.run_id,
-                                      "seg": seg, "review": review},
+                                      "seg": seg, "review": review,
+                                      "model_version": plan.version,
+                                      "redoing": plan.redoing},
                            batch_size=None, batch_format="numpy"))
         printer = telemetry.ProgressPrinter(progress, log)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -311,6 +346,17 @@ def _finish(output, table, problems, labels, options, started, record, log
     log(f"infer: {summary.rows} results, {summary.errors} errors, "
         f"{summary.skipped} skipped (not images), {summary.nodules} with a nodule; "
         f"masks in {storage.join(output, results.MASKS)}; report: {summary.report}")
+    if summary.versions and len(summary.versions) > 1:
+        log("infer: rows by model version: " + ", ".join(
+            f"{label} {count}" for label, count in summary.versions.items()))
     if summary.metrics:
         log(metrics.table(summary.metrics, "infer, pooled over all labelled images"))
+        if len(summary.metrics["by_version"]) > 1:
+            for label, scores in summary.metrics["by_version"].items():
+                log(f"infer: model version {label}: n_IoU {_shown(scores.get('n_iou'))} over "
+                    f"{scores['images']} labelled images")
     return summary
+
+
+def _shown(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"

@@ -13,19 +13,28 @@ from .claim import current_run
 
 
 def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: str,
-                 seg: dict | None = None, review: dict | None = None) -> dict:
+                 seg: dict | None = None, review: dict | None = None,
+                 model_version: str | None = None, redoing: bool = False) -> dict:
     """Post-process, write masks (and with `seg`, each DICOM source's SEG, stored over
     DICOMweb when seg["stow"] names a server), the overlays of the frames worth reviewing
     (`review`), then this block's results file: the commit record, written last, so a block
-    retried or redone leaves one copy of everything."""
+    retried or redone leaves one copy of everything. Every row names `model_version`. In a run
+    `redoing` committed sources, the block first notes its sources (results.REDOING), and
+    settles the note once committed: cut off between, the next run redoes them."""
     config = postprocess.PostConfig(**post)
     columns = {name: [None] * len(batch["key"]) for name in results.RESULT_SCHEMA.names}
     frames = batch["frame"]
     columns.update(key=_text(batch["key"]), source_uri=_text(batch["source_uri"]),
                    frame=[int(f) if f else None for f in frames], status=_text(batch["status"]),
                    error=_text(batch["error"]), node_id=_text(batch["node_id"]),
+                   model_version=[model_version] * len(batch["key"]),
                    **{name: _text(batch[name]) for name in ("study_uid", "series_uid",
                                                             "sop_uid")})
+    note = None
+    if redoing:
+        if current_run(output) != run_id:  # a newer run owns OUTPUT: rewrite no mask of it
+            return _progress(columns, frames)
+        note = results.write_redoing(output, columns["key"], _sources(columns))
     labels = _text(batch["label_uri"])
     masks: dict[int, np.ndarray] = {}
     label_masks: dict[int, np.ndarray] = {}
@@ -52,11 +61,25 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
                 results.write_review(output, columns["key"], kept)
             results.write_results(output, pa.Table.from_pydict(
                 columns, schema=results.RESULT_SCHEMA))
+            if note:
+                storage.delete(note)
     # else a newer run owns OUTPUT (this task outlived its driver): it redoes these sources,
     # and committing them here too would count them twice
+    return _progress(columns, frames)
+
+
+def _progress(columns: dict, frames) -> dict:
     # progress counts sources: a multi-frame DICOM is one input however many frames it has
     return {"status": np.array(columns["status"], dtype=object),
             "first_frame": frames <= 1}
+
+
+def _sources(columns: dict) -> pa.Table:
+    """The block's inputs (key, source_uri): a frame's key is its source's KEY#N."""
+    by_source = {source: key if frame is None else key.rsplit("#", 1)[0] for key, source, frame
+                 in zip(columns["key"], columns["source_uri"], columns["frame"])}
+    return pa.table({"key": pa.array(list(by_source.values()), pa.string()),
+                     "source_uri": pa.array(list(by_source), pa.string())})
 
 
 def _text(column) -> list[str | None]:
@@ -161,7 +184,7 @@ def segmentations(batch: dict, columns: dict, masks: dict[int, np.ndarray], outp
         base = columns["key"][rows[0]].split("#")[0]
         try:
             data = seg_write.write_segmentation(batch["dicom_header"][rows[0]], frame_masks,
-                                                seg["model_id"])
+                                                seg["model_id"], seg.get("model_version", ""))
         except Exception as exc:
             telemetry.failed("segmentation", storage.describe_error(exc))
             for i in rows:

@@ -71,11 +71,11 @@ def write_infer(output: str, queue_size: int = REVIEW_SIZE) -> str:
     _clear(folder)
     table = results.read_results(output, ["key", "status", "error", "n_components", "area_px",
                                           "area_mm2", "aspect_ratio", "confidence", "iou", "tp",
-                                          "fp", "fn"])
+                                          "fp", "fn", "nodule", "model_version"])
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     labelled = ok.filter(pc.is_valid(ok.column("iou")))
     kept = results.read_review(output)
-    parts = [_run_section(output, table)]
+    parts = [_run_section(output, table), _versions_section(output, table)]
     if labelled.num_rows:
         parts.append(_metrics_section(output, ok, labelled, queue_size))
     parts.append(_queue_section(folder, "review queue: the least confident frames",
@@ -104,6 +104,7 @@ def _run_section(output: str, table: pa.Table) -> str:
             # a bundled model's name stays while a new version changes its weights
             ("model", f"{job['model']}, weights {job['weights']}" if job.get("weights")
              else job.get("model")),
+            ("model version", job.get("version")),
             ("model's record", (done or {}).get("model_card"))]
     if job.get("fast"):
         rows.append(("inference", "--fast: one model, no TTA"))
@@ -119,6 +120,40 @@ def _run_section(output: str, table: pa.Table) -> str:
                         f"error, {counts['skipped']:,} skipped (not images)")]
     return "<h2>the run</h2>" + _table([(name, value) for name, value in rows
                                         if value is not None])
+
+
+def _versions_section(output: str, table: pa.Table) -> str:
+    """Rows and scores by the model version that made them, once OUTPUT holds several (a
+    nightly OUTPUT across promotions); each version's scores are metrics.json's."""
+    try:
+        job = results.read_job(output) or {}
+    except ValueError:
+        job = {}
+    made_by = results.row_versions(job, table.column("model_version"))
+    present = pc.unique(made_by).to_pylist()
+    if len(present) < 2:
+        return ""
+    finished = storage.exists(storage.join(output, results.SUCCESS))
+    scores = ((_read_json(storage.join(output, results.METRICS)) if finished else None)
+              or {}).get("by_version") or {}
+    weights = {v["version"]: v.get("weights") for v in job.get("versions") or []}
+    order = [label for label in weights if label in present] + sorted(
+        label for label in present if label not in weights)
+    header = ["model version", "weights", "frames", "ok", "errors", "with a nodule"]
+    header += [name for name, _ in metrics.TABLE_COLUMNS] if scores else []
+    rows = []
+    for label in order:
+        mine = table.filter(pc.equal(made_by, label))
+        status = mine.column("status")
+        rows.append([label, weights.get(label) or "", f"{mine.num_rows:,}"]
+                    + [f"{int(pc.sum(pc.equal(status, name)).as_py() or 0):,}"
+                       for name in ("ok", "error")]
+                    + [f"{int(pc.sum(mine.column('nodule')).as_py() or 0):,}"]
+                    + ([_number((scores.get(label) or {}).get(key))
+                        for _, key in metrics.TABLE_COLUMNS] if scores else []))
+    return ("<h2>by model version</h2><p class=\"note\">each row of the results names the "
+            "model version that made it; the latest run's version last</p>"
+            "<div id=\"by-version\">" + _table(rows, header) + "</div>")
 
 
 def _metrics_section(output: str, ok: pa.Table, labelled: pa.Table, queue_size: int) -> str:

@@ -24,6 +24,10 @@ DICOM_SEG = "dicom-seg"
 SUCCESS = "_SUCCESS"  # the last run's record, written once every input has a row
 JOB_FILE = "_JOB.json"  # the job whose results OUTPUT holds: input, model, labels, inference
 METRICS = "metrics.json"
+# a block that redoes committed sources writes their (key, source_uri) here before its masks
+# and deletes it once its results file is written: a block cut off between the two leaves
+# masks newer than its sources' rows, and the next run redoes them (claim.plan_work)
+REDOING = "_REDOING"
 FILES_PER_READ = 1000
 
 # how the versions before the weights were kept apart wrote a bundled model's "model": its
@@ -44,6 +48,9 @@ RESULT_SCHEMA = pa.schema([
     # the SOP Instance UID of the SEG written (and stored, with --stow) for it
     ("study_uid", pa.string()), ("series_uid", pa.string()), ("sop_uid", pa.string()),
     ("seg_uid", pa.string()),
+    # the model version that made the row (version_label): "NAME/N" for a registry
+    # version, else the weights' hash; none in rows written before rows named it
+    ("model_version", pa.string()),
 ])
 
 # one row per frame a block kept for review: its overlay (JPEG) and what orders the queues
@@ -78,15 +85,40 @@ def read_results(output: str, columns: list[str] | None = None,
     return _read(output, RESULTS, RESULT_SCHEMA, columns, with_files)
 
 
+SOURCES_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string())])  # infer's inputs
+
+
+def write_redoing(output: str, block_keys, sources: pa.Table) -> str:
+    """A block's note that it is about to rewrite the masks of these sources (REDOING)."""
+    uri = storage.join(output, REDOING, block_name(block_keys))
+    storage.write_parquet(uri, sources)
+    return uri
+
+
+def read_redoing(output: str) -> tuple[pa.Table, list[str]]:
+    """Every source some block began to redo and never committed, and the notes saying so."""
+    uris = storage.list_files(storage.join(output, REDOING), (".parquet",))
+    return _read(output, REDOING, SOURCES_SCHEMA, None, with_files=False), uris
+
+
 def read_review(output: str, columns: list[str] | None = None) -> pa.Table:
-    """Every review row of committed blocks (a sidecar whose results file never landed was
-    left by a block that failed: its frames are redone and kept again)."""
-    committed = {uri.rsplit("/", 1)[-1] for uri in
-                 storage.list_files(storage.join(output, RESULTS), (".parquet",))}
-    table = _read(output, REVIEW, REVIEW_SCHEMA, columns, with_files=True)
-    names = [name.rsplit("/", 1)[-1] for name in table.column("__filename").to_pylist()]
-    keep = pa.array([name in committed for name in names], pa.bool_())
-    return table.filter(keep).drop_columns(["__filename"])
+    """Every review row whose results file holds its key (a sidecar whose results file never
+    landed was left by a block that failed, and a key another version redid is no longer in
+    the file it first came with: either is kept again where it is committed now)."""
+    import pyarrow.compute as pc
+
+    wanted = list(columns or REVIEW_SCHEMA.names)
+    table = _read(output, REVIEW, REVIEW_SCHEMA, list(dict.fromkeys(wanted + ["key"])),
+                  with_files=True)
+    committed = read_results(output, ["key"], with_files=True)
+    committed = committed.filter(pc.is_in(committed.column("key"),
+                                          value_set=table.column("key").combine_chunks()))
+    where = {(name.rsplit("/", 1)[-1], key) for name, key in
+             zip(committed.column("__filename").to_pylist(), committed.column("key").to_pylist())}
+    keep = pa.array([(name.rsplit("/", 1)[-1], key) in where for name, key in
+                     zip(table.column("__filename").to_pylist(), table.column("key").to_pylist())],
+                    pa.bool_())
+    return table.filter(keep).select(wanted)
 
 
 def read_parts(folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
@@ -131,6 +163,30 @@ def _read(output: str, folder: str, schema: pa.Schema, columns: list[str] | None
     # holds several times its data in per-chunk buffers
     return pa.concat_tables([read_group(paths[i:i + FILES_PER_READ])
                              for i in range(0, len(paths), FILES_PER_READ)])
+
+
+REGISTRY_PREFIX = "models:/"
+
+
+def version_label(job: dict) -> str:
+    """The model version a job's rows name: NAME/N for a registry version (its `model` is the
+    pinned models:/NAME/N), else the weights' hash as `weights` holds it."""
+    model = str(job.get("model") or "")
+    if model.startswith(REGISTRY_PREFIX):
+        return model[len(REGISTRY_PREFIX):]
+    return str(job.get("weights") or model)
+
+
+def row_versions(job: dict | None, column) -> pa.Array:
+    """The results column model_version with its nulls read as the version that made them:
+    rows written before rows named their version all come from the one model such an OUTPUT
+    could hold (_JOB.json's `unversioned`, or its model while it names no version yet)."""
+    import pyarrow.compute as pc
+
+    job = job or {}
+    unnamed = job.get("unversioned") if "version" in job else version_label(job)
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return pc.fill_null(column, unnamed or "unrecorded")
 
 
 def read_job(output: str) -> dict | None:

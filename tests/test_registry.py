@@ -1,12 +1,15 @@
 """The model loop against a real `mlflow server`: a training run (on two prepared sets as one)
 logged and registered as a version, `promote` moving the champion alias only to a better
-version, and infer following `models:/NAME@champion`."""
+version, and the nightly infer following `models:/NAME@champion` into one OUTPUT across the
+promotion."""
 import json
+import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
-from raythyroid import model, registry, shards, storage
+from raythyroid import model, registry, results, shards, storage
 
 from helpers import run_cli
 from test_cli import in_process
@@ -47,21 +50,41 @@ def test_train_registers_promote_gates_and_infer_follows_the_champion(
     done = run_cli("register", trained, name, env=env)
     assert done.returncode == 0 and f"{name} version 2" in done.stdout, done.stderr
 
-    # no champion yet: version 1 takes the alias as it is; version 2 is better and replaces
-    # it; version 1 again is refused (exit 4) and the champion stays
-    for version, code in (("1", 0), ("2", 0), ("1", 4)):
+    # no champion yet: version 1 takes the alias as it is, and the nightly infer by alias
+    # runs it
+    done = run_cli("promote", name, "1", prepared, env=env)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    archive, out = tmp_path / "archive", tmp_path / "night"
+    archive.mkdir()
+    images = sorted((Path(raw) / "images").iterdir())[:5]
+    for image in images[:3]:
+        shutil.copy(image, archive)
+    nightly = ["infer", f"models:/{name}@champion", str(archive), str(out)]
+    done = run_cli(*nightly, env=env)
+    assert done.returncode == 0, done.stderr
+    first_night = {p: p.read_bytes() for p in (out / "results").iterdir()}
+
+    # version 2 is better and replaces it; version 1 again is refused (exit 4) and the
+    # champion stays
+    for version, code in (("2", 0), ("1", 4)):
         done = run_cli("promote", name, version, prepared, env=env)
         assert done.returncode == code, (version, done.stdout, done.stderr)
     assert client.get_model_version_by_alias(name, "champion").version == "2"
     assert "stays 2" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
-    # the nightly infer by alias runs version 2's weights, and its job record names it
-    out = tmp_path / "night"
-    done = run_cli("infer", f"models:/{name}@champion", f"{raw}/images", str(out), env=env)
+    # the next night runs version 2's weights on the night's new images, in the same OUTPUT:
+    # the first night's rows stay as they were, each row names its version
+    for image in images[3:]:
+        shutil.copy(image, archive)
+    done = run_cli(*nightly, env=env)
     assert done.returncode == 0, done.stderr
+    assert "3 already done, 2 to process" in done.stdout
     job = json.loads((out / "_JOB.json").read_text())
-    assert job["model"] == f"models:/{name}/2"
+    assert job["model"] == f"models:/{name}/2" and job["version"] == f"{name}/2"
     assert job["weights"] == model.read_info(trained).weights_sha256[:16]
+    assert {p: p.read_bytes() for p in first_night} == first_night
+    made = {r["key"]: r["model_version"] for r in results.read_results(str(out)).to_pylist()}
+    assert made == {p.stem: f"{name}/{1 if p in images[:3] else 2}" for p in images}
 
     # a registry that does not know the name is one line, exit 2
     done = run_cli("infer", "models:/no-such-model@champion", f"{raw}/images",

@@ -21,6 +21,7 @@ _SINGLE_FRAME_CLASSES = {  # IODs without Number of Frames: no frame numbers in 
     "1.2.840.10008.5.1.4.1.1.1.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
     "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.128"}
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SERIES_DESCRIPTION = "raythyroid nodule"
 # Type 2 attributes of the patient and study modules that highdicom copies from the source:
 # absent in some exports, present and empty is what the standard allows in their place
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID",
@@ -28,14 +29,16 @@ _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "
 
 
 def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray],
-                       model_id: str = "") -> bytes:
+                       model_id: str = "", model_version: str = "") -> bytes:
     """A DICOM SEG (binary, one segment "thyroid nodule") for the given source frames.
 
     `masks` maps a 0-based frame index to a bool mask in that frame's geometry. The SEG
     references the source instance (and frame) and copies its patient and study modules, which
     is what lets PACS file it in the same study and overlay it. Its UIDs derive from the
     source (its series, its instance) and `model_id`, so writing it again gives the same
-    object, and another model's SEG another one. `source_data` may be the header alone.
+    object, and another model's SEG another one. `model_version` (the model version label)
+    is the segment's algorithm version and in the series description, where a viewer shows
+    which version drew it. `source_data` may be the header alone.
     """
     import pydicom
 
@@ -45,14 +48,17 @@ def write_segmentation(source_data: bytes, masks: dict[int, np.ndarray],
     multi = int(source.get("NumberOfFrames", 1) or 1) > 1
     first = _first_frame_source(source, multi)
     try:
-        seg = _build_segmentation(first, masks[frames[0]], source, model_id)
+        seg = _build_segmentation(first, masks[frames[0]], source, model_id, model_version)
     except ValueError as exc:
         if "Frame Of Reference" not in str(exc):
             raise
         # highdicom wants a Frame of Reference for CT/MR-like classes; a source that lacks one
         # is segmented as the 2D picture it is, referenced under its real class below
         first.SOPClassUID = _SECONDARY_CAPTURE
-        seg = _build_segmentation(first, masks[frames[0]], source, model_id)
+        seg = _build_segmentation(first, masks[frames[0]], source, model_id, model_version)
+    # LO: 64 characters at most
+    seg.SeriesDescription = (f"{SERIES_DESCRIPTION}, model {model_version}" if model_version
+                             else SERIES_DESCRIPTION)[:64]
     if multi:
         _add_source_frames(seg, source, masks, frames)
     _reference_real_class(seg, source, frames if multi else None)
@@ -118,7 +124,7 @@ def segmentation_uid(source_instance: str, model_id: str) -> str:
     return str(generate_uid(entropy_srcs=["raythyroid seg", source_instance, model_id]))
 
 
-def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
+def _build_segmentation(first, mask: np.ndarray, source, model_id: str, model_version: str):
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -131,7 +137,8 @@ def _build_segmentation(first, mask: np.ndarray, source, model_id: str):
         segmented_property_type=codes.SCT.Nodule,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=seg_read.OUR_ALGORITHM, version=_version(),
+            # LO: 64 characters at most
+            name=seg_read.OUR_ALGORITHM, version=(model_version or _version())[:64],
             family=codes.cid7162.ArtificialIntelligence))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom's remarks on the source's name formats
