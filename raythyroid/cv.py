@@ -72,6 +72,7 @@ def _run(data, run_uri, config, folds, workers, gpu, cpus_per_worker, log, progr
     from ray.data.expressions import col
 
     data, run_uri = shards.read_prepared(data), storage.normalize(run_uri)
+    training.check_same_data(run_uri, data.uris)
     training.initial_weights(config)  # a wrong --init stops the job before the folds' data loads
     dealt = training.deal_folds(data, folds, config.seed)
     weighted = config.loss == "weighted-ce"

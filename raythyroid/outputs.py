@@ -34,7 +34,7 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
     if redoing:
         if current_run(output) != run_id:  # a newer run owns OUTPUT: rewrite no mask of it
             return _progress(columns, frames)
-        note = results.write_redoing(output, columns["key"], _sources(columns))
+        note = results.write_redoing(output, columns["key"], _sources(columns), model_version)
     labels = _text(batch["label_uri"])
     masks: dict[int, np.ndarray] = {}
     label_masks: dict[int, np.ndarray] = {}
@@ -58,7 +58,7 @@ def finish_block(batch: dict, output: str, post: dict, max_pixels: int, run_id: 
         # the lease is checked after the wait on the review bar, right before the commit
         if current_run(output) == run_id:
             if kept is not None:
-                results.write_review(output, columns["key"], kept)
+                results.write_review(output, columns["key"], kept, model_version)
             results.write_results(output, pa.Table.from_pydict(
                 columns, schema=results.RESULT_SCHEMA))
             if note:

@@ -60,22 +60,33 @@ REVIEW_SCHEMA = pa.schema([
 ])
 
 
-def block_name(keys) -> str:
-    """The file name of the block holding these keys: the same block always gets one name."""
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-    return f"part-{digest[:24]}.parquet"
+def block_name(keys, version: str | None = None) -> str:
+    """The file name of the block holding these keys: the same block of one model version
+    always gets one name, and another version's redo of it another, so the older version's
+    rows stay until compaction chooses between them."""
+    text = "\n".join(sorted(keys)) + (f"\0{version}" if version else "")
+    return f"part-{hashlib.sha256(text.encode()).hexdigest()[:24]}.parquet"
+
+
+def _version_of(table: pa.Table) -> str | None:
+    """The model version a block's rows name (one block is one version's), if they name one."""
+    if "model_version" not in table.column_names:
+        return None
+    return next((v for v in table.column("model_version").to_pylist() if v), None)
 
 
 def write_results(output: str, table: pa.Table) -> None:
     if table.num_rows:
         storage.write_parquet(storage.join(
-            output, RESULTS, block_name(table.column("key").to_pylist())), table)
+            output, RESULTS, block_name(table.column("key").to_pylist(), _version_of(table))),
+            table)
 
 
-def write_review(output: str, block_keys, table: pa.Table) -> None:
+def write_review(output: str, block_keys, table: pa.Table, version: str | None = None) -> None:
     """A block's review rows, under the name of the results file that will commit them."""
     if table.num_rows:
-        storage.write_parquet(storage.join(output, REVIEW, block_name(block_keys)), table)
+        storage.write_parquet(storage.join(output, REVIEW, block_name(block_keys, version)),
+                              table)
 
 
 def read_results(output: str, columns: list[str] | None = None,
@@ -88,9 +99,10 @@ def read_results(output: str, columns: list[str] | None = None,
 SOURCES_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string())])  # infer's inputs
 
 
-def write_redoing(output: str, block_keys, sources: pa.Table) -> str:
+def write_redoing(output: str, block_keys, sources: pa.Table, version: str | None = None
+                  ) -> str:
     """A block's note that it is about to rewrite the masks of these sources (REDOING)."""
-    uri = storage.join(output, REDOING, block_name(block_keys))
+    uri = storage.join(output, REDOING, block_name(block_keys, version))
     storage.write_parquet(uri, sources)
     return uri
 

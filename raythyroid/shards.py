@@ -140,15 +140,28 @@ def _check_compatible(prepared: PreparedData) -> None:
                             f"--no-crop")
 
 
+# case ids DICOM sets carry (dicom.read.case_hash): a hashed patient, the same patient in any
+# set, where a folder's case ids ("1", "1_1") are only names within their own set
+PATIENT_CASE_PREFIX = "p-"
+
+
 def _check_disjoint(prepared: PreparedData) -> None:
-    """No frame in two sets: each set splits its own cases, so a frame in both could train
-    in one and test in the other. Byte-identical images are found by the hash preprocess
-    dedupes with."""
-    hashes = [{row["sha256"] for row in read_rows(s.uri, s.manifest, list(s.manifest["shards"]),
-                                                  ["sha256"])} for s in prepared.sets]
-    for (a, in_a), (b, in_b) in itertools.combinations(zip(prepared.sets, hashes), 2):
+    """No frame and no patient in two sets: each set splits its own cases, so either could
+    train in one and test in the other (a candidate `promote` scores on frames of patients it
+    trained on). Byte-identical images are found by the hash preprocess dedupes with."""
+    read = [read_rows(s.uri, s.manifest, list(s.manifest["shards"]), ["sha256", "case_id"])
+            for s in prepared.sets]
+    hashes = [{row["sha256"] for row in rows} for rows in read]
+    patients = [{row["case_id"] for row in rows
+                 if str(row["case_id"] or "").startswith(PATIENT_CASE_PREFIX)} for rows in read]
+    for (a, in_a, pa), (b, in_b, pb) in itertools.combinations(
+            zip(prepared.sets, hashes, patients), 2):
         if in_a & in_b:
             raise UserError(f"{a.uri} and {b.uri} share {len(in_a & in_b)} identical "
                             f"image(s): a frame could train in one and test in the other; "
                             f"prepare their frames as one set (preprocess dedupes them) or "
                             f"give one of them")
+        if pa & pb:
+            raise UserError(f"{a.uri} and {b.uri} hold frames of {len(pa & pb)} same "
+                            f"patient(s): each set splits its own patients, so one could train "
+                            f"in one and test in the other; prepare their frames as one set")

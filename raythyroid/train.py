@@ -2,9 +2,10 @@
 
 Data: the preprocess shards (of one prepared set, or of several trained on as one: every set's
 train parts train, val parts validate, test parts test) are decoded once (and the loss weight map
-computed once per mask) into a materialized Ray dataset; workers read their train shard with iter_torch_batches. Validation and
-test sets are given whole to every worker, and each worker scores the rows whose key hashes to its
-rank, so every row is scored exactly once; the per-worker confusion counts are all-reduced.
+computed once per mask) into a materialized Ray dataset; workers read their train shard with
+iter_torch_batches. Validation and test sets are given whole to every worker, and each worker
+scores the rows whose key hashes to its rank, so every row is scored exactly once; the
+per-worker confusion counts are all-reduced.
 
 Every checkpoint holds the latest state (to resume) and the best weights so far (by val n_iou),
 plus the epoch history, so the latest checkpoint alone is enough to resume or to finish. RUN gets:
@@ -20,7 +21,7 @@ from typing import Sequence
 
 from . import metrics, registry, shards, storage, telemetry
 from .errors import UserError
-from .training import TrainConfig, check_resume, load_split, train_and_save
+from .training import TrainConfig, check_resume, check_same_data, load_split, train_and_save
 
 
 def run(data: str | Sequence[str], run_uri: str, config: TrainConfig = TrainConfig(),
@@ -52,6 +53,7 @@ def _run(data, run_uri, config, workers, gpu, cpus_per_worker, log, progress,
     if not data.count("val"):
         raise UserError(f"{data.name} has no validation rows; preprocess with a val "
                         f"fraction > 0")
+    check_same_data(run_uri, data.uris)
     check_resume(run_uri, config)
     state = train_and_save(run_uri, config, lambda: _datasets(data, config, log), data,
                            workers, gpu, cpus_per_worker, log, progress)

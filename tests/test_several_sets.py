@@ -6,6 +6,7 @@ import re
 import shutil
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -78,14 +79,35 @@ def test_sets_that_cannot_train_together_are_refused_in_one_line(phantom_dataset
     preprocess.run(hospital_set[0], other_size, config=PrepConfig(size=64), log=lambda *_: None)
     copy = str(tmp_path / "copy")  # the same frames under another name
     shutil.copytree(public, copy)
+    # other frames of the same patients: DICOM sets' case ids are hashed patients, the same
+    # patient in every set (where "1" in two folder sets names two)
+    same_patients = [as_dicom_cases(data, str(tmp_path / f"patients-{i}"))
+                     for i, data in enumerate((public, hospital))]
     run = str(tmp_path / "run")
     for command in ("train", "cv"):
         for args, words in (([public, other_size, run], "size 64 (not 128)"),
                             ([public, public, run], "given twice"),
                             ([hospital, copy, public, run], "identical image"),
+                            ([*same_patients, run], "same patient"),
                             ([public, hospital], "is a preprocess output")):
             assert_one_line_error(in_process(command, *args), words)
     assert not storage.exists(run)
+
+
+def as_dicom_cases(prepared: str, folder: str) -> str:
+    """A copy of a prepared set whose case ids are hashed patients, as DICOM sets' are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(prepared, folder)
+    for shard in Path(folder).rglob("*.parquet"):
+        table = pq.read_table(shard)
+        if "case_id" in table.column_names:
+            ids = [f"{shards.PATIENT_CASE_PREFIX}{c}" for c in table.column("case_id").to_pylist()]
+            table = table.set_column(table.column_names.index("case_id"), "case_id",
+                                     pa.array(ids, pa.string()))
+            pq.write_table(table, shard)
+    return folder
 
 
 def test_data_in_a_job_config_may_be_a_list():
@@ -122,3 +144,16 @@ def check_trained_on_both(run: str, data: shards.PreparedData, mlflow_server: st
         [mlflow.get_experiment_by_name("raythyroid").experiment_id],
         f"tags.`raythyroid.run` = '{storage.normalize(run)}'")
     assert json.loads(logged[0].data.params["data"]) == data.uris
+
+
+def test_a_run_resumes_only_over_the_data_it_started_on(tmp_path):
+    """cv deals each set's cases in turn, so even the same sets in another order would deal
+    the folds a resumed run has not finished otherwise than those it has."""
+    from raythyroid.errors import UserError
+
+    run = str(tmp_path / "run")
+    training.check_same_data(run, ["s3://b/ddti", "s3://b/hospital"])
+    training.check_same_data(run, ["s3://b/ddti", "s3://b/hospital"])  # a rerun resumes
+    for other in (["s3://b/hospital", "s3://b/ddti"], ["s3://b/ddti"]):
+        with pytest.raises(UserError, match="same DATA, in the same order"):
+            training.check_same_data(run, other)

@@ -196,3 +196,22 @@ def test_the_night_after_a_new_version_appends_and_redo_older_redoes_once(
     assert not storage.list_files(str(out / results.REDOING))
     assert cli.main([*night, "--redo-older"]) == 0  # nothing older left
     assert "7 already done, 0 to process" in capsys.readouterr().out
+
+
+def test_a_redo_of_the_same_block_keeps_the_older_rows_it_could_not_read_again(tmp_path):
+    """A redo builds the same blocks as the night it redoes (the same input and block size):
+    its results file must not take the older version's place, or a source the redo can no
+    longer read (an archive's retention) loses the rows that could."""
+    output = str(tmp_path)
+    claimed(output, JOB)
+    older = [{"key": "a", "source_uri": "s/a", "model_version": "thyroid/1"},
+             {"key": "b", "source_uri": "s/b", "model_version": "thyroid/1"}]
+    write_rows(output, older)
+    claimed(output, dict(JOB, model="models:/thyroid/2", weights="2" * 16))
+    write_rows(output, [{"key": "a", "source_uri": "s/a", "model_version": "thyroid/2"},
+                        {"key": "b", "source_uri": "s/b", "status": "error",
+                         "error": "cannot read: gone", "model_version": "thyroid/2"}])
+    assert claim.compact_results(output) == 2
+    kept = {r["key"]: (r["model_version"], r["status"])
+            for r in results.read_results(output).to_pylist()}
+    assert kept == {"a": ("thyroid/2", "ok"), "b": ("thyroid/1", "ok")}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..pixels import DecodeError, SkipInput, check_size, normalize_pixels
+from ..shards import PATIENT_CASE_PREFIX
 from . import codecs
 
 # before any frame is decoded: without the plugin pydicom has no permissive decoder for JPEG
@@ -127,7 +128,8 @@ def header_bytes(ds) -> bytes:
 def case_hash(value: str) -> str:
     """A one-way id for a patient (or study): equal inputs give equal ids, the id gives
     nothing back."""
-    return "p-" + hashlib.sha256(b"raythyroid-case\0" + value.encode()).hexdigest()[:20]
+    return PATIENT_CASE_PREFIX + hashlib.sha256(b"raythyroid-case\0" + value.encode()
+                                                ).hexdigest()[:20]
 
 
 def read_dataset(data: bytes, stop_before_pixels: bool = False):

@@ -8,8 +8,8 @@
   checkpoints  what a checkpoint holds, resuming, the model folder from the final state
   driver       Ray Train started, progress relayed, the model written
 """
-from .checkpoints import (CHECKPOINT_DIR, STATE_FILE, TrainState, check_resume, finished_state,
-                          initial_weights, recorded_checkpoints, save_model)
+from .checkpoints import (CHECKPOINT_DIR, STATE_FILE, TrainState, check_resume, check_same_data,
+                          finished_state, initial_weights, recorded_checkpoints, save_model)
 from .config import OPTIMIZERS, PRECISIONS, SCHEDULES, TIME_LIMITED_EPOCHS, TrainConfig
 from .data import FULL_COLUMNS, deal_folds, decode_block, load_split, read_shards
 from .driver import TrainingRelay, fit, steps_per_epoch, train_and_save
@@ -18,7 +18,7 @@ from .validation import INFERENCE_KEEP_LARGEST, INFERENCE_THRESHOLDS, choose_inf
 
 __all__ = ["CHECKPOINT_DIR", "FULL_COLUMNS", "INFERENCE_KEEP_LARGEST", "INFERENCE_THRESHOLDS",
            "OPTIMIZERS", "PRECISIONS", "SCHEDULES", "STATE_FILE", "TIME_LIMITED_EPOCHS",
-           "TrainConfig", "TrainState", "TrainingRelay", "check_resume", "choose_inference",
-           "deal_folds", "decode_block", "evaluate", "finished_state", "fit", "follow_threads",
-           "initial_weights", "load_split", "read_shards", "recorded_checkpoints", "save_model",
+           "TrainConfig", "TrainState", "TrainingRelay", "check_resume", "check_same_data",
+           "choose_inference", "deal_folds", "decode_block", "evaluate", "finished_state", "fit",
+           "follow_threads", "initial_weights", "load_split", "read_shards", "recorded_checkpoints", "save_model",
            "steps_per_epoch", "train_and_save"]

@@ -86,6 +86,25 @@ def check_resume(run_uri: str, config: TrainConfig) -> None:
     storage.write_text(settings_uri, json.dumps(fixed, indent=2))
 
 
+DATA_RECORD = "data.json"
+
+
+def check_same_data(run_uri: str, uris) -> None:
+    """Refuse a rerun of RUN over other prepared data, or the same sets in another order (cv
+    deals each set's cases in turn, so the order decides the folds): a resumed run would
+    train and score on frames its first part never dealt. Records the data when RUN starts."""
+    record = storage.join(run_uri, DATA_RECORD)
+    uris = list(uris)
+    if storage.exists(record):
+        saved = json.loads(storage.read_text(record))
+        if saved != uris:
+            raise UserError(f"{run_uri} was started on {' '.join(saved)}: rerun with the same "
+                            f"DATA, in the same order, to resume, or give a new RUN")
+        return
+    storage.make_dirs(run_uri)
+    storage.write_text(record, json.dumps(uris))
+
+
 def initial_weights(config: TrainConfig) -> bytes | None:
     """The state dict a run starts from with --init (an ensemble's first member), serialized
     for the workers; refused with the flag to use when its U-Net is not this run's."""
