@@ -117,7 +117,7 @@ def panel_needs(panel) -> tuple[set, set]:
 
 # long enough for several epochs after the workers start (about 30 s here, 45 s on a loaded CI
 # machine), so scrapes see training midway and the workers' gauges while they live
-TIME_LIMIT_MIN = 0.5
+TIME_LIMIT_MIN = 1.0
 
 
 def check_time_limited_run(data: str, run_uri: str, result: dict, seconds: float) -> None:
