@@ -62,8 +62,10 @@ class PreparedData:
     """The prepared sets one run learns from: usually one, or several (public data and a
     hospital's own frames) trained on as one. Each set keeps the split its preprocess made by
     case, so the union of their train parts trains, of their val parts validates and of their
-    test parts tests, and no case crosses splits. Case ids belong to their set: the same id
-    in two sets names two patients (each set is folded on its own, never merged by id)."""
+    test parts tests, and no case crosses splits. A folder's case ids ("1", "1_1") belong to
+    their set: the same id in two sets names two patients (each set is folded on its own,
+    never merged by id). DICOM sets' ids are hashed patients, the same patient in any set, so
+    sets sharing one are refused (read_prepared)."""
 
     sets: tuple[PreparedSet, ...]
 
@@ -108,8 +110,8 @@ class PreparedData:
 def read_prepared(data: str | Sequence[str] | PreparedData) -> PreparedData:
     """One prepared set, or several to train on as one (a PreparedData already read is
     returned as it is). Several must be distinct sets prepared alike (one model.json records
-    one preparation, which infer applies to every frame) that share no frame; anything else
-    is the user's mistake, refused in one line."""
+    one preparation, which infer applies to every frame) that share no frame and no hashed
+    patient; anything else is the user's mistake, refused in one line."""
     if isinstance(data, PreparedData):
         return data
     uris = [storage.normalize(u) for u in ([data] if isinstance(data, str) else data)]
