@@ -62,8 +62,12 @@ debian-tools:
 test-setup:
 	@$(MAKE) --no-print-directory -j3 $(STAMP) system-tools
 
+# two lanes side by side (tests/conftest.py says which test runs in which); LANES=0 runs the
+# suite in this one process, as a plain `pytest` does
+LANES ?= 2
 test: test-setup
-	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=30 \
+		$(if $(filter-out 0,$(LANES)),-n $(LANES)) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/raythyroid demo $(DEMO_DIR)

@@ -25,6 +25,52 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# `make test` runs two lanes side by side (pytest-xdist, -n 2): the tests that use the
+# session's trained phantom model in one, all others in the other. Each lane starts its own
+# session fixtures (Ray, S3, a PACS...), so the model trains once; what one lane waits on (a
+# job's start-up, a time limit, a scrape) the other fills with work. The lanes are dealt by
+# fixture, which only the workers' collection knows: they write each test's lane to a file
+# the controller's scheduler reads (xdist's own loadgroup loses its groups on pytest 9.2).
+LANES_FILE = "RAYTHYROID_TEST_LANES"
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        import tempfile
+
+        os.environ[LANES_FILE] = os.path.join(tempfile.mkdtemp(prefix="lanes-"), "lanes.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    path = os.environ.get(LANES_FILE)
+    if path and "PYTEST_XDIST_WORKER" in os.environ:
+        import json
+
+        lanes = {item.nodeid: "trained" if "trained_run" in item.fixturenames else "other"
+                 for item in items}
+        partial = f"{path}.{os.environ['PYTEST_XDIST_WORKER']}"
+        Path(partial).write_text(json.dumps(lanes))
+        os.replace(partial, path)  # both workers write the same lanes
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        """Each lane is one scope: a worker takes all of it, in collection order."""
+        lanes: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.lanes is None:
+                self.lanes = json.loads(Path(os.environ[LANES_FILE]).read_text())
+            return self.lanes.get(nodeid, "other")
+
+    return Lanes(config, log)
+
+
 @pytest.fixture(scope="session")
 def ddti() -> Path:
     if not (DDTI / "images").is_dir():

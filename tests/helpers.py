@@ -141,13 +141,16 @@ TRAINED_EPOCHS = 10
 
 
 def ray_processes(name: str) -> list:
-    """Live processes whose title Ray set to `ray::<name>...` (workers, actors)."""
+    """Live processes of the session's Ray runtime whose title Ray set to `ray::<name>...`
+    (workers, actors: the children of its raylet). The other lane's runtime has its own."""
     import psutil
+    import ray
 
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline.startswith(f"ray::{name}"):
+        if cmdline.startswith(f"ray::{name}") and proc.info.get("ppid") == raylet:
             found.append(proc)
     return found
 

@@ -10,7 +10,7 @@ from raythyroid import imaging, model, postprocess, split
 
 from helpers import run_cli
 
-HELD_OUT_FRAMES = 6
+HELD_OUT_FRAMES = 4
 
 
 def held_out_frames(ddti) -> list:
