@@ -36,9 +36,12 @@ LANES_FILE = "RAYTHYROID_TEST_LANES"
 
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
         import tempfile
 
-        os.environ[LANES_FILE] = os.path.join(tempfile.mkdtemp(prefix="lanes-"), "lanes.json")
+        folder = tempfile.mkdtemp(prefix="lanes-")
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        os.environ[LANES_FILE] = os.path.join(folder, "lanes.json")
 
 
 def pytest_collection_modifyitems(config, items):
