@@ -186,10 +186,9 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, s3
         # the stalled-job alert's age term on this real run: from the first step a scrape saw
         # to the end, its last progress stays seconds old (steps within an epoch count). Were
         # progress reported only at the end, as before live progress, no scrape would see a
-        # step before the run ended; were it reported by epoch, the age would reach an
-        # epoch's length; either way every healthy run over 10 minutes would fire the alert.
-        # (From the first step, not from the start: on a loaded machine the workers' start-up
-        # takes a good part of the minute.)
+        # step before the run ended, and every healthy run over 10 minutes would fire the
+        # alert. (From the first step, not from the start: on a loaded machine the workers'
+        # start-up takes a good part of the minute.)
         first_step = min(float(t) for series in partial for t, _ in series["values"])
         last = train_started + train_seconds - 2
         assert last - first_step >= 15, (first_step - train_started, train_seconds)
