@@ -32,15 +32,20 @@ def _comp_t(value: int) -> float:
     return ((value & 0x1FFF) << (3 * (value >> 13))) / os.sysconf("SC_CLK_TCK")
 
 
-def read_accounting(path: str) -> dict[int, float]:
-    """pid -> user + system CPU seconds of every process that exited while accounting was on."""
+def read_accounting(path: str) -> list[tuple[int, float, float, float]]:
+    """(pid, start, end, user + system CPU seconds) of every process that exited while
+    accounting was on. Pids come round again in a suite (each thread takes one too), so a
+    process is its pid over its lifetime."""
+    ticks = os.sysconf("SC_CLK_TCK")
     data = open(path, "rb").read()
-    cpu = {}
+    processes = []
     for offset in range(0, len(data) - ACCT_V3.size + 1, ACCT_V3.size):
         fields = ACCT_V3.unpack_from(data, offset)
         if fields[1] == 3:  # ac_version
-            cpu[fields[6]] = _comp_t(fields[10]) + _comp_t(fields[11])
-    return cpu
+            start = float(fields[8])  # ac_btime, whole seconds
+            processes.append((fields[6], start, start + fields[9] / ticks,
+                              _comp_t(fields[10]) + _comp_t(fields[11])))
+    return processes
 
 
 def kind(title: str) -> str:
@@ -63,12 +68,20 @@ def kind(title: str) -> str:
 
 
 class Titles(threading.Thread):
-    """pid -> the last title seen, sampled every `every` seconds while the suite runs."""
+    """Each pid's titles with when they were seen, sampled every `every` seconds while the
+    suite runs."""
 
     def __init__(self, every: float = 0.5):
         super().__init__(daemon=True)
-        self.every, self.titles, self.busy = every, {}, []
+        self.every, self.busy = every, []
+        self.titles: dict[int, list[tuple[float, str]]] = collections.defaultdict(list)
         self.stopped = threading.Event()
+
+    def title(self, pid: int, start: float, end: float) -> str:
+        """The last title the process with this pid had between its start and its end."""
+        seen = [title for when, title in self.titles.get(pid, ())
+                if start - 1 <= when <= end + 1]
+        return seen[-1] if seen else ""
 
     def run(self) -> None:
         last = _cpu_ticks()
@@ -80,8 +93,9 @@ class Titles(threading.Thread):
                             title = f.read().replace(b"\0", b" ").decode(errors="replace")
                     except OSError:
                         continue
-                    if title.strip():
-                        self.titles[int(pid)] = title.strip()
+                    seen = self.titles[int(pid)]
+                    if title.strip() and (not seen or seen[-1][1] != title.strip()):
+                        seen.append((time.time(), title.strip()))
             now = _cpu_ticks()
             self.busy.append((now[0] - last[0]) / max(now[1] - last[1], 1))
             last = now
@@ -113,15 +127,16 @@ def profile(pytest_args: list[str]) -> dict:
         libc.acct(None)
         sampler.stopped.set()
         sampler.join()
-    cpu = read_accounting(path)
+    processes = read_accounting(path)
     by_kind = collections.defaultdict(lambda: [0, 0.0])
-    for pid, seconds in cpu.items():
-        entry = by_kind[kind(sampler.titles.get(pid, ""))]
+    for pid, start, end, seconds in processes:
+        entry = by_kind[kind(sampler.title(pid, start, end))]
         entry[0] += 1
         entry[1] += seconds
     busy = sum(sampler.busy) / max(len(sampler.busy), 1)
-    return {"wall": wall, "returncode": done.returncode, "cpu": sum(cpu.values()),
-            "processes": len(cpu), "busy": busy, "by_kind": dict(by_kind)}
+    return {"wall": wall, "returncode": done.returncode,
+            "cpu": sum(p[3] for p in processes), "processes": len(processes), "busy": busy,
+            "by_kind": dict(by_kind)}
 
 
 def main() -> None:
