@@ -25,14 +25,15 @@ from common import cached_folder, record  # noqa: E402
 
 def write_review_sidecars(output: str, size: int) -> int:
     """What the job's blocks keep, block by block in the order they were written: each frame
-    at or under the review bar (outputs.ReviewBar) gets an overlay. Returns the overlays kept."""
+    at or under the review bar (review_bar.ReviewBar) gets an overlay. Returns the overlays
+    kept."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from raythyroid import figures, outputs, results, storage
+    from raythyroid import figures, results, review_bar, storage
 
-    bar = outputs.ReviewBar(size)
+    bar = review_bar.ReviewBar(size)
     image = (np.random.default_rng(1).random((256, 256)) * 255).astype(np.uint8)
     disc = np.zeros((256, 256), np.uint8)
     disc[96:160, 80:176] = 1

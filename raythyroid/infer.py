@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import (claim, dicomweb, evaluate, imaging, metrics, outputs, postprocess, registry,
-               report, results, runtime, sources, storage, telemetry)
+               report, results, review_bar, runtime, sources, storage, telemetry)
 from .errors import UserError
 
 
@@ -121,7 +121,7 @@ class SharedReviewBar:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        return cls(ray.remote(num_cpus=0, scheduling_strategy=here)(outputs.ReviewBar
+        return cls(ray.remote(num_cpus=0, scheduling_strategy=here)(review_bar.ReviewBar
                                                                     ).remote(size))
 
     def offer(self, values: dict) -> dict | None:

@@ -107,37 +107,12 @@ def _finish_frame(batch: dict, i: int, label_uri: str | None, output: str, confi
     return described, mask, label
 
 
-class ReviewBar:
-    """The lowest confidences (and IoUs) this run has met so far, `size` of each, as
-    (value, key) pairs: a retried block offers the same frames again and they count once, and
-    ties are broken by key as the report's queue breaks them.
-
-    A block keeps an overlay only for a frame at or under the bar: every frame of the final
-    queue is kept (no frame below the run's `size`-th lowest can be above the bar of a subset),
-    yet an archive of N frames keeps about size x ln(N / size) overlays, not a share of N.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.lowest: dict[str, dict[str, float]] = {"confidence": {}, "iou": {}}
-
-    def offer(self, values: dict[str, list[tuple[float, str]]]) -> dict[str, tuple | None]:
-        """Merge a block's (value, key) pairs; return each bar, None until `size` are known."""
-        bars = {}
-        for name, found in values.items():
-            merged = dict(self.lowest[name], **{key: value for value, key in found})
-            kept = sorted((value, key) for key, value in merged.items())[:self.size]
-            self.lowest[name] = {key: value for value, key in kept}
-            bars[name] = tuple(kept[-1]) if len(kept) >= self.size else None
-        return bars
-
-
 def review_rows(batch: dict, columns: dict, masks: dict, label_masks: dict, review: dict
                 ) -> pa.Table | None:
     """The block's frames under the run's bars, each with an overlay on the frame the model saw
     (desensitized and cropped: no burned-in text, no header value): its review sidecar.
-    review["bar"] is the run's ReviewBar as the block reaches it: its offer() returns None
-    when the bar is lost."""
+    review["bar"] is the run's review_bar.ReviewBar as the block reaches it: its offer()
+    returns None when the bar is lost."""
     size = review["size"]
     scored = {name: sorted((columns[name][i], columns["key"][i], i) for i in frames)
               for name, frames in (("confidence", masks), ("iou", label_masks))}

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from raythyroid import imaging, infer, metrics, outputs, phantom, report, results, storage
+from raythyroid import (imaging, infer, metrics, outputs, phantom, report, results, review_bar,
+                        storage)
 
 from helpers import INSTITUTION, PATIENT_ID, PATIENT_NAME, make_dicom, run_cli
 
@@ -162,7 +163,7 @@ def test_the_review_bar_keeps_every_queued_frame_and_few_others():
     rng = np.random.default_rng(3)
     values = np.round(rng.random(20_000), 2)  # many ties
     keys = [f"k{i:05d}" for i in range(len(values))]
-    bar = outputs.ReviewBar(24)
+    bar = review_bar.ReviewBar(24)
     kept = []
     for start in range(0, len(values), 64):
         block = sorted(zip(values[start:start + 64], keys[start:start + 64]))[:24]

@@ -1,7 +1,7 @@
 """The house rules of DESIGN.md, checked on the source so no change quietly undoes them:
 arrows point down (front -> pipelines -> libraries -> core), no pipeline imports another, only
-telemetry and runtime among the core import Ray, no function is longer than a screen and a half, and
-ARCHITECTURE.md names every module on its floor."""
+telemetry and runtime among the core import Ray, no function is longer than a screen and a half,
+an actor's light module stays light, and ARCHITECTURE.md names every module on its floor."""
 from __future__ import annotations
 
 import ast
@@ -16,6 +16,8 @@ LIBRARIES = {"training"}
 ALLOWED_BETWEEN_PIPELINES: set[tuple[str, str]] = set()
 CORE_WITH_RAY = {"telemetry", "runtime"}
 MAX_FUNCTION_LINES = 80
+# a module whose class runs as an actor once per job: its new process imports it whole
+LIGHT = {"review_bar"}
 DECLARATIVE = {("cli", "build_parser")}  # one argument after another: long, not complex
 
 
@@ -100,6 +102,24 @@ def test_no_function_longer_than_the_rule():
     assert long == []
 
 
+def third_party_imports(tree: ast.Module) -> set[str]:
+    """Top names of what a module imports from outside the standard library and itself."""
+    import sys
+
+    names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for a in node.names}
+    names |= {node.module for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+    return {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"__future__"}
+
+
+def test_light_modules_import_only_the_standard_library():
+    trees = modules()
+    heavy = {name: third_party_imports(trees[name]) | package_imports(trees[name])
+             for name in LIGHT}
+    assert heavy == {name: set() for name in LIGHT}
+
+
 def test_the_rules_catch_what_they_forbid():
     """The checks themselves: a pipeline importing another, and a core module importing Ray,
     are found."""
@@ -109,6 +129,7 @@ def test_the_rules_catch_what_they_forbid():
     assert package_imports(inner, ("dicom",)) == {"dicom", "pixels", "train"}
     assert imports_ray(ast.parse("def f():\n    import ray.data\n"))
     assert not imports_ray(ast.parse("from . import runtime\n"))
+    assert third_party_imports(ast.parse("import os\nfrom pyarrow import Table\n")) == {"pyarrow"}
 
 
 def floors_in_architecture_page() -> dict[str, set[str]]:
