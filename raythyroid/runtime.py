@@ -7,8 +7,10 @@ import os
 import sys
 from typing import Iterator
 
-def init(address: str | None = None, verbose: bool = False) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one.
+def init(address: str | None = None, verbose: bool = False, dashboard: bool = True) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one (with Ray's
+    dashboard unless `dashboard` is False: about ten processes that a Ray serving only
+    programs, such as a test session's, never needs).
 
     Returns True when this call started Ray, so the caller knows to shut it down. Inside a Ray
     job (submitted with `ray job submit`) Ray is already up and nothing is started.
@@ -24,6 +26,7 @@ def init(address: str | None = None, verbose: bool = False) -> bool:
         # a fixed port for Ray's metrics agent, so a local Prometheus can scrape worker metrics
         options["_metrics_export_port"] = int(os.environ["RAYTHYROID_RAY_METRICS_PORT"])
     if address == "local":
+        options["include_dashboard"] = dashboard
         # cv trains folds side by side, each with its workers and Ray Data's tasks on
         # fractional CPUs: more Python workers than 4x the cores, by design. A raylet counts
         # that against how many workers it may start at once (one per core) and prints a

@@ -126,7 +126,7 @@ def ray_local(s3):
     os.environ.setdefault("DICOMWEB_PASSWORD", "pacs-" + secrets.token_hex(10))
     os.environ["RAYTHYROID_RAY_METRICS_PORT"] = str(port)
     try:
-        started = runtime.init("local")
+        started = runtime.init("local", dashboard=False)  # nothing here reads it
     finally:
         os.environ.pop("RAYTHYROID_RAY_METRICS_PORT", None)
     ray.metrics_port = port

@@ -65,7 +65,8 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
         # the single member without TTA finds the same nodule as the whole ensemble
         both = masks["ensemble"] & masks["fast"]
         assert both.sum() / (masks["ensemble"] | masks["fast"]).sum() > 0.5, frame.stem
-    assert _masks_follow_the_chosen_tta(frames, outputs["ensemble"])
+    # (two frames: each costs the ensemble twice over, 40 passes, in this process)
+    assert _masks_follow_the_chosen_tta(frames[:2], outputs["ensemble"])
     metrics = json.loads((outputs["ensemble"] / "metrics.json").read_text())
     # a floor for plausibility, not the model's accuracy (CV and the model card measure that)
     assert metrics["images"] == HELD_OUT_FRAMES and metrics["n_iou"] > 0.3

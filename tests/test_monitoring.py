@@ -160,7 +160,7 @@ def test_every_dashboard_panel_has_data_after_real_jobs(promtools, ray_local, s3
         result = train.run(prepared, run_uri,
                            training.TrainConfig(epochs=500, batch_size=4,
                                                 time_limit_min=TIME_LIMIT_MIN),
-                           workers=2, log=lambda *_: None, metrics_port=driver_port)
+                           workers=1, log=lambda *_: None, metrics_port=driver_port)
         train_seconds = time.time() - train_started
         infer.run(storage.join(run_uri, "model"), str(raw / "images"), str(tmp_path / "out"),
                   labels=str(raw / "masks"),
