@@ -49,10 +49,13 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
     listing = tmp_path / "frames.txt"
     listing.write_text("".join(f"{p}\n" for p in frames))
     outputs = {}
+    # one forward batch of the frames there are (the Predictor pads every batch to its size:
+    # at the default 16, four frames would cost the ensemble's 20 passes over 16)
+    batch = ["--batch-size", str(HELD_OUT_FRAMES)]
     for name, extra in (("ensemble", []), ("fast", ["--fast"])):
         out = tmp_path / name
         done = run_cli("infer", "ddti", str(listing), str(out), "--labels", str(ddti / "masks"),
-                       *extra)
+                       *batch, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[name] = out
     for frame in frames:
@@ -72,7 +75,7 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
     assert metrics["images"] == HELD_OUT_FRAMES and metrics["n_iou"] > 0.3
     # the job remembers which weights ran: a rerun with the other flag cannot mix them
     again = run_cli("infer", "ddti", str(listing), str(outputs["fast"]),
-                    "--labels", str(ddti / "masks"))
+                    "--labels", str(ddti / "masks"), *batch)
     assert again.returncode == 2 and "holds the results of another job" in again.stderr
 
 

@@ -265,7 +265,7 @@ def test_expositions_lint_clean(promtools, ray_local, tmp_path):
     frame = next(phantom.generate(1, seed=2, height=180, width=280))
     storage.write_bytes(str(tmp_path / "in" / "a.png"), imaging.encode_png(frame.image))
     infer.run("ddti", str(tmp_path / "in"), str(tmp_path / "out"),
-              options=infer.InferOptions(fast=True), log=lambda *_: None)
+              options=infer.InferOptions(fast=True, batch_size=1), log=lambda *_: None)
     text = b""
     deadline = time.time() + 30
     while b"ray_raythyroid_images_predicted_total" not in text and time.time() < deadline:
