@@ -1,0 +1,37 @@
+"""`make test`'s two lanes (tests/conftest.py): a worker's collection writes each test's lane
+to a file, and the controller's scheduler takes each lane as one scope. Were the dealing lost,
+both lanes would train the phantom model, or wait on each other for it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import conftest
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path, monkeypatch):
+    lanes_file = tmp_path / "lanes.json"
+    # a lane worker's collection, in a process of its own as xdist's workers are
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         str(TESTS / "test_train.py"), str(TESTS / "test_report.py")],
+        capture_output=True, text=True, timeout=240, cwd=TESTS.parent,
+        env=dict(os.environ, **{conftest.LANES_FILE: str(lanes_file),
+                                "PYTEST_XDIST_WORKER": "gw1"}))
+    assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
+    monkeypatch.setenv(conftest.LANES_FILE, str(lanes_file))
+    monkeypatch.setattr(pytestconfig.option, "tx", ["2*popen"])  # what -n 2 sets
+    scheduler = conftest.pytest_xdist_make_scheduler(pytestconfig, None)
+
+    def lane(test: str) -> str:
+        return scheduler._split_scope(f"tests/{test}")
+
+    assert lane("test_train.py::test_two_cpu_workers_learn_phantoms") == "trained"
+    # through a module's fixture (labelled_run uses trained_run) as well as directly
+    assert lane("test_report.py::test_infer_report_in_a_browser") == "trained"
+    assert lane("test_train.py::test_sigterm_stops_training_and_the_rerun_continues_its_clock") \
+        == "other"
+    # a test the file does not name (added since the collection) goes to the other lane
+    assert lane("test_new.py::test_x") == "other"
