@@ -417,11 +417,12 @@ def _cv(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from . import dicomweb, distill, model, runtime, shards, storage
+    from . import dicomweb, distill, modelinfo, runtime, shards, storage
 
     storage.check_writable_root(args.run)
     shards.read_manifest(args.data)
-    model.read_info(model.resolve(args.teacher))  # a wrong TEACHER, before Ray starts
+    # a wrong TEACHER, before Ray starts
+    modelinfo.read_info(modelinfo.resolve(args.teacher))
     if args.folds == 1:
         raise UserError("--folds must be at least 2 (or 0: train the student to ship)")
     for uri in args.unlabelled:  # URL, credentials and a server that answers, too
@@ -459,7 +460,7 @@ def _stow_target(args: argparse.Namespace, source) -> str | None:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from . import dicomweb, infer, model, runtime, storage
+    from . import dicomweb, infer, modelinfo, runtime, storage
 
     source = dicomweb.parse(args.input) if dicomweb.is_dicomweb(args.input) else None
     stow = _stow_target(args, source)
@@ -475,7 +476,8 @@ def _infer(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.output)
     if args.fast and args.tta:
         raise UserError("--fast runs one model without TTA: give one of --fast and --tta")
-    model.read_info(model.resolve(args.model))  # a wrong MODEL is reported before Ray starts
+    # a wrong MODEL is reported before Ray starts
+    modelinfo.read_info(modelinfo.resolve(args.model))
     options = infer.InferOptions(
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu,
         tta=False if args.fast else args.tta, fast=args.fast,
@@ -508,15 +510,15 @@ def _report(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     import os
 
-    from . import model
+    from . import modelinfo
 
-    shipped = model.bundled()
+    shipped = modelinfo.bundled()
     if not shipped:
         print("no bundled models in this installation")
     for name, info in shipped.items():
         print(f"{name}: {info.card.get('headline', '')}")
         print(f"    {info.members} model(s); card: "
-              f"{os.path.join(model.BUNDLED, name, model.CARD)}")
+              f"{os.path.join(modelinfo.BUNDLED, name, modelinfo.CARD)}")
     return 0
 
 
@@ -526,10 +528,10 @@ EXIT_NOT_BETTER = 4  # compare: B is not better beyond the interval (1 is a fail
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from . import compare, model, runtime, shards, storage
+    from . import compare, modelinfo, runtime, shards, storage
 
     for name in (args.model_a, args.model_b):  # a wrong MODEL or LABELLED, before Ray starts
-        model.read_info(model.resolve(name))
+        modelinfo.read_info(modelinfo.resolve(name))
     shards.read_manifest(storage.normalize(args.labelled))
     with runtime.session(args.address, args.verbose):
         result = compare.run(args.model_a, args.model_b, args.labelled, split=args.split,
@@ -540,10 +542,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from . import model, registry
+    from . import modelinfo, registry
 
-    folder = model.resolve(args.model)
-    model.read_info(folder)  # a folder that holds no model is refused before anything is logged
+    folder = modelinfo.resolve(args.model)
+    # a folder that holds no model is refused before anything is logged
+    modelinfo.read_info(folder)
     version = registry.register_folder(folder, args.name)
     print(f"register: {args.model} is {args.name} version {version} ({registry.PREFIX}"
           f"{args.name}/{version})")
@@ -553,10 +556,11 @@ def _register(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     """The alias moves only when compare opens its gate; a registered model without the alias
     takes its first version as it is."""
-    from . import compare, model, registry, runtime, shards, storage
+    from . import compare, modelinfo, registry, runtime, shards, storage
 
     candidate = f"{registry.PREFIX}{args.name}/{args.version}"
-    model.read_info(model.resolve(candidate))  # a wrong NAME or VERSION, before Ray starts
+    # a wrong NAME or VERSION, before Ray starts
+    modelinfo.read_info(modelinfo.resolve(candidate))
     current = registry.champion(args.name, args.alias)
     if current == args.version:
         print(f"promote: {args.name} version {args.version} is already {args.alias}")

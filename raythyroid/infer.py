@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import (claim, dicomweb, evaluate, imaging, metrics, outputs, postprocess, registry,
-               report, results, review_bar, runtime, sources, storage, telemetry)
+from . import (claim, dicomweb, evaluate, imaging, metrics, modelinfo, outputs, postprocess,
+               registry, report, results, review_bar, runtime, sources, storage, telemetry)
 from .errors import UserError
 
 
@@ -171,13 +171,11 @@ def _attach_labels(table: pa.Table, by_base: dict | None) -> pa.Table:
 def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         options: InferOptions = InferOptions(), log=print) -> claim.InferSummary:
     """Segment INPUT into OUTPUT; returns its summary (with metrics, given labels)."""
-    from . import model as model_lib
-
     started = time.time()
     if registry.is_registry_uri(model_uri):
         model_uri = registry.pin(model_uri)  # every node loads the version the alias names now
     # a bundled or registry model travels by name: each node resolves it where it runs
-    resolved = model_lib.resolve(model_uri)
+    resolved = modelinfo.resolve(model_uri)
     bundled = resolved != model_uri
     model_ref = model_uri if bundled else storage.normalize(model_uri)
     model_uri, output = storage.normalize(resolved), storage.normalize(output)
@@ -188,7 +186,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     else:
         input_uri = identity = storage.normalize(input_uri)
     # fail fast, before listing millions of files
-    info = model_lib.read_info(model_uri, first_member_only=options.fast)
+    info = modelinfo.read_info(model_uri, first_member_only=options.fast)
     prep, post = info.prep, info.inference.post
     if options.fast:
         options = dataclasses.replace(options, tta=False)

@@ -120,6 +120,23 @@ def test_light_modules_import_only_the_standard_library():
     assert heavy == {name: set() for name in LIGHT}
 
 
+def test_a_job_driver_reads_its_model_without_torch():
+    """infer's driver only reads which model runs (its Predictors load it): torch, a second and
+    a half of imports, stays out of it; so does the CLI's check of a MODEL before Ray starts."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from raythyroid import cli, infer, modelinfo\n"
+             "info = modelinfo.read_info(modelinfo.resolve('ddti'), first_member_only=True)\n"
+             "assert info.members == 5, info\n"
+             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]"]
+
+
 def test_the_rules_catch_what_they_forbid():
     """The checks themselves: a pipeline importing another, and a core module importing Ray,
     are found."""
