@@ -10,6 +10,7 @@ from typing import Sequence
 
 from . import storage
 from .errors import UserError
+from .split import PATIENT_CASE_PREFIX
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
@@ -140,11 +141,6 @@ def _check_compatible(prepared: PreparedData) -> None:
             raise UserError(f"{other.uri} was prepared with {', '.join(differs)} as "
                             f"{first.uri} was: preprocess both with the same --size and "
                             f"--no-crop")
-
-
-# case ids DICOM sets carry (dicom.read.case_hash): a hashed patient, the same patient in any
-# set, where a folder's case ids ("1", "1_1") are only names within their own set
-PATIENT_CASE_PREFIX = "p-"
 
 
 def _check_disjoint(prepared: PreparedData) -> None:

@@ -11,6 +11,10 @@ import math
 import re
 from typing import Iterable, Sequence
 
+# case ids DICOM sets carry (dicom.read.case_hash): a hashed patient, the same patient in any
+# set, where a folder's case ids ("1", "1_1") are only names within their own set
+PATIENT_CASE_PREFIX = "p-"
+
 SPLITS = ("train", "val", "test")
 
 

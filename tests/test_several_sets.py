@@ -103,7 +103,7 @@ def as_dicom_cases(prepared: str, folder: str) -> str:
     for shard in Path(folder).rglob("*.parquet"):
         table = pq.read_table(shard)
         if "case_id" in table.column_names:
-            ids = [f"{shards.PATIENT_CASE_PREFIX}{c}" for c in table.column("case_id").to_pylist()]
+            ids = [f"{split.PATIENT_CASE_PREFIX}{c}" for c in table.column("case_id").to_pylist()]
             table = table.set_column(table.column_names.index("case_id"), "case_id",
                                      pa.array(ids, pa.string()))
             pq.write_table(table, shard)

@@ -1,7 +1,8 @@
 """The house rules of DESIGN.md, checked on the source so no change quietly undoes them:
-arrows point down (front -> pipelines -> libraries -> core), no pipeline imports another, only
-telemetry and runtime among the core import Ray, no function is longer than a screen and a half,
-an actor's light module stays light, and ARCHITECTURE.md names every module on its floor."""
+arrows point down (front -> pipelines -> libraries -> core), no circle, no pipeline imports
+another, only telemetry and runtime among the core import Ray, no function is longer than a
+screen and a half, an actor's light module stays light, a job's driver reads its model without
+torch, and ARCHITECTURE.md names every module on its floor."""
 from __future__ import annotations
 
 import ast
@@ -91,6 +92,36 @@ def test_arrows_point_down_and_pipelines_stand_side_by_side():
     assert broken == []
 
 
+def circles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    """Every circle of rooms in an import graph, each as its sorted rooms."""
+    found = set()
+
+    def walk(path: list[str]) -> None:
+        for target in graph.get(path[-1], ()):
+            if target in path:
+                found.add(tuple(sorted(path[path.index(target):])))
+            else:
+                walk(path + [target])
+
+    for room in graph:
+        walk([room])
+    return found
+
+
+def test_no_circle_among_the_rooms():
+    """Within a floor too, arrows never lead back: no room imports, at its top or inside a
+    function, a room that imports it, directly or round a circle."""
+    trees = modules()
+    rooms = {name.split(".")[0] for name in trees}
+    graph: dict[str, set[str]] = {}
+    for name, tree in trees.items():
+        room = name.split(".")[0]
+        graph.setdefault(room, set()).update(
+            target for target in package_imports(tree, package_of(name))
+            if target in rooms and target != room)
+    assert circles(graph) == set()
+
+
 def test_no_function_longer_than_the_rule():
     long = []
     for name, tree in modules().items():
@@ -147,6 +178,7 @@ def test_the_rules_catch_what_they_forbid():
     assert imports_ray(ast.parse("def f():\n    import ray.data\n"))
     assert not imports_ray(ast.parse("from . import runtime\n"))
     assert third_party_imports(ast.parse("import os\nfrom pyarrow import Table\n")) == {"pyarrow"}
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {("a", "b", "c")}
 
 
 def floors_in_architecture_page() -> dict[str, set[str]]:

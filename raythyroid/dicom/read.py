@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..pixels import DecodeError, SkipInput, check_size, normalize_pixels
-from ..shards import PATIENT_CASE_PREFIX
+from ..split import PATIENT_CASE_PREFIX
 from . import codecs
 
 # before any frame is decoded: without the plugin pydicom has no permissive decoder for JPEG
