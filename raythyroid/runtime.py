@@ -26,7 +26,10 @@ def init(address: str | None = None, verbose: bool = False, dashboard: bool = Tr
         # a fixed port for Ray's metrics agent, so a local Prometheus can scrape worker metrics
         options["_metrics_export_port"] = int(os.environ["RAYTHYROID_RAY_METRICS_PORT"])
     if address == "local":
-        options["include_dashboard"] = dashboard
+        if not dashboard:
+            # only ever False: Ray's own default starts the dashboard and carries on should it
+            # fail, where an explicit True would fail the whole start with it
+            options["include_dashboard"] = False
         # cv trains folds side by side, each with its workers and Ray Data's tasks on
         # fractional CPUs: more Python workers than 4x the cores, by design. A raylet counts
         # that against how many workers it may start at once (one per core) and prints a

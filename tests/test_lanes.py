@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import conftest
 
 TESTS = Path(__file__).resolve().parent
 
 
 def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path, monkeypatch):
+    pytest.importorskip("xdist", reason="the lanes are pytest-xdist's (the dev extra)")
     lanes_file = tmp_path / "lanes.json"
     # a lane worker's collection, in a process of its own as xdist's workers are
     collected = subprocess.run(
@@ -22,7 +25,7 @@ def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path,
                                 "PYTEST_XDIST_WORKER": "gw1"}))
     assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
     monkeypatch.setenv(conftest.LANES_FILE, str(lanes_file))
-    monkeypatch.setattr(pytestconfig.option, "tx", ["2*popen"])  # what -n 2 sets
+    monkeypatch.setattr(pytestconfig.option, "tx", ["2*popen"])  # two workers, as -n 2 gives
     scheduler = conftest.pytest_xdist_make_scheduler(pytestconfig, None)
 
     def lane(test: str) -> str:

@@ -153,7 +153,7 @@ def test_light_modules_import_only_the_standard_library():
 
 def test_a_job_driver_reads_its_model_without_torch():
     """infer's driver only reads which model runs (its Predictors load it): torch, a second and
-    a half of imports, stays out of it; so does the CLI's check of a MODEL before Ray starts."""
+    a half of imports, stays out of it, and out of the CLI's `models`."""
     import subprocess
     import sys
 
@@ -166,6 +166,13 @@ def test_a_job_driver_reads_its_model_without_torch():
                           timeout=120, cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["[]"]
+    # and a whole command that reads model folders: Python lists every import it made
+    listed = subprocess.run([sys.executable, "-X", "importtime", "-m", "raythyroid.cli",
+                             "models"], capture_output=True, text=True, timeout=120,
+                            cwd=PACKAGE.parent)
+    assert listed.returncode == 0 and listed.stdout.startswith("ddti: "), listed.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in listed.stderr.splitlines()}
+    assert "raythyroid.modelinfo" in imported and not {"torch", "ray"} & imported
 
 
 def test_the_rules_catch_what_they_forbid():
