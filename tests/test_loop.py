@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from raythyroid import imaging, model, phantom, registry, results, shards, storage, train, training
+from raythyroid import imaging, model, phantom, registry, results, shards, storage
 from raythyroid.dicom import read as dicom_read
 
 import pacs as pacs_lib
@@ -31,12 +31,12 @@ def test_corrections_in_the_pacs_teach_the_next_champion(
     name = f"thyroid-nodules-{uuid.uuid4().hex[:8]}"  # a fresh model each session
     client = mlflow.MlflowClient(mlflow_server)
 
-    # the model in use: a one-epoch base-8 run (logged, as every run is while
-    # MLFLOW_TRACKING_URI is set), registered by hand as version 1 and crowned as it is (the
-    # model has no champion yet)
+    # the model in use: a base-8 network that never trained (a model folder made elsewhere:
+    # `register` takes any), registered by hand as version 1 and crowned as it is (the model
+    # has no champion yet)
     weak = str(tmp_path / "weak")
-    train.run(prepared, weak, training.TrainConfig(epochs=1, batch_size=8, base=8), workers=1,
-              log=lambda *_: None)
+    model.save(model.build(model.UNetConfig(base=8)), storage.join(weak, "model"),
+               {"prep": shards.read_manifest(prepared)["prep"]})
     done = run_cli("register", storage.join(weak, "model"), name, env=env)
     assert done.returncode == 0 and f"{name} version 1" in done.stdout, done.stderr
     downloaded = model.resolve(f"models:/{name}/1")  # the folder train wrote, byte for byte
