@@ -225,10 +225,10 @@ def test_cross_validation_never_teaches_a_fold_its_own_frames(phantom_dataset, t
     teacher_run, _ = trained_run
     net, info = model.load(storage.join(teacher_run, "model"))
     ensemble = str(tmp_path / "ensemble")
-    # without TTA: which frames each member labels is the point here, not how well
+    # without TTA (its zoomed view goes with it): which frames each member labels is the point
+    # here, not how well
     model.save_ensemble([net, net], ensemble,
-                        {"prep": info.prep.to_dict(), **info.inference.to_json(), "tta": False,
-                         "tta_zoom": 0.0})
+                        {"prep": info.prep.to_dict(), **info.inference.to_json(), "tta": False})
     run = tmp_path / "cv"
     summary = distill.run(ensemble, prepared, str(run),
                           training.TrainConfig(epochs=1, batch_size=8, base=8),
