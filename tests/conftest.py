@@ -23,6 +23,12 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 # run starts a preemption-watcher process: a second and a process per run, ten runs a session
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Two lanes share two cores, so a torch process of one lane running two threads competes with
+# the other lane. OpenMP's threads spin between parallel regions by default, burning the time
+# slices the other lane needs: side by side, a step costs twice its CPU or more
+# (bench/threads_bench.py). Set before torch loads here and inherited by every process the
+# suite starts (Ray nodes, their workers, CLI commands).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # `make test` runs two lanes side by side (pytest-xdist, -n 2): the tests that use the
