@@ -31,13 +31,19 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-# `make test` runs two lanes side by side (pytest-xdist, -n 2): the tests that use the
-# session's trained phantom model in one, all others in the other. Each lane starts its own
-# session fixtures (Ray, S3, a PACS...), so the model trains once; what one lane waits on (a
-# job's start-up, a time limit, a scrape) the other fills with work. The lanes are dealt by
-# fixture, which only the workers' collection knows: they write each test's lane to a file
-# the controller's scheduler reads (xdist's own loadgroup loses its groups on pytest 9.2).
+# `make test` runs two lanes side by side (pytest-xdist, -n 2). Every test that uses the
+# session's trained phantom model runs in one lane, as one scope, so the model trains once; the
+# other tests go module by module to whichever lane has room, the longest first, so that both
+# lanes end together on a fast machine or a slow one. Each lane starts its own session
+# fixtures (Ray, S3, a PACS...); what one lane waits on (a job's start-up, a time limit, a
+# scrape) the other fills with work. The scopes are dealt by fixture, which only the workers'
+# collection knows: they write each test's scope to a file the controller's scheduler reads
+# (xdist's own loadgroup loses its groups on pytest 9.2).
 LANES_FILE = "RAYTHYROID_TEST_LANES"
+TRAINED_SCOPE = "trained"
+# the modules that take longest (a three-node cluster and five jobs; a time-limited training
+# run under Prometheus): started first, the short ones fill in around them
+LONGEST_MODULES = ("tests/test_cluster.py", "tests/test_monitoring.py")
 
 
 def pytest_configure(config):
@@ -50,16 +56,20 @@ def pytest_configure(config):
         os.environ[LANES_FILE] = os.path.join(folder, "lanes.json")
 
 
+def scope_of(nodeid: str, fixturenames) -> str:
+    """The trained model's tests share one scope; any other test's scope is its module."""
+    return TRAINED_SCOPE if "trained_run" in fixturenames else nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config, items):
     path = os.environ.get(LANES_FILE)
     if path and "PYTEST_XDIST_WORKER" in os.environ:
         import json
 
-        lanes = {item.nodeid: "trained" if "trained_run" in item.fixturenames else "other"
-                 for item in items}
+        scopes = {item.nodeid: scope_of(item.nodeid, item.fixturenames) for item in items}
         partial = f"{path}.{os.environ['PYTEST_XDIST_WORKER']}"
-        Path(partial).write_text(json.dumps(lanes))
-        os.replace(partial, path)  # both workers write the same lanes
+        Path(partial).write_text(json.dumps(scopes))
+        os.replace(partial, path)  # both workers write the same scopes
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -69,13 +79,26 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class Lanes(LoadScopeScheduling):
-        """Each lane is one scope: a worker takes all of it, in collection order."""
-        lanes: dict | None = None
+        """Each scope goes whole to one lane; a lane takes the next scope when it is nearly
+        done with its own: the trained model's first, then the longest modules."""
+        scopes: dict | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.lanes is None:
-                self.lanes = json.loads(Path(os.environ[LANES_FILE]).read_text())
-            return self.lanes.get(nodeid, "other")
+            if self.scopes is None:
+                self.scopes = json.loads(Path(os.environ[LANES_FILE]).read_text())
+            return self.scopes.get(nodeid) or scope_of(nodeid, ())
+
+        def next_scope(self) -> str:
+            def rank(scope: str) -> int:
+                if scope == TRAINED_SCOPE:
+                    return 0
+                return 1 + LONGEST_MODULES.index(scope) if scope in LONGEST_MODULES \
+                    else 1 + len(LONGEST_MODULES)
+            return min(self.workqueue, key=rank)  # the first of equals: collection order
+
+        def _assign_work_unit(self, node) -> None:
+            self.workqueue.move_to_end(self.next_scope(), last=False)
+            super()._assign_work_unit(node)
 
     return Lanes(config, log)
 

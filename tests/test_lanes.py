@@ -1,6 +1,7 @@
-"""`make test`'s two lanes (tests/conftest.py): a worker's collection writes each test's lane
-to a file, and the controller's scheduler takes each lane as one scope. Were the dealing lost,
-both lanes would train the phantom model, or wait on each other for it."""
+"""`make test`'s two lanes (tests/conftest.py): a worker's collection writes each test's scope
+to a file, and the controller's scheduler deals whole scopes, the trained model's tests as one.
+Were the dealing lost, both lanes would train the phantom model, or wait on each other for it;
+were the longest modules dealt last, one lane would run on alone at the end."""
 import os
 import subprocess
 import sys
@@ -34,7 +35,20 @@ def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path,
     assert lane("test_train.py::test_two_cpu_workers_learn_phantoms") == "trained"
     # through a module's fixture (labelled_run uses trained_run) as well as directly
     assert lane("test_report.py::test_infer_report_in_a_browser") == "trained"
+    # the other tests go module by module, wherever there is room
     assert lane("test_train.py::test_sigterm_stops_training_and_the_rerun_continues_its_clock") \
-        == "other"
-    # a test the file does not name (added since the collection) goes to the other lane
-    assert lane("test_new.py::test_x") == "other"
+        == "tests/test_train.py"
+    # a test the file does not name (added since the collection) goes with its module
+    assert lane("test_new.py::test_x") == "tests/test_new.py"
+
+    # the order scopes are handed out in: the trained model's, then the longest modules, then
+    # the rest as collected
+    queued = ["tests/test_cli.py", "tests/test_train.py", *reversed(conftest.LONGEST_MODULES),
+              conftest.TRAINED_SCOPE]
+    scheduler.workqueue.update((scope, {}) for scope in queued)
+    dealt = []
+    while scheduler.workqueue:
+        dealt.append(scheduler.next_scope())
+        del scheduler.workqueue[dealt[-1]]
+    assert dealt == [conftest.TRAINED_SCOPE, *conftest.LONGEST_MODULES, "tests/test_cli.py",
+                     "tests/test_train.py"]
