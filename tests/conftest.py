@@ -41,9 +41,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # (xdist's own loadgroup loses its groups on pytest 9.2).
 LANES_FILE = "RAYTHYROID_TEST_LANES"
 TRAINED_SCOPE = "trained"
-# the modules that take longest (a three-node cluster and five jobs; a time-limited training
-# run under Prometheus): started first, the short ones fill in around them
-LONGEST_MODULES = ("tests/test_cluster.py", "tests/test_monitoring.py")
+# the other modules that take longest, longest first (pytest --durations; a three-node
+# cluster and five jobs, a time-limited training run under Prometheus, ...): dealt first, so
+# the short ones fill in around them at the end. An order gone stale costs balance only.
+LONGEST_MODULES = ("tests/test_cluster.py", "tests/test_monitoring.py", "tests/test_cv.py",
+                   "tests/test_demo.py", "tests/test_faults.py", "tests/test_train.py",
+                   "tests/test_preprocess.py", "tests/test_bundled_model.py")
 
 
 def pytest_configure(config):

@@ -41,9 +41,11 @@ def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path,
     # a test the file does not name (added since the collection) goes with its module
     assert lane("test_new.py::test_x") == "tests/test_new.py"
 
+    # the longest modules named exist (a renamed one would be dealt last)
+    assert all((TESTS.parent / module).is_file() for module in conftest.LONGEST_MODULES)
     # the order scopes are handed out in: the trained model's, then the longest modules, then
     # the rest as collected
-    queued = ["tests/test_cli.py", "tests/test_train.py", *reversed(conftest.LONGEST_MODULES),
+    queued = ["tests/test_cli.py", "tests/test_storage.py", *reversed(conftest.LONGEST_MODULES),
               conftest.TRAINED_SCOPE]
     scheduler.workqueue.update((scope, {}) for scope in queued)
     dealt = []
@@ -51,4 +53,4 @@ def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path,
         dealt.append(scheduler.next_scope())
         del scheduler.workqueue[dealt[-1]]
     assert dealt == [conftest.TRAINED_SCOPE, *conftest.LONGEST_MODULES, "tests/test_cli.py",
-                     "tests/test_train.py"]
+                     "tests/test_storage.py"]
