@@ -25,9 +25,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Two lanes share two cores, so a torch process of one lane running two threads competes with
 # the other lane. OpenMP's threads spin between parallel regions by default, burning the time
-# slices the other lane needs: side by side, a step costs twice its CPU or more
-# (bench/threads_bench.py). Set before torch loads here and inherited by every process the
-# suite starts (Ray nodes, their workers, CLI commands).
+# slices the other lane needs: two such processes side by side ran the U-Net's training steps
+# at half the rate and its forward passes at a quarter (bench/threads_bench.py). Set before
+# torch loads here and inherited by every process the suite starts (Ray nodes, their workers,
+# CLI commands). Users' jobs keep OpenMP's default: one job on a node is not slowed by it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
