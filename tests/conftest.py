@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # slices the other lane needs: two such processes side by side ran the U-Net's training steps
 # at half the rate and its forward passes at a quarter (bench/threads_bench.py). Set before
 # torch loads here and inherited by every process the suite starts (Ray nodes, their workers,
-# CLI commands). Users' jobs keep OpenMP's default: one job on a node is not slowed by it.
+# CLI commands). Users' jobs keep OpenMP's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
