@@ -67,3 +67,14 @@ def register() -> None:
         _register_plugins()
     except Exception:  # pragma: no cover - an older pydicom: the syntax check reports it per file
         pass
+
+
+def decoder(syntax):
+    """pydicom's decoder for a transfer syntax, with the plugin added. Registered here, on the
+    way to every decode, rather than on import: importing pydicom's decoders costs a quarter of
+    a CPU second, and most processes that import the readers (every Ray worker that prepares an
+    image, every CLI command) never decode a DICOM frame."""
+    from pydicom.pixels import get_decoder
+
+    register()
+    return get_decoder(syntax)

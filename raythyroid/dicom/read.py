@@ -16,11 +16,9 @@ import numpy as np
 
 from ..pixels import DecodeError, SkipInput, check_size, normalize_pixels
 from ..split import PATIENT_CASE_PREFIX
+# every decode asks codecs.decoder: without its plugin pydicom has no permissive decoder for
+# JPEG lossless and 12-bit JPEG
 from . import codecs
-
-# before any frame is decoded: without the plugin pydicom has no permissive decoder for JPEG
-# lossless and 12-bit JPEG
-codecs.register()
 
 # SOP classes that hold no image to segment: a UID itself or the root of a family of UIDs (the
 # first entry that matches wins, so KO comes before the SR family, and RT Image, a radiograph
@@ -245,12 +243,10 @@ def open_frames(data: bytes, max_pixels: int) -> DicomFrames:
 
 
 def _check_syntax(syntax) -> None:
-    from pydicom.pixels import get_decoder
-
     if not syntax:
         raise DecodeError("DICOM without a transfer syntax")
     try:
-        decoder = get_decoder(syntax)
+        decoder = codecs.decoder(syntax)
     except NotImplementedError:
         raise DecodeError(f"unsupported transfer syntax {syntax}") from None
     if not decoder.is_available:
@@ -318,7 +314,7 @@ def _native_frame(ds, index: int, rows: int, cols: int):
 
 
 def _decode_frame(ds, index: int, count: int) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut, get_decoder
+    from pydicom.pixels import apply_color_lut
 
     syntax = ds.file_meta.TransferSyntaxUID
     try:
@@ -326,8 +322,8 @@ def _decode_frame(ds, index: int, count: int) -> np.ndarray:
             warnings.simplefilter("ignore")
             # as_rgb: the decoder reports the colour space it produced, and pydicom converts
             # YBR to RGB only if the codec did not already: the conversion happens once
-            arr, meta = get_decoder(syntax).as_array(ds, index=index if count > 1 else None,
-                                                     as_rgb=True)
+            arr, meta = codecs.decoder(syntax).as_array(
+                ds, index=index if count > 1 else None, as_rgb=True)
     except Exception as exc:
         raise DecodeError(_frame_error(exc, index, count)) from None
     photometric = str(meta.get("photometric_interpretation")

@@ -12,9 +12,6 @@ import numpy as np
 from ..pixels import DecodeError
 from . import codecs
 
-# seg_mask decodes: the plugin is registered even where no read has happened yet
-codecs.register()
-
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NODULE_CODE = "27925004"  # SNOMED CT "Nodule", the segmented property type our SEGs carry
 # what raythyroid's own SEGs carry (seg_write), and a person's edit of one does not: a viewer
@@ -105,15 +102,13 @@ def _is_nodule(segment) -> bool:
 def seg_mask(ds, seg_frame: int) -> np.ndarray:
     """One frame of a DICOM SEG (a dataset from read_dataset, parsed once for all its frames)
     as a bool mask; fractional SEGs: at least half the maximum."""
-    from pydicom.pixels import get_decoder
-
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= seg_frame <= count:
         raise DecodeError(f"DICOM SEG has no frame {seg_frame}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(
+            arr, _ = codecs.decoder(ds.file_meta.TransferSyntaxUID).as_array(
                 ds, index=seg_frame - 1 if count > 1 else None)
     except Exception as exc:
         raise DecodeError(f"corrupt DICOM SEG frame {seg_frame} ({type(exc).__name__})") from None
