@@ -63,12 +63,9 @@ test-setup:
 	@$(MAKE) --no-print-directory -j3 $(STAMP) system-tools
 
 # two lanes side by side (tests/conftest.py says which test runs in which); LANES=0 runs the
-# suite in this one process, as a plain `pytest` does. The package's bytecode is written first:
-# where Python runs with PYTHONDONTWRITEBYTECODE (as CI images often do), each of the suite's
-# few hundred processes (Ray workers, CLI commands) would otherwise compile its sources again
+# suite in this one process, as a plain `pytest` does
 LANES ?= 2
 test: test-setup
-	$(BIN)/python -m compileall -q raythyroid
 	PROMETHEUS_DIR=$(PROMETHEUS_DIR) $(BIN)/python -m pytest -q --durations=30 \
 		$(if $(filter-out 0,$(LANES)),-n $(LANES)) $(PYTEST_ARGS)
 

@@ -4,8 +4,8 @@ with 1 or all cores' threads, under OpenMP's default wait policy (threads spin b
 regions) and under OMP_WAIT_POLICY=PASSIVE (they sleep).
 
 Each cell runs its processes for --seconds and counts the steps all of them finished; the
-ratio column is against the default policy with one process's threads. Appends to
-BENCHMARKS.md.
+ratio column is against the default policy with all cores' threads, at the same number of
+processes. Appends to BENCHMARKS.md.
 
     python bench/threads_bench.py [--seconds 15] [--size 64] [--batch 8]
 """

@@ -26,9 +26,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Two lanes share two cores, so a torch process of one lane running two threads competes with
 # the other lane. OpenMP's threads spin between parallel regions by default, burning the time
 # slices the other lane needs: two such processes side by side ran the U-Net's training steps
-# at half the rate and its forward passes at a quarter (bench/threads_bench.py). Set before
-# torch loads here and inherited by every process the suite starts (Ray nodes, their workers,
-# CLI commands). Users' jobs keep OpenMP's default.
+# at half the rate they reach with PASSIVE, its forward passes at a quarter
+# (bench/threads_bench.py; a process alone is faster spinning, but the lanes seldom leave a
+# core idle: bench/suite_bench.py). Set before torch loads here and inherited by every
+# process the suite starts (Ray nodes, their workers, CLI commands). Users' jobs keep
+# OpenMP's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -51,6 +53,14 @@ LONGEST_MODULES = ("tests/test_cluster.py", "tests/test_monitoring.py", "tests/t
 
 
 def pytest_configure(config):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        # The package's bytecode, written once: where Python runs with PYTHONDONTWRITEBYTECODE
+        # (as CI images often do), each of the suite's few hundred processes (Ray workers, CLI
+        # commands) would otherwise compile the package's sources again.
+        import compileall
+
+        compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "raythyroid"),
+                               quiet=1)
     if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         import shutil
         import tempfile
@@ -98,7 +108,8 @@ def pytest_xdist_make_scheduler(config, log):
                     return 0
                 return 1 + LONGEST_MODULES.index(scope) if scope in LONGEST_MODULES \
                     else 1 + len(LONGEST_MODULES)
-            return min(self.workqueue, key=rank)  # the first of equals: collection order
+            # the first of equals in the queue's order: xdist's (most tests first, by default)
+            return min(self.workqueue, key=rank)
 
         def _assign_work_unit(self, node) -> None:
             self.workqueue.move_to_end(self.next_scope(), last=False)

@@ -44,7 +44,7 @@ def test_every_test_of_the_trained_model_shares_one_lane(pytestconfig, tmp_path,
     # the longest modules named exist (a renamed one would be dealt last)
     assert all((TESTS.parent / module).is_file() for module in conftest.LONGEST_MODULES)
     # the order scopes are handed out in: the trained model's, then the longest modules, then
-    # the rest as collected
+    # the rest in the order xdist queued them
     queued = ["tests/test_cli.py", "tests/test_storage.py", *reversed(conftest.LONGEST_MODULES),
               conftest.TRAINED_SCOPE]
     scheduler.workqueue.update((scope, {}) for scope in queued)

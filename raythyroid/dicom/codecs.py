@@ -61,19 +61,26 @@ def _register_plugins() -> None:
             decoder.add_plugin("imagecodecs", (__name__, "decode_jpeg_frame"))
 
 
+_registered = False
+
+
 def register() -> None:
-    """Add the plugin to pydicom's decoders; again is a no-op."""
+    """Add the plugin to pydicom's decoders, once per process."""
+    global _registered
+    if _registered:
+        return
     try:
         _register_plugins()
     except Exception:  # pragma: no cover - an older pydicom: the syntax check reports it per file
         pass
+    _registered = True
 
 
 def decoder(syntax):
     """pydicom's decoder for a transfer syntax, with the plugin added. Registered here, on the
-    way to every decode, rather than on import: importing pydicom's decoders costs a quarter of
-    a CPU second, and most processes that import the readers (every Ray worker that prepares an
-    image, every CLI command) never decode a DICOM frame."""
+    way to every decode, rather than on import: importing pydicom costs a quarter of a CPU
+    second, and most processes that import the readers (every Ray worker that prepares an
+    image, every CLI command) never open a DICOM file."""
     from pydicom.pixels import get_decoder
 
     register()
