@@ -39,7 +39,7 @@ def test_corrections_in_the_pacs_teach_the_next_champion(
                {"prep": shards.read_manifest(prepared)["prep"]})
     done = run_cli("register", storage.join(weak, "model"), name, env=env)
     assert done.returncode == 0 and f"{name} version 1" in done.stdout, done.stderr
-    downloaded = model.resolve(f"models:/{name}/1")  # the folder train wrote, byte for byte
+    downloaded = model.resolve(f"models:/{name}/1")  # the folder registered, byte for byte
     assert model.read_info(downloaded).weights_sha256 == \
         model.read_info(storage.join(weak, "model")).weights_sha256
     assert promote(name, "1", prepared, env).returncode == 0

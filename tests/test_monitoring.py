@@ -115,7 +115,7 @@ def panel_needs(panel) -> tuple[set, set]:
     return jobs, needs
 
 
-# long enough for several epochs after the workers start (about 30 s here, 50 s while the
+# long enough for several epochs after the workers start (a good part of a minute while the
 # other lane of `make test` keeps both cores busy), so scrapes see training midway and the
 # workers' gauges while they live
 TIME_LIMIT_MIN = 1.5
