@@ -19,7 +19,12 @@ each the queue holds.
 FOLDS is a `raythyroid cv` RUN, or a model cv built (the bundled `ddti`): its members are the
 fold models in fold order, so the out-of-fold frames need no cv run kept on disk.
 
-    python bench/confidence_bench.py FOLDS PREPARED [--model MODEL] [--record]
+With `--teacher` (a student's: FOLDS a `raythyroid distill --folds` RUN, MODEL its student),
+one more candidate: how far the student's mask agrees with its teacher's. Out of fold, fold k's
+teacher is the teacher's fold-k model (which never saw fold k, as in distill's CV); on the test
+split, the whole teacher with its own inference. A second network pass a frame, not twenty.
+
+    python bench/confidence_bench.py FOLDS PREPARED [--model MODEL] [--teacher TEACHER] [--record]
 """
 from __future__ import annotations
 
@@ -115,11 +120,13 @@ def perturbed_views(net, images: np.ndarray, tta: bool, zoom: float) -> np.ndarr
 
 def frame_record(pair: np.ndarray, row: dict, image: np.ndarray, post: postprocess.PostConfig,
                  tta: bool, perturbed: np.ndarray | None,
-                 member_pairs: np.ndarray | None = None) -> dict:
+                 member_pairs: np.ndarray | None = None,
+                 teacher_mask: np.ndarray | None = None) -> dict:
     """One frame's IoU and every candidate score, in original geometry as infer has them,
     from its views' probabilities (2 or 3, H, W: see `views`), its prepared image (the model's
     input) and its perturbed copies' probabilities (P, H, W); with an ensemble's per-member
-    views also how far its members' masks agree. Where TTA has a zoomed-out view, also the
+    views also how far its members' masks agree; with a teacher's mask (original geometry),
+    how far the mask agrees with it. Where TTA has a zoomed-out view, also the
     counts without it ("flip_counts"): what that view adds. Without perturbed copies (None),
     no score from them."""
     geometry = Geometry.from_dict(row["geometry"])
@@ -147,6 +154,9 @@ def frame_record(pair: np.ndarray, row: dict, image: np.ndarray, post: postproce
         members = [postprocess.clean_mask(restored(p), post) for p in member_pairs]
         scores[MEMBER_AGREEMENT] = float(np.mean([
             _mask_iou(a, b) for i, a in enumerate(members) for b in members[i + 1:]]))
+    if teacher_mask is not None:
+        scores[TEACHER_AGREEMENT] = (_mask_iou(mask, teacher_mask)
+                                     if mask.any() or teacher_mask.any() else 1.0)
     return {"key": row["key"], "counts": counts, "flip_counts": flip_counts,
             "iou": metrics.image_iou(counts["tp"], counts["fp"], counts["fn"]),
             "scores": scores, "shape": _shape(mask, prob, post.threshold)}
@@ -240,6 +250,8 @@ PERTURBED_AGREEMENT = ("mean IoU between the frame's mask and the masks of its b
                        "darker and smaller copies")
 # only where an ensemble's members segment frames none of them trained on: the test split
 MEMBER_AGREEMENT = "mean IoU between the members' masks"
+# a distilled student against the teacher it learned from (out of fold: the fold's teacher)
+TEACHER_AGREEMENT = "IoU between the student's mask and its teacher's"
 
 
 LEARNED = "logistic regression on the scores above and the mask's shape, fit on other frames"
@@ -371,12 +383,32 @@ def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
     return (info.cv_seed or 0, [(m, info) for m in net.members], held or [None] * count)
 
 
-def out_of_fold(source: str, prepared: str, limit: int | None
+def teacher_masks(net, info, images: np.ndarray, rows: list[dict]) -> list[np.ndarray]:
+    """The teacher's masks of the frames in original geometry, with its own inference (an
+    ensemble member by member: their mean is what the ensemble computes)."""
+    inference = info.inference
+    nets = net.members if isinstance(net, model.Ensemble) else [net]
+    probs = np.mean([as_infer(views(m, images, inference.tta_zoom), inference.tta)
+                     for m in nets], axis=0)
+    return [postprocess.clean_mask(
+        Geometry.from_dict(r["geometry"]).restore(p.astype(np.float16)), inference.post)
+        for p, r in zip(probs, rows)]
+
+
+def out_of_fold(source: str, prepared: str, limit: int | None, teacher: str | None = None
                 ) -> tuple[list[dict], list[int]]:
-    """Every held-out frame's record, and the fold that held it out."""
+    """Every held-out frame's record, and the fold that held it out; with a teacher, each
+    fold's frames also against the teacher's model of the same fold."""
     manifest = shards.read_manifest(prepared)
     rows = shards.read_rows(prepared, manifest, ["train", "val"])
     seed, fold_nets, held_counts = every_fold(source)
+    teacher_folds = None
+    if teacher:
+        teacher_seed, teacher_folds, _ = every_fold(teacher)
+        if (teacher_seed, len(teacher_folds)) != (seed, len(fold_nets)):
+            raise SystemExit(f"confidence_bench: {teacher} dealt {len(teacher_folds)} folds "
+                             f"with seed {teacher_seed}, {source} {len(fold_nets)} with seed "
+                             f"{seed}: a fold's teacher would have seen its frames")
     case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     records, record_folds = [], []
     for fold, (net, info) in enumerate(fold_nets):
@@ -390,14 +422,16 @@ def out_of_fold(source: str, prepared: str, limit: int | None
         tta, zoom = info.inference.tta, info.inference.tta_zoom
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
         pairs, perturbed = views(net, images, zoom), perturbed_views(net, images, tta, zoom)
-        records += [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
-                    for i, r in enumerate(held)]
+        taught = (teacher_masks(*teacher_folds[fold], images, held) if teacher_folds
+                  else [None] * len(held))
+        records += [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i],
+                                 teacher_mask=taught[i]) for i, r in enumerate(held)]
         record_folds += [fold] * len(held)
         print(f"fold {fold}: {len(held)} held-out frames", file=sys.stderr)
     return records, record_folds
 
 
-def test_split(model_uri: str, prepared: str) -> list[dict]:
+def test_split(model_uri: str, prepared: str, teacher: str | None = None) -> list[dict]:
     manifest = shards.read_manifest(prepared)
     rows = shards.read_rows(prepared, manifest, "test")
     net, info = model.load(model.resolve(model_uri))
@@ -407,8 +441,13 @@ def test_split(model_uri: str, prepared: str) -> list[dict]:
     perturbed = perturbed_views(net, images, tta, zoom)
     if not isinstance(net, model.Ensemble):
         pairs = views(net, images, zoom)
-        return [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i])
-                for i, r in enumerate(rows)]
+        taught = (teacher_masks(*model.load(model.resolve(teacher)), images, rows) if teacher
+                  else [None] * len(rows))
+        return [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i],
+                             teacher_mask=taught[i]) for i, r in enumerate(rows)]
+    if teacher:
+        raise SystemExit("confidence_bench: --teacher scores a one-network student (--model), "
+                         f"and {model_uri} is an ensemble")
     # the members one by one: their mean is exactly what the ensemble computes
     members = np.stack([views(m, images, zoom) for m in net.members])  # (M, V, N, H, W)
     return [frame_record(members[:, :, i].mean(0), r, images[i], post, tta, perturbed[:, i],
@@ -419,15 +458,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folds", help="a raythyroid cv RUN, or a model cv built (ddti)")
     parser.add_argument("prepared")
-    parser.add_argument("--model", default="ddti", help="the ensemble scored on the test split")
+    parser.add_argument("--model", default="ddti", help="the model scored on the test split")
+    parser.add_argument("--teacher", help="the model FOLDS and MODEL were distilled from: "
+                        "their agreement with it is one more candidate")
     parser.add_argument("--limit", type=int, help="held-out frames per fold (a quick look)")
     parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
 
-    held_out, folds = out_of_fold(args.folds, args.prepared, args.limit)
-    test = test_split(args.model, args.prepared)
+    held_out, folds = out_of_fold(args.folds, args.prepared, args.limit, args.teacher)
+    test = test_split(args.model, args.prepared, args.teacher)
     add_learned(held_out, folds, test)
-    found = {"cross-validation, out of fold": held_out, "test split, the ensemble": test}
+    tested = "the student" if args.teacher else "the ensemble"
+    found = {"cross-validation, out of fold": held_out, f"test split, {tested}": test}
     lines = ["| frames | score | Spearman with IoU | failures in the least confident quarter "
              "| the most it could hold |", "|---|---|---|---|---|"]
     for where, records in found.items():
@@ -460,7 +502,8 @@ def main() -> int:
     if args.record:
         from common import record
 
-        record("Review-queue confidence on DDTI", lines,
+        record("Review-queue confidence on DDTI" + (": a distilled student and its teacher"
+                                                     if args.teacher else ""), lines,
                [f"a failure is a frame with IoU < {FAILURE_IOU}; the least confident quarter is "
                 "the first quarter of the review queue; it cannot hold more failures than it "
                 "has frames, hence the last column"])
