@@ -1,6 +1,7 @@
 """Images/s of a fold ensemble (every member, TTA as chosen) against `--fast` (its first member,
-no TTA) and, with --student, a distilled student (its own inference), side by side in one Ray
-session over the same frames, through the real infer job.
+no TTA) and, with --student, a distilled student (its own inference; also with its int8 weights
+where `raythyroid quantize` wrote them), side by side in one Ray session over the same frames,
+through the real infer job.
 
     python bench/ensemble_bench.py [--model ddti] [--student MODEL] [--frames FILE_LIST]
                                    [--repeats 2] [--json F]
@@ -46,15 +47,22 @@ def main() -> None:
     _, info = model.load(folder)
     members = info.members
     rates: dict[str, list[float]] = {"ensemble": [], "fast": []}
+    student_int8 = False
     if args.student:
         rates["student"] = []
+        student_int8 = bool(model.read_info(args.student).int8)
+        if student_int8:
+            rates["student int8"] = []
     with runtime.session():
         for repeat in range(args.repeats):
             for name in rates:
                 out = os.path.join(workdir, f"{name}-{repeat}")
                 started = time.time()
-                infer.run(args.student if name == "student" else folder, listing, out,
-                          options=infer.InferOptions(fast=name == "fast"), log=lambda *_: None)
+                options = infer.InferOptions(fast=name == "fast",
+                                             precision="int8" if name == "student int8"
+                                             else "auto")
+                infer.run(args.student if name.startswith("student") else folder, listing, out,
+                          options=options, log=lambda *_: None)
                 rates[name].append(count / (time.time() - started))
                 shutil.rmtree(out)
     ensemble, fast = median(rates["ensemble"]), median(rates["fast"])
@@ -64,6 +72,8 @@ def main() -> None:
     student = median(rates.get("student", []))
     if args.student:
         figures["student_images_per_s"] = student
+    if student_int8:
+        figures["student_int8_images_per_s"] = median(rates["student int8"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
@@ -74,7 +84,10 @@ def main() -> None:
         f"| 1.00x |",
         f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"]
         + ([f"| student `{portable(args.student)}`, its own inference | {student:.2f} "
-            f"| {student / ensemble:.2f}x |"] if args.student else []),
+            f"| {student / ensemble:.2f}x |"] if args.student else [])
+        + ([f"| the same student, `--precision int8` | "
+            f"{figures['student_int8_images_per_s']:.2f} | "
+            f"{figures['student_int8_images_per_s'] / ensemble:.2f}x |"] if student_int8 else []),
         [f"each figure: frames / wall seconds of one `infer.run` on a local Ray (listing, "
          f"decoding, model, post-processing, writing), {args.repeats} runs each, alternating"])
     shutil.rmtree(workdir, ignore_errors=True)

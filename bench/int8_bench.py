@@ -8,12 +8,12 @@ model's own post-processing).
 DATA: a preprocess OUTPUT prepared as the model's model.json prepares (its train split
 calibrates, its test split scores). An ensemble gives its first member (what a one-pass
 student costs). int8 is adopted only where it is at least 1.5x faster end to end and costs at
-most 0.005 n_IoU: model-only speed bounds the end-to-end gain from above.
+most 0.005 n_IoU: model-only speed bounds the end-to-end gain from above, and
+`bench/ensemble_bench.py --student` times a student's int8 weights end to end.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -24,24 +24,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import median, record  # noqa: E402
-
-
-def quantized(net, calibration: np.ndarray):
-    import torch
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"
-    example = torch.from_numpy(calibration[:1]).unsqueeze(1).float()
-    # the up-convolutions stay fp32: quantized with the default mapping they gave masks that
-    # shared 0.1% of their pixels with fp32's (n_IoU 0 on DDTI's test split); without them 98.6%
-    mapping = get_default_qconfig_mapping("x86").set_object_type(torch.nn.ConvTranspose2d, None)
-    prepared = prepare_fx(copy.deepcopy(net).eval().to(memory_format=torch.contiguous_format),
-                          mapping, (example,))
-    with torch.inference_mode():
-        for start in range(0, len(calibration), 16):
-            prepared(torch.from_numpy(calibration[start:start + 16]).unsqueeze(1).float())
-    return convert_fx(prepared)
 
 
 def probability(net, images: np.ndarray, bf16: bool, channels_last: bool) -> np.ndarray:
@@ -79,7 +61,7 @@ def main() -> None:
 
     import torch
 
-    from raythyroid import imaging, model, shards
+    from raythyroid import imaging, int8, model, shards
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="torch.ao")  # its deprecation notices, per call
@@ -89,10 +71,11 @@ def main() -> None:
         args.data, manifest, "train", ["image"])[:64]])
     test_rows = shards.read_rows(args.data, manifest, "test",
                                  ["image", "full_mask", "geometry"])
-    int8 = quantized(net, calibration)
+    quantized = int8.quantize(net, calibration)  # what `raythyroid quantize` stores
     variants = {"fp32 channels_last": lambda x: probability(net, x, False, True),
                 "bf16 autocast channels_last": lambda x: probability(net, x, True, True),
-                "int8 (FX, x86; up-convolutions fp32)": lambda x: probability(int8, x, False, False)}
+                "int8 (FX, x86; up-convolutions fp32) channels_last":
+                    lambda x: probability(quantized, x, False, True)}
     batch = np.resize(calibration, (args.batch,) + calibration.shape[1:])
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for name, predict in variants.items():

@@ -127,7 +127,8 @@ def _compare(output: str, held: dict, job: dict, new_label: bool, taken: bool) -
     name = (fixed or changed)[0]
     if fixed or not taken:
         why = ("the model has changed since this OUTPUT began" if name in JOB_KEYS_OF_THE_MODEL
-               else "to resume, give the same INPUT, MODEL, --labels, --fast and TTA flag")
+               else "to resume, give the same INPUT, MODEL, --labels, --fast, TTA flag and "
+                    "int8 or not")
         if another_model and new_label and not fixed:
             why += ("; if MODEL is a new version of the model there, --new-version goes on "
                     "with it (each row names its version)")

@@ -269,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "model pass per frame (images/s in bench/BENCHMARKS.md)")
     inf.add_argument("--compile", action="store_true",
                      help="torch.compile the model in each Predictor (pays off on GPUs)")
-    inf.add_argument("--precision", choices=training.PRECISIONS, default=InferOptions.precision)
+    inf.add_argument("--precision", choices=training.PRECISIONS + ("int8",),
+                     default=InferOptions.precision,
+                     help="int8: a one-network model's int8 weights (`raythyroid quantize`), "
+                          "on CPUs")
     inf.add_argument("--dicom-seg", action="store_true",
                      help="also write a DICOM SEG per DICOM input under OUTPUT/dicom-seg/")
     inf.add_argument("--stow", nargs="?", const="", default=None, metavar="URL",
@@ -330,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", default=None, metavar="FILE", help="write the comparison here")
     _add_cluster_flag(cmp, metrics=False)
     cmp.set_defaults(handler=_compare)
+
+    qu = commands.add_parser("quantize", help="int8 weights for a one-network model, "
+                             "calibrated on a prepared set's training frames (infer "
+                             "--precision int8)")
+    qu.add_argument("model", help="a model folder or bundled name (one network)")
+    qu.add_argument("data", help="a preprocess OUTPUT prepared as the model prepares")
+    qu.add_argument("output", help="the new model folder (the model's files and its int8 "
+                    "weights)")
+    qu.add_argument("--frames", type=_positive_int, default=None,
+                    help="training frames that calibrate the activations' ranges (default 64)")
+    qu.set_defaults(handler=_quantize)
 
     ev = commands.add_parser("evaluate", help="metrics of a mask folder against labels")
     ev.add_argument("pred", help="predicted masks (e.g. an infer OUTPUT/masks)")
@@ -476,8 +490,8 @@ def _infer(args: argparse.Namespace) -> int:
     storage.check_writable_root(args.output)
     if args.fast and args.tta:
         raise UserError("--fast runs one model without TTA: give one of --fast and --tta")
-    # a wrong MODEL is reported before Ray starts
-    modelinfo.read_info(modelinfo.resolve(args.model))
+    # a wrong MODEL, or one without what the flags ask of it, is reported before Ray starts
+    info = modelinfo.read_info(modelinfo.resolve(args.model))
     options = infer.InferOptions(
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu,
         tta=False if args.fast else args.tta, fast=args.fast,
@@ -486,6 +500,7 @@ def _infer(args: argparse.Namespace) -> int:
         block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
         stow=stow, review=args.review, new_version=args.new_version,
         redo_older=args.redo_older)
+    infer.check_precision(info, options, args.model)
     with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)
@@ -593,6 +608,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(metrics.table(result, f"{args.pred} against {args.labels}"))
     if args.out:
         storage.write_text(args.out, json.dumps(result, indent=2))
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from . import int8, storage
+
+    storage.check_readable_root(args.data)
+    storage.check_writable_root(args.output)
+    int8.write(args.model, args.data, args.output, args.frames or int8.CALIBRATION_FRAMES)
     return 0
 
 

@@ -65,11 +65,16 @@ class Predictor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.net, info = model_lib.load(model_lib.resolve(model_uri), self.device,
-                                        first_member_only=fast)
+        if precision == "int8":  # the driver checked: a CPU, a model with int8 weights
+            from . import int8
+
+            self.net, info = int8.load(model_lib.resolve(model_uri))
+        else:
+            self.net, info = model_lib.load(model_lib.resolve(model_uri), self.device,
+                                            first_member_only=fast)
         if compile_model:  # one fixed batch shape (see __call__), so one compilation
             self.net = torch.compile(self.net)
-        self.bf16 = model_lib.resolve_bf16(precision, self.device)
+        self.bf16 = precision != "int8" and model_lib.resolve_bf16(precision, self.device)
         self.tta = tta
         self.zoom = info.inference.tta_zoom if tta else 0.0  # TTA as the model chose it
         self.batch_size = batch_size
@@ -168,6 +173,17 @@ def _attach_labels(table: pa.Table, by_base: dict | None) -> pa.Table:
     return table.append_column("labels", pa.array(labels, LABELS_TYPE))
 
 
+def check_precision(info: modelinfo.ModelInfo, options: InferOptions, model_uri: str) -> None:
+    """int8 needs the model's int8 weights (`raythyroid quantize`) and a CPU."""
+    if options.precision != "int8":
+        return
+    if not info.int8 or options.fast:
+        raise UserError(f"--precision int8: {model_uri} has no int8 weights (`raythyroid "
+                        f"quantize` writes them for a one-network model)")
+    if options.gpu:
+        raise UserError("--precision int8 runs on CPUs: drop --gpu (bf16 is the GPU's)")
+
+
 def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         options: InferOptions = InferOptions(), log=print) -> claim.InferSummary:
     """Segment INPUT into OUTPUT; returns its summary (with metrics, given labels)."""
@@ -187,6 +203,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
         input_uri = identity = storage.normalize(input_uri)
     # fail fast, before listing millions of files
     info = modelinfo.read_info(model_uri, first_member_only=options.fast)
+    check_precision(info, options, model_uri)
     prep, post = info.prep, info.inference.post
     if options.fast:
         options = dataclasses.replace(options, tta=False)
@@ -206,7 +223,11 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
            "weights": info.weights_sha256[:16], "tta": options.tta,
            "tta_zoom": info.inference.tta_zoom if options.tta else 0.0,
            "postprocess": post.to_dict()}
-    versions = claim.claim_output(output, dict(job, fast=True) if options.fast else job,
+    if options.fast:
+        job["fast"] = True
+    if options.precision == "int8":  # other weights than the fp32 ones: other masks
+        job["int8"] = info.int8["sha256"][:16]
+    versions = claim.claim_output(output, job,
                                   new_version=options.new_version)
     storage.delete(storage.join(output, results.SUCCESS))
     run_id = claim.take_lease(output)

@@ -115,6 +115,7 @@ class ModelInfo:
     data: dict = field(default_factory=dict)
     created: str | None = None
     distillation: dict | None = None
+    int8: dict | None = None  # int8 weights beside the fp32 ones (the `int8` module wrote them)
 
     @classmethod
     def from_json(cls, meta: dict, weights_sha256: str = "") -> "ModelInfo":
@@ -125,7 +126,8 @@ class ModelInfo:
                    members=len(members) if members else 1, ensemble=bool(members),
                    weights_sha256=weights_sha256, card=meta.get("card") or {},
                    training=meta.get("training") or {}, data=meta.get("data") or {},
-                   created=meta.get("created"), distillation=meta.get("distillation"))
+                   created=meta.get("created"), distillation=meta.get("distillation"),
+                   int8=meta.get("int8"))
 
     @property
     def headline(self) -> str:

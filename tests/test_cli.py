@@ -28,6 +28,8 @@ def assert_one_line_error(result, words):
      "--layout dicom (or auto), not folders"),
     (["frobnicate"], "invalid choice"),
     (["infer", "ddti", ".", "out", "--fast", "--tta"], "one of --fast and --tta"),
+    (["infer", "ddti", ".", "out", "--precision", "int8"], "ddti has no int8 weights"),
+    (["quantize", "ddti", ".", "out"], "int8 is for one network"),
     (["infer", "no-such-model", ".", "out"], "nor the name of a bundled model"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, words):

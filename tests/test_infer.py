@@ -1,4 +1,6 @@
 """The infer job: real S3, DICOM, broken files, labels, resume, a killed Predictor, evaluate."""
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -10,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raythyroid import claim, imaging, infer, phantom, results, storage
+from raythyroid import claim, evaluate, imaging, infer, phantom, results, storage
+from raythyroid.errors import UserError
 
 from helpers import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
                       make_dicom, ray_processes, run_cli, start_cli)
@@ -193,6 +196,39 @@ def test_ctrl_c_stops_and_the_rerun_resumes_exactly_once_with_identical_metrics(
                            'id="worst-iou"')[0])
     assert queue == [r["key"] for r in sorted(rows, key=lambda r: (r["confidence"], r["key"]))
                      ][:24]
+
+
+@pytest.mark.timeout(600)
+def test_int8_weights_segment_as_fp32_does_in_an_output_of_their_own(
+        phantom_dataset, trained_run, phantom_inference, tmp_path):
+    """`raythyroid quantize` stores int8 weights calibrated on training frames; infer
+    --precision int8 runs them: other probabilities than fp32's, nearly its masks, and an
+    OUTPUT begun with int8 weights is not resumed with the fp32 ones."""
+    raw, prepared = phantom_dataset
+    run_uri, _ = trained_run
+    quantized = str(tmp_path / "int8-model")
+    made = run_cli("quantize", storage.join(run_uri, "model"), prepared, quantized,
+                   "--frames", "32")
+    assert made.returncode == 0, made.stderr
+    entry = json.loads(storage.read_text(f"{quantized}/model.json"))["int8"]
+    assert entry["calibration"]["frames"] == 32
+    assert entry["sha256"] == hashlib.sha256(
+        storage.read_bytes(f"{quantized}/{entry['weights']}")).hexdigest()
+
+    output = str(tmp_path / "out")
+    options = infer.InferOptions(batch_size=8, block_size=8, precision="int8")
+    infer.run(quantized, f"{raw}/images", output, labels=f"{raw}/masks", options=options,
+              log=lambda *_: None)
+    fp32 = {r["key"]: r["confidence"] for r in results_rows(phantom_inference)}
+    rows = results_rows(output)
+    assert sorted(fp32) == sorted(r["key"] for r in rows)
+    assert sum(r["confidence"] != fp32[r["key"]] for r in rows) > len(rows) / 2
+    # the int8 masks scored against the fp32 run's as if those were the labels
+    agreement, _ = evaluate.evaluate_folders(f"{output}/masks", f"{phantom_inference}/masks")
+    assert agreement["n_iou"] >= 0.9, agreement
+    with pytest.raises(UserError, match=r"another job \(int8: "):
+        infer.run(quantized, f"{raw}/images", output, labels=f"{raw}/masks",
+                  options=dataclasses.replace(options, precision="auto"), log=lambda *_: None)
 
 
 def kill_a_predictor_once(output: str, committed_before: int, run) -> list[int]:

@@ -193,15 +193,16 @@ def test_the_rules_catch_what_they_forbid():
 
 
 def floors_in_architecture_page() -> dict[str, set[str]]:
-    """The modules ARCHITECTURE.md names on each floor: single (or dotted) words in backticks
-    that open a bullet or a list item, not the names a sentence mentions in passing."""
+    """The modules ARCHITECTURE.md names on each floor: single (or dotted) words (digits after
+    the first letter: `int8`) in backticks that open a bullet or a list item, not the names a
+    sentence mentions in passing."""
     import re
 
     text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
     parts = re.split(r"\*\*(Front|Pipelines|Libraries|Core)\*\*|What flows between rooms", text)
     # re.split keeps each captured floor name before its section; the last section ends the page
     sections = dict(zip(parts[1::2], parts[2::2]))
-    return {floor: set(re.findall(r"(?:^\s*|- |, |: |\()`([a-z_.]+)`", section, re.M))
+    return {floor: set(re.findall(r"(?:^\s*|- |, |: |\()`([a-z][a-z0-9_.]*)`", section, re.M))
             for floor, section in sections.items() if floor}
 
 
