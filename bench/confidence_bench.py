@@ -445,9 +445,6 @@ def test_split(model_uri: str, prepared: str, teacher: str | None = None) -> lis
                   else [None] * len(rows))
         return [frame_record(pairs[:, i], r, images[i], post, tta, perturbed[:, i],
                              teacher_mask=taught[i]) for i, r in enumerate(rows)]
-    if teacher:
-        raise SystemExit("confidence_bench: --teacher scores a one-network student (--model), "
-                         f"and {model_uri} is an ensemble")
     # the members one by one: their mean is exactly what the ensemble computes
     members = np.stack([views(m, images, zoom) for m in net.members])  # (M, V, N, H, W)
     return [frame_record(members[:, :, i].mean(0), r, images[i], post, tta, perturbed[:, i],
@@ -464,6 +461,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="held-out frames per fold (a quick look)")
     parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
+    if args.teacher and model.read_info(model.resolve(args.model)).ensemble:
+        raise SystemExit("confidence_bench: --teacher scores a one-network student: give it "
+                         "as --model")
 
     held_out, folds = out_of_fold(args.folds, args.prepared, args.limit, args.teacher)
     test = test_split(args.model, args.prepared, args.teacher)

@@ -50,7 +50,7 @@ def main() -> None:
     student_int8 = False
     if args.student:
         rates["student"] = []
-        student_int8 = bool(model.read_info(args.student).int8)
+        student_int8 = bool(model.read_info(model.resolve(args.student)).int8)
         if student_int8:
             rates["student int8"] = []
     with runtime.session():

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import median, record  # noqa: E402
+from common import median, portable, record  # noqa: E402
 
 
 def probability(net, images: np.ndarray, bf16: bool, channels_last: bool) -> np.ndarray:
@@ -61,14 +61,13 @@ def main() -> None:
 
     import torch
 
-    from raythyroid import imaging, int8, model, shards
+    from raythyroid import int8, model, shards
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="torch.ao")  # its deprecation notices, per call
     net, info = model.load(model.resolve(args.model), first_member_only=True)
     manifest = shards.read_manifest(args.data)
-    calibration = np.stack([imaging.decode_png(r["image"]) for r in shards.read_rows(
-        args.data, manifest, "train", ["image"])[:64]])
+    calibration = int8.calibration_frames(args.data, manifest, int8.CALIBRATION_FRAMES)
     test_rows = shards.read_rows(args.data, manifest, "test",
                                  ["image", "full_mask", "geometry"])
     quantized = int8.quantize(net, calibration)  # what `raythyroid quantize` stores
@@ -95,11 +94,13 @@ def main() -> None:
         rate = median(rates[name])
         lines.append(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {scores[name]:.4f} | "
                      f"{scores[name] - scores['fp32 channels_last']:+.4f} |")
-    record(f"int8 vs bf16 vs fp32: one pass of {args.model} (first member), batch {args.batch} "
+    record(f"int8 vs bf16 vs fp32: one pass of {portable(args.model)} (an ensemble's first "
+           f"member), batch {args.batch} "
            f"at {calibration.shape[-1]} px, {args.threads} threads", lines,
            [f"{args.repeats} timed batches each, alternating, after a warm-up; the test split's "
             f"{len(test_rows)} frames scored in their own geometry without TTA, the model's "
-            f"threshold and components; int8 calibrated on 64 training frames",
+            f"threshold and components; int8 calibrated on {len(calibration)} training frames "
+            f"as `raythyroid quantize` picks them",
             f"bf16 units on this CPU: {model.cpu_has_bf16()}"])
 
 

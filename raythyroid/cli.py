@@ -491,7 +491,8 @@ def _infer(args: argparse.Namespace) -> int:
     if args.fast and args.tta:
         raise UserError("--fast runs one model without TTA: give one of --fast and --tta")
     # a wrong MODEL, or one without what the flags ask of it, is reported before Ray starts
-    info = modelinfo.read_info(modelinfo.resolve(args.model))
+    folder = modelinfo.resolve(args.model)
+    info = modelinfo.read_info(folder)
     options = infer.InferOptions(
         batch_size=args.batch_size, workers=args.workers, gpu=args.gpu,
         tta=False if args.fast else args.tta, fast=args.fast,
@@ -500,7 +501,7 @@ def _infer(args: argparse.Namespace) -> int:
         block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
         stow=stow, review=args.review, new_version=args.new_version,
         redo_older=args.redo_older)
-    infer.check_precision(info, options, args.model)
+    infer.check_precision(info, options, folder)
     with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)

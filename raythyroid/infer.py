@@ -173,15 +173,27 @@ def _attach_labels(table: pa.Table, by_base: dict | None) -> pa.Table:
     return table.append_column("labels", pa.array(labels, LABELS_TYPE))
 
 
-def check_precision(info: modelinfo.ModelInfo, options: InferOptions, model_uri: str) -> None:
-    """int8 needs the model's int8 weights (`raythyroid quantize`) and a CPU."""
+def check_precision(info: modelinfo.ModelInfo, options: InferOptions, folder: str) -> None:
+    """int8 needs a one-network model's int8 weights (`raythyroid quantize`), on a CPU."""
     if options.precision != "int8":
         return
-    if not info.int8 or options.fast:
-        raise UserError(f"--precision int8: {model_uri} has no int8 weights (`raythyroid "
+    if options.fast:
+        raise UserError("--fast runs an ensemble's first member and --precision int8 a "
+                        "one-network model's int8 weights: give one of them")
+    if not info.int8:
+        raise UserError(f"--precision int8: {folder} has no int8 weights (`raythyroid "
                         f"quantize` writes them for a one-network model)")
-    if options.gpu:
-        raise UserError("--precision int8 runs on CPUs: drop --gpu (bf16 is the GPU's)")
+    if not storage.exists(storage.join(folder, info.int8["weights"])):
+        raise UserError(f"--precision int8: {folder} names int8 weights "
+                        f"{info.int8['weights']} that are not there: run `raythyroid quantize` "
+                        f"again")
+    if options.gpu or options.compile:
+        raise UserError("--precision int8 runs uncompiled on CPUs: drop --gpu and --compile")
+
+
+def weights_id(info: modelinfo.ModelInfo, options: InferOptions) -> str:
+    """The hash of the weights that make the masks: the int8 ones with --precision int8."""
+    return info.int8["sha256"] if options.precision == "int8" else info.weights_sha256
 
 
 def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
@@ -220,13 +232,13 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
            "model": model_ref if bundled else model_uri,
            # the inference applied: a model retrained in place, a model.json chosen again or
            # another TTA flag would give other masks for the same keys
-           "weights": info.weights_sha256[:16], "tta": options.tta,
+           "weights": weights_id(info, options)[:16], "tta": options.tta,
            "tta_zoom": info.inference.tta_zoom if options.tta else 0.0,
            "postprocess": post.to_dict()}
     if options.fast:
         job["fast"] = True
-    if options.precision == "int8":  # other weights than the fp32 ones: other masks
-        job["int8"] = info.int8["sha256"][:16]
+    if options.precision == "int8":  # as --fast: other weights under the same MODEL
+        job["int8"] = True
     versions = claim.claim_output(output, job,
                                   new_version=options.new_version)
     storage.delete(storage.join(output, results.SUCCESS))
@@ -276,7 +288,8 @@ def _seg_settings(info, options: InferOptions, version: str) -> dict | None:
     if not (options.dicom_seg or options.stow):
         return None
     # the weights' identity enters every SEG UID: another model's SEG is another object
-    return {"stow": options.stow, "model_id": info.weights_sha256[:32], "model_version": version}
+    return {"stow": options.stow, "model_id": weights_id(info, options)[:32],
+            "model_version": version}
 
 
 @dataclass(frozen=True)

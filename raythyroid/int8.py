@@ -28,8 +28,8 @@ _BATCH = 16
 def _mapping():
     from torch.ao.quantization import get_default_qconfig_mapping
 
-    # the up-convolutions stay fp32: quantized too, their masks shared 0.1% of their pixels
-    # with fp32's on DDTI's test split (bench/int8_bench.py)
+    # the up-convolutions stay fp32: with them quantized too, the bundled model's first member
+    # erased its masks on DDTI's test split (pooled n_IoU 0, bench/int8_bench.py's first try)
     return get_default_qconfig_mapping(BACKEND).set_object_type(torch.nn.ConvTranspose2d, None)
 
 
@@ -66,10 +66,35 @@ def load(folder: str) -> tuple[torch.nn.Module, model.ModelInfo]:
     net, info = model.load(folder)
     if not info.int8:
         raise UserError(f"{folder} has no int8 weights: `raythyroid quantize` writes them")
+    # the int8 twin is the network's graph as this torch traces it today; the stored weights
+    # fit only the graph they were quantized from
     twin = _converted(_prepared(net, info.prep.size))
     blob = storage.read_bytes(storage.join(folder, info.int8["weights"]))
-    twin.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+    try:
+        twin.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu",
+                                        weights_only=True))
+    except RuntimeError:
+        raise UserError(f"{folder}: its int8 weights (torch {info.int8.get('torch', '?')}) do "
+                        f"not fit this torch's ({torch.__version__}) graph of the network: run "
+                        f"`raythyroid quantize` again") from None
     return twin.eval(), info
+
+
+def calibration_frames(data: str, manifest: dict, frames: int) -> np.ndarray:
+    """`frames` training frames spread over every training shard, each shard's image column
+    read alone: many cases rather than the first shard's few, and never the whole split in
+    memory. (0, ...) when the split is empty."""
+    uris = shards.shard_uris(data, manifest, "train")
+    per_shard = -(-frames // max(1, len(uris)))
+    picked: list[bytes] = []
+    for uri in uris:
+        if len(picked) >= frames:
+            break
+        images = storage.read_parquet(uri, ["image"]).column("image").to_pylist()
+        picked += images[::max(1, len(images) // per_shard)][:per_shard]
+    size = manifest["prep"]["size"]
+    return np.stack([imaging.decode_png(b) for b in picked[:frames]]) if picked else \
+        np.zeros((0, size, size), np.uint8)
 
 
 def write(model_uri: str, data: str, output: str, frames: int = CALIBRATION_FRAMES,
@@ -86,23 +111,24 @@ def write(model_uri: str, data: str, output: str, frames: int = CALIBRATION_FRAM
         raise UserError(f"{data} was prepared with {json.dumps(manifest['prep'])}, the model "
                         f"with {json.dumps(info.prep.to_dict())}: preprocess DATA with the "
                         f"model's settings (--size {info.prep.size})")
-    rows = shards.read_rows(data, manifest, "train", ["image"])[:frames]
-    if not rows:
+    calibration = calibration_frames(data, manifest, frames)
+    if not len(calibration):
         raise UserError(f"{data} has no training frames to calibrate on")
-    calibration = np.stack([imaging.decode_png(r["image"]) for r in rows])
     net, _ = model.load(folder)
     buffer = io.BytesIO()
     torch.save(quantize(net, calibration).state_dict(), buffer)
     meta = json.loads(storage.read_text(storage.join(folder, model.MODEL_JSON)))
-    for name in [meta["weights"]] + ([model.CARD] if storage.exists(
-            storage.join(folder, model.CARD)) else []):
-        storage.write_bytes(storage.join(output, name),
-                            storage.read_bytes(storage.join(folder, name)))
+    for uri in storage.list_files(folder):  # the weights, the card and what else it holds
+        name = storage.relative(uri, folder)
+        if name not in (model.MODEL_JSON, INT8_WEIGHTS):
+            storage.write_bytes(storage.join(output, name), storage.read_bytes(uri))
     storage.write_bytes(storage.join(output, INT8_WEIGHTS), buffer.getvalue())
-    meta["int8"] = {"weights": INT8_WEIGHTS, "backend": BACKEND,
+    meta["int8"] = {"weights": INT8_WEIGHTS, "backend": BACKEND, "torch": torch.__version__,
                     "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-                    "calibration": {"data": storage.normalize(data), "frames": len(rows)},
+                    "calibration": {"data": storage.normalize(data),
+                                    "frames": len(calibration)},
                     "fp32_layers": "up-convolutions"}
     storage.write_text(storage.join(output, model.MODEL_JSON), json.dumps(meta, indent=2))
-    log(f"quantize: {output}: int8 weights calibrated on {len(rows)} training frames of {data}")
+    log(f"quantize: {output}: int8 weights calibrated on {len(calibration)} training frames "
+        f"of {data}")
     return meta["int8"]

@@ -29,6 +29,7 @@ def assert_one_line_error(result, words):
     (["frobnicate"], "invalid choice"),
     (["infer", "ddti", ".", "out", "--fast", "--tta"], "one of --fast and --tta"),
     (["infer", "ddti", ".", "out", "--precision", "int8"], "ddti has no int8 weights"),
+    (["infer", "ddti", ".", "out", "--precision", "int8", "--fast"], "give one of them"),
     (["quantize", "ddti", ".", "out"], "int8 is for one network"),
     (["infer", "no-such-model", ".", "out"], "nor the name of a bundled model"),
 ])

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raythyroid import claim, evaluate, imaging, infer, phantom, results, storage
+from raythyroid import claim, evaluate, imaging, infer, int8, phantom, results, storage
 from raythyroid.errors import UserError
 
 from helpers import (PATIENT_ID, PATIENT_NAME, assert_clean_terminal, assert_stopped,
@@ -202,8 +202,9 @@ def test_ctrl_c_stops_and_the_rerun_resumes_exactly_once_with_identical_metrics(
 def test_int8_weights_segment_as_fp32_does_in_an_output_of_their_own(
         phantom_dataset, trained_run, phantom_inference, tmp_path):
     """`raythyroid quantize` stores int8 weights calibrated on training frames; infer
-    --precision int8 runs them: other probabilities than fp32's, nearly its masks, and an
-    OUTPUT begun with int8 weights is not resumed with the fp32 ones."""
+    --precision int8 runs them: other probabilities than fp32's, nearly its masks, rows that
+    name the int8 weights, and an OUTPUT begun with int8 weights is not resumed with the fp32
+    ones nor with int8 weights quantized again."""
     raw, prepared = phantom_dataset
     run_uri, _ = trained_run
     quantized = str(tmp_path / "int8-model")
@@ -223,12 +224,19 @@ def test_int8_weights_segment_as_fp32_does_in_an_output_of_their_own(
     rows = results_rows(output)
     assert sorted(fp32) == sorted(r["key"] for r in rows)
     assert sum(r["confidence"] != fp32[r["key"]] for r in rows) > len(rows) / 2
+    # the rows name the weights that made them: the int8 ones
+    assert {r["model_version"] for r in rows} == {entry["sha256"][:16]}
     # the int8 masks scored against the fp32 run's as if those were the labels
     agreement, _ = evaluate.evaluate_folders(f"{output}/masks", f"{phantom_inference}/masks")
     assert agreement["n_iou"] >= 0.9, agreement
     with pytest.raises(UserError, match=r"another job \(int8: "):
         infer.run(quantized, f"{raw}/images", output, labels=f"{raw}/masks",
                   options=dataclasses.replace(options, precision="auto"), log=lambda *_: None)
+    # quantized again in place (other calibration frames): other int8 weights, other masks
+    int8.write(storage.join(run_uri, "model"), prepared, quantized, frames=8, log=lambda *_: None)
+    with pytest.raises(UserError, match=r"another job \(weights: .*the model has changed"):
+        infer.run(quantized, f"{raw}/images", output, labels=f"{raw}/masks", options=options,
+                  log=lambda *_: None)
 
 
 def kill_a_predictor_once(output: str, committed_before: int, run) -> list[int]:
