@@ -94,8 +94,8 @@ def main() -> None:
         rate = median(rates[name])
         lines.append(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {scores[name]:.4f} | "
                      f"{scores[name] - scores['fp32 channels_last']:+.4f} |")
-    record(f"int8 vs bf16 vs fp32: one pass of {portable(args.model)} (an ensemble's first "
-           f"member), batch {args.batch} "
+    first = " (its first member)" if info.ensemble else ""
+    record(f"int8 vs bf16 vs fp32: one pass of {portable(args.model)}{first}, batch {args.batch} "
            f"at {calibration.shape[-1]} px, {args.threads} threads", lines,
            [f"{args.repeats} timed batches each, alternating, after a warm-up; the test split's "
             f"{len(test_rows)} frames scored in their own geometry without TTA, the model's "
