@@ -395,28 +395,38 @@ def teacher_masks(net, info, images: np.ndarray, rows: list[dict]) -> list[np.nd
         for p, r in zip(probs, rows)]
 
 
+def held_out_by_fold(source: str, prepared: str) -> tuple[int, list[tuple]]:
+    """(the seed that dealt the folds, [(fold model, its ModelInfo, the rows of PREPARED's
+    train and val frames its fold held out)] in fold order), dealt as the models' cv did."""
+    manifest = shards.read_manifest(prepared)
+    rows = shards.read_rows(prepared, manifest, ["train", "val"])
+    seed, fold_nets, held_counts = every_fold(source)
+    case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
+    found = []
+    for fold, (net, info) in enumerate(fold_nets):
+        held = [r for r in rows if case_fold[r["case_id"]] == fold]
+        if held_counts[fold] not in (None, len(held)):
+            raise SystemExit(f"{prepared} deals fold {fold} {len(held)} frames where {source} "
+                             f"held out {held_counts[fold]}: not the data the folds were "
+                             f"trained on")
+        found.append((net, info, held))
+    return seed, found
+
+
 def out_of_fold(source: str, prepared: str, limit: int | None, teacher: str | None = None
                 ) -> tuple[list[dict], list[int]]:
     """Every held-out frame's record, and the fold that held it out; with a teacher, each
     fold's frames also against the teacher's model of the same fold."""
-    manifest = shards.read_manifest(prepared)
-    rows = shards.read_rows(prepared, manifest, ["train", "val"])
-    seed, fold_nets, held_counts = every_fold(source)
+    seed, folds = held_out_by_fold(source, prepared)
     teacher_folds = None
     if teacher:
         teacher_seed, teacher_folds, _ = every_fold(teacher)
-        if (teacher_seed, len(teacher_folds)) != (seed, len(fold_nets)):
+        if (teacher_seed, len(teacher_folds)) != (seed, len(folds)):
             raise SystemExit(f"confidence_bench: {teacher} dealt {len(teacher_folds)} folds "
-                             f"with seed {teacher_seed}, {source} {len(fold_nets)} with seed "
+                             f"with seed {teacher_seed}, {source} {len(folds)} with seed "
                              f"{seed}: a fold's teacher would have seen its frames")
-    case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
     records, record_folds = [], []
-    for fold, (net, info) in enumerate(fold_nets):
-        held = [r for r in rows if case_fold[r["case_id"]] == fold]
-        if held_counts[fold] not in (None, len(held)):
-            raise SystemExit(f"confidence_bench: {prepared} deals fold {fold} {len(held)} "
-                             f"frames where its model held out {held_counts[fold]}: not the "
-                             f"data the folds were trained on")
+    for fold, (net, info, held) in enumerate(folds):
         held = held[:limit]
         post = info.inference.post
         tta, zoom = info.inference.tta, info.inference.tta_zoom

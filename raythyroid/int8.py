@@ -99,8 +99,9 @@ def calibration_frames(data: str, manifest: dict, frames: int) -> np.ndarray:
 
 def write(model_uri: str, data: str, output: str, frames: int = CALIBRATION_FRAMES,
           log=print) -> dict:
-    """OUTPUT = MODEL's files plus its int8 weights, calibrated on the first `frames` training
-    frames of DATA (prepared with MODEL's settings); returns model.json's `int8` entry."""
+    """OUTPUT = MODEL's files plus its int8 weights, calibrated on `frames` training frames of
+    DATA (prepared with MODEL's settings; `calibration_frames`); returns model.json's `int8`
+    entry."""
     folder = model.resolve(model_uri)
     info = model.read_info(folder)
     if info.ensemble:
