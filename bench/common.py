@@ -1,6 +1,7 @@
 """Shared bits of the benchmarks: machine description, data set-up (phantom shards and
-archives, a small trained model, a synthetic results folder) and BENCHMARKS.md. The one module
-the bench scripts share: no script imports another."""
+archives, a small trained model, a synthetic results folder), fold models and their held-out
+frames, and BENCHMARKS.md. The one module the bench scripts share: no script imports
+another."""
 from __future__ import annotations
 
 import datetime as dt
@@ -171,3 +172,69 @@ def cached_folder(workdir: str, rows: int, per_file: int, finish=None) -> tuple[
         print(f"wrote {rows} rows in {time.time() - started:.0f} s {note}", flush=True)
     with open(marker) as f:
         return output, f.read()
+
+
+def views(net, images, zoom: float = 0.0):
+    """(2, N, H, W): the nodule probabilities infer computes for the frames ((N, H, W) uint8)
+    and for their mirror images, mirrored back (flip TTA averages the two; an ensemble's are
+    its members' mean); with `zoom` (3, N, H, W): then also TTA's zoomed-out view (itself with
+    flip TTA)."""
+    import numpy as np
+    import torch
+
+    from raythyroid import model
+
+    frames, cpu = torch.from_numpy(images), torch.device("cpu")
+    with torch.no_grad():
+        found = [model.nodule_probability(net, frames, cpu).numpy(),
+                 model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()]
+        if zoom:
+            found.append(model.zoomed_out_probability(net, frames, cpu, zoom,
+                                                      flip_tta=True).numpy())
+    return np.stack(found)
+
+
+def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
+    """(the seed that dealt the folds, [(model, metadata)] in fold order, each fold's held-out
+    frames where known) of a finished cv RUN (or `distill --folds` RUN), or of an ensemble cv
+    built (its members are the fold models, each then used with the ensemble's chosen
+    inference)."""
+    import json
+
+    from raythyroid import model, storage
+
+    if storage.exists(storage.join(source, "cv.json")):
+        summary = json.loads(storage.read_text(storage.join(source, "cv.json")))
+        folds = summary["folds"]
+        return (summary.get("config", {}).get("seed", 0),
+                [model.load(storage.join(source, f"fold-{k}", "model"))
+                 for k in range(len(folds))],
+                [f.get("val_images") for f in folds])
+    if storage.exists(storage.join(source, "fold-0")):
+        raise SystemExit(f"{source} is a cv still running: its cv.json is not written yet")
+    net, info = model.load(model.resolve(source))
+    count = info.training.get("cross_validation", {}).get("folds")
+    if not isinstance(net, model.Ensemble) or count != len(net.members):
+        raise SystemExit(f"{source} is neither a cv run nor a model cv built")
+    held = [f.get("val_images") for f in info.card.get("folds", [])]
+    return (info.cv_seed or 0, [(m, info) for m in net.members], held or [None] * count)
+
+
+def held_out_by_fold(source: str, prepared: str) -> tuple[int, list[tuple]]:
+    """(the seed that dealt the folds, [(fold model, its ModelInfo, the rows of PREPARED's
+    train and val frames its fold held out)] in fold order), dealt as the models' cv did."""
+    from raythyroid import shards, split
+
+    manifest = shards.read_manifest(prepared)
+    rows = shards.read_rows(prepared, manifest, ["train", "val"])
+    seed, fold_nets, held_counts = every_fold(source)
+    case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
+    found = []
+    for fold, (net, info) in enumerate(fold_nets):
+        held = [r for r in rows if case_fold[r["case_id"]] == fold]
+        if held_counts[fold] not in (None, len(held)):
+            raise SystemExit(f"{prepared} deals fold {fold} {len(held)} frames where {source} "
+                             f"held out {held_counts[fold]}: not the data the folds were "
+                             f"trained on")
+        found.append((net, info, held))
+    return seed, found

@@ -36,27 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-from raythyroid import (imaging, metrics, model, postprocess, report, shards, split,  # noqa: E402
-                        storage)
+from common import every_fold, held_out_by_fold, record, views  # noqa: E402
+
+from raythyroid import imaging, metrics, model, postprocess, report, shards  # noqa: E402
 from raythyroid.imaging import Geometry  # noqa: E402
 
 FAILURE_IOU = report.FAILURE_IOU  # what the report counts as a failure
-
-
-def views(net, images: np.ndarray, zoom: float = 0.0) -> np.ndarray:
-    """(2, N, H, W): the nodule probabilities infer computes for the frames and for their mirror
-    images, mirrored back (flip TTA averages the two; an ensemble's are its members' mean);
-    with `zoom` (3, N, H, W): then also TTA's zoomed-out view (itself with flip TTA)."""
-    import torch
-
-    frames, cpu = torch.from_numpy(images), torch.device("cpu")
-    with torch.no_grad():
-        found = [model.nodule_probability(net, frames, cpu).numpy(),
-                 model.nodule_probability(net, frames.flip(dims=[2]), cpu).flip(dims=[2]).numpy()]
-        if zoom:
-            found.append(model.zoomed_out_probability(net, frames, cpu, zoom,
-                                                      flip_tta=True).numpy())
-    return np.stack(found)
 
 
 def as_infer(views: np.ndarray, tta: bool) -> np.ndarray:
@@ -360,29 +345,6 @@ def by_kind(records: list[dict], name: str) -> list[tuple[str, int, int]]:
         [r["iou"] < FAILURE_IOU for r in records], least_confident_quarter(records, name))
 
 
-def every_fold(source: str) -> tuple[int, list[tuple], list[int | None]]:
-    """(the seed that dealt the folds, [(model, metadata)] in fold order, each fold's held-out
-    frames where known) of a finished cv RUN, or of an ensemble cv built (its members are the
-    fold models, each then used with the ensemble's chosen inference)."""
-    import json
-
-    if storage.exists(storage.join(source, "cv.json")):
-        summary = json.loads(storage.read_text(storage.join(source, "cv.json")))
-        folds = summary["folds"]
-        return (summary.get("config", {}).get("seed", 0),
-                [model.load(storage.join(source, f"fold-{k}", "model"))
-                 for k in range(len(folds))],
-                [f.get("val_images") for f in folds])
-    if storage.exists(storage.join(source, "fold-0")):
-        raise SystemExit(f"{source} is a cv still running: its cv.json is not written yet")
-    net, info = model.load(model.resolve(source))
-    count = info.training.get("cross_validation", {}).get("folds")
-    if not isinstance(net, model.Ensemble) or count != len(net.members):
-        raise SystemExit(f"{source} is neither a cv run nor a model cv built")
-    held = [f.get("val_images") for f in info.card.get("folds", [])]
-    return (info.cv_seed or 0, [(m, info) for m in net.members], held or [None] * count)
-
-
 def teacher_masks(net, info, images: np.ndarray, rows: list[dict]) -> list[np.ndarray]:
     """The teacher's masks of the frames in original geometry, with its own inference (an
     ensemble member by member: their mean is what the ensemble computes)."""
@@ -393,24 +355,6 @@ def teacher_masks(net, info, images: np.ndarray, rows: list[dict]) -> list[np.nd
     return [postprocess.clean_mask(
         Geometry.from_dict(r["geometry"]).restore(p.astype(np.float16)), inference.post)
         for p, r in zip(probs, rows)]
-
-
-def held_out_by_fold(source: str, prepared: str) -> tuple[int, list[tuple]]:
-    """(the seed that dealt the folds, [(fold model, its ModelInfo, the rows of PREPARED's
-    train and val frames its fold held out)] in fold order), dealt as the models' cv did."""
-    manifest = shards.read_manifest(prepared)
-    rows = shards.read_rows(prepared, manifest, ["train", "val"])
-    seed, fold_nets, held_counts = every_fold(source)
-    case_fold = split.folds((r["case_id"] for r in rows), len(fold_nets), seed)
-    found = []
-    for fold, (net, info) in enumerate(fold_nets):
-        held = [r for r in rows if case_fold[r["case_id"]] == fold]
-        if held_counts[fold] not in (None, len(held)):
-            raise SystemExit(f"{prepared} deals fold {fold} {len(held)} frames where {source} "
-                             f"held out {held_counts[fold]}: not the data the folds were "
-                             f"trained on")
-        found.append((net, info, held))
-    return seed, found
 
 
 def out_of_fold(source: str, prepared: str, limit: int | None, teacher: str | None = None
@@ -510,8 +454,6 @@ def main() -> int:
               for kind, frames, queued in by_kind(held_out, now)]
     print("\n".join(lines))
     if args.record:
-        from common import record
-
         record("Review-queue confidence on DDTI" + (": a distilled student and its teacher"
                                                      if args.teacher else ""), lines,
                [f"a failure is a frame with IoU < {FAILURE_IOU}; the least confident quarter is "

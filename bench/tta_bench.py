@@ -18,18 +18,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import portable, record  # noqa: E402
-from confidence_bench import held_out_by_fold, views  # noqa: E402
+from common import held_out_by_fold, portable, record, views  # noqa: E402
 
 from raythyroid import imaging, metrics, postprocess  # noqa: E402
 
 VARIANTS = (("none", 1), ("flip", 2), ("flip + zoom", 4))
 
 
-def fold_totals(source: str, prepared: str, zoom: float) -> tuple[list[dict], list[int]]:
-    """Per fold, {variant: metrics.Totals} over its held-out frames; and the frames per fold."""
+def fold_totals(source: str, prepared: str, zoom: float) -> tuple[list[dict], list[int], int]:
+    """Per fold, {variant: metrics.Totals} over its held-out frames; the frames per fold; the
+    seed that dealt the folds."""
     found, frames = [], []
-    for fold, (net, info, held) in enumerate(held_out_by_fold(source, prepared)[1]):
+    seed, folds = held_out_by_fold(source, prepared)
+    for fold, (net, info, held) in enumerate(folds):
         images = np.stack([imaging.decode_png(r["image"]) for r in held])
         found_views = views(net, images, zoom)  # (3, N, H, W): frame, mirror, zoomed out
         probs = {"none": found_views[0], "flip": found_views[:2].mean(0),
@@ -44,7 +45,7 @@ def fold_totals(source: str, prepared: str, zoom: float) -> tuple[list[dict], li
         found.append(totals)
         frames.append(len(held))
         print(f"{source}: fold {fold}, {len(held)} held-out frames", file=sys.stderr)
-    return found, frames
+    return found, frames, seed
 
 
 def main() -> int:
@@ -59,6 +60,9 @@ def main() -> int:
     sets = {portable(args.folds): fold_totals(args.folds, args.prepared, args.zoom)}
     if args.against:
         sets[portable(args.against)] = fold_totals(args.against, args.prepared, args.zoom)
+    if len({(tuple(frames), seed) for _, frames, seed in sets.values()}) > 1:
+        raise SystemExit("tta_bench: the two dealt other folds (seed or frames per fold): "
+                         "side by side they would score other frames")
     frames = next(iter(sets.values()))[1]
     lines = ["| fold | frames | " + " | ".join(
         f"{name}, TTA {variant} ({passes} pass{'es' if passes > 1 else ''})"
@@ -67,9 +71,9 @@ def main() -> int:
     for fold, count in enumerate(frames):
         lines.append(f"| {fold} | {count} | " + " | ".join(
             f"{totals[fold][variant].metrics()['n_iou']:.4f}"
-            for totals, _ in sets.values() for variant, _ in VARIANTS) + " |")
+            for totals, _, _ in sets.values() for variant, _ in VARIANTS) + " |")
     pooled = []
-    for totals, _ in sets.values():
+    for totals, _, _ in sets.values():
         for variant, _ in VARIANTS:
             whole = sum((fold[variant] for fold in totals), metrics.Totals())
             pooled.append(f"{whole.metrics()['n_iou']:.4f}")

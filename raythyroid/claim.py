@@ -128,7 +128,7 @@ def _compare(output: str, held: dict, job: dict, new_label: bool, taken: bool) -
     if fixed or not taken:
         why = ("the model has changed since this OUTPUT began" if name in JOB_KEYS_OF_THE_MODEL
                else "to resume, give the same INPUT, MODEL, --labels, --fast, TTA flag and "
-                    "int8 or not")
+                    "--precision int8 or not")
         if another_model and new_label and not fixed:
             why += ("; if MODEL is a new version of the model there, --new-version goes on "
                     "with it (each row names its version)")

@@ -501,7 +501,7 @@ def _infer(args: argparse.Namespace) -> int:
         block_size=args.block_size, metrics_port=args.metrics_port, compile=args.compile,
         stow=stow, review=args.review, new_version=args.new_version,
         redo_older=args.redo_older)
-    infer.check_precision(info, options, folder)
+    infer.check_precision(info, options, folder, args.model)
     with runtime.session(args.address, args.verbose):
         summary = infer.run(args.model, args.input, args.output, labels=args.labels,
                             options=options)

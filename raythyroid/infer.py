@@ -173,18 +173,20 @@ def _attach_labels(table: pa.Table, by_base: dict | None) -> pa.Table:
     return table.append_column("labels", pa.array(labels, LABELS_TYPE))
 
 
-def check_precision(info: modelinfo.ModelInfo, options: InferOptions, folder: str) -> None:
-    """int8 needs a one-network model's int8 weights (`raythyroid quantize`), on a CPU."""
+def check_precision(info: modelinfo.ModelInfo, options: InferOptions, folder: str,
+                    name: str | None = None) -> None:
+    """int8 needs a one-network model's int8 weights (`raythyroid quantize`), on a CPU; `name`
+    is MODEL as the user gave it (a bundled model's folder is an installation path)."""
     if options.precision != "int8":
         return
     if options.fast:
         raise UserError("--fast runs an ensemble's first member and --precision int8 a "
                         "one-network model's int8 weights: give one of them")
-    if not info.int8:
-        raise UserError(f"--precision int8: {folder} has no int8 weights (`raythyroid "
+    if not (info.int8 or {}).get("weights") or not info.int8.get("sha256"):
+        raise UserError(f"--precision int8: {name or folder} has no int8 weights (`raythyroid "
                         f"quantize` writes them for a one-network model)")
     if not storage.exists(storage.join(folder, info.int8["weights"])):
-        raise UserError(f"--precision int8: {folder} names int8 weights "
+        raise UserError(f"--precision int8: {name or folder} names int8 weights "
                         f"{info.int8['weights']} that are not there: run `raythyroid quantize` "
                         f"again")
     if options.gpu or options.compile:

@@ -29,7 +29,7 @@ def _mapping():
     from torch.ao.quantization import get_default_qconfig_mapping
 
     # the up-convolutions stay fp32: with them quantized too, the bundled model's first member
-    # erased its masks on DDTI's test split (pooled n_IoU 0, bench/int8_bench.py's first try)
+    # erased its masks on DDTI's test split (bench/int8_bench.py's first try)
     return get_default_qconfig_mapping(BACKEND).set_object_type(torch.nn.ConvTranspose2d, None)
 
 
@@ -70,6 +70,10 @@ def load(folder: str) -> tuple[torch.nn.Module, model.ModelInfo]:
     # fit only the graph they were quantized from
     twin = _converted(_prepared(net, info.prep.size))
     blob = storage.read_bytes(storage.join(folder, info.int8["weights"]))
+    # rows and SEGs name the hash model.json records: the bytes must be those
+    if hashlib.sha256(blob).hexdigest() != info.int8.get("sha256"):
+        raise UserError(f"{folder}: {info.int8['weights']} is not the file its model.json "
+                        f"names (another hash): run `raythyroid quantize` again")
     try:
         twin.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu",
                                         weights_only=True))
@@ -81,9 +85,10 @@ def load(folder: str) -> tuple[torch.nn.Module, model.ModelInfo]:
 
 
 def calibration_frames(data: str, manifest: dict, frames: int) -> np.ndarray:
-    """`frames` training frames spread over every training shard, each shard's image column
-    read alone: many cases rather than the first shard's few, and never the whole split in
-    memory. (0, ...) when the split is empty."""
+    """Up to `frames` training frames, at most `frames / shards` (rounded up) from each
+    training shard, evenly spaced in it, shard after shard: many cases rather than the first
+    shard's few, and one shard's image column in memory at a time. A split of fewer shards
+    than `frames`, or of short shards, gives fewer. (0, ...) when the split is empty."""
     uris = shards.shard_uris(data, manifest, "train")
     per_shard = -(-frames // max(1, len(uris)))
     picked: list[bytes] = []

@@ -233,10 +233,15 @@ def test_int8_weights_segment_as_fp32_does_in_an_output_of_their_own(
         infer.run(quantized, f"{raw}/images", output, labels=f"{raw}/masks",
                   options=dataclasses.replace(options, precision="auto"), log=lambda *_: None)
     # quantized again in place (other calibration frames): other int8 weights, other masks
+    first_weights = storage.read_bytes(f"{quantized}/{entry['weights']}")
     int8.write(storage.join(run_uri, "model"), prepared, quantized, frames=4, log=lambda *_: None)
     with pytest.raises(UserError, match=r"another job \(weights: .*the model has changed"):
         infer.run(quantized, f"{raw}/images", output, labels=f"{raw}/masks", options=options,
                   log=lambda *_: None)
+    # weights that are not the ones model.json names are refused, not run under its name
+    storage.write_bytes(f"{quantized}/{entry['weights']}", first_weights)
+    with pytest.raises(UserError, match="is not the file its model.json names"):
+        int8.load(quantized)
 
 
 def kill_a_predictor_once(output: str, committed_before: int, run) -> list[int]:
