@@ -12,7 +12,6 @@ interval lies above zero; `raythyroid compare` exits 0 then, 4 otherwise (a scri
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -93,13 +92,8 @@ def run(model_a: str, model_b: str, labelled: str, split: str = "test",
     if shards.format_version(manifest) < 2:
         raise UserError(f"{labelled} was prepared by a version that kept no original-size "
                         f"labels: preprocess it again")
-    prep = imaging.PrepConfig.from_dict(manifest["prep"])
     for name in (model_a, model_b):
-        info = model_lib.read_info(model_lib.resolve(name))
-        if info.prep != prep:
-            raise UserError(f"{name} prepares frames with {json.dumps(info.prep.to_dict())}, "
-                            f"{labelled} was prepared with {json.dumps(prep.to_dict())}: "
-                            f"preprocess the labelled frames with the models' settings")
+        model_lib.read_info(model_lib.resolve(name)).check_prepared(name, labelled, manifest)
     # a bundled model travels by name (each node resolves it), a folder as an absolute URI
     model_a, model_b = (m if model_lib.resolve(m) != m else storage.normalize(m)
                         for m in (model_a, model_b))

@@ -316,11 +316,7 @@ def _check_teacher(teacher: str, manifest: dict, folds: int, seed: int):
     from . import model as model_lib
 
     info = model_lib.read_info(model_lib.resolve(teacher))
-    if info.prep != imaging.PrepConfig.from_dict(manifest["prep"]):
-        raise UserError(f"the teacher {teacher} prepares frames with "
-                        f"{json.dumps(info.prep.to_dict())}, DATA with "
-                        f"{json.dumps(manifest['prep'])}: preprocess DATA with the teacher's "
-                        f"settings (--size {info.prep.size})")
+    info.check_prepared(f"the teacher {teacher}", "DATA", manifest)
     members = info.members if info.ensemble else 0
     if folds and members != folds:
         raise UserError(f"--folds {folds} needs a teacher that cv built with {folds} folds "

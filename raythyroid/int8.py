@@ -113,10 +113,7 @@ def write(model_uri: str, data: str, output: str, frames: int = CALIBRATION_FRAM
         raise UserError(f"{model_uri} is an ensemble of {info.members}: int8 is for one network "
                         f"(a distilled student, or a train run's model)")
     manifest = shards.read_manifest(data)
-    if info.prep != imaging.PrepConfig.from_dict(manifest["prep"]):
-        raise UserError(f"{data} was prepared with {json.dumps(manifest['prep'])}, the model "
-                        f"with {json.dumps(info.prep.to_dict())}: preprocess DATA with the "
-                        f"model's settings (--size {info.prep.size})")
+    info.check_prepared(model_uri, data, manifest)
     calibration = calibration_frames(data, manifest, frames)
     if not len(calibration):
         raise UserError(f"{data} has no training frames to calibrate on")

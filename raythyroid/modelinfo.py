@@ -129,6 +129,16 @@ class ModelInfo:
                    created=meta.get("created"), distillation=meta.get("distillation"),
                    int8=meta.get("int8"))
 
+    def check_prepared(self, model: str, data: str, manifest: dict) -> None:
+        """DATA (a prepared set, `manifest` its manifest) holds frames prepared as the model
+        prepares them, or a user error says which settings to preprocess it with."""
+        from .errors import UserError
+
+        if self.prep != PrepConfig.from_dict(manifest["prep"]):
+            raise UserError(f"{model} prepares frames with {json.dumps(self.prep.to_dict())}, "
+                            f"{data} was prepared with {json.dumps(manifest['prep'])}: "
+                            f"preprocess it with the model's settings (--size {self.prep.size})")
+
     @property
     def headline(self) -> str:
         """One line on how good the model is: its card's for a shipped model, else its
