@@ -1,5 +1,5 @@
-"""Images/s of a fold ensemble (every member, TTA as chosen) against `--fast` (its first member,
-no TTA) and, with --student, a distilled student (its own inference; also with its int8 weights
+"""Images/s of a fold ensemble (every member, TTA as chosen) against `--fast` (its one-pass
+network: the distilled one where the model ships it, else its first member) and, with --student, a distilled student (its own inference; also with its int8 weights
 where `raythyroid quantize` wrote them), side by side in one Ray session over the same frames,
 through the real infer job.
 
@@ -82,7 +82,8 @@ def main() -> None:
         "| --- | ---: | ---: |",
         f"| ensemble of {members}, TTA {tta} | {ensemble:.2f} "
         f"| 1.00x |",
-        f"| `--fast`: first member, no TTA | {fast:.2f} | {fast / ensemble:.2f}x |"]
+        f"| `--fast`: {'the distilled network' if info.fast else 'first member, no TTA'} "
+        f"| {fast:.2f} | {fast / ensemble:.2f}x |"]
         + ([f"| student `{portable(args.student)}`, its own inference | {student:.2f} "
             f"| {student / ensemble:.2f}x |"] if args.student else [])
         + ([f"| the same student, `--precision int8` | "

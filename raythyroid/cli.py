@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "where model.json chose it (default: as chosen on validation when "
                           "the model was trained)")
     inf.add_argument("--fast", action="store_true",
-                     help="one model without TTA: an ensemble's first member alone, one "
-                          "model pass per frame (images/s in bench/BENCHMARKS.md)")
+                     help="one model pass per frame: the network distilled from the "
+                          "ensemble where the model ships one (ddti does), else an "
+                          "ensemble's first member; no TTA (images/s in bench/BENCHMARKS.md)")
     inf.add_argument("--compile", action="store_true",
                      help="torch.compile the model in each Predictor (pays off on GPUs)")
     inf.add_argument("--precision", choices=training.PRECISIONS + ("int8",),
@@ -535,6 +536,8 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{name}: {info.card.get('headline', '')}")
         print(f"    {info.members} model(s); card: "
               f"{os.path.join(modelinfo.BUNDLED, name, modelinfo.CARD)}")
+        if info.fast:
+            print(f"    --fast: {(info.fast.get('card') or {}).get('headline', '')}")
     return 0
 
 

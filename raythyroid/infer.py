@@ -42,7 +42,7 @@ class InferOptions:
     metrics_port: int | None = None  # serve job progress for Prometheus on this port
     block_size: int = sources.URIS_PER_BLOCK  # inputs per read task and, at most, per results file
     compile: bool = False  # torch.compile the model in each Predictor (worth it on GPUs)
-    fast: bool = False  # an ensemble's first member alone
+    fast: bool = False  # the model's one-pass network alone (modelinfo.one_pass)
     # STOW-RS every SEG to this DICOMweb server (http(s)://host:port/prefix); implies dicom_seg
     stow: str | None = None
     review: int = report.REVIEW_SIZE  # frames in the report's review queues (0: no overlays)
@@ -71,7 +71,7 @@ class Predictor:
             self.net, info = int8.load(model_lib.resolve(model_uri))
         else:
             self.net, info = model_lib.load(model_lib.resolve(model_uri), self.device,
-                                            first_member_only=fast)
+                                            fast=fast)
         if compile_model:  # one fixed batch shape (see __call__), so one compilation
             self.net = torch.compile(self.net)
         self.bf16 = precision != "int8" and model_lib.resolve_bf16(precision, self.device)
@@ -180,7 +180,7 @@ def check_precision(info: modelinfo.ModelInfo, options: InferOptions, folder: st
     if options.precision != "int8":
         return
     if options.fast:
-        raise UserError("--fast runs an ensemble's first member and --precision int8 a "
+        raise UserError("--fast runs a model's one-pass network and --precision int8 a "
                         "one-network model's int8 weights: give one of them")
     if not (info.int8 or {}).get("weights") or not info.int8.get("sha256"):
         raise UserError(f"--precision int8: {name or folder} has no int8 weights (`raythyroid "
@@ -216,7 +216,7 @@ def run(model_uri: str, input_uri: str, output: str, labels: str | None = None,
     else:
         input_uri = identity = storage.normalize(input_uri)
     # fail fast, before listing millions of files
-    info = modelinfo.read_info(model_uri, first_member_only=options.fast)
+    info = modelinfo.read_info(model_uri, fast=options.fast)
     check_precision(info, options, model_uri)
     prep, post = info.prep, info.inference.post
     if options.fast:

@@ -203,12 +203,13 @@ def save_ensemble(members: list[nn.Module], folder: str, metadata: dict) -> None
 
 
 def load(folder: str, device: torch.device | str = "cpu",
-         first_member_only: bool = False, member: int | None = None
+         first_member_only: bool = False, member: int | None = None, fast: bool = False
          ) -> tuple[nn.Module, ModelInfo]:
     """A model folder (local or s3://) -> (model in eval mode on `device`, its ModelInfo as
     read_info gives it). An ensemble's folder gives an Ensemble, or one member alone when
-    asked: its first (infer --fast) or `member` (distill's fold teachers)."""
-    info, blobs = read_folder(folder, first_member_only, member)
+    asked: its first (--init) or `member` (distill's fold teachers); `fast` gives the network
+    infer --fast runs (modelinfo.one_pass)."""
+    info, blobs = read_folder(folder, first_member_only, member, fast)
     nets = []
     for weights in blobs:
         net = build(info.architecture)

@@ -18,6 +18,9 @@ from .postprocess import PostConfig
 MODEL_FORMAT = "raythyroid-model/1"
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
+# model.json's entry for the one-pass network `infer --fast` runs where a model ships one (a
+# student distilled from the ensemble: its weights file, architecture, inference, provenance)
+FAST = "fast"
 CARD = "CARD.md"
 CLASS_NAMES = ["background", "nodule"]  # the softmax's channels, in order (model.json)
 # models shipped inside the package: MODEL may name one of these folders (`raythyroid models`)
@@ -109,13 +112,14 @@ class ModelInfo:
     inference: Inference
     members: int = 1  # networks averaged (an ensemble's members; 1 for a single network)
     ensemble: bool = False
-    weights_sha256: str = ""  # of the weights read (an ensemble's first alone with --fast)
+    weights_sha256: str = ""  # of the weights read (only the one-pass network's with --fast)
     card: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     created: str | None = None
     distillation: dict | None = None
     int8: dict | None = None  # int8 weights beside the fp32 ones (the `int8` module wrote them)
+    fast: dict | None = None  # the one-pass network --fast runs, where the model ships one
 
     @classmethod
     def from_json(cls, meta: dict, weights_sha256: str = "") -> "ModelInfo":
@@ -127,7 +131,7 @@ class ModelInfo:
                    weights_sha256=weights_sha256, card=meta.get("card") or {},
                    training=meta.get("training") or {}, data=meta.get("data") or {},
                    created=meta.get("created"), distillation=meta.get("distillation"),
-                   int8=meta.get("int8"))
+                   int8=meta.get("int8"), fast=meta.get(FAST))
 
     def check_prepared(self, model: str, data: str, manifest: dict) -> None:
         """DATA (a prepared set, `manifest` its manifest) holds frames prepared as the model
@@ -172,15 +176,29 @@ class ModelInfo:
         return self.training.get("inference_variants") or []
 
 
-def read_info(folder: str, first_member_only: bool = False) -> ModelInfo:
+def read_info(folder: str, first_member_only: bool = False, fast: bool = False) -> ModelInfo:
     """A model folder (local or s3://) -> its ModelInfo, with `weights_sha256` the identity of
-    the weights it names (an ensemble's first member alone when asked: infer --fast); the
-    weights are read to hash them, not built into a network."""
-    return read_folder(folder, first_member_only)[0]
+    the weights it names (an ensemble's first member alone, or with `fast` its one-pass
+    network: one_pass); the weights are read to hash them, not built into a network."""
+    return read_folder(folder, first_member_only, fast=fast)[0]
 
 
-def read_folder(folder: str, first_member_only: bool, member: int | None = None
-                ) -> tuple[ModelInfo, list[bytes]]:
+def one_pass(meta: dict) -> dict:
+    """model.json as the network `infer --fast` runs sees it: the model's `fast` entry (its
+    own weights, architecture, inference, card and provenance, the ensemble's preparation)
+    where it ships one, else the first member of an ensemble, or the one network, without
+    TTA."""
+    entry = meta.get(FAST)
+    if not entry:
+        files = meta.get("members") or [meta["weights"]]
+        return dict({k: v for k, v in meta.items() if k not in ("members", "int8")},
+                    weights=files[0], tta=False)
+    return dict({k: v for k, v in meta.items() if k in ("prep", "classes", "format")},
+                **entry, tta=False)
+
+
+def read_folder(folder: str, first_member_only: bool, member: int | None = None,
+                fast: bool = False) -> tuple[ModelInfo, list[bytes]]:
     """(ModelInfo, the bytes of the weights it names): what read_info and model.load share."""
     from . import storage
     from .errors import UserError
@@ -194,6 +212,8 @@ def read_folder(folder: str, first_member_only: bool, member: int | None = None
     except OSError as exc:
         raise UserError(f"cannot read the model at {folder}: "
                         f"{storage.describe_error(exc)}") from None
+    if fast:
+        meta = one_pass(meta)
     files = meta.get("members") or [meta["weights"]]
     if member is not None:
         if not 0 <= member < len(files):

@@ -30,6 +30,9 @@ PRETRAIN_DATA = "TG3K (../shared/data/tg3k: 3,585 thyroid-gland frames)"
 ABOUT = ("The figures CARD.md and model.json are rendered from (release/ship_card.py: "
          "render); edit this, never them, then python release/ship_card.py --render DEST.")
 METRICS = ("n_iou", "n_iou_per_image", "dice")
+FAST = "fast"  # model.json's entry for the one-pass network `infer --fast` runs (modelinfo)
+FAST_WEIGHTS = "fast.pt"
+PAIRED = ("frames", "cases", "difference", "interval", "resamples")  # raythyroid compare's
 
 # What a record holds (written by `collect`; `render` reads nothing else):
 #   model         model.json as cv wrote it, less any card, no path of the building machine
@@ -46,6 +49,10 @@ METRICS = ("n_iou", "n_iou_per_image", "dice")
 #                 own clock); or, for a build recorded before those, wall_minutes (cv,
 #                 pretrain, preprocess) of timings.txt's wall clock (the bundled ddti's: as
 #                 its card gave them, rounded)
+#   student       (optional; release/ship_student.sh) the one-pass network `--fast` runs: its
+#                 model.json entry (model), its test-split figures, the unlabelled frames it
+#                 saw and kept, its weights' bytes, its training's seconds, throughput
+#                 (ensemble_bench: the ensemble, its first member and the student) and machine
 #   after_build   (optional) the zoomed-out view added to TTA after the build: the keys it added
 #                 to model.json (model; the inference variants it scored replaced the build's
 #                 in model.training), the inference the build had chosen (built_inference), the
@@ -134,6 +141,53 @@ def collect(work: str) -> dict:
         "pretrain": pretrain, "cv_flags": cv_flags,
         "timings": {"preprocess_seconds": prepared_in if seconds else None,
                     "fold_seconds": fold_seconds}}
+
+
+def collect_student(work: str) -> dict:
+    """The record's `student` part from a release/ship_student.sh WORKDIR."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    def read(path: str) -> dict:
+        with open(os.path.join(work, path)) as f:
+            return json.load(f)
+
+    meta, test, speed = (read("student-fp16/model.json"), read("test-student/metrics.json"),
+                         read("student-throughput.json"))
+    config, taught = meta["training"]["config"], meta["distillation"]
+    rows = pq.read_table(os.path.join(work, "student", "taught"),
+                         columns=["labelled", "status", "confidence"])
+    unlabelled = rows.filter(pc.and_(pc.invert(rows.column("labelled")),
+                                     pc.equal(rows.column("status"), "ok")))
+    kept = unlabelled.filter(pc.greater_equal(unlabelled.column("confidence"),
+                                              taught["min_confidence"]))
+    weights = os.path.join(work, "student-fp16", meta["weights"])
+    paired, paired_first = read("student-vs-ensemble.json"), read("student-vs-first.json")
+    return {
+        # no path of the machine that built it travels with the model
+        "model": {"weights": FAST_WEIGHTS, "architecture": meta["architecture"],
+                  "threshold": meta["threshold"], "postprocess": meta["postprocess"],
+                  "created": meta["created"],
+                  "distillation": {"teacher": "this model's ensemble (its members, its TTA)",
+                                   "unlabelled": f"every 9th frame of {PRETRAIN_DATA}",
+                                   **{k: taught[k] for k in ("min_confidence", "soft_weight",
+                                                              "temperature")}},
+                  "training": {"config": {k: config[k] for k in (
+                      "epochs", "batch_size", "lr", "optimizer", "schedule", "loss", "base",
+                      "augment", "precision")},
+                      "epochs_run": meta["training"]["epochs_run"],
+                      "best_epoch": meta["training"]["best_epoch"]}},
+        "test": {k: test[k] for k in METRICS + ("precision", "recall", "images")},
+        "unlabelled": unlabelled.num_rows, "unlabelled_kept": kept.num_rows,
+        "bytes": os.path.getsize(weights),
+        # the test split frame by frame, the ensemble (A) against the student (B)
+        "paired": {k: paired[k] for k in PAIRED},
+        # and against the first member alone, no TTA (what --fast ran before)
+        "paired_first": {k: paired_first[k] for k in PAIRED},
+        "training_seconds": training_seconds(os.path.join(work, "student")),
+        "machine": machine(),
+        "throughput": {k: speed[k] for k in ("frames", "ensemble_images_per_s",
+                                             "fast_images_per_s", "student_images_per_s")}}
 
 
 def tta(meta: dict) -> str:
@@ -238,11 +292,78 @@ other rows in {built_in}. With the mirror alone the ensemble read {test['n_iou']
 model passes per member and frame
 of {model_passes(built)}; with it, on {speed['machine']} ({speed['precision']}, so both slower), \
 ensemble {speed['ensemble_images_per_s']:.2g},
-`--fast` {speed['fast_images_per_s']:.2g} (`bench/ensemble_bench.py`); there, side by side on \
+{first_member_name(record)} {speed['fast_images_per_s']:.2g} (`bench/ensemble_bench.py`); there, side by side on \
 the same {speed['frames']} frames, the ensemble
 took {speed['job_seconds'] / speed['built_job_seconds']:.2f}x the wall time with the view as \
 with the mirror alone"""
     return rechosen, test_note, speed_note
+
+
+def first_member_name(record: dict) -> str:
+    """What the build's `--fast` figures measured: the first member, until a distilled network
+    took `--fast` over."""
+    return "the first member alone" if record.get("student") else "`--fast`"
+
+
+def student_headline(record: dict) -> str:
+    student = record["student"]
+    return (f"one network distilled from the {len(record['model']['members'])}-member ensemble, "
+            f"one pass a frame: test split n_IoU {student['test']['n_iou']:.3f} "
+            f"({student['test']['images']} frames); research use only")
+
+
+def student_section(record: dict, ensemble_test: dict) -> str:
+    """The card's section on the network `--fast` runs (empty without one on record)."""
+    student = record.get("student")
+    if not student:
+        return ""
+    entry, test, speed = student["model"], student["test"], student["throughput"]
+    config, taught = entry["training"]["config"], entry["distillation"]
+    gap, over_first = (test["n_iou"] - ensemble_test["n_iou"],
+                       test["n_iou"] - record["test_fast"]["n_iou"])
+    trained = record["counts"].get("train", 0) + record["counts"].get("val", 0)
+    beyond = student["paired"]["interval"][1] < 0
+    verdict = (f"The ensemble stays the default: it scores higher on the test split"
+               f"{', beyond the paired interval' if beyond else ''}." if gap < 0 else
+               "It scores at least the ensemble on the test split; whether it becomes the "
+               "default is decided on cross-validation first.")
+    paired, first = student["paired"], student["paired_first"]
+    low, high = paired["interval"]
+    return f"""
+## `--fast`: one network distilled from the ensemble
+
+- A U-Net of a member's size (base width {entry['architecture']['base']}, \
+{student['bytes'] / 1e6:.1f} MB of fp16 weights), started from
+  member 0 and trained {entry['training']['epochs_run']} epochs (lr {config['lr']:g}, \
+{config['schedule']}, `{config['augment']}` augmentation) on the ensemble's
+  soft nodule probabilities (its whole inference, TTA included): over the {trained} train and
+  validation frames, whose masks weigh {1 - taught['soft_weight']:g} of the loss, and over \
+{student['unlabelled_kept']} of {student['unlabelled']} unlabelled
+  frames, every 9th TG3K frame, that the ensemble was at least {taught['min_confidence']:g} \
+confident of. The weights
+  of epoch {entry['training']['best_epoch']}, threshold {entry['threshold']}, keep the \
+{entry['postprocess']['keep_largest'] or 'all'} largest component(s), chosen on the
+  validation split. Its training took {student['training_seconds'] / 60:.0f} minutes.
+- Test split ({test['images']} frames, as above): n_IoU {test['n_iou']:.4f}, n_IoU/img \
+{test['n_iou_per_image']:.4f}, Dice {test['dice']:.4f}: {gap:+.4f} n_IoU
+  against the ensemble, {over_first:+.4f} against the first member alone without TTA. Paired \
+frame by
+  frame (`raythyroid compare`, {paired['frames']} frames of {paired['cases']} cases): IoU \
+{paired['difference']:+.4f} against the ensemble, 95% interval
+  {low:+.4f} .. {high:+.4f} ({paired['resamples']} bootstrap resamples of cases); against \
+the first member
+  alone, {first['difference']:+.4f} ({first['interval'][0]:+.4f} .. \
+{first['interval'][1]:+.4f}).
+- Images per second, the infer job end to end on {speed['frames']} DDTI frames side by side, \
+on
+  {student['machine']}: ensemble {speed['ensemble_images_per_s']:.2f}, first member alone
+  {speed['fast_images_per_s']:.2f}, the distilled network {speed['student_images_per_s']:.2f} \
+({speed['student_images_per_s'] / speed['ensemble_images_per_s']:.1f}x the ensemble).
+- {verdict}
+- The recipe's own cross-validation (each fold's student taught by the member that never saw
+  that fold) is in `bench/BENCHMARKS.md`, "distillation, the second recipe".
+  `release/ship_student.sh` builds it (`{SCRIPT}` ends with it).
+"""
 
 
 def render(record: dict) -> tuple[str, str]:
@@ -266,6 +387,8 @@ def render(record: dict) -> tuple[str, str]:
                     # (release/cv_compare.py) without this build's workdir
                     "folds": folds}
     meta.update(later.get("model", {}))  # what a change after the build added, after the card
+    if record.get("student"):
+        meta[FAST] = dict(record["student"]["model"], card={"headline": student_headline(record)})
     model_json = json.dumps(meta, indent=2)
     size_mb = record["member_bytes"] / 1e6
 
@@ -300,12 +423,18 @@ def render(record: dict) -> tuple[str, str]:
     rechosen, test_note, speed_note = after_build_notes(record, meta)
     speed = record["throughput"]
     members_mean = {key: sum(m[key] or 0 for m in members) / len(members) for key in METRICS}
+    student = record.get("student")
+    fast_is = ("one network distilled from the ensemble, one model pass a frame (below)"
+               if student else "its first member alone without TTA")
+    first_alone = "first member alone, no TTA" if student else "`--fast` (first member, no TTA)"
+    student_row = ("\n" + row("`--fast`: the distilled network, one pass", student["test"])
+                   if student else "")
     card = f"""# raythyroid model `ddti`: thyroid nodule segmentation in ultrasound frames
 
 {headline}.
 
 `raythyroid infer ddti INPUT OUTPUT` uses it; `raythyroid infer ddti INPUT OUTPUT --fast` uses
-its first member alone without TTA. Built {meta['created']} by `{SCRIPT}`.
+{fast_is}. Built {meta['created']} by `{SCRIPT}`.
 
 ## Intended use and limits
 
@@ -372,16 +501,16 @@ pixels{test_note}):
 | inference | n_IoU | n_IoU/img | Dice |
 | --- | ---: | ---: | ---: |
 {row(f"ensemble of {len(meta['members'])}", test)}
-{row("`--fast` (first member, no TTA)", fast)}
+{row(first_alone, fast)}{student_row}
 {chr(10).join(row(f"member {k} alone, its fold's chosen inference", m)
               for k, m in enumerate(members))}
 {row("mean of the members alone", members_mean)}
 
 Images per second on the machine that built it ({record['machine']}), the infer job end to end \
 on
-{speed['frames']} frames: ensemble {speed['ensemble_images_per_s']:.1f}, `--fast`
+{speed['frames']} frames: ensemble {speed['ensemble_images_per_s']:.1f}, {first_member_name(record)}
 {speed['fast_images_per_s']:.1f}{speed_note}.
-
+{student_section(record, test)}
 ## Rebuilding
 
 {rebuilding(record, rebuilt_with)}"""
@@ -398,13 +527,99 @@ def write_rendered(dest: str, record: dict) -> str:
     return json.loads(model_json)["card"]["headline"]
 
 
+def write_test_frames(work: str) -> None:
+    """WORKDIR/test-frames.txt: the source of every frame of the prepared test split."""
+    from raythyroid import shards
+
+    prepared = os.path.join(work, "prepared")
+    rows = shards.read_rows(prepared, shards.read_manifest(prepared), "test", ["source_uri"])
+    with open(os.path.join(work, "test-frames.txt"), "w") as f:
+        f.write("".join(r["source_uri"] + "\n" for r in rows))
+
+
+def copy_teacher(dest: str, out: str) -> None:
+    """OUT: DEST's ensemble alone (its members and model.json, without the one-pass network
+    an earlier release/ship_student.sh added), the teacher of the next student."""
+    with open(os.path.join(dest, "model.json")) as f:
+        meta = json.load(f)
+    meta.pop(FAST, None)
+    os.makedirs(out, exist_ok=True)
+    for name in meta["members"]:
+        shutil.copy(os.path.join(dest, name), os.path.join(out, name))
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def copy_one_pass(model: str, out: str) -> None:
+    """OUT: the network `infer MODEL --fast` runs, as a model folder of its own (the first
+    member of the teacher, which has no distilled network: what --fast ran before one)."""
+    from raythyroid import modelinfo
+
+    with open(os.path.join(model, modelinfo.MODEL_JSON)) as f:
+        meta = modelinfo.one_pass(json.load(f))
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(model, meta["weights"]), os.path.join(out, meta["weights"]))
+    with open(os.path.join(out, modelinfo.MODEL_JSON), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def write_half(model: str, out: str) -> None:
+    """OUT: a one-network model folder with its weights in fp16, as the package keeps them
+    (half the bytes; the student is scored and timed in this form)."""
+    import torch
+
+    from raythyroid import modelinfo
+
+    weights = torch.load(os.path.join(model, modelinfo.WEIGHTS), map_location="cpu",
+                         weights_only=True)
+    os.makedirs(out, exist_ok=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+               os.path.join(out, modelinfo.WEIGHTS))
+    shutil.copy(os.path.join(model, modelinfo.MODEL_JSON), os.path.join(out, modelinfo.MODEL_JSON))
+
+
+def ship_student(work: str, dest: str) -> None:
+    """The student release/ship_student.sh built in WORKDIR into DEST, beside the ensemble:
+    its fp16 weights, its figures in DEST's record, the card and model.json rendered again."""
+    from raythyroid import modelinfo
+
+    with open(os.path.join(dest, FIGURES)) as f:
+        record = json.load(f)
+    record["student"] = collect_student(work)
+    shutil.copy(os.path.join(work, "student-fp16", modelinfo.WEIGHTS),
+                os.path.join(dest, FAST_WEIGHTS))
+    with open(os.path.join(dest, FIGURES), "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+    write_rendered(dest, record)
+    print(f"{dest}: {FAST_WEIGHTS} ({record['student']['bytes'] / 1e6:.1f} MB), "
+          f"{student_headline(record)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", nargs="?", help="a release/ship_ddti.sh WORKDIR")
     parser.add_argument("dest", nargs="?", help="the model folder to ship into")
     parser.add_argument("--render", metavar="DEST",
                         help=f"render DEST's CARD.md and model.json from DEST/{FIGURES} alone")
+    parser.add_argument("--student", action="store_true",
+                        help="ship release/ship_student.sh's student from WORKDIR into DEST")
+    parser.add_argument("--teacher", nargs=2, metavar=("DEST", "OUT"),
+                        help="copy DEST's ensemble alone into OUT")
+    parser.add_argument("--one-pass", nargs=2, metavar=("MODEL", "OUT"),
+                        help="copy the network `infer MODEL --fast` runs into OUT")
+    parser.add_argument("--half", nargs=2, metavar=("MODEL", "OUT"),
+                        help="copy a one-network MODEL into OUT with fp16 weights")
+    parser.add_argument("--test-frames", metavar="WORKDIR",
+                        help="write WORKDIR/test-frames.txt from WORKDIR/prepared's test split")
     args = parser.parse_args()
+    if args.test_frames:
+        return write_test_frames(args.test_frames)
+    if args.teacher:
+        return copy_teacher(*args.teacher)
+    if args.one_pass:
+        return copy_one_pass(*args.one_pass)
+    if args.half:
+        return write_half(*args.half)
     if args.render:
         if args.workdir:
             parser.error("--render DEST takes no WORKDIR")
@@ -415,6 +630,8 @@ def main() -> None:
         return
     if not args.dest:
         parser.error("WORKDIR and DEST, or --render DEST")
+    if args.student:
+        return ship_student(args.workdir, args.dest)
     record = collect(args.workdir)
     os.makedirs(args.dest, exist_ok=True)
     for name in os.listdir(args.dest):  # a new version replaces the old files

@@ -5,7 +5,8 @@
 # each member alone scored on the untouched test split, original frames against original
 # masks -> images/s of the ensemble and --fast -> weights (fp16), the figures measured
 # (card-figures.json) and model.json + CARD.md rendered from them into the package
-# (release/ship_card.py; --render DEST renders them again after a figure changes).
+# (release/ship_card.py; --render DEST renders them again after a figure changes) -> the
+# network `--fast` runs, distilled from that ensemble (release/ship_student.sh).
 #
 #   release/ship_ddti.sh [WORKDIR]    # default .cache/ship-ddti
 #
@@ -62,14 +63,7 @@ fi
 printf '%s' "${CV_FLAGS:-}" > "$work/cv-flags"
 "$bin/raythyroid" cv "$work/prepared" "$work/cv" --folds 5 --workers 1 \
   --epochs "$epochs" "${init[@]}" "${cv_flags[@]}"
-"$bin/python" - "$work" <<'PY'
-import sys
-from raythyroid import shards
-work = sys.argv[1]
-manifest = shards.read_manifest(f"{work}/prepared")
-rows = shards.read_rows(f"{work}/prepared", manifest, "test", ["source_uri"])
-open(f"{work}/test-frames.txt", "w").write("".join(r["source_uri"] + "\n" for r in rows))
-PY
+"$bin/python" "$root/release/ship_card.py" --test-frames "$work"
 for variant in ensemble fast; do
   flag=""
   [ "$variant" = fast ] && flag="--fast"
@@ -84,3 +78,5 @@ done
 "$bin/python" "$root/bench/ensemble_bench.py" --model "$work/cv/model" \
   --frames "$work/test-frames.txt" --json "$work/throughput.json"
 "$bin/python" "$root/release/ship_card.py" "$work" "$dest"
+# the one-pass network `--fast` runs, distilled from the ensemble just shipped
+DDTI="$ddti" TG3K="$tg3k" DEST="$dest" "$root/release/ship_student.sh" "$work"

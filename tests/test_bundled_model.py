@@ -1,4 +1,5 @@
 """The model shipped inside the package: `raythyroid infer ddti` right after installation."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def test_the_bundled_model_is_listed_with_its_card(tmp_path, monkeypatch):
     listed = run_cli("models")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("ddti: ") and info.card["headline"] in listed.stdout
-    assert sum((folder / name).stat().st_size for name in written["members"]) < 40e6
+    # and the network --fast runs, with its own headline
+    assert f"--fast: {written['fast']['card']['headline']}" in listed.stdout
+    assert sum((folder / name).stat().st_size
+               for name in written["members"] + [written["fast"]["weights"]]) < 40e6
     card = (folder / model.CARD).read_text()
     assert "5-fold" in card and "research use" in card.lower()
 
@@ -65,11 +69,24 @@ def test_infer_ddti_segments_held_out_frames(ray_local, ddti, tmp_path):
         for mask in masks.values():
             assert mask.shape == image.shape  # the original frame's geometry
             assert mask.any(), frame.stem  # every DDTI frame shows a nodule
-        # the single member without TTA finds the same nodule as the whole ensemble
+        # the one-pass network finds the same nodule as the whole ensemble
         both = masks["ensemble"] & masks["fast"]
         assert both.sum() / (masks["ensemble"] | masks["fast"]).sum() > 0.5, frame.stem
     # (two frames: each costs the ensemble twice over, 40 passes, in this process)
     assert _masks_follow_the_chosen_tta(frames[:2], outputs["ensemble"])
+    # --fast runs the network distilled from the ensemble that ships beside it (model.json's
+    # `fast`), not the first member: its masks, and the job's record of the weights that ran
+    folder = Path(model.resolve("ddti"))
+    student, student_info = model.load(str(folder), fast=True)
+    first, first_info = model.load(str(folder), first_member_only=True)
+    shipped = json.loads((folder / model.MODEL_JSON).read_text())["fast"]
+    assert student_info.weights_sha256 == hashlib.sha256(
+        (folder / shipped["weights"]).read_bytes()).hexdigest() != first_info.weights_sha256
+    assert student_info.inference.post.threshold == shipped["threshold"]
+    job = json.loads((outputs["fast"] / "_JOB.json").read_text())
+    assert job["weights"] == student_info.weights_sha256[:16]
+    assert (_misses(frames[:2], outputs["fast"], student, student_info, zoom=None)
+            < _misses(frames[:2], outputs["fast"], first, first_info, zoom=None))
     metrics = json.loads((outputs["ensemble"] / "metrics.json").read_text())
     # a floor for plausibility, not the model's accuracy (CV and the model card measure that)
     assert metrics["images"] == HELD_OUT_FRAMES and metrics["n_iou"] > 0.3
@@ -154,21 +171,28 @@ def test_the_card_and_model_json_render_from_the_recorded_figures(tmp_path):
 def _masks_follow_the_chosen_tta(frames: list, out: Path) -> bool:
     """infer's masks are the ensemble's with the TTA its model.json chose (the zoomed-out view
     included): they match a direct computation with it better than one without it."""
-    import torch
-
     net, info = model.load(model.resolve("ddti"))
     assert info.inference.tta and info.inference.tta_zoom > 0
-    prep, post = info.prep, info.inference.post
+    return (_misses(frames, out, net, info, zoom=info.inference.tta_zoom)
+            < _misses(frames, out, net, info, zoom=0.0))
+
+
+def _misses(frames: list, out: Path, net, info, zoom: float | None) -> int:
+    """Pixels where infer's masks in OUT differ from `net`'s own, computed directly with
+    `info`'s preparation and post-processing: with the mirror image and a zoomed-out view of
+    `zoom` (0: the mirror alone), or one pass (None)."""
+    import torch
+
     cpu = torch.device("cpu")
-    misses = {"chosen": 0, "mirror alone": 0}
+    misses = 0
     for frame in frames:
         decoded = imaging.open_frames(frame.read_bytes(), 10 ** 8).frame(0)  # as infer reads it
-        image, geometry = imaging.prepare(decoded, prep)
+        image, geometry = imaging.prepare(decoded, info.prep)
         made = cv2.imread(str(out / "masks" / f"{frame.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
-        for name, zoom in (("chosen", info.inference.tta_zoom), ("mirror alone", 0.0)):
-            prob = model.nodule_probability(net, torch.from_numpy(image[None]), cpu,
-                                            model.resolve_bf16("auto", cpu), True, zoom)
-            mask = postprocess.clean_mask(geometry.restore(prob[0].numpy().astype(np.float16)),
-                                          post)
-            misses[name] += int((mask != made).sum())
-    return misses["chosen"] < misses["mirror alone"]
+        prob = model.nodule_probability(net, torch.from_numpy(image[None]), cpu,
+                                        model.resolve_bf16("auto", cpu), zoom is not None,
+                                        zoom or 0.0)
+        mask = postprocess.clean_mask(geometry.restore(prob[0].numpy().astype(np.float16)),
+                                      info.inference.post)
+        misses += int((mask != made).sum())
+    return misses
