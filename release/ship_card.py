@@ -6,6 +6,14 @@ models` and release/cv_compare.py) and the model card, CARD.md.
     python release/ship_card.py WORKDIR DEST   # collect WORKDIR's figures, ship them into DEST
     python release/ship_card.py --render DEST  # CARD.md and model.json again from DEST's record
 
+release/ship_student.sh's steps (the one-pass network `--fast` runs, distilled from the ensemble):
+
+    python release/ship_card.py --teacher DEST OUT      # DEST's ensemble alone, the teacher
+    python release/ship_card.py --one-pass MODEL OUT    # what `infer MODEL --fast` runs
+    python release/ship_card.py --half MODEL OUT        # a one-network MODEL in fp16
+    python release/ship_card.py --test-frames WORKDIR   # WORKDIR/test-frames.txt
+    python release/ship_card.py --student WORKDIR DEST  # the student into DEST's record
+
 Two steps: `collect` reads a WORKDIR into the record; `render` turns a record into the card and
 model.json and reads nothing else, so a shipped card is reproduced from its record
 (tests/test_bundled_model.py renders the bundled model's and compares). A figure measured after
@@ -157,8 +165,8 @@ def collect_student(work: str) -> dict:
     config, taught = meta["training"]["config"], meta["distillation"]
     rows = pq.read_table(os.path.join(work, "student", "taught"),
                          columns=["labelled", "status", "confidence"])
-    unlabelled = rows.filter(pc.and_(pc.invert(rows.column("labelled")),
-                                     pc.equal(rows.column("status"), "ok")))
+    ok = rows.filter(pc.equal(rows.column("status"), "ok"))
+    unlabelled = ok.filter(pc.invert(ok.column("labelled")))
     kept = unlabelled.filter(pc.greater_equal(unlabelled.column("confidence"),
                                               taught["min_confidence"]))
     weights = os.path.join(work, "student-fp16", meta["weights"])
@@ -178,6 +186,9 @@ def collect_student(work: str) -> dict:
                       "epochs_run": meta["training"]["epochs_run"],
                       "best_epoch": meta["training"]["best_epoch"]}},
         "test": {k: test[k] for k in METRICS + ("precision", "recall", "images")},
+        # the frames it trained on: the labelled ones (the train split's) and the unlabelled
+        # ones over the confidence bar
+        "labelled": ok.num_rows - unlabelled.num_rows,
         "unlabelled": unlabelled.num_rows, "unlabelled_kept": kept.num_rows,
         "bytes": os.path.getsize(weights),
         # the test split frame by frame, the ensemble (A) against the student (B)
@@ -321,7 +332,6 @@ def student_section(record: dict, ensemble_test: dict) -> str:
     config, taught = entry["training"]["config"], entry["distillation"]
     gap, over_first = (test["n_iou"] - ensemble_test["n_iou"],
                        test["n_iou"] - record["test_fast"]["n_iou"])
-    trained = record["counts"].get("train", 0) + record["counts"].get("val", 0)
     beyond = student["paired"]["interval"][1] < 0
     verdict = (f"The ensemble stays the default: it scores higher on the test split"
                f"{', beyond the paired interval' if beyond else ''}." if gap < 0 else
@@ -336,14 +346,16 @@ def student_section(record: dict, ensemble_test: dict) -> str:
 {student['bytes'] / 1e6:.1f} MB of fp16 weights), started from
   member 0 and trained {entry['training']['epochs_run']} epochs (lr {config['lr']:g}, \
 {config['schedule']}, `{config['augment']}` augmentation) on the ensemble's
-  soft nodule probabilities (its whole inference, TTA included): over the {trained} train and
-  validation frames, whose masks weigh {1 - taught['soft_weight']:g} of the loss, and over \
-{student['unlabelled_kept']} of {student['unlabelled']} unlabelled
-  frames, every 9th TG3K frame, that the ensemble was at least {taught['min_confidence']:g} \
-confident of. The weights
-  of epoch {entry['training']['best_epoch']}, threshold {entry['threshold']}, keep the \
-{entry['postprocess']['keep_largest'] or 'all'} largest component(s), chosen on the
-  validation split. Its training took {student['training_seconds'] / 60:.0f} minutes.
+  soft nodule probabilities (its whole inference, TTA included): over the {student['labelled']} \
+frames of the train
+  split, whose masks weigh {1 - taught['soft_weight']:g} of the loss, and over \
+{student['unlabelled_kept']} of {student['unlabelled']} unlabelled frames,
+  {taught['unlabelled']},
+  that the ensemble was at least {taught['min_confidence']:g} confident of. The weights of \
+epoch {entry['training']['best_epoch']}, threshold {entry['threshold']},
+  keep the {entry['postprocess']['keep_largest'] or 'all'} largest component(s), chosen on the \
+validation split ({record['counts'].get('val')} frames,
+  which the ensemble's members trained on: a little optimistic). Its training took {student['training_seconds'] / 60:.0f} minutes.
 - Test split ({test['images']} frames, as above): n_IoU {test['n_iou']:.4f}, n_IoU/img \
 {test['n_iou_per_image']:.4f}, Dice {test['dice']:.4f}: {gap:+.4f} n_IoU
   against the ensemble, {over_first:+.4f} against the first member alone without TTA. Paired \

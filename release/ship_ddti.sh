@@ -32,8 +32,8 @@ read -r -a cv_flags <<< "${CV_FLAGS:-}"
 dest="${DEST:-$root/raythyroid/models/ddti}"
 bin="$root/.venv/bin"
 [ -d "$ddti/images" ] || { echo "ship_ddti: no DDTI frames at $ddti (set DDTI)" >&2; exit 2; }
-[ "$pretrain_epochs" = 0 ] || [ -d "$tg3k/images" ] ||
-  { echo "ship_ddti: no TG3K frames at $tg3k (set TG3K, or PRETRAIN_EPOCHS=0)" >&2; exit 2; }
+# TG3K: the pretraining's gland masks, and the student's unlabelled frames (ship_student.sh)
+[ -d "$tg3k/images" ] || { echo "ship_ddti: no TG3K frames at $tg3k (set TG3K)" >&2; exit 2; }
 mkdir -p "$work"
 timings="$work/timings.txt"
 

@@ -3,8 +3,8 @@
 # distilled from the shipped ensemble, end to end (release/ship_ddti.sh ends with it; alone, it
 # distils the ensemble DEST already holds):
 # the ensemble as built (DEST's members, without an earlier student) -> DDTI preprocessed with
-# default settings -> `raythyroid distill` over the train + val frames and every 9th TG3K frame
-# as unlabelled ones (the recipe bench/BENCHMARKS.md measured, "distillation, the second
+# default settings -> `raythyroid distill` over the train split's frames (the validation
+# split picks its epoch and inference) and every 9th TG3K frame as unlabelled ones (the recipe bench/BENCHMARKS.md measured, "distillation, the second
 # recipe") -> its weights in fp16, as they ship -> scored on the untouched test split, timed
 # beside the ensemble and its first member (bench/ensemble_bench.py), compared with the
 # ensemble frame by frame (raythyroid compare) -> the figures into DEST's
@@ -12,53 +12,69 @@
 #
 #   release/ship_student.sh [WORKDIR]    # default .cache/ship-ddti (ship_ddti.sh's)
 #
-# Resumable: rerun the same command after a stop; finished steps are kept.
+# Resumable: rerun the same command after a stop; finished steps are kept, and a step redone
+# redoes the steps after it. A WORKDIR belongs to one ensemble: another one in DEST is refused.
 # Environment: DDTI and TG3K (the frames' folders), DEST (default the package's
-# raythyroid/models/ddti), EPOCHS (default 6).
+# raythyroid/models/ddti), STUDENT_EPOCHS (default 6).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ddti="${DDTI:-$root/../shared/data/ddti}"
 tg3k="${TG3K:-$root/../shared/data/tg3k}"
 work="${1:-$root/.cache/ship-ddti}"
 dest="${DEST:-$root/raythyroid/models/ddti}"
-epochs="${EPOCHS:-6}"
+epochs="${STUDENT_EPOCHS:-6}"
 bin="$root/.venv/bin"
 [ -d "$ddti/images" ] || { echo "ship_student: no DDTI frames at $ddti (set DDTI)" >&2; exit 2; }
 [ -d "$tg3k/images" ] || { echo "ship_student: no TG3K frames at $tg3k (set TG3K)" >&2; exit 2; }
 [ -f "$dest/model.json" ] || { echo "ship_student: no model at $dest (set DEST)" >&2; exit 2; }
 mkdir -p "$work"
 
+fresh() {  # OUT IN...: OUT exists and is newer than every IN (else its step runs again)
+  local out=$1 input
+  shift
+  [ -e "$out" ] || return 1
+  for input in "$@"; do [ "$out" -nt "$input" ] || return 1; done
+}
 # the teacher is the ensemble alone: a student shipped before must not teach the next one
 [ -f "$work/teacher/model.json" ] ||
   "$bin/python" "$root/release/ship_card.py" --teacher "$dest" "$work/teacher"
+for member in "$work"/teacher/member-*.pt; do
+  cmp -s "$member" "$dest/${member##*/}" || {
+    echo "ship_student: $work distilled another ensemble than $dest holds: use a new WORKDIR" >&2
+    exit 2
+  }
+done
 [ -f "$work/prepared/manifest.json" ] ||
   "$bin/raythyroid" preprocess "$ddti" "$work/prepared"
 [ -f "$work/test-frames.txt" ] || "$bin/python" "$root/release/ship_card.py" --test-frames "$work"
 # every 9th TG3K frame in name order: other frames of the same videos add little (TG3K's
 # README: many frames are flipped, rotated or noisy copies); a third of them scored lower
-find "$tg3k/images" -maxdepth 1 -type f | sort | awk 'NR % 9 == 1' > "$work/unlabelled.txt"
+find "$tg3k/images" -maxdepth 1 -type f | LC_ALL=C sort | awk 'NR % 9 == 1' > "$work/unlabelled.txt"
 "$bin/raythyroid" distill "$work/teacher" "$work/prepared" "$work/student" --from-teacher \
   --unlabelled "$work/unlabelled.txt" --epochs "$epochs" --lr 1e-4 --min-confidence 0.5
-[ -f "$work/student-fp16/model.json" ] ||
+fresh "$work/student-fp16/weights.pt" "$work/student/model/weights.pt" ||
   "$bin/python" "$root/release/ship_card.py" --half "$work/student/model" "$work/student-fp16"
+# an OUTPUT keeps one model's masks: a student made again is scored afresh
+fresh "$work/test-student/metrics.json" "$work/student-fp16/weights.pt" ||
+  rm -rf "$work/test-student"
 "$bin/raythyroid" infer "$work/student-fp16" "$work/test-frames.txt" "$work/test-student" \
   --labels "$ddti/masks"
 # timed over 120 DDTI frames: on the test split's 31 a job's start-up is most of the
 # student's time
-ls "$ddti/images" | sort | head -n 120 | sed "s|^|$ddti/images/|" > "$work/speed-frames.txt"
-[ -f "$work/student-throughput.json" ] ||
+find "$ddti/images" -maxdepth 1 -type f | LC_ALL=C sort | awk 'NR <= 120' > "$work/speed-frames.txt"
+fresh "$work/student-throughput.json" "$work/student-fp16/weights.pt" ||
   "$bin/python" "$root/bench/ensemble_bench.py" --model "$work/teacher" \
     --student "$work/student-fp16" --frames "$work/speed-frames.txt" \
     --json "$work/student-throughput.json"
 # frame by frame on the test split against the ensemble and against its first member alone
 # (what --fast ran before), with bootstrap intervals; exit 4 (the student is not better beyond
 # the interval) is a finding here, not a failure
-[ -f "$work/student-vs-ensemble.json" ] ||
+fresh "$work/student-vs-ensemble.json" "$work/student-fp16/weights.pt" ||
   "$bin/raythyroid" compare "$work/teacher" "$work/student-fp16" "$work/prepared" \
     --split test --json "$work/student-vs-ensemble.json" || [ $? -eq 4 ]
 [ -f "$work/first-member/model.json" ] ||
   "$bin/python" "$root/release/ship_card.py" --one-pass "$work/teacher" "$work/first-member"
-[ -f "$work/student-vs-first.json" ] ||
+fresh "$work/student-vs-first.json" "$work/student-fp16/weights.pt" ||
   "$bin/raythyroid" compare "$work/first-member" "$work/student-fp16" "$work/prepared" \
     --split test --json "$work/student-vs-first.json" || [ $? -eq 4 ]
 "$bin/python" "$root/release/ship_card.py" --student "$work" "$dest"

@@ -143,6 +143,44 @@ def test_the_shipped_build_is_a_baseline_later_builds_compare_against(tmp_path):
     assert refused.returncode != 0 and "do not pair" in refused.stderr
 
 
+def test_fast_runs_the_network_a_model_ships_for_it_else_the_first_member(tmp_path):
+    """--fast's view of a model folder (modelinfo.one_pass): where the model ships a one-pass
+    network (model.json's `fast`), its weights, post-processing, architecture and card, with
+    the model's preparation; else an ensemble's first member with the ensemble's
+    post-processing, as before. Never TTA, never the other members."""
+    import hashlib
+
+    from raythyroid import modelinfo
+
+    ensemble = {"prep": {"size": 128}, "classes": ["background", "nodule"], "threshold": 0.5,
+                "tta": True, "tta_zoom": 0.8, "postprocess": {"keep_largest": 2},
+                "members": ["member-0.pt", "member-1.pt"], "card": {"headline": "ensemble"},
+                "architecture": {"base": 16}, "format": modelinfo.MODEL_FORMAT}
+    student = {"weights": "fast.pt", "architecture": {"base": 8}, "threshold": 0.4,
+               "postprocess": {"keep_largest": 1}, "card": {"headline": "student"}}
+    for name, meta in (("plain", ensemble), ("shipped", dict(ensemble, fast=student))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / modelinfo.MODEL_JSON).write_text(json.dumps(meta))
+        for weights in ("member-0.pt", "member-1.pt", "fast.pt"):
+            (folder / weights).write_bytes(weights.encode())
+    first = modelinfo.read_info(str(tmp_path / "plain"), fast=True)
+    assert first.weights_sha256 == hashlib.sha256(b"member-0.pt").hexdigest()
+    assert (first.inference.post.threshold, first.inference.post.keep_largest) == (0.5, 2)
+    assert not first.inference.tta and first.members == 1 and first.architecture.base == 16
+    assert first.card["headline"] == "ensemble"
+    shipped = modelinfo.read_info(str(tmp_path / "shipped"), fast=True)
+    assert shipped.weights_sha256 == hashlib.sha256(b"fast.pt").hexdigest()
+    assert (shipped.inference.post.threshold, shipped.inference.post.keep_largest) == (0.4, 1)
+    assert not shipped.inference.tta and shipped.members == 1 and shipped.architecture.base == 8
+    assert shipped.card["headline"] == "student" and shipped.prep.size == 128
+    # without --fast the ensemble is the ensemble; --init's first member is still member 0
+    whole = modelinfo.read_info(str(tmp_path / "shipped"))
+    assert whole.members == 2 and whole.inference.tta and whole.fast == student
+    assert modelinfo.read_info(str(tmp_path / "shipped"), first_member_only=True
+                               ).weights_sha256 == first.weights_sha256
+
+
 def test_the_card_and_model_json_render_from_the_recorded_figures(tmp_path):
     """CARD.md and model.json are what release/ship_card.py renders from the figures recorded
     beside them (card-figures.json), byte for byte: a figure changes in the record and both
@@ -158,6 +196,7 @@ def test_the_card_and_model_json_render_from_the_recorded_figures(tmp_path):
     written = json.loads((folder / model.MODEL_JSON).read_text())
     assert figures["member_bytes"] == sum((folder / n).stat().st_size
                                           for n in written["members"])
+    assert figures["student"]["bytes"] == (folder / written["fast"]["weights"]).stat().st_size
     shutil.copy(folder / "card-figures.json", tmp_path)
     done = subprocess.run([sys.executable, str(root / "release" / "ship_card.py"), "--render",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
