@@ -551,13 +551,30 @@ def write_test_frames(work: str) -> None:
 
 def copy_teacher(dest: str, out: str) -> None:
     """OUT: DEST's ensemble alone (its members and model.json, without the one-pass network
-    an earlier release/ship_student.sh added), the teacher of the next student."""
-    with open(os.path.join(dest, "model.json")) as f:
-        meta = json.load(f)
-    meta.pop(FAST, None)
+    an earlier release/ship_student.sh added), the teacher of the next student. An OUT made
+    before must still be that ensemble (members and model.json), or the student of another
+    would ship beside it: exit 2."""
+    def ensemble(folder: str) -> tuple[dict, list[bytes]]:
+        with open(os.path.join(folder, "model.json")) as f:
+            meta = json.load(f)
+        meta.pop(FAST, None)
+        blobs = []
+        for name in meta["members"]:
+            with open(os.path.join(folder, name), "rb") as f:
+                blobs.append(f.read())
+        return meta, blobs
+
+    meta, blobs = ensemble(dest)
+    if os.path.exists(os.path.join(out, "model.json")):
+        if ensemble(out) != (meta, blobs):
+            print(f"ship_card: {out} holds another ensemble than {dest}: use a new WORKDIR",
+                  file=sys.stderr)
+            sys.exit(2)
+        return
     os.makedirs(out, exist_ok=True)
-    for name in meta["members"]:
-        shutil.copy(os.path.join(dest, name), os.path.join(out, name))
+    for name, blob in zip(meta["members"], blobs):
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(blob)
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump(meta, f, indent=2)
 

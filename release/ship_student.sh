@@ -35,15 +35,9 @@ fresh() {  # OUT IN...: OUT exists and is newer than every IN (else its step run
   [ -e "$out" ] || return 1
   for input in "$@"; do [ "$out" -nt "$input" ] || return 1; done
 }
-# the teacher is the ensemble alone: a student shipped before must not teach the next one
-[ -f "$work/teacher/model.json" ] ||
-  "$bin/python" "$root/release/ship_card.py" --teacher "$dest" "$work/teacher"
-for member in "$work"/teacher/member-*.pt; do
-  cmp -s "$member" "$dest/${member##*/}" || {
-    echo "ship_student: $work distilled another ensemble than $dest holds: use a new WORKDIR" >&2
-    exit 2
-  }
-done
+# the teacher is the ensemble alone: a student shipped before must not teach the next one (a
+# WORKDIR whose teacher is not DEST's ensemble any more is refused)
+"$bin/python" "$root/release/ship_card.py" --teacher "$dest" "$work/teacher"
 [ -f "$work/prepared/manifest.json" ] ||
   "$bin/raythyroid" preprocess "$ddti" "$work/prepared"
 [ -f "$work/test-frames.txt" ] || "$bin/python" "$root/release/ship_card.py" --test-frames "$work"
@@ -52,29 +46,32 @@ done
 find "$tg3k/images" -maxdepth 1 -type f | LC_ALL=C sort | awk 'NR % 9 == 1' > "$work/unlabelled.txt"
 "$bin/raythyroid" distill "$work/teacher" "$work/prepared" "$work/student" --from-teacher \
   --unlabelled "$work/unlabelled.txt" --epochs "$epochs" --lr 1e-4 --min-confidence 0.5
-fresh "$work/student-fp16/weights.pt" "$work/student/model/weights.pt" ||
+# model.json is written last: the step's mark of completion
+fresh "$work/student-fp16/model.json" "$work/student/model/weights.pt" \
+  "$work/student/model/model.json" ||
   "$bin/python" "$root/release/ship_card.py" --half "$work/student/model" "$work/student-fp16"
-# an OUTPUT keeps one model's masks: a student made again is scored afresh
-fresh "$work/test-student/metrics.json" "$work/student-fp16/weights.pt" ||
+# an OUTPUT keeps one model's masks: a student made again is scored afresh (as is one whose
+# scoring stopped before its metrics: 31 frames)
+fresh "$work/test-student/metrics.json" "$work/student-fp16/model.json" ||
   rm -rf "$work/test-student"
 "$bin/raythyroid" infer "$work/student-fp16" "$work/test-frames.txt" "$work/test-student" \
   --labels "$ddti/masks"
 # timed over 120 DDTI frames: on the test split's 31 a job's start-up is most of the
 # student's time
 find "$ddti/images" -maxdepth 1 -type f | LC_ALL=C sort | awk 'NR <= 120' > "$work/speed-frames.txt"
-fresh "$work/student-throughput.json" "$work/student-fp16/weights.pt" ||
+fresh "$work/student-throughput.json" "$work/student-fp16/model.json" ||
   "$bin/python" "$root/bench/ensemble_bench.py" --model "$work/teacher" \
     --student "$work/student-fp16" --frames "$work/speed-frames.txt" \
     --json "$work/student-throughput.json"
 # frame by frame on the test split against the ensemble and against its first member alone
 # (what --fast ran before), with bootstrap intervals; exit 4 (the student is not better beyond
 # the interval) is a finding here, not a failure
-fresh "$work/student-vs-ensemble.json" "$work/student-fp16/weights.pt" ||
+fresh "$work/student-vs-ensemble.json" "$work/student-fp16/model.json" ||
   "$bin/raythyroid" compare "$work/teacher" "$work/student-fp16" "$work/prepared" \
     --split test --json "$work/student-vs-ensemble.json" || [ $? -eq 4 ]
 [ -f "$work/first-member/model.json" ] ||
   "$bin/python" "$root/release/ship_card.py" --one-pass "$work/teacher" "$work/first-member"
-fresh "$work/student-vs-first.json" "$work/student-fp16/weights.pt" ||
+fresh "$work/student-vs-first.json" "$work/student-fp16/model.json" ||
   "$bin/raythyroid" compare "$work/first-member" "$work/student-fp16" "$work/prepared" \
     --split test --json "$work/student-vs-first.json" || [ $? -eq 4 ]
 "$bin/python" "$root/release/ship_card.py" --student "$work" "$dest"

@@ -163,8 +163,11 @@ def test_a_job_driver_reads_its_model_without_torch():
 
     probe = ("import sys\n"
              "from raythyroid import cli, infer, modelinfo\n"
-             "info = modelinfo.read_info(modelinfo.resolve('ddti'), fast=True)\n"
-             "assert info.fast is None and info.members == 1, info\n"
+             "import hashlib, os\n"
+             "folder = modelinfo.resolve('ddti')\n"
+             "info = modelinfo.read_info(folder, fast=True)\n"
+             "shipped = open(os.path.join(folder, 'fast.pt'), 'rb').read()\n"
+             "assert info.weights_sha256 == hashlib.sha256(shipped).hexdigest(), info\n"
              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=120, cwd=PACKAGE.parent)
