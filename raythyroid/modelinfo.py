@@ -176,11 +176,11 @@ class ModelInfo:
         return self.training.get("inference_variants") or []
 
 
-def read_info(folder: str, first_member_only: bool = False, fast: bool = False) -> ModelInfo:
+def read_info(folder: str, fast: bool = False) -> ModelInfo:
     """A model folder (local or s3://) -> its ModelInfo, with `weights_sha256` the identity of
-    the weights it names (an ensemble's first member alone, or with `fast` its one-pass
-    network: one_pass); the weights are read to hash them, not built into a network."""
-    return read_folder(folder, first_member_only, fast=fast)[0]
+    the weights it names (with `fast`, those of the network infer --fast runs: one_pass); the
+    weights are read to hash them, not built into a network."""
+    return read_folder(folder, first_member_only=False, fast=fast)[0]
 
 
 def one_pass(meta: dict) -> dict:

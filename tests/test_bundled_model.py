@@ -177,8 +177,8 @@ def test_fast_runs_the_network_a_model_ships_for_it_else_the_first_member(tmp_pa
     # without --fast the ensemble is the ensemble; --init's first member is still member 0
     whole = modelinfo.read_info(str(tmp_path / "shipped"))
     assert whole.members == 2 and whole.inference.tta and whole.fast == student
-    assert modelinfo.read_info(str(tmp_path / "shipped"), first_member_only=True
-                               ).weights_sha256 == first.weights_sha256
+    assert modelinfo.read_folder(str(tmp_path / "shipped"), first_member_only=True
+                                 )[0].weights_sha256 == first.weights_sha256
 
 
 def test_the_card_and_model_json_render_from_the_recorded_figures(tmp_path):
