@@ -1,6 +1,7 @@
 """Images/s of a fold ensemble (every member, TTA as chosen) against `--fast` (its one-pass
-network: the distilled one where the model ships it, else its first member) and, with --student, a distilled student (its own inference; also with its int8 weights
-where `raythyroid quantize` wrote them), side by side in one Ray session over the same frames,
+network: the distilled one where the model ships it, else its first member) and, with
+--student, a distilled student (its own inference; also with its int8 weights where
+`raythyroid quantize` wrote them), side by side in one Ray session over the same frames,
 through the real infer job.
 
     python bench/ensemble_bench.py [--model ddti] [--student MODEL] [--frames FILE_LIST]

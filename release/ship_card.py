@@ -303,7 +303,8 @@ other rows in {built_in}. With the mirror alone the ensemble read {test['n_iou']
 model passes per member and frame
 of {model_passes(built)}; with it, on {speed['machine']} ({speed['precision']}, so both slower), \
 ensemble {speed['ensemble_images_per_s']:.2g},
-{first_member_name(record)} {speed['fast_images_per_s']:.2g} (`bench/ensemble_bench.py`); there, side by side on \
+{first_member_name(record)} {speed['fast_images_per_s']:.2g} \
+(`bench/ensemble_bench.py`); there, side by side on \
 the same {speed['frames']} frames, the ensemble
 took {speed['job_seconds'] / speed['built_job_seconds']:.2f}x the wall time with the view as \
 with the mirror alone"""
@@ -355,7 +356,8 @@ frames of the train
 epoch {entry['training']['best_epoch']}, threshold {entry['threshold']},
   keep the {entry['postprocess']['keep_largest'] or 'all'} largest component(s), chosen on the \
 validation split ({record['counts'].get('val')} frames,
-  which the ensemble's members trained on: a little optimistic). Its training took {student['training_seconds'] / 60:.0f} minutes.
+  which the ensemble's members trained on: a little optimistic). Its training took \
+{student['training_seconds'] / 60:.0f} minutes.
 - Test split ({test['images']} frames, as above): n_IoU {test['n_iou']:.4f}, n_IoU/img \
 {test['n_iou_per_image']:.4f}, Dice {test['dice']:.4f}: {gap:+.4f} n_IoU
   against the ensemble, {over_first:+.4f} against the first member alone without TTA. Paired \

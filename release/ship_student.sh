@@ -4,8 +4,8 @@
 # distils the ensemble DEST already holds):
 # the ensemble as built (DEST's members, without an earlier student) -> DDTI preprocessed with
 # default settings -> `raythyroid distill` over the train split's frames (the validation
-# split picks its epoch and inference) and every 9th TG3K frame as unlabelled ones (the recipe bench/BENCHMARKS.md measured, "distillation, the second
-# recipe") -> its weights in fp16, as they ship -> scored on the untouched test split, timed
+# split picks its epoch and inference) and every 9th TG3K frame as unlabelled ones (the
+# recipe bench/BENCHMARKS.md measured, "distillation, the second recipe") -> its weights in fp16, as they ship -> scored on the untouched test split, timed
 # beside the ensemble and its first member (bench/ensemble_bench.py), compared with the
 # ensemble frame by frame (raythyroid compare) -> the figures into DEST's
 # record and the card and model.json rendered again (release/ship_card.py --student).
